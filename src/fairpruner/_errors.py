@@ -1,0 +1,19 @@
+"""Exceptions raised by fairpruner; each message says what is wrong and what to do."""
+
+__all__ = ["FairPrunerError", "UnsupportedModelError", "DataError", "PlanError"]
+
+
+class FairPrunerError(ValueError):
+    """Base class of every error fairpruner raises on bad input."""
+
+
+class UnsupportedModelError(FairPrunerError):
+    """The model holds a layer or an operation that cannot be pruned safely."""
+
+
+class DataError(FairPrunerError):
+    """The calibration data cannot be scored (labels, classes, non-finite values)."""
+
+
+class PlanError(FairPrunerError):
+    """A plan or a target that cannot be made, met, or applied to this model."""

@@ -1,0 +1,272 @@
+"""Discovery of coupled pruning groups: the one place that reads torch-pruning's dependency graph.
+
+A *group* is a set of channels that must be removed together (a conv with its BatchNorm and its consumers,
+all writers of a residual stream, the slices of a concatenation). Its *root* is the first Conv/Linear whose
+output channels belong to it; the group is named after the root's qualified name and its channels are
+numbered in the root's output-channel space. A *unit* is the smallest removable block of root channels:
+one channel, or a whole GroupNorm group where GroupNorm couples channels (removing part of a GroupNorm
+group changes the statistics of the rest, so only whole groups can be removed exactly).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ._counting import as_args
+from ._errors import UnsupportedModelError
+
+__all__ = ["Member", "GroupSpec", "build_graph", "discover_groups", "find_output_layers", "NORM_TYPES"]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_TYPES = CONV_TYPES + (nn.Linear,)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Parameter-carrying layers whose channel surgery is known to be exact.
+SUPPORTED_TYPES = WEIGHT_TYPES + NORM_TYPES + (nn.PReLU,)
+UNSUPPORTED_HINTS = {
+    nn.RNNBase: "recurrent layers (LSTM/GRU/RNN)",
+    nn.MultiheadAttention: "nn.MultiheadAttention",
+    nn.modules.conv._ConvTransposeNd: "transposed convolutions",
+    nn.Embedding: "embeddings",
+    nn.LayerNorm: "LayerNorm over pruned channels",
+}
+
+
+@dataclass
+class Member:
+    """One module touched when the group's channels go.
+
+    Attributes:
+        module: qualified module name.
+        side: "out" (the module's output channels/features) or "in" (its input channels/features).
+        index: LongTensor (channels, k): for root channel c, the k positions in this module's channel
+            dimension that go with it (k > 1 after a flatten, where one channel feeds k features).
+        kind: "weight" (Conv/Linear), "norm" or "other".
+    """
+
+    module: str
+    side: str
+    index: torch.Tensor
+    kind: str
+
+
+@dataclass
+class GroupSpec:
+    """A coupled group of channels, as found in the model."""
+
+    name: str
+    channels: int
+    unit_channels: torch.Tensor  # (units, unit_size): root channels of each unit
+    members: List[Member] = field(default_factory=list)
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_channels.shape[0])
+
+    @property
+    def unit_size(self) -> int:
+        return int(self.unit_channels.shape[1])
+
+    def channels_of(self, units: Iterable[int]) -> List[int]:
+        """Sorted root channels of the given units."""
+        units = list(units)
+        if not units:
+            return []
+        return sorted(int(c) for c in self.unit_channels[torch.tensor(units, dtype=torch.long)].flatten())
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Restores train/eval flags of every module and grad mode, whatever the body does."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
+def _check_layers(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        for cls, what in UNSUPPORTED_HINTS.items():
+            if isinstance(module, cls):
+                raise UnsupportedModelError(
+                    f"Layer '{name}' ({type(module).__name__}): {what} are not supported by this version's "
+                    "channel surgery. Prune a model without it, or wrap the rest of the network and prune that.")
+        if isinstance(module, CONV_TYPES) and module.groups not in (1, module.in_channels):
+            raise UnsupportedModelError(
+                f"Layer '{name}' is a grouped convolution (groups={module.groups}); only ordinary and depthwise "
+                "convolutions can be pruned exactly. Pass it in `ignore=` together with its neighbours, or use "
+                "groups=1/depthwise.")
+        own = [p for p in module.parameters(recurse=False)]
+        if own and not isinstance(module, SUPPORTED_TYPES):
+            raise UnsupportedModelError(
+                f"Layer '{name}' ({type(module).__name__}) holds its own parameters and is not a layer type "
+                "fairpruner knows how to cut. Supported: Conv1d/2d/3d, Linear, BatchNorm, GroupNorm, "
+                "InstanceNorm, PReLU. Rewrite it with standard layers.")
+
+
+def _check_channel_padding(output: Any) -> None:
+    """Refuses F.pad on the channel dimension (CIFAR 'option A' shortcuts): the graph would treat it as
+    element-wise and the pruned model would break."""
+    roots = [t.grad_fn for t in (output if isinstance(output, (tuple, list)) else [output])
+             if torch.is_tensor(t) and t.grad_fn is not None]
+    seen, stack = set(), roots
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__.startswith("ConstantPadNd"):
+            pad = tuple(getattr(fn, "_saved_pad", ()))
+            # Pads list dims from the last backwards; anything beyond the spatial dims reaches channels.
+            if len(pad) > 4 and any(pad[4:]):
+                raise UnsupportedModelError(
+                    "The model pads tensors along the channel dimension (F.pad with pad=" f"{pad}), as "
+                    "'option A' ResNet shortcuts do. Channel padding cannot be pruned consistently; use 1x1 "
+                    "convolution shortcuts (option B) instead.")
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+
+
+def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """Checks the model for unsupported parts and builds torch-pruning's dependency graph.
+
+    The model's train/eval flags and grad mode are restored afterwards (the library flips both).
+    """
+    _check_layers(model)
+    with preserved_state(model):
+        try:
+            out = model(*as_args(example_inputs))
+        except Exception as e:  # noqa: BLE001 - rethrown with a hint
+            raise UnsupportedModelError(
+                f"The model does not run on the example inputs ({_describe(example_inputs)}): {e}. "
+                "Pass `example_inputs=` shaped like one real batch.") from e
+        _check_channel_padding(out)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=as_args(example_inputs))
+    if graph.unwrapped_parameters:
+        names = [graph._param_to_name.get(p, "?") for p, _ in graph.unwrapped_parameters]
+        raise UnsupportedModelError(
+            f"Parameters used directly in forward(), outside a standard layer: {names}. Their channel "
+            "dimension cannot be inferred safely; move them into standard layers.")
+    return graph
+
+
+def _describe(example_inputs: Any) -> str:
+    return ", ".join(f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
+                     for t in as_args(example_inputs))
+
+
+def find_output_layers(model: nn.Module, example_inputs: Any) -> List[str]:
+    """Names of the Conv/Linear layers whose output is the model's output (never pruned)."""
+    outputs: Dict[str, torch.Tensor] = {}
+    order: List[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, WEIGHT_TYPES):
+            def hook(mod, inp, out, name=name):
+                outputs[name] = out
+                order.append(name)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(*as_args(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    finals = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
+    if hasattr(out, "logits"):
+        finals = [out.logits]
+    found = []
+    for name, t in outputs.items():
+        for f in finals:
+            # Same tensor, or a view of it (flatten/reshape of a conv head).
+            if t is f or (t.data_ptr() == f.data_ptr() and t.numel() == f.numel()):
+                found.append(name)
+    if not found and order:
+        found = [order[-1]]
+    return sorted(set(found))
+
+
+def _member_kind(module: nn.Module) -> str:
+    if isinstance(module, WEIGHT_TYPES):
+        return "weight"
+    if isinstance(module, NORM_TYPES):
+        return "norm"
+    return "other"
+
+
+def _unit_blocks(name: str, channels: int, members: List[Member], modules: Dict[str, nn.Module]) -> torch.Tensor:
+    """Partition of root channels into units: whole GroupNorm groups where GroupNorm couples them."""
+    label = torch.arange(channels)
+    for mem in members:
+        gn = modules[mem.module]
+        if not isinstance(gn, nn.GroupNorm) or gn.num_groups == gn.num_channels:
+            continue
+        per = gn.num_channels // gn.num_groups
+        lab = mem.index[:, 0] // per
+        if torch.equal(label, torch.arange(channels)):
+            label = lab
+        elif not torch.equal(label, lab):
+            raise UnsupportedModelError(
+                f"Group '{name}' is coupled to GroupNorm layers with different channel groupings; "
+                "add one of them to `ignore=`.")
+    order = torch.argsort(label * channels + torch.arange(channels))
+    sizes = torch.bincount(label)
+    sizes = sizes[sizes > 0]
+    if not bool((sizes == sizes[0]).all()):
+        raise UnsupportedModelError(f"Group '{name}': GroupNorm groups of unequal size cannot be pruned.")
+    return order.view(-1, int(sizes[0]))
+
+
+def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequence[str] = ()) -> List[GroupSpec]:
+    """All prunable groups, rooted at Conv/Linear layers not in ``ignore``.
+
+    Groups whose channels would reach an ignored layer's output (the output layer, above all) are dropped
+    by torch-pruning itself.
+    """
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    ignored = [modules[n] for n in ignore]
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(WEIGHT_TYPES)):
+        root = group[0].dep.target.module
+        channels = graph.get_out_channels(root)
+        if channels is None or channels < 2:
+            continue
+        merged: Dict[Tuple[str, str], Dict[int, set]] = {}
+        for item in group:
+            module = item.dep.target.module
+            if module not in names:  # torch-pruning's placeholder nodes for functional ops
+                continue
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                side = "out"
+            elif graph.is_in_channel_pruning_fn(item.dep.handler):
+                side = "in"
+            else:
+                continue
+            slot = merged.setdefault((names[module], side), {})
+            for idx, ridx in zip(item.idxs, item.root_idxs):
+                slot.setdefault(int(ridx), set()).add(int(idx))
+        members = []
+        for (mname, side), mapping in merged.items():
+            if sorted(mapping) != list(range(channels)):
+                raise UnsupportedModelError(
+                    f"Group '{names[root]}': layer '{mname}' is coupled to only part of the channels; "
+                    f"add '{mname}' to `ignore=`.")
+            width = {len(v) for v in mapping.values()}
+            if len(width) != 1:
+                raise UnsupportedModelError(f"Group '{names[root]}': irregular channel mapping into '{mname}'.")
+            index = torch.tensor([sorted(mapping[c]) for c in range(channels)], dtype=torch.long)
+            members.append(Member(mname, side, index, _member_kind(modules[mname])))
+        members.sort(key=lambda m: (m.side != "out", m.module))
+        units = _unit_blocks(names[root], channels, members, modules)
+        if units.shape[0] < 2:
+            continue
+        groups.append(GroupSpec(names[root], channels, units, members))
+    return groups

@@ -1,0 +1,81 @@
+"""Score containers: per-group U, R and L1 vectors, with a weights-only-safe file format."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Union
+import os
+
+import torch
+
+from ._costmodel import CostModel
+from ._errors import FairPrunerError
+
+__all__ = ["GroupScores", "Scores"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class GroupScores:
+    """Scores of one coupled group.
+
+    Attributes:
+        name: qualified name of the group's root module.
+        u: U-Score per unit (max class-pair W1; low = separates nothing).
+        r: R-Score per unit (|first-order Taylor loss change|; high = critical).
+        l1: L1 norm of the unit's producing weights (an alternative removal signal).
+        channels: channels in the root's output.
+        unit_channels: (units, unit_size) root channels of each unit.
+    """
+
+    name: str
+    u: torch.Tensor
+    r: torch.Tensor
+    l1: torch.Tensor
+    channels: int
+    unit_channels: torch.Tensor
+
+    @property
+    def n_units(self) -> int:
+        return int(self.u.numel())
+
+
+@dataclass
+class Scores:
+    """What :func:`fairpruner.score` measured: per-group scores, the cost model, and the settings used."""
+
+    groups: List[GroupScores]
+    cost: CostModel
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> GroupScores:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @property
+    def names(self) -> List[str]:
+        return [g.name for g in self.groups]
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the scores to ``path`` (a plain dict of tensors and a JSON string)."""
+        torch.save({
+            "format": "fairpruner.scores", "version": FORMAT_VERSION, "meta": json.dumps(self.meta),
+            "groups": [{"name": g.name, "u": g.u, "r": g.r, "l1": g.l1, "channels": g.channels,
+                        "unit_channels": g.unit_channels} for g in self.groups],
+            "cost": self.cost.to_dict(),
+        }, path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Scores":
+        """Reads scores written by :meth:`save` with ``torch.load(weights_only=True)``."""
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != "fairpruner.scores":
+            raise FairPrunerError(f"{path} is not a fairpruner scores file (write one with Scores.save).")
+        if d["version"] > FORMAT_VERSION:
+            raise FairPrunerError(f"{path} was written by a newer fairpruner (format {d['version']}); upgrade.")
+        groups = [GroupScores(g["name"], g["u"], g["r"], g["l1"], int(g["channels"]), g["unit_channels"])
+                  for g in d["groups"]]
+        return cls(groups, CostModel.from_dict(d["cost"]), json.loads(d["meta"]))

@@ -1,0 +1,365 @@
+"""The scoring pass: U- and R-Scores of every prunable group from one forward+backward per batch.
+
+Forward hooks project each measured tensor onto seeded random directions as it is produced (so memory is
+samples x units x projections, never full feature maps); one backward per batch accumulates gradients,
+from which every group's first-order Taylor terms follow at the end (w is fixed, so summing
+``dL_b/dw * w`` over batches equals ``(sum_b dL_b/dw) * w``). Distances are computed for all units and
+class pairs at once by :mod:`fairpruner._wasserstein`.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._costmodel import CostModel
+from ._counting import as_args
+from ._errors import DataError, FairPrunerError
+from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers
+from ._scores import GroupScores, Scores
+from ._wasserstein import max_pairwise_w1, random_directions
+
+__all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
+
+U_SITES = ("output", "norm", "input")
+U_REDUCTIONS = ("max", "mean")
+R_REDUCTIONS = ("sum", "max")
+
+
+@dataclass
+class _Site:
+    """A tensor on which U is measured: a module's output or input, channels mapped to root channels."""
+
+    group: int
+    module: str
+    side: str          # "output" | "input"
+    index: torch.Tensor  # (channels,) position in the tensor's channel dimension of each root channel
+    seed: int
+    directions: Optional[torch.Tensor] = None
+    chunks: List[torch.Tensor] = field(default_factory=list)
+    labels: List[torch.Tensor] = field(default_factory=list)
+    calls: int = 0
+
+
+def _pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str, seed: int) -> List[_Site]:
+    sites = []
+    for gi, g in enumerate(groups):
+        producers = [m for m in g.members if m.side == "out" and m.kind == "weight"]
+        norms = [m for m in g.members if m.side == "out" and m.kind == "norm"]
+        consumers = [m for m in g.members if m.side == "in" and m.kind == "weight" and m.index.shape[1] == 1
+                     and not (isinstance(modules[m.module], nn.modules.conv._ConvNd) and modules[m.module].groups > 1)]
+        chosen = {"output": [producers], "norm": [norms, producers], "input": [consumers, norms, producers]}[u_at]
+        members: List[Member] = next((c for c in chosen if c), producers)
+        for m in members:
+            side = "input" if m.side == "in" else "output"
+            sites.append(_Site(gi, m.module, side, m.index[:, 0].clone(), seed * 1_000_003 + len(sites)))
+    return sites
+
+
+def _split_batch(batch: Any) -> tuple:
+    if isinstance(batch, dict):
+        raise DataError("The loader yields dicts; it must yield (inputs, targets) pairs with integer class labels.")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise DataError("The loader must yield (inputs, targets) pairs with integer class labels; got "
+                        f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else ' of length ' + str(len(batch))}. "
+                        "Scoring needs labels: wrap your data in a labelled Dataset (see fairpruner.data).")
+    inputs, targets = batch
+    if not torch.is_tensor(targets):
+        targets = torch.as_tensor(targets)
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() != 1:
+        raise DataError(f"Targets must be a 1-D tensor of integer class labels; got {tuple(targets.shape)} "
+                        f"{targets.dtype}. Convert one-hot or soft labels with .argmax(1).")
+    if bool((targets < 0).any()):
+        raise DataError("Class labels must be non-negative integers (found a negative label).")
+    return inputs, targets.long()
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(t, device) for t in x)
+    return x
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def _prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
+    """Labels known without running the loader, so class problems are reported before any compute."""
+    if isinstance(loader, (list, tuple)):
+        return torch.cat([_split_batch(b)[1] for b in loader])
+    ds = getattr(loader, "dataset", None)
+    if ds is None or getattr(loader, "sampler", None) is not None and not isinstance(
+            loader.sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):
+        return None
+    if getattr(loader, "drop_last", False):
+        return None
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
+        return ds.tensors[1].reshape(-1).long()
+    targets = getattr(ds, "targets", None)
+    if targets is not None and len(targets) == len(ds):
+        return torch.as_tensor(targets).reshape(-1).long()
+    return None
+
+
+def _check_classes(labels: torch.Tensor, num_outputs: Optional[int]) -> Dict[int, int]:
+    counts = torch.bincount(labels)
+    present = {int(k): int(v) for k, v in enumerate(counts.tolist()) if v > 0}
+    if len(present) < 2:
+        raise DataError(f"The calibration data holds a single class ({list(present)}); U-Scores compare "
+                        "classes, so give samples of at least two classes.")
+    missing = [k for k, v in enumerate(counts.tolist()) if v == 0]
+    if missing:
+        raise DataError(f"Class(es) {missing[:10]} have no samples while higher labels do; give every class "
+                        "at least 2 samples or relabel the classes 0..K-1.")
+    few = {k: v for k, v in present.items() if v < 2}
+    if few:
+        raise DataError(f"Class(es) {sorted(few)} have fewer than 2 samples; each class needs at least 2 "
+                        "(fairpruner.data.calibration_loader builds a balanced set).")
+    if num_outputs is not None and max(present) >= num_outputs:
+        raise DataError(f"Label {max(present)} is out of range for a model with {num_outputs} outputs.")
+    return present
+
+
+def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
+    def record(tensor: torch.Tensor) -> None:
+        site.calls += 1
+        if site.calls > 1:
+            raise FairPrunerError(f"Module '{site.module}' runs more than once per forward pass; shared modules "
+                                  "cannot be scored. Add it to `ignore=`.")
+        keep = state["keep"]
+        if keep.numel() == 0:
+            return
+        with torch.no_grad():
+            x = tensor.detach()
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
+                                "model weights and input normalisation.")
+            x = x.index_select(0, keep)
+            if x.dim() == 3 and state["channels_last_seq"].get(site.module, False):
+                x = x.transpose(1, 2)
+            x = x.index_select(1, site.index.to(x.device)).float()
+            if x.dim() == 2:
+                proj = x.unsqueeze(-1)  # scalar unit output: exact 1-D W1
+            else:
+                flat = x.flatten(2)
+                if site.directions is None:
+                    g = torch.Generator().manual_seed(site.seed)
+                    site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
+                proj = flat @ site.directions
+            site.chunks.append(proj.cpu())
+            site.labels.append(state["labels"])
+    if site.side == "output":
+        return lambda mod, inp, out: record(out)
+    return lambda mod, inp: record(inp[0])
+
+
+def score(
+    model: nn.Module,
+    loader: Iterable,
+    example_inputs: Any = None,
+    *,
+    samples_per_class: int = 32,
+    projections: int = 128,
+    seed: int = 0,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    ignore: Sequence[str] = (),
+    device: Optional[Any] = None,
+    progress: Optional[bool] = None,
+    u_at: str = "output",
+    u_reduce: str = "max",
+    r_reduce: str = "sum",
+) -> Scores:
+    """Computes U- and R-Scores for every prunable group of ``model`` in one pass over ``loader``.
+
+    The caller's model is not modified: a copy is scored in eval mode (BatchNorm statistics frozen, dropout
+    off) with gradients enabled on every parameter; the global RNG state is restored afterwards.
+
+    Args:
+        model: a trained classifier.
+        loader: iterable of ``(inputs, targets)`` batches with integer class labels (a DataLoader, or a list).
+            U uses the first ``samples_per_class`` samples of each class in loader order; R uses every batch.
+        example_inputs: inputs used to trace the model; defaults to the first batch's inputs.
+        samples_per_class: samples per class kept for the U-Score (the reference uses 32).
+        projections: random directions for the sliced W1 of multi-dimensional unit outputs (reference: 128).
+        seed: seeds the random directions; same seed, same scores.
+        loss_fn: ``loss_fn(logits, targets)`` returning a batch-mean loss; cross-entropy by default.
+        ignore: qualified names of extra layers whose output channels must not be pruned (the output layer
+            is found and excluded automatically).
+        device: where to run; defaults to the model's device.
+        progress: show a progress bar; by default only when stderr is a terminal.
+        u_at: where U is measured: "output" (the producing Conv/Linear's raw output, as the reference),
+            "norm" (after the following normalisation layer) or "input" (the tensor the next layer consumes:
+            after normalisation, activation, residual addition). Falls back to the next available site.
+        u_reduce: how a group with several measured tensors combines them ("max" or "mean" of per-site U,
+            each first divided by its mean so that differently scaled tensors weigh alike).
+        r_reduce: "sum": |sum of the Taylor terms of all members| (the first-order estimate of removing the
+            coupled unit everywhere at once); "max": the largest member |Taylor term|.
+
+    Returns:
+        :class:`Scores` with one entry per prunable group.
+    """
+    if not isinstance(samples_per_class, int) or samples_per_class < 2:
+        raise FairPrunerError(f"samples_per_class must be an integer >= 2, got {samples_per_class!r}.")
+    if not isinstance(projections, int) or projections < 1:
+        raise FairPrunerError(f"projections must be a positive integer, got {projections!r}.")
+    for opt, val, allowed in (("u_at", u_at, U_SITES), ("u_reduce", u_reduce, U_REDUCTIONS),
+                              ("r_reduce", r_reduce, R_REDUCTIONS)):
+        if val not in allowed:
+            raise FairPrunerError(f"{opt}={val!r} is not one of {allowed}.")
+    module_names = dict(model.named_modules())
+    unknown = [n for n in ignore if n not in module_names]
+    if unknown:
+        raise FairPrunerError(f"ignore= names unknown modules {unknown}; use names from model.named_modules().")
+    loss_fn = loss_fn or F.cross_entropy
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    known = _prescan_labels(loader)
+    if known is not None:
+        _check_classes(known, None)
+    iterator = iter(loader)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise DataError("The loader is empty; give at least two classes of labelled samples.") from None
+    first_inputs, _ = _split_batch(first)
+    if example_inputs is None:
+        example_inputs = first_inputs
+
+    with torch.random.fork_rng(devices=[]):
+        work = copy.deepcopy(model).to(device)
+        work.eval()
+        for p in work.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        example_inputs = _to(example_inputs, device)
+        graph = build_graph(work, example_inputs)
+        outputs = find_output_layers(work, example_inputs)
+        with torch.no_grad():
+            num_outputs = _logits(work(*as_args(example_inputs))).shape[-1]
+        groups = discover_groups(graph, work, ignore=tuple(ignore) + tuple(outputs))
+        del graph
+        if not groups:
+            raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output).")
+        cost = CostModel.build(work, example_inputs, groups)
+        modules = dict(work.named_modules())
+        sites = _pick_sites(groups, modules, u_at, seed)
+        state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "channels_last_seq": {}}
+        hooks = []
+        for s in sites:
+            mod = modules[s.module]
+            if s.side == "output":
+                hooks.append(mod.register_forward_hook(_site_hook(s, state, projections)))
+            else:
+                hooks.append(mod.register_forward_pre_hook(_site_hook(s, state, projections)))
+            # Linear layers on (B, T, C) sequences put channels last.
+            state["channels_last_seq"][s.module] = isinstance(mod, nn.Linear)
+
+        seen = torch.zeros(0, dtype=torch.long)
+        total = len(loader) if hasattr(loader, "__len__") else None
+        show = progress if progress is not None else sys.stderr.isatty()
+        n_samples = 0
+        try:
+            batches = _chain(first, iterator)
+            for batch in tqdm(batches, total=total, desc="fairpruner: scoring", disable=not show, leave=False):
+                inputs, targets = _split_batch(batch)
+                if int(targets.max()) >= seen.numel():
+                    seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
+                # Keep the first samples_per_class samples of each class, in loader order.
+                rank = torch.zeros_like(targets)
+                for c in targets.unique():
+                    where = (targets == c).nonzero().flatten()
+                    rank[where] = seen[c] + torch.arange(where.numel())
+                keep = (rank < samples_per_class).nonzero().flatten()
+                seen += torch.bincount(targets, minlength=seen.numel())
+                state["keep"], state["labels"] = keep.to(device), targets[keep]
+                for s in sites:
+                    s.calls = 0
+                out = _logits(work(*as_args(_to(inputs, device))))
+                loss = loss_fn(out, targets.to(device))
+                if not bool(torch.isfinite(loss)):
+                    raise DataError("The loss is NaN/inf on a calibration batch; check the model and the labels.")
+                (loss * targets.numel()).backward()
+                n_samples += targets.numel()
+        finally:
+            for h in hooks:
+                h.remove()
+        counts = _check_classes(torch.arange(seen.numel()).repeat_interleave(seen), num_outputs)
+        result = _assemble(groups, sites, modules, n_samples, u_reduce, r_reduce)
+    meta = {
+        "version": 1, "samples_per_class": samples_per_class, "projections": projections, "seed": seed,
+        "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce, "ignore": list(ignore),
+        "output_layers": outputs, "class_counts": {str(k): v for k, v in counts.items()},
+        "n_samples": n_samples, "example_inputs": _describe_inputs(example_inputs),
+    }
+    return Scores(result, cost, meta)
+
+
+def _chain(first: Any, rest: Iterable) -> Iterable:
+    yield first
+    yield from rest
+
+
+def _describe_inputs(example_inputs: Any) -> List[dict]:
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for t in as_args(example_inputs) if torch.is_tensor(t)]
+
+
+def _unit_u(site: _Site) -> torch.Tensor:
+    labels = torch.cat(site.labels)
+    data = torch.cat(site.chunks)
+    per_class = [data[labels == c] for c in labels.unique(sorted=True)]
+    return max_pairwise_w1(per_class)
+
+
+def _taylor(member: Member, module: nn.Module) -> torch.Tensor:
+    """Signed Taylor term per root channel of one member's output-side parameters."""
+    total = 0.0
+    for p in module.parameters(recurse=False):
+        if p.grad is None:
+            continue
+        t = (p.grad * p.detach()).flatten(1).sum(1) if p.dim() > 1 else p.grad * p.detach()
+        total = total + t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
+    return total if torch.is_tensor(total) else torch.zeros(member.index.shape[0])
+
+
+def _assemble(groups: List[GroupSpec], sites: List[_Site], modules: Dict[str, nn.Module], n_samples: int,
+              u_reduce: str, r_reduce: str) -> List[GroupScores]:
+    by_group: Dict[int, List[torch.Tensor]] = {}
+    for s in sites:
+        u = _unit_u(s)
+        by_group.setdefault(s.group, []).append(u / u.mean().clamp_min(1e-12))
+    out = []
+    for gi, g in enumerate(groups):
+        us = torch.stack(by_group[gi])
+        u = us.amax(0) if u_reduce == "max" else us.mean(0)
+        terms = [(_taylor(m, modules[m.module]) / n_samples).cpu().double()
+                 for m in g.members if m.side == "out" and list(modules[m.module].parameters(recurse=False))]
+        if not bool(torch.stack([t.isfinite().all() for t in terms]).all()):
+            raise DataError(f"Non-finite gradients in group '{g.name}'; check the loss and the model.")
+        t = torch.stack(terms)
+        r = t.sum(0).abs() if r_reduce == "sum" else t.abs().amax(0)
+        l1 = torch.zeros(g.channels, dtype=torch.float64)
+        for m in g.members:
+            if m.side == "out" and m.kind == "weight":
+                w = modules[m.module].weight.detach().abs().flatten(1).sum(1).cpu().double()
+                l1 += w.index_select(0, m.index.flatten()).view_as(m.index).sum(1)
+        uc = g.unit_channels
+        out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
+                               l1[uc].sum(1).float(), g.channels, uc.clone()))
+    return out
