@@ -1,6 +1,21 @@
-"""fairpruner: FAIR-Pruner structured pruning (U-Score, R-Score, Tolerance of Difference)."""
+"""fairpruner: FAIR-Pruner structured pruning (U-Score, R-Score, Tolerance of Difference).
+
+The data path: :func:`score` (one pass over labelled calibration data) -> :func:`plan` (ToD counts for an
+alpha or a params/MACs target, milliseconds) -> :func:`prune` (physical surgery) / :func:`mask` (zeroing)
+-> :func:`save` / :func:`load`.
+"""
+from ._counting import count_macs, count_params, measure_latency
 from ._errors import DataError, FairPrunerError, PlanError, UnsupportedModelError
+from ._plan import ALLOCATIONS, SIGNALS, Plan, plan, sweep
 from ._scores import GroupScores, Scores
 from ._scoring import score
+from ._surgery import load, mask, prune, save
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "score", "plan", "sweep", "prune", "mask", "save", "load",
+    "Scores", "GroupScores", "Plan", "SIGNALS", "ALLOCATIONS",
+    "count_macs", "count_params", "measure_latency",
+    "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError",
+]

@@ -85,6 +85,8 @@ def preserved_state(model: nn.Module):
     """Restores train/eval flags of every module and grad mode, whatever the body does."""
     flags = {m: m.training for m in model.modules()}
     try:
+        # Tracing forwards run in eval mode so that BatchNorm running statistics never move.
+        model.eval()
         with torch.enable_grad():
             yield
     finally:
@@ -141,8 +143,11 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """
     _check_layers(model)
     with preserved_state(model):
+        # Inputs that require grad make the autograd graph visible even when every parameter is frozen.
+        traced = tuple(t.detach().requires_grad_(True) if torch.is_tensor(t) and t.is_floating_point() else t
+                       for t in as_args(example_inputs))
         try:
-            out = model(*as_args(example_inputs))
+            out = model(*traced)
         except Exception as e:  # noqa: BLE001 - rethrown with a hint
             raise UnsupportedModelError(
                 f"The model does not run on the example inputs ({_describe(example_inputs)}): {e}. "

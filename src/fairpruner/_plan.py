@@ -1,0 +1,210 @@
+"""Plans: which units of which group go, for an alpha or a params/MACs target, without re-scoring."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._errors import PlanError
+from ._scores import GroupScores, Scores
+from ._tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
+
+__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS"]
+
+PLAN_VERSION = 1
+SIGNALS = ("u", "l1", "taylor", "random")
+ALLOCATIONS = ("tod", "uniform")
+Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
+
+
+@dataclass
+class Plan:
+    """Which units each group loses.
+
+    Attributes:
+        removed: group name -> sorted removed unit indices (every scored group is listed).
+        alpha: the ToD level used (None for uniform allocation).
+        groups: per group: ``name``, ``channels``, ``units`` and the root ``channels`` of each removed unit
+            (``removed_channels``), everything :func:`fairpruner.prune` needs to replay the plan.
+        settings: how the plan was made (signal, allocation, target, scoring settings).
+        predicted: params/MACs before and after, from the cost model.
+        example_inputs: shapes and dtypes of the inputs the model was traced with.
+    """
+
+    removed: Dict[str, List[int]]
+    alpha: Optional[float]
+    groups: List[Dict[str, Any]]
+    settings: Dict[str, Any] = field(default_factory=dict)
+    predicted: Dict[str, float] = field(default_factory=dict)
+    example_inputs: List[Dict[str, Any]] = field(default_factory=list)
+
+    def removed_channels(self, name: str) -> List[int]:
+        """Sorted root channels removed from group ``name``."""
+        for g in self.groups:
+            if g["name"] == name:
+                return list(g["removed_channels"])
+        raise KeyError(name)
+
+    @property
+    def units_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    @property
+    def units_total(self) -> int:
+        return sum(g["units"] for g in self.groups)
+
+    def to_json(self) -> str:
+        """Versioned JSON that :meth:`from_json` reads back."""
+        return json.dumps({"format": "fairpruner.plan", "version": PLAN_VERSION, "alpha": self.alpha,
+                           "groups": [dict(g, removed=self.removed[g["name"]]) for g in self.groups],
+                           "settings": self.settings, "predicted": self.predicted,
+                           "example_inputs": self.example_inputs}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        if d.get("format") != "fairpruner.plan":
+            raise PlanError("This JSON is not a fairpruner plan (write one with Plan.to_json).")
+        if d["version"] > PLAN_VERSION:
+            raise PlanError(f"Plan format {d['version']} is newer than this fairpruner understands; upgrade.")
+        groups = [{k: v for k, v in g.items() if k != "removed"} for g in d["groups"]]
+        removed = {g["name"]: list(g["removed"]) for g in d["groups"]}
+        return cls(removed, d["alpha"], groups, d["settings"], d["predicted"], d["example_inputs"])
+
+
+def _signal_values(g: GroupScores, signal: Signal, seed: int, index: int) -> torch.Tensor:
+    if callable(signal):
+        v = torch.as_tensor(signal(g)).flatten()
+        if v.numel() != g.n_units:
+            raise PlanError(f"The signal for group '{g.name}' has {v.numel()} values; it needs {g.n_units}.")
+        return v
+    if signal == "u":
+        return g.u
+    if signal == "l1":
+        return g.l1
+    if signal == "taylor":
+        return g.r
+    gen = torch.Generator().manual_seed(seed * 7919 + index)
+    return torch.rand(g.n_units, generator=gen)
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise PlanError(f"{name} must be a number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
+    caps = np.array([max_fraction(n) for n in units])
+    return np.minimum(np.floor(frac * units + 0.5).astype(np.int64), caps)
+
+
+def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
+         macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0) -> Plan:
+    """Decides how many and which units every group loses.
+
+    Give exactly one of ``alpha``, ``params`` or ``macs``.
+
+    Args:
+        scores: from :func:`fairpruner.score`.
+        alpha: ToD level in [0, 1]: per group, the largest m <= floor(0.99 n) whose m lowest-U units share
+            at most a fraction alpha with the m highest-R units.
+        params: fraction of the whole model's parameters to remove; the smallest alpha (or uniform ratio)
+            that reaches it is found by bisection, no re-scoring.
+        macs: the same for multiply-accumulates.
+        signal: which units go once the count is fixed: "u" (lowest U-Score, the default), "l1" (lowest
+            weight L1 norm), "taylor" (lowest R-Score), "random" (seeded), or a callable mapping a
+            :class:`GroupScores` to one value per unit (lowest go).
+        allocation: "tod" (per-group counts from Tolerance of Difference) or "uniform" (the same fraction of
+            every group; needs ``params`` or ``macs``).
+        seed: seeds the "random" signal.
+
+    Returns:
+        A :class:`Plan`.
+    """
+    given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
+    if len(given) != 1:
+        raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
+                        f"got {[k for k, _ in given] or 'none'}.")
+    key, value = given[0]
+    value = _fraction(key, value)
+    if allocation not in ALLOCATIONS:
+        raise PlanError(f"allocation={allocation!r} is not one of {ALLOCATIONS}.")
+    if not callable(signal) and signal not in SIGNALS:
+        raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
+    if allocation == "uniform" and key == "alpha":
+        raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
+    units = np.array([g.n_units for g in scores.groups])
+    cost = scores.cost
+    before = cost.evaluate(np.zeros(len(units)))
+
+    if allocation == "tod":
+        curves = [tod_curve(g.u, g.r) for g in scores.groups]
+        if key == "alpha":
+            chosen, counts = value, tod_counts(curves, value)
+        else:
+            cands = candidate_alphas(curves)
+            chosen, counts = _bisect(cands, lambda a: tod_counts(curves, a), cost, key, value, before,
+                                     "alpha=1 (one round of ToD removes at most about half of each group); "
+                                     "prune, fine-tune, re-score and plan again to go further")
+    else:
+        cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
+        frac, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,
+                               "removing 99% of every group")
+        chosen = None
+        value = float(value)
+
+    removed, groups = {}, []
+    for i, (g, m) in enumerate(zip(scores.groups, counts)):
+        order = rank_ascending(_signal_values(g, signal, seed, i))
+        gone = sorted(int(k) for k in np.nonzero(order < m)[0])
+        removed[g.name] = gone
+        chans = sorted(int(c) for c in g.unit_channels[gone].flatten()) if gone else []
+        groups.append({"name": g.name, "channels": g.channels, "units": g.n_units,
+                       "unit_size": int(g.unit_channels.shape[1]), "removed_channels": chans})
+    after = cost.evaluate(counts)
+    settings = {"signal": signal if isinstance(signal, str) else getattr(signal, "__name__", "custom"),
+                "allocation": allocation, "target": {key: value}, "seed": seed, "scoring": scores.meta}
+    predicted = {"params_before": before["params"], "params_after": after["params"],
+                 "macs_before": before["macs"], "macs_after": after["macs"]}
+    return Plan(removed, None if chosen is None else float(chosen), groups, settings, predicted,
+                list(scores.meta.get("example_inputs", [])))
+
+
+def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: float, before: Dict[str, float],
+            limit_text: str):
+    """Smallest candidate whose plan removes at least ``target`` of ``key`` (removal is monotone)."""
+    def removed_frac(c):
+        return 1.0 - cost.evaluate(counts_of(c))[key] / max(before[key], 1.0)
+    lo, hi = 0, len(cands) - 1
+    best = removed_frac(cands[hi])
+    if best + 1e-12 < target:
+        raise PlanError(f"A {key} reduction of {target:.1%} cannot be met: the most this plan can remove is "
+                        f"{best:.1%} ({limit_text}).")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed_frac(cands[mid]) + 1e-12 >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(cands[lo]), counts_of(cands[lo])
+
+
+def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)) -> List[Dict[str, float]]:
+    """Predicted units/params/MACs removed for each alpha, from one set of scores (milliseconds)."""
+    curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    before = scores.cost.evaluate(np.zeros(len(curves)))
+    total = sum(g.n_units for g in scores.groups)
+    rows = []
+    for a in alphas:
+        a = _fraction("alpha", a)
+        counts = tod_counts(curves, a)
+        after = scores.cost.evaluate(counts)
+        rows.append({"alpha": a, "units_removed": int(counts.sum()) / max(total, 1),
+                     "params_removed": 1 - after["params"] / before["params"],
+                     "macs_removed": 1 - after["macs"] / before["macs"]})
+    return rows

@@ -1,0 +1,180 @@
+"""Applying a plan: physical channel removal (``prune``), zeroing (``mask``), and safe save/load.
+
+torch-pruning does the surgery; this adapter guards its known hazards: indices are plain sorted unique ints,
+groups are fetched with ``get_pruning_group`` (never the library's pruner classes or history), the output
+layers are never roots, and train/eval flags, ``requires_grad`` and GroupNorm's group count are restored.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from ._counting import as_args
+from ._errors import FairPrunerError, PlanError
+from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, preserved_state
+from ._plan import Plan
+
+__all__ = ["prune", "mask", "save", "load", "example_from_plan"]
+
+
+def example_from_plan(plan: Plan) -> tuple:
+    """Synthetic inputs with the recorded shapes and dtypes (seeded; the global RNG is not touched)."""
+    if not plan.example_inputs:
+        raise PlanError("The plan records no example input shape; pass `example_inputs=`.")
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for spec in plan.example_inputs:
+        dtype = getattr(torch, spec["dtype"])
+        shape = [max(1, min(int(s), 2)) if i == 0 else int(s) for i, s in enumerate(spec["shape"])]
+        if dtype.is_floating_point:
+            out.append(torch.randn(*shape, generator=gen).to(dtype))
+        else:
+            out.append(torch.zeros(*shape, dtype=dtype))
+    return tuple(out)
+
+
+def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
+    x = as_args(example_inputs) if example_inputs is not None else example_from_plan(plan)
+    p = next(model.parameters(), None)
+    return tuple(t.to(p.device) if (p is not None and torch.is_tensor(t)) else t for t in x)
+
+
+def _groups_to_apply(plan: Plan, graph, modules: Dict[str, nn.Module]):
+    """Yields (spec, torch-pruning group) for every group that loses channels, after checking the match."""
+    for spec in plan.groups:
+        chans = sorted(set(int(c) for c in spec["removed_channels"]))
+        root = modules.get(spec["name"])
+        if root is None:
+            raise PlanError(f"The plan does not match this model: it has no layer '{spec['name']}'. Apply a plan "
+                            "to the architecture it was made for (an unpruned instance).")
+        n = graph.get_out_channels(root)
+        if n != spec["channels"]:
+            raise PlanError(f"The plan does not match this model: '{spec['name']}' has {n} output channels, the "
+                            f"plan expects {spec['channels']}. Was the model already pruned?")
+        if chans and (chans[0] < 0 or chans[-1] >= n or len(chans) >= n):
+            raise PlanError(f"Plan for '{spec['name']}' removes invalid channels (must be 0..{n - 1}, not all).")
+        if chans:
+            pruner = graph.get_pruner_of_module(root)
+            yield spec, graph.get_pruning_group(root, pruner.prune_out_channels, idxs=chans)
+
+
+def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: bool = True) -> nn.Module:
+    """Returns a physically smaller copy of ``model`` with the plan's units removed.
+
+    Args:
+        model: the unpruned model the plan was made for; it is not modified.
+        plan: from :func:`fairpruner.plan` (or :meth:`Plan.from_json`).
+        example_inputs: inputs to trace with; defaults to random inputs of the shape recorded in the plan.
+        verify: check that the pruned model's outputs equal the original with the same units zeroed.
+    """
+    work = copy.deepcopy(model)
+    x = _inputs_for(work, plan, example_inputs)
+    flags = {n: p.requires_grad for n, p in work.named_parameters()}
+    gn_sizes = {n: m.num_channels // m.num_groups for n, m in work.named_modules() if isinstance(m, nn.GroupNorm)}
+    with torch.random.fork_rng(devices=[]), preserved_state(work):
+        graph = build_graph(work, x)
+        modules = dict(work.named_modules())
+        # Fetch each group right before pruning it: concatenation offsets shift after every prune.
+        for _, group in _groups_to_apply(plan, graph, modules):
+            group.prune()
+    for name, m in work.named_modules():
+        if name in gn_sizes and m.num_channels % gn_sizes[name] == 0:
+            m.num_groups = m.num_channels // gn_sizes[name]
+    # Pruning re-creates parameters; bring back the caller's frozen/trainable choice.
+    for n, p in work.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    if verify:
+        _verify(model, work, plan, x)
+    return work
+
+
+def _zero_(module: nn.Module, side: str, idxs: List[int]) -> None:
+    index = torch.tensor(idxs, dtype=torch.long)
+    with torch.no_grad():
+        for name, p in module.named_parameters(recurse=False):
+            if side == "out":
+                p.index_fill_(0, index.to(p.device), 0.0)
+            elif name == "weight" and isinstance(module, WEIGHT_TYPES) and p.dim() > 1:
+                if isinstance(module, CONV_TYPES) and module.groups > 1:
+                    continue  # depthwise: its input channels are its output channels, zeroed above
+                p.index_fill_(1, index.to(p.device), 0.0)
+
+
+def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
+    """Returns a copy of ``model`` of the same shape with the plan's units zeroed.
+
+    Every parameter slice that :func:`prune` would remove is set to zero (producer rows and biases,
+    normalisation scales and shifts, consumer columns), so the outputs equal the pruned model's.
+    """
+    work = copy.deepcopy(model)
+    x = _inputs_for(work, plan, example_inputs)
+    with torch.random.fork_rng(devices=[]), preserved_state(work):
+        graph = build_graph(work, x)
+        modules = dict(work.named_modules())
+        names = {m: n for n, m in modules.items()}
+        for _, group in list(_groups_to_apply(plan, graph, modules)):
+            for item in group:
+                target = item.dep.target.module
+                if target not in names:
+                    continue
+                if graph.is_out_channel_pruning_fn(item.dep.handler):
+                    _zero_(target, "out", sorted(set(int(i) for i in item.idxs)))
+                elif graph.is_in_channel_pruning_fn(item.dep.handler):
+                    _zero_(target, "in", sorted(set(int(i) for i in item.idxs)))
+    return work
+
+
+def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple, rtol: float = 1e-4) -> None:
+    masked = mask(original, plan, x)
+    with torch.random.fork_rng(devices=[]), preserved_state(pruned), preserved_state(masked), torch.no_grad():
+        a = _out(pruned(*x))
+        b = _out(masked(*x))
+    if a.shape != b.shape:
+        raise FairPrunerError(f"Pruning changed the output shape {tuple(b.shape)} -> {tuple(a.shape)}; the model "
+                              "holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+    if err > rtol:
+        raise FairPrunerError(f"The pruned model differs from the masked model (relative error {err:.2e}); the "
+                              "model holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
+
+
+def _out(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
+    """Writes the pruned weights and the plan that rebuilds the architecture.
+
+    The file holds only tensors and strings, so :func:`load` reads it with ``torch.load(weights_only=True)``.
+    """
+    torch.save({"format": "fairpruner.model", "version": 1, "plan": plan.to_json(),
+                "state_dict": pruned.state_dict()}, path)
+
+
+def load(path: Union[str, os.PathLike], model: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """Rebuilds a pruned model: replays the saved plan on a fresh, unpruned ``model``, then loads the weights.
+
+    Args:
+        path: a file written by :func:`save`.
+        model: a freshly constructed instance of the original (unpruned) architecture; not modified.
+        example_inputs: inputs to trace with; defaults to the shape recorded in the plan.
+    """
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or d.get("format") != "fairpruner.model":
+        raise FairPrunerError(f"{path} is not a pruned model saved by fairpruner.save.")
+    plan = Plan.from_json(d["plan"])
+    pruned = prune(model, plan, example_inputs, verify=False)
+    try:
+        pruned.load_state_dict(d["state_dict"])
+    except RuntimeError as e:
+        raise PlanError(f"The saved weights do not fit the rebuilt model ({e}). Pass a fresh instance of the "
+                        "original, unpruned architecture.") from e
+    return pruned

@@ -1,0 +1,64 @@
+"""Tolerance of Difference (ToD): how many units each group loses, and which ones.
+
+For a group of n units, with rU the ascending rank of U and rR the descending rank of R, a unit lies in both
+the m lowest-U units and the m highest-R units iff max(rU, rR) < m. The overlap for every m is therefore the
+cumulative histogram of max(rU, rR): O(n) for all m at once. Ties are broken by unit index: among equal U
+the lower index ranks lower (is removed first), among equal R the lower index ranks higher (is protected
+first), so plans are deterministic.
+
+``m_hat(alpha)`` = the largest m <= floor(0.99 n) with overlap(m)/m <= alpha. With the suffix minimum of the
+ratio curve (non-decreasing in m), m_hat is one binary search, so any alpha is planned in microseconds per
+group and a params/MACs target is met by bisection over the finitely many alphas where any m_hat changes.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["tod_curve", "tod_counts", "max_fraction", "rank_ascending"]
+
+MAX_FRACTION = 0.99
+
+
+def rank_ascending(values: torch.Tensor) -> np.ndarray:
+    """Rank of each entry in ascending order, ties broken by index (0 = smallest)."""
+    order = np.argsort(values.double().numpy(), kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def max_fraction(n: int) -> int:
+    """Most units ToD may remove from a group of n: floor(0.99 n)."""
+    return int(np.floor(MAX_FRACTION * n + 1e-9))
+
+
+def tod_curve(u: torch.Tensor, r: torch.Tensor) -> np.ndarray:
+    """Suffix-minimum ToD ratio ``s[m-1] = min over m' >= m of overlap(m')/m'`` for m = 1..floor(0.99 n).
+
+    Returns:
+        Non-decreasing float array of length floor(0.99 n); m_hat(alpha) = number of entries <= alpha.
+    """
+    n = u.numel()
+    limit = max_fraction(n)
+    if limit == 0:
+        return np.zeros(0)
+    ru = rank_ascending(u)
+    rr = rank_ascending(-r)  # descending R: ties keep the lower index first
+    t = np.maximum(ru, rr)
+    overlap = np.cumsum(np.bincount(t, minlength=n))[:limit]  # overlap[m-1] = #{t <= m-1}
+    ratio = overlap / np.arange(1, limit + 1)
+    return np.minimum.accumulate(ratio[::-1])[::-1]
+
+
+def tod_counts(curves: List[np.ndarray], alpha: float) -> np.ndarray:
+    """m_hat per group for one alpha (a small tolerance absorbs float rounding of k/m)."""
+    return np.array([int(np.searchsorted(c, alpha + 1e-12, side="right")) for c in curves], dtype=np.int64)
+
+
+def candidate_alphas(curves: List[np.ndarray]) -> np.ndarray:
+    """Every alpha at which some group's m_hat changes, ascending (including 0)."""
+    vals = np.concatenate([c for c in curves if c.size] + [np.zeros(1)])
+    return np.unique(vals)
