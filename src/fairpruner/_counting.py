@@ -6,7 +6,6 @@ from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_params", "count_macs", "module_macs", "measure_latency", "as_args", "first_sample"]
 
@@ -29,6 +28,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def _flop_counts(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, int]]:
+    from torch.utils.flop_counter import FlopCounterMode  # imported lazily: it pulls in torch._dynamo
+
     was_training = model.training
     model.eval()
     try:

@@ -167,8 +167,9 @@ def _describe(example_inputs: Any) -> str:
                      for t in as_args(example_inputs))
 
 
-def find_output_layers(model: nn.Module, example_inputs: Any) -> List[str]:
-    """Names of the Conv/Linear layers whose output is the model's output (never pruned)."""
+def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str], int]:
+    """Names of the Conv/Linear layers whose output is the model's output (never pruned), and the
+    size of the output's last dimension (the number of classes of a classifier)."""
     outputs: Dict[str, torch.Tensor] = {}
     order: List[str] = []
     hooks = []
@@ -195,7 +196,7 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> List[str]:
                 found.append(name)
     if not found and order:
         found = [order[-1]]
-    return sorted(set(found))
+    return sorted(set(found)), int(finals[0].shape[-1]) if finals else 0
 
 
 def _member_kind(module: nn.Module) -> str:

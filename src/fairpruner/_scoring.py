@@ -143,11 +143,7 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
         if keep.numel() == 0:
             return
         with torch.no_grad():
-            x = tensor.detach()
-            if not bool(torch.isfinite(x).all()):
-                raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
-                                "model weights and input normalisation.")
-            x = x.index_select(0, keep)
+            x = tensor.detach().index_select(0, keep)
             if x.dim() == 3 and state["channels_last_seq"].get(site.module, False):
                 x = x.transpose(1, 2)
             x = x.index_select(1, site.index.to(x.device)).float()
@@ -159,6 +155,10 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
                     g = torch.Generator().manual_seed(site.seed)
                     site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
                 proj = flat @ site.directions
+            # NaN/inf anywhere in a kept sample survives the projection, so checking it is enough (and cheap).
+            if not bool(torch.isfinite(proj).all()):
+                raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
+                                "model weights and the input normalisation.")
             site.chunks.append(proj.cpu())
             site.labels.append(state["labels"])
     if site.side == "output":
@@ -248,15 +248,15 @@ def score(
             p.requires_grad_(True)
             p.grad = None
         example_inputs = _to(example_inputs, device)
-        graph = build_graph(work, example_inputs)
-        outputs = find_output_layers(work, example_inputs)
-        with torch.no_grad():
-            num_outputs = _logits(work(*as_args(example_inputs))).shape[-1]
+        # Tracing needs shapes, not statistics: two samples keep its cost negligible.
+        trace = tuple(t[:2] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
+        graph = build_graph(work, trace)
+        outputs, num_outputs = find_output_layers(work, trace)
         groups = discover_groups(graph, work, ignore=tuple(ignore) + tuple(outputs))
         del graph
         if not groups:
             raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output).")
-        cost = CostModel.build(work, example_inputs, groups)
+        cost = CostModel.build(work, trace, groups)
         modules = dict(work.named_modules())
         sites = _pick_sites(groups, modules, u_at, seed)
         state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "channels_last_seq": {}}
@@ -280,12 +280,7 @@ def score(
                 inputs, targets = _split_batch(batch)
                 if int(targets.max()) >= seen.numel():
                     seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
-                # Keep the first samples_per_class samples of each class, in loader order.
-                rank = torch.zeros_like(targets)
-                for c in targets.unique():
-                    where = (targets == c).nonzero().flatten()
-                    rank[where] = seen[c] + torch.arange(where.numel())
-                keep = (rank < samples_per_class).nonzero().flatten()
+                keep = _first_per_class(targets, seen, samples_per_class)
                 seen += torch.bincount(targets, minlength=seen.numel())
                 state["keep"], state["labels"] = keep.to(device), targets[keep]
                 for s in sites:
@@ -299,6 +294,8 @@ def score(
         finally:
             for h in hooks:
                 h.remove()
+        if _distributed():
+            seen, n_samples = _merge_ranks(work, sites, seen, n_samples, samples_per_class)
         counts = _check_classes(torch.arange(seen.numel()).repeat_interleave(seen), num_outputs)
         result = _assemble(groups, sites, modules, n_samples, u_reduce, r_reduce)
     meta = {
@@ -308,6 +305,71 @@ def score(
         "n_samples": n_samples, "example_inputs": _describe_inputs(example_inputs),
     }
     return Scores(result, cost, meta)
+
+
+def _first_per_class(targets: torch.Tensor, seen: torch.Tensor, limit: int) -> torch.Tensor:
+    """Positions in the batch of the samples that are among the first ``limit`` of their class so far."""
+    order = torch.argsort(targets, stable=True)
+    sorted_t = targets[order]
+    start = torch.searchsorted(sorted_t, sorted_t, right=False)
+    rank = torch.empty_like(targets)
+    rank[order] = seen[sorted_t] + torch.arange(targets.numel()) - start
+    return (rank < limit).nonzero().flatten()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _merge_ranks(work: nn.Module, sites: List[_Site], seen: torch.Tensor, n_samples: int, limit: int):
+    """Combines the shards of a torch.distributed run so that every rank holds the same totals.
+
+    Gradients and sample counts are summed; each site's kept samples are gathered in rank order and cut
+    to the first ``limit`` per class, so every rank computes identical scores.
+    """
+    dist = torch.distributed
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in work.parameters()]
+    flat = torch.cat([g.flatten() for g in grads]).to(comm)
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(work.parameters(), grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(p.device)
+        offset += g.numel()
+    width = torch.tensor([seen.numel()], device=comm)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    seen = torch.cat([seen, torch.zeros(int(width) - seen.numel(), dtype=torch.long)]).to(comm)
+    dist.all_reduce(seen)
+    total = torch.tensor([n_samples], device=comm)
+    dist.all_reduce(total)
+    for s in sites:
+        data = torch.cat(s.chunks) if s.chunks else torch.zeros(0)
+        labels = torch.cat(s.labels) if s.labels else torch.zeros(0, dtype=torch.long)
+        data, labels = _all_gather_rows(data.to(comm), labels.to(comm))
+        keep = _first_per_class(labels.cpu(), torch.zeros(int(width), dtype=torch.long), limit)
+        s.chunks, s.labels = [data.cpu()[keep]], [labels.cpu()[keep]]
+    return seen.cpu(), int(total)
+
+
+def _all_gather_rows(data: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """all_gather of row blocks whose length differs between ranks (padded, then trimmed)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    n = torch.tensor([labels.numel()], device=labels.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(int(x) for x in sizes))
+    shape = tuple(data.shape[1:]) if data.dim() > 1 else ()
+    pad_d = torch.zeros((longest,) + shape, dtype=data.dtype, device=data.device)
+    pad_d[:data.shape[0]] = data
+    pad_l = torch.zeros(longest, dtype=labels.dtype, device=labels.device)
+    pad_l[:labels.numel()] = labels
+    all_d = [torch.zeros_like(pad_d) for _ in range(world)]
+    all_l = [torch.zeros_like(pad_l) for _ in range(world)]
+    dist.all_gather(all_d, pad_d)
+    dist.all_gather(all_l, pad_l)
+    return (torch.cat([d[:int(k)] for d, k in zip(all_d, sizes)]),
+            torch.cat([l[:int(k)] for l, k in zip(all_l, sizes)]))
 
 
 def _chain(first: Any, rest: Iterable) -> Iterable:
@@ -321,10 +383,9 @@ def _describe_inputs(example_inputs: Any) -> List[dict]:
 
 
 def _unit_u(site: _Site) -> torch.Tensor:
-    labels = torch.cat(site.labels)
-    data = torch.cat(site.chunks)
-    per_class = [data[labels == c] for c in labels.unique(sorted=True)]
-    return max_pairwise_w1(per_class)
+    data, labels = torch.cat(site.chunks), torch.cat(site.labels)
+    site.chunks, site.labels = [], []  # free the samples as soon as they are reduced
+    return max_pairwise_w1(data, labels)
 
 
 def _taylor(member: Member, module: nn.Module) -> torch.Tensor:

@@ -38,33 +38,47 @@ def quantile_grid(counts: List[int]) -> tuple:
 
 
 def max_pairwise_w1(
-    samples: List[torch.Tensor], max_chunk_elems: int = 2 ** 26, device: Optional[torch.device] = None
+    data: torch.Tensor, labels: torch.Tensor, max_chunk_elems: int = 2 ** 25, device: Optional[torch.device] = None
 ) -> torch.Tensor:
     """Largest (sliced) W1 between any two classes, per unit.
 
     Args:
-        samples: one tensor per class, shape (n_k, units, projections); ``projections`` is 1 for scalar
-            unit outputs (exact 1-D W1) and P for sliced W1 (the 1-D distances are averaged over directions).
-        max_chunk_elems: bound on the size of the pairwise-distance block held in memory at once.
+        data: samples of every class, shape (N, units, projections); ``projections`` is 1 for scalar unit
+            outputs (exact 1-D W1) and P for sliced W1 (the 1-D distances are averaged over directions).
+        labels: class of each sample, shape (N,); every class present must have at least one sample.
+        max_chunk_elems: bound on the number of elements of the pairwise-distance block held at once, so
+            memory stays bounded however many classes there are.
         device: where to compute (defaults to the samples' device).
 
     Returns:
         Tensor of shape (units,): max over class pairs of the (sliced) W1 distance.
     """
-    counts = [int(s.shape[0]) for s in samples]
-    units, proj = samples[0].shape[1], samples[0].shape[2]
-    index, widths = quantile_grid(counts)
-    device = device or samples[0].device
-    widths = widths.to(device)
-    # Quantile functions, weighted by interval width so that a plain L1 distance is the W1 integral.
-    q = torch.stack(
-        [s.to(device).sort(dim=0).values.index_select(0, index[k].to(device)) for k, s in enumerate(samples)]
-    )  # (K, G, units, P)
-    q = q * widths.view(1, -1, 1, 1)
-    q = q.permute(2, 3, 0, 1).reshape(units * proj, len(samples), -1).contiguous()  # (units*P, K, G)
-    num_classes = len(samples)
+    device = device or data.device
+    data, labels = data.to(device), labels.to(device)
+    classes, labels = torch.unique(labels, sorted=True, return_inverse=True)
+    counts = torch.bincount(labels, minlength=classes.numel())
+    units, proj = data.shape[1], data.shape[2]
+    # Per-class blocks padded with +inf (sorted to the end, never indexed), laid out (units*P, K, M) so
+    # that the sort and the pairwise L1 both run along contiguous memory.
+    k = classes.numel()
+    by_class = torch.argsort(labels, stable=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(labels.numel(), device=device) - offsets[labels[by_class]]
+    padded = torch.full((units * proj, k, int(counts.max())), float("inf"), dtype=data.dtype, device=device)
+    padded[:, labels[by_class], pos] = data[by_class].reshape(labels.numel(), -1).t()
+    padded = padded.sort(dim=2).values
+    index, widths = quantile_grid(counts.tolist())
+    q = padded[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
+    del padded
+    # Weighted by interval width, a plain L1 distance between quantile vectors is the W1 integral.
+    q = q * widths.to(device).view(1, 1, -1)
+    return _max_pair_l1(q, units, proj, max_chunk_elems)
+
+
+def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -> torch.Tensor:
+    num_classes = q.shape[1]
     block = max(1, int((max_chunk_elems / max(1, units * proj)) ** 0.5))
-    best = torch.zeros(units, device=device)
+    best = torch.zeros(units, device=q.device, dtype=q.dtype)
     for i in range(0, num_classes, block):
         a = q[:, i:i + block]
         for j in range(i, num_classes, block):

@@ -1,0 +1,172 @@
+"""Evaluation and a short fine-tuning loop for pruned classifiers."""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._errors import DataError, FairPrunerError
+
+__all__ = ["evaluate", "finetune"]
+
+
+def _device_of(model: nn.Module, device: Optional[Any]) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _split(batch: Any) -> Tuple[Any, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise DataError("The loader must yield (inputs, targets) pairs with integer class labels.")
+    inputs, targets = batch
+    return inputs, torch.as_tensor(targets).long()
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(t, device) for t in x)
+    return x
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    # A tuple/list of tensors is taken as positional inputs of a multi-input model.
+    return _logits(model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs))
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -> float:
+    """Top-1 accuracy of ``model`` over ``loader``.
+
+    The model runs in eval mode without gradients; its train/eval flag is restored afterwards.
+
+    Args:
+        model: a classifier returning logits (or an object with ``.logits``, or a tuple whose first item
+            is the logits).
+        loader: iterable of ``(inputs, targets)`` batches with integer class labels.
+        device: where to run; defaults to the model's device.
+
+    Returns:
+        The fraction of correctly classified samples, in [0, 1].
+
+    Raises:
+        DataError: if the loader yields no samples or batches of the wrong form.
+    """
+    device = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                inputs, targets = _split(batch)
+                pred = _forward(model, _to(inputs, device)).argmax(-1).cpu()
+                correct += int((pred == targets).sum())
+                total += targets.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise DataError("The evaluation loader yielded no samples.")
+    return correct / total
+
+
+def finetune(
+    model: nn.Module,
+    loader: Iterable,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: Optional[Any] = None,
+    progress: Optional[bool] = None,
+    max_steps: Optional[int] = None,
+) -> nn.Module:
+    """Trains a (pruned) classifier in place with SGD and a per-step cosine learning-rate schedule.
+
+    The optimizer is built here from the model's current parameters: pruning replaces parameter tensors, so
+    an optimizer created before pruning would hold stale tensors and momentum buffers of the wrong shape.
+    Parameters with ``requires_grad=False`` stay frozen.
+
+    Args:
+        model: the model to train; it is modified in place (and moved to ``device``).
+        loader: iterable of ``(inputs, targets)`` batches with integer class labels, re-iterated every epoch
+            (shuffle it yourself, e.g. a DataLoader with ``shuffle=True``).
+        epochs: passes over ``loader``.
+        lr: initial learning rate, annealed to zero along a cosine over all steps (the paper uses 1e-3).
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        device: where to train; defaults to the model's device.
+        progress: show a progress bar; by default only when stderr is a terminal.
+        max_steps: stop after this many optimizer steps in total (the schedule is fitted to it).
+
+    Returns:
+        The same model, trained, in eval mode.
+
+    Raises:
+        FairPrunerError: for invalid settings, a loader of unknown length without ``max_steps``, a model
+            without trainable parameters, or a non-finite loss.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise FairPrunerError(f"epochs must be a non-negative integer, got {epochs!r}.")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise FairPrunerError(f"lr must be a positive number, got {lr!r}.")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+        raise FairPrunerError(f"max_steps must be a non-negative integer or None, got {max_steps!r}.")
+    device = _device_of(model, device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise FairPrunerError("The model has no trainable parameters (every requires_grad is False).")
+    per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if per_epoch is None and max_steps is None:
+        raise FairPrunerError("The loader has no length; pass max_steps= so the schedule knows its end.")
+    total = epochs * per_epoch if per_epoch is not None else max_steps
+    if max_steps is not None:
+        total = min(total, max_steps)
+    if total == 0:
+        return model.eval()
+
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=total, desc="fairpruner: fine-tuning", disable=not show, leave=False)
+    model.train()
+    step = 0
+    try:
+        while step < total:
+            seen = step
+            for batch in loader:
+                inputs, targets = _split(batch)
+                loss = F.cross_entropy(_forward(model, _to(inputs, device)), targets.to(device))
+                if not bool(torch.isfinite(loss)):
+                    raise FairPrunerError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if step >= total:
+                    break
+            if step == seen:
+                raise DataError("The training loader yielded no batches.")
+    finally:
+        bar.close()
+        model.eval()
+    return model
