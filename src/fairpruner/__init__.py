@@ -6,7 +6,9 @@ alpha or a params/MACs target, milliseconds) -> :func:`prune` (physical surgery)
 """
 from ._counting import count_macs, count_params, measure_latency
 from ._errors import DataError, FairPrunerError, PlanError, UnsupportedModelError
+from ._finetune import evaluate, finetune
 from ._plan import ALLOCATIONS, SIGNALS, Plan, plan, sweep
+from ._report import Report, format_sweep, plot_sweep, report
 from ._scores import GroupScores, Scores
 from ._scoring import score
 from ._surgery import load, mask, prune, save
@@ -17,5 +19,6 @@ __all__ = [
     "score", "plan", "sweep", "prune", "mask", "save", "load",
     "Scores", "GroupScores", "Plan", "SIGNALS", "ALLOCATIONS",
     "count_macs", "count_params", "measure_latency",
+    "evaluate", "finetune", "report", "Report", "format_sweep", "plot_sweep",
     "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError",
 ]

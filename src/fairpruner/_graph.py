@@ -153,13 +153,20 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
                 f"The model does not run on the example inputs ({_describe(example_inputs)}): {e}. "
                 "Pass `example_inputs=` shaped like one real batch.") from e
         _check_channel_padding(out)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=as_args(example_inputs))
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=traced)
     if graph.unwrapped_parameters:
         names = [graph._param_to_name.get(p, "?") for p, _ in graph.unwrapped_parameters]
         raise UnsupportedModelError(
             f"Parameters used directly in forward(), outside a standard layer: {names}. Their channel "
             "dimension cannot be inferred safely; move them into standard layers.")
     return graph
+
+
+def model_signature(model: nn.Module) -> str:
+    """A short digest of the parameter names and shapes: plans and saved models refuse other architectures."""
+    import hashlib
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _describe(example_inputs: Any) -> str:

@@ -142,7 +142,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
 
-    if allocation == "tod":
+    if key != "alpha" and value == 0:
+        counts, chosen = np.zeros(len(units), dtype=np.int64), (0.0 if allocation == "tod" else None)
+    elif allocation == "tod":
         curves = [tod_curve(g.u, g.r) for g in scores.groups]
         if key == "alpha":
             chosen, counts = value, tod_counts(curves, value)
@@ -167,7 +169,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         groups.append({"name": g.name, "channels": g.channels, "units": g.n_units,
                        "unit_size": int(g.unit_channels.shape[1]), "removed_channels": chans})
     after = cost.evaluate(counts)
-    settings = {"signal": signal if isinstance(signal, str) else getattr(signal, "__name__", "custom"),
+    settings = {"model_signature": scores.meta.get("model_signature"), "signal": signal if isinstance(signal, str) else getattr(signal, "__name__", "custom"),
                 "allocation": allocation, "target": {key: value}, "seed": seed, "scoring": scores.meta}
     predicted = {"params_before": before["params"], "params_after": after["params"],
                  "macs_before": before["macs"], "macs_after": after["macs"]}

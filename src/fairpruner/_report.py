@@ -141,7 +141,8 @@ class Report:
         groups: one dict per group: ``name``, ``units_before``, ``units_after``, ``removed`` (fraction).
         totals: ``params_before/after``, ``macs_before/after`` (per sample), ``latency_before/after``
             (median seconds per forward pass of the example batch, None if not measured), ``batch_size``,
-            ``device``, ``accuracy_before/after`` (None without an evaluation loader) and ``alpha``.
+            ``device``, ``threads`` (torch CPU threads), ``accuracy_before/after`` (None without an evaluation
+            loader) and ``alpha``.
         predicted: the plan's predicted params/MACs, for comparison with the measured totals.
         settings: the plan's settings (signal, allocation, target).
     """
@@ -178,11 +179,13 @@ class Report:
         rows = []
         for label, key in (("params", "params"), ("MACs / sample", "macs")):
             b, a = t.get(f"{key}_before"), t.get(f"{key}_after")
-            change = f"{-(1 - a / b) * 100:+.1f}% ({b / a:.2f}x fewer)" if b and a else "-"
+            change = "-" if not b else f"{-(1 - a / b) * 100:+.1f}%" + (f" ({b / a:.2f}x fewer)" if 0 < a < b else "")
             rows.append([label, _count(b), _count(a), change])
         lb, la = t.get("latency_before"), t.get("latency_after")
         if lb is not None and la is not None:
             where = f"batch {t.get('batch_size', '?')}, {t.get('device', 'cpu')}"
+            if t.get("threads") and t.get("device", "cpu") == "cpu":
+                where += f", {t['threads']} thread{'s' if t['threads'] > 1 else ''}"
             rows.append([f"latency ({where})", f"{lb * 1e3:.3g} ms", f"{la * 1e3:.3g} ms",
                          f"{lb / la:.2f}x faster" if la > 0 else "-"])
         ab, aa = t.get("accuracy_before"), t.get("accuracy_after")
@@ -224,7 +227,8 @@ def _plot_groups(groups: Sequence[Dict[str, Any]], path: Path, title: str) -> Pa
     fig = _figure(8, min(2 + 0.28 * len(names), 60))
     ax = fig.add_subplot()
     y = list(range(len(names)))
-    ax.barh(y, [100 * g["removed"] for g in groups], color="#4c72b0")
+    bars = ax.barh(y, [100 * g["removed"] for g in groups], color="#4c72b0")
+    ax.bar_label(bars, [f" {g['units_before'] - g['units_after']}/{g['units_before']}" for g in groups], fontsize=7)
     ax.set_yticks(y, names, fontsize=8 if len(names) < 40 else 6)
     ax.invert_yaxis()  # first group on top, as in the text table
     ax.set_xlim(0, 100)
@@ -312,7 +316,7 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
         "macs_before": count_macs(original, x_orig), "macs_after": count_macs(pruned, x_pruned),
         "latency_before": None, "latency_after": None,
         "batch_size": int(first.shape[0]) if first is not None and first.dim() > 0 else 1,
-        "device": str(first.device) if first is not None else "cpu",
+        "device": str(first.device) if first is not None else "cpu", "threads": torch.get_num_threads(),
         "accuracy_before": None, "accuracy_after": None, "alpha": plan.alpha,
     }
     if latency_repeats:

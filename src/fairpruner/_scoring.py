@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ._costmodel import CostModel
 from ._counting import as_args
 from ._errors import DataError, FairPrunerError
-from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers
+from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers, model_signature
 from ._scores import GroupScores, Scores
 from ._wasserstein import max_pairwise_w1, random_directions
 
@@ -82,7 +82,8 @@ def _split_batch(batch: Any) -> tuple:
 
 def _to(x: Any, device: torch.device) -> Any:
     if torch.is_tensor(x):
-        return x.to(device)
+        # Tensors made under inference_mode cannot enter autograd; a plain copy can.
+        return x.to(device).clone() if x.is_inference() else x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device) for t in x)
     return x
@@ -190,7 +191,8 @@ def score(
     Args:
         model: a trained classifier.
         loader: iterable of ``(inputs, targets)`` batches with integer class labels (a DataLoader, or a list).
-            U uses the first ``samples_per_class`` samples of each class in loader order; R uses every batch.
+            U uses the first ``samples_per_class`` samples of each class in loader order; R uses every batch
+            (``R_j = |sum_b dL_b/dw_j * w_j|`` with ``L_b`` the batch's loss, as the reference defines it).
         example_inputs: inputs used to trace the model; defaults to the first batch's inputs.
         samples_per_class: samples per class kept for the U-Score (the reference uses 32).
         projections: random directions for the sliced W1 of multi-dimensional unit outputs (reference: 128).
@@ -241,7 +243,7 @@ def score(
     if example_inputs is None:
         example_inputs = first_inputs
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         work = copy.deepcopy(model).to(device)
         work.eval()
         for p in work.parameters():
@@ -286,10 +288,14 @@ def score(
                 for s in sites:
                     s.calls = 0
                 out = _logits(work(*as_args(_to(inputs, device))))
+                if int(targets.max()) >= out.shape[-1]:
+                    raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "
+                                    "outputs; labels must be 0..K-1 for a K-class model.")
                 loss = loss_fn(out, targets.to(device))
                 if not bool(torch.isfinite(loss)):
                     raise DataError("The loss is NaN/inf on a calibration batch; check the model and the labels.")
-                (loss * targets.numel()).backward()
+                # R sums dL_b/dw * w over batches b (the reference's definition): gradients accumulate.
+                loss.backward()
                 n_samples += targets.numel()
         finally:
             for h in hooks:
@@ -299,7 +305,7 @@ def score(
         counts = _check_classes(torch.arange(seen.numel()).repeat_interleave(seen), num_outputs)
         result = _assemble(groups, sites, modules, n_samples, u_reduce, r_reduce)
     meta = {
-        "version": 1, "samples_per_class": samples_per_class, "projections": projections, "seed": seed,
+        "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class, "projections": projections, "seed": seed,
         "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce, "ignore": list(ignore),
         "output_layers": outputs, "class_counts": {str(k): v for k, v in counts.items()},
         "n_samples": n_samples, "example_inputs": _describe_inputs(example_inputs),
@@ -404,12 +410,16 @@ def _assemble(groups: List[GroupSpec], sites: List[_Site], modules: Dict[str, nn
     by_group: Dict[int, List[torch.Tensor]] = {}
     for s in sites:
         u = _unit_u(s)
-        by_group.setdefault(s.group, []).append(u / u.mean().clamp_min(1e-12))
+        by_group.setdefault(s.group, []).append(u)
     out = []
     for gi, g in enumerate(groups):
         us = torch.stack(by_group[gi])
-        u = us.amax(0) if u_reduce == "max" else us.mean(0)
-        terms = [(_taylor(m, modules[m.module]) / n_samples).cpu().double()
+        # Each measured tensor is brought to a common scale (its mean U) before combining, then the
+        # combination is put back on the average W1 scale; a single site keeps its raw W1 values.
+        scale = us.mean(1, keepdim=True).clamp_min(1e-12)
+        us = us / scale
+        u = (us.amax(0) if u_reduce == "max" else us.mean(0)) * scale.mean()
+        terms = [_taylor(m, modules[m.module]).cpu().double()
                  for m in g.members if m.side == "out" and list(modules[m.module].parameters(recurse=False))]
         if not bool(torch.stack([t.isfinite().all() for t in terms]).all()):
             raise DataError(f"Non-finite gradients in group '{g.name}'; check the loss and the model.")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._counting import as_args
 from ._errors import FairPrunerError, PlanError
-from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, preserved_state
+from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
 
 __all__ = ["prune", "mask", "save", "load", "example_from_plan"]
@@ -41,6 +41,14 @@ def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
     x = as_args(example_inputs) if example_inputs is not None else example_from_plan(plan)
     p = next(model.parameters(), None)
     return tuple(t.to(p.device) if (p is not None and torch.is_tensor(t)) else t for t in x)
+
+
+def _check_signature(plan: Plan, model: nn.Module) -> None:
+    expected = plan.settings.get("model_signature")
+    if expected and expected != model_signature(model):
+        raise PlanError("The plan does not match this model: its layers or shapes differ from the scored model's (another "
+                        "architecture, or a model that was already pruned). Apply a plan to a fresh, unpruned "
+                        "instance of the architecture it was scored on.")
 
 
 def _groups_to_apply(plan: Plan, graph, modules: Dict[str, nn.Module]):
@@ -71,6 +79,7 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
         example_inputs: inputs to trace with; defaults to random inputs of the shape recorded in the plan.
         verify: check that the pruned model's outputs equal the original with the same units zeroed.
     """
+    _check_signature(plan, model)
     work = copy.deepcopy(model)
     x = _inputs_for(work, plan, example_inputs)
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
@@ -110,6 +119,7 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
     Every parameter slice that :func:`prune` would remove is set to zero (producer rows and biases,
     normalisation scales and shifts, consumer columns), so the outputs equal the pruned model's.
     """
+    _check_signature(plan, model)
     work = copy.deepcopy(model)
     x = _inputs_for(work, plan, example_inputs)
     with torch.random.fork_rng(devices=[]), preserved_state(work):

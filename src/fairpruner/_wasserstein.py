@@ -53,6 +53,9 @@ def max_pairwise_w1(
     Returns:
         Tensor of shape (units,): max over class pairs of the (sliced) W1 distance.
     """
+    if data.dim() != 3 or labels.dim() != 1 or data.shape[0] != labels.shape[0]:
+        raise ValueError(f"Expected data (N, units, projections) and labels (N,); got {tuple(data.shape)} and "
+                         f"{tuple(labels.shape)}.")
     device = device or data.device
     data, labels = data.to(device), labels.to(device)
     classes, labels = torch.unique(labels, sorted=True, return_inverse=True)

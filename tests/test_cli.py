@@ -1,0 +1,197 @@
+"""Tests for the ``fairpruner`` command line (run in-process through ``main``, plus one real subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fairpruner as fp
+from fairpruner import zoo
+from fairpruner.cli import main
+
+COMMANDS = ("demo", "score", "plan", "prune", "report", "finetune")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _listing(path: Path) -> set:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working directory inside tmp_path, with a seeded (untrained) digits CNN state_dict."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(zoo.create("digits_cnn").state_dict(), work / "w.pt")
+    return work
+
+
+def test_top_level_help_and_no_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS) and "typical workflow" in out
+    assert main([]) == 2
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help_has_a_worked_example(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: fairpruner {command}" in out
+    assert "example:" in out and f"fairpruner {command}" in out.split("example:", 1)[1]
+    assert "--fast" not in out
+
+
+def test_demo_fast_in_process(workdir, capsys):
+    before = _listing(workdir)
+    assert main(["demo", "--fast", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha sweep" in out and "MACs removed" in out and "accuracy" in out
+    assert "FAIR-Pruner report" in out and "units before" in out and "top-1 accuracy" in out
+    assert _listing(workdir) == before  # no --out: nothing written
+
+    assert main(["demo", "--fast", "--no-progress", "--out", "results"]) == 0
+    written = {p.name for p in (workdir / "results").iterdir()}
+    assert written == {"report.json", "report.txt", "plan.json", "original.pt", "pruned.pt",
+                       "removal_by_group.png", "sweep.png"}
+    assert _listing(workdir) - before == {"results"} | {f"results/{n}" for n in written}
+    rep = fp.Report.from_json((workdir / "results" / "report.json").read_text())
+    assert rep.totals["accuracy_after"] is not None
+    # The saved model reloads on a fresh architecture.
+    pruned = fp.load(workdir / "results" / "pruned.pt", zoo.create("digits_cnn"))
+    assert fp.count_params(pruned) == rep.totals["params_after"]
+
+
+def test_real_demo_end_to_end(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "fairpruner.cli", "demo", "--no-progress"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    trained = re.search(r"trained .* test accuracy ([\d.]+)%", out)
+    assert trained and float(trained.group(1)) >= 95.0
+    # The sweep table (with one-shot accuracy) and the report table.
+    assert re.search(r"alpha\s+units removed\s+params removed\s+MACs removed\s+accuracy", out)
+    assert re.search(r"group\s+units before\s+units after\s+removed", out)
+    for row in ("params", "MACs / sample", "latency", "top-1 accuracy", "total"):
+        assert re.search(rf"^{re.escape(row)}", out, re.M), row
+    final = re.search(r"fine-tuned .* -> ([\d.]+)%", out)
+    assert final and float(final.group(1)) >= 90.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_score_plan_prune_finetune_report_chain(workdir, capsys):
+    before = _listing(workdir)
+    common = ["--model", "zoo:digits_cnn", "--no-progress"]
+    assert main(["score", *common, "--weights", "w.pt", "--data", "digits", "--samples-per-class", "8",
+                 "--projections", "16", "--out", "out/scores.pt"]) == 0
+    assert "scored 3 groups" in capsys.readouterr().out
+
+    assert main(["plan", "--scores", "out/scores.pt", "--sweep", "--alphas", "0,0.1,0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs removed" in out and "not written" not in out and len(out.strip().splitlines()) == 6
+
+    assert main(["plan", "--scores", "out/scores.pt", "--macs", "0.4", "--out", "out/plan.json"]) == 0
+    out = capsys.readouterr().out
+    assert "units before" in out and "predicted" in out and "target macs" in out
+    plan = fp.Plan.from_json((workdir / "out" / "plan.json").read_text())
+    assert 1 - plan.predicted["macs_after"] / plan.predicted["macs_before"] >= 0.4
+
+    assert main(["prune", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--plan", "out/plan.json",
+                 "--out", "out/pruned.pt"]) == 0
+    assert "wrote out/pruned.pt" in capsys.readouterr().out
+
+    assert main(["finetune", *common, "--pruned", "out/pruned.pt", "--data", "digits", "--max-steps", "3",
+                 "--lr", "0.01", "--out", "out/ft.pt"]) == 0
+    assert "after fine-tuning" in capsys.readouterr().out
+
+    assert main(["report", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--pruned", "out/ft.pt",
+                 "--data", "digits", "--latency-repeats", "1", "--threads", "1", "--json", "out/report.json",
+                 "--plots", "out/plots"]) == 0
+    out = capsys.readouterr().out
+    for name in plan.removed:
+        assert name in out
+    assert "top-1 accuracy" in out and "latency (batch 64, cpu, 1 thread)" in out
+    rep = json.loads((workdir / "out" / "report.json").read_text())
+    original = zoo.create("digits_cnn")
+    original.load_state_dict(torch.load(workdir / "w.pt", weights_only=True))
+    assert rep["totals"]["params_before"] == fp.count_params(original)
+    assert rep["totals"]["params_after"] == plan.predicted["params_after"]
+
+    # A fairpruner.save file is accepted as --weights (here: scoring the pruned model again).
+    assert main(["score", *common, "--weights", "out/pruned.pt", "--data", "digits", "--samples-per-class", "4",
+                 "--projections", "4", "--out", "out/scores2.pt"]) == 0
+    assert fp.Scores.load(workdir / "out" / "scores2.pt").groups[0].n_units < 64
+
+    expected = {"out", "out/scores.pt", "out/plan.json", "out/pruned.pt", "out/ft.pt", "out/report.json",
+                "out/plots", "out/plots/removal_by_group.png", "out/scores2.pt"}
+    assert _listing(workdir) - before == expected
+
+
+def test_module_factory_spec(workdir, monkeypatch, capsys):
+    (workdir / "my_cli_models.py").write_text(
+        "from fairpruner import zoo\n\ndef build(num_classes=10):\n    return zoo.digits_cnn(num_classes)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_cli_models", raising=False)
+    assert main(["score", "--model", "my_cli_models:build", "--weights", "w.pt", "--data", "digits",
+                 "--samples-per-class", "4", "--projections", "4", "--no-progress", "--out", "s.pt"]) == 0
+    sys.modules.pop("my_cli_models", None)
+    assert (workdir / "s.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--scores", "missing.pt", "--alpha", "0.1"], "missing.pt"),
+    (["plan", "--scores", "w.pt", "--alpha", "0.1"], "not a fairpruner scores file"),
+    (["score", "--model", "zoo:nope", "--data", "digits", "--out", "s.pt"], "Unknown model 'nope'"),
+    (["score", "--model", "resnet20", "--data", "digits", "--out", "s.pt"], "zoo:NAME"),
+    (["score", "--model", "no_such_module_xyz:f", "--data", "digits", "--out", "s.pt"], "cannot import"),
+    (["score", "--model", "zoo:digits_cnn", "--data", "nowhere/at/all", "--out", "s.pt"], "unknown dataset spec"),
+    (["score", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--num-classes", "5", "--data", "digits",
+      "--out", "s.pt"], "do not fit"),
+    (["prune", "--model", "zoo:digits_cnn", "--weights", "not-there.pt", "--plan", "p.json", "--out", "x.pt"],
+     "p.json"),
+    (["report", "--model", "zoo:digits_cnn", "--pruned", "w.pt"], "not a pruned model"),
+    (["score", "--model", "zoo:resnet20", "--data", "digits", "--out", "s.pt"], "cannot run on samples"),
+])
+def test_bad_input_exits_2_with_a_clear_message(workdir, capsys, argv, message):
+    before = _listing(workdir)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    assert _listing(workdir) == before
+
+
+def test_plan_errors(workdir, capsys):
+    assert main(["score", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits",
+                 "--samples-per-class", "4", "--projections", "4", "--no-progress", "--out", "s.pt"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--scores", "s.pt"]) == 2
+    assert "give a target" in capsys.readouterr().err
+    assert main(["plan", "--scores", "s.pt", "--alpha", "2"]) == 2
+    assert "alpha must be a number in [0, 1]" in capsys.readouterr().err
+    assert main(["plan", "--scores", "s.pt", "--alpha", "0.1", "--allocation", "uniform"]) == 2
+    assert "Uniform allocation has no alpha" in capsys.readouterr().err
+    (workdir / "bad.json").write_text("{not json")
+    assert main(["prune", "--model", "zoo:digits_cnn", "--plan", "bad.json", "--out", "x.pt"]) == 2
+    assert capsys.readouterr().err.startswith("error: bad.json is not valid JSON")
+    (workdir / "text.pt").write_text("hello")
+    assert main(["plan", "--scores", "text.pt", "--alpha", "0.1"]) == 2
+    assert capsys.readouterr().err.startswith("error: text.pt is not a readable weights-only torch file")
+    # argparse usage errors also exit with status 2.
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--scores", "s.pt", "--alpha", "0.1", "--macs", "0.5"])
+    assert e.value.code == 2
+    assert not (workdir / "x.pt").exists()

@@ -1,0 +1,147 @@
+"""Tests for fairpruner.evaluate and fairpruner.finetune."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fairpruner as fp
+from fairpruner import zoo
+from fairpruner._errors import DataError, FairPrunerError
+
+
+def _blobs(n: int = 256, seed: int = 0) -> TensorDataset:
+    """Two well-separated Gaussian blobs in 8 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 8, generator=g) + 3.0 * (2 * y[:, None] - 1)
+    return TensorDataset(x, y)
+
+
+def _loader(seed: int = 0, **kw) -> DataLoader:
+    return DataLoader(_blobs(), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
+
+
+class Constant(nn.Module):
+    """Always predicts class ``k``."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 2) + self.dummy
+        out[:, self.k] = 1.0
+        return out
+
+
+def test_evaluate_counts_top1_and_restores_flag():
+    loader = DataLoader(_blobs(), batch_size=50)  # 256 samples, half of each class
+    model = Constant(1).train()
+    assert fp.evaluate(model, loader) == pytest.approx(0.5)
+    assert model.training
+    model.eval()
+    fp.evaluate(model, loader)
+    assert not model.training
+
+
+def test_evaluate_rejects_empty_and_malformed_loaders():
+    with pytest.raises(DataError):
+        fp.evaluate(Constant(0), [])
+    with pytest.raises(DataError):
+        fp.evaluate(Constant(0), [torch.zeros(2, 8)])
+
+
+def test_finetune_learns_in_place_and_returns_eval_model(capsys):
+    model = _mlp()
+    loader = _loader()
+    before = fp.evaluate(model, DataLoader(_blobs(seed=1), batch_size=64))
+    out = fp.finetune(model, loader, epochs=3, lr=0.05, progress=False)
+    assert out is model and not model.training
+    after = fp.evaluate(model, DataLoader(_blobs(seed=1), batch_size=64))
+    assert after > 0.95 and after >= before
+    assert capsys.readouterr().err == ""  # progress=False: no bar
+
+
+def test_finetune_is_deterministic():
+    a = fp.finetune(_mlp(), _loader(), epochs=1, lr=0.05, progress=False)
+    b = fp.finetune(_mlp(), _loader(), epochs=1, lr=0.05, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_max_steps_limits_the_number_of_batches():
+    seen = []
+
+    class Counting:
+        def __init__(self):
+            self.data = list(_loader())
+
+        def __len__(self):
+            return len(self.data)
+
+        def __iter__(self):
+            for batch in self.data:
+                seen.append(1)
+                yield batch
+
+    fp.finetune(_mlp(), Counting(), epochs=5, lr=0.01, max_steps=3, progress=False)
+    assert len(seen) == 3
+    # Without a length the schedule needs max_steps.
+    with pytest.raises(FairPrunerError, match="max_steps"):
+        fp.finetune(_mlp(), iter(list(_loader())), epochs=1)
+    fp.finetune(_mlp(), (b for b in list(_loader())), max_steps=2, progress=False)
+
+
+def test_frozen_parameters_stay_frozen():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.clone()
+    fp.finetune(model, _loader(), epochs=1, lr=0.05, progress=False)
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[3].weight, _mlp()[3].weight)
+
+
+@pytest.mark.parametrize("kwargs", [{"epochs": -1}, {"epochs": 1.5}, {"lr": 0}, {"lr": float("nan")},
+                                    {"max_steps": -2}])
+def test_invalid_settings_raise(kwargs):
+    with pytest.raises(FairPrunerError):
+        fp.finetune(_mlp(), _loader(), progress=False, **kwargs)
+
+
+def test_zero_epochs_leaves_weights_alone():
+    model = _mlp().train()
+    before = [p.clone() for p in model.parameters()]
+    fp.finetune(model, _loader(), epochs=0)
+    assert not model.training
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_non_finite_loss_is_reported():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))
+    with pytest.raises(FairPrunerError, match="loss"):
+        fp.finetune(model, _loader(), progress=False)
+
+
+def test_finetunes_a_pruned_model():
+    torch.manual_seed(0)
+    model = zoo.create("digits_cnn").eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 8, 8, generator=g), torch.arange(60) % 3
+    scores = fp.score(model, DataLoader(TensorDataset(x, y), batch_size=30), samples_per_class=8,
+                      projections=8, progress=False)
+    pruned = fp.prune(model, fp.plan(scores, alpha=0.3))
+    shapes = {n: p.shape for n, p in pruned.named_parameters()}
+    start = {n: p.clone() for n, p in pruned.named_parameters()}
+    fp.finetune(pruned, DataLoader(TensorDataset(x, y), batch_size=20), epochs=1, lr=0.05, progress=False)
+    assert {n: p.shape for n, p in pruned.named_parameters()} == shapes
+    assert any(not torch.equal(start[n], p) for n, p in pruned.named_parameters())

@@ -1,0 +1,334 @@
+"""Tests for fairpruner._plan: argument checks, ToD counts, targets by bisection, signals, allocation, JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fairpruner as fp
+from fairpruner import zoo
+from fairpruner._tod import candidate_alphas, max_fraction, tod_counts, tod_curve
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _loader(shape, classes=4, per=4, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(classes * per, *shape, generator=g)
+    y = torch.arange(classes).repeat_interleave(per)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+@pytest.fixture(scope="module")
+def resnet_scores():
+    torch.manual_seed(0)
+    model = zoo.resnet20().eval()
+    return fp.score(model, _loader((3, 16, 16)), projections=8)
+
+
+@pytest.fixture(scope="module")
+def synthetic_scores(resnet_scores):
+    """resnet20's groups and cost model with distinct, seeded U, R and L1 values (no ties)."""
+    g = torch.Generator().manual_seed(123)
+    groups = [dataclasses.replace(gs, u=torch.rand(gs.n_units, generator=g), r=torch.rand(gs.n_units, generator=g),
+                                  l1=torch.rand(gs.n_units, generator=g)) for gs in resnet_scores.groups]
+    return fp.Scores(groups, resnet_scores.cost, dict(resnet_scores.meta))
+
+
+def _removed_frac(scores, p, key):
+    return 1 - p.predicted[f"{key}_after"] / p.predicted[f"{key}_before"]
+
+
+def _lowest(values, m):
+    order = sorted(range(len(values)), key=lambda j: (float(values[j]), j))
+    return sorted(order[:m])
+
+
+# ---------------------------------------------------------------- argument checks
+
+@pytest.mark.parametrize("kwargs", [{}, {"alpha": 0.1, "params": 0.2}, {"alpha": 0.1, "macs": 0.2},
+                                    {"params": 0.1, "macs": 0.1}, {"alpha": 0.1, "params": 0.1, "macs": 0.1}])
+def test_exactly_one_of_alpha_params_macs(resnet_scores, kwargs):
+    with pytest.raises(fp.PlanError, match="exactly one"):
+        fp.plan(resnet_scores, **kwargs)
+
+
+@pytest.mark.parametrize("key", ["alpha", "params", "macs"])
+@pytest.mark.parametrize("bad", [-0.01, 1.01, 2, float("nan"), float("inf"), -float("inf"), True, False, "0.1",
+                                 [0.1]])
+def test_values_outside_unit_interval_nan_bool_rejected(resnet_scores, key, bad):
+    with pytest.raises(fp.PlanError, match=key):
+        fp.plan(resnet_scores, **{key: bad})
+
+
+def test_plan_error_is_a_value_error(resnet_scores):
+    with pytest.raises(ValueError):
+        fp.plan(resnet_scores, alpha=5)
+
+
+def test_bounds_are_accepted(resnet_scores):
+    p0 = fp.plan(resnet_scores, alpha=0)
+    p1 = fp.plan(resnet_scores, alpha=1)
+    assert p0.alpha == 0.0 and p1.alpha == 1.0
+    for g in resnet_scores.groups:
+        assert len(p1.removed[g.name]) == max_fraction(g.n_units)
+    for key in ("params", "macs"):
+        assert _removed_frac(resnet_scores, fp.plan(resnet_scores, **{key: 0}), key) >= 0
+        assert _removed_frac(resnet_scores, fp.plan(resnet_scores, **{key: 0.0}), key) >= 0
+
+
+@pytest.mark.parametrize("key", ["params", "macs"])
+def test_zero_target_removes_nothing(resnet_scores, key):
+    assert fp.plan(resnet_scores, **{key: 0.0}).units_removed == 0
+
+
+def test_unknown_allocation_and_signal(resnet_scores):
+    with pytest.raises(fp.PlanError, match="allocation"):
+        fp.plan(resnet_scores, alpha=0.1, allocation="greedy")
+    with pytest.raises(fp.PlanError, match="signal"):
+        fp.plan(resnet_scores, alpha=0.1, signal="l2")
+    with pytest.raises(fp.PlanError, match="alpha"):
+        fp.plan(resnet_scores, alpha=0.1, allocation="uniform")
+
+
+@pytest.mark.parametrize("key", ["params", "macs"])
+def test_unreachable_target_says_so(resnet_scores, key):
+    most = _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=1.0), key)
+    target = min(1.0, most + 0.02)
+    with pytest.raises(fp.PlanError, match="cannot be met") as e:
+        fp.plan(resnet_scores, **{key: target})
+    assert key in str(e.value)
+    with pytest.raises(fp.PlanError, match="cannot be met"):
+        fp.plan(resnet_scores, **{key: 1.0})
+
+
+# ---------------------------------------------------------------- ToD counts
+
+def test_alpha_plan_uses_tod_counts(synthetic_scores):
+    for alpha in (0.0, 0.05, 0.3):
+        p = fp.plan(synthetic_scores, alpha=alpha)
+        assert p.alpha == alpha
+        for g in synthetic_scores.groups:
+            expected = int(tod_counts([tod_curve(g.u, g.r)], alpha)[0])
+            assert len(p.removed[g.name]) == expected
+        assert p.units_total == sum(g.n_units for g in synthetic_scores.groups)
+        assert p.units_removed == sum(len(v) for v in p.removed.values())
+
+
+def test_every_group_listed_and_removed_channels_consistent(resnet_scores):
+    p = fp.plan(resnet_scores, alpha=0.3)
+    assert set(p.removed) == set(resnet_scores.names)
+    for g in resnet_scores.groups:
+        units = p.removed[g.name]
+        assert units == sorted(set(units)) and all(0 <= u < g.n_units for u in units)
+        expect = sorted(int(c) for c in g.unit_channels[units].flatten()) if units else []
+        assert p.removed_channels(g.name) == expect
+    with pytest.raises(KeyError):
+        p.removed_channels("no.such.layer")
+
+
+def test_more_alpha_more_removed(resnet_scores):
+    prev = None
+    for a in (0.0, 0.01, 0.05, 0.1, 0.3, 0.6, 1.0):
+        p = fp.plan(resnet_scores, alpha=a)
+        counts = np.array([len(p.removed[n]) for n in resnet_scores.names])
+        if prev is not None:
+            assert bool(np.all(counts >= prev))
+        prev = counts
+
+
+# ---------------------------------------------------------------- targets by bisection
+
+@pytest.mark.parametrize("key", ["params", "macs"])
+@pytest.mark.parametrize("where", [0.2, 0.5, 0.9])
+def test_target_reached_with_the_smallest_alpha(resnet_scores, key, where):
+    # Targets between what alpha=0 and alpha=1 remove, so that bisection has something to find.
+    lo = _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=0.0), key)
+    hi = _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=1.0), key)
+    target = round(lo + where * (hi - lo), 4)
+    p = fp.plan(resnet_scores, **{key: target})
+    assert _removed_frac(resnet_scores, p, key) >= target - 1e-12
+    assert p.settings["target"] == {key: target}
+    # The same plan replayed from its alpha.
+    again = fp.plan(resnet_scores, alpha=p.alpha)
+    assert again.removed == p.removed
+    # Every candidate alpha below the chosen one removes less than the target.
+    curves = [tod_curve(g.u, g.r) for g in resnet_scores.groups]
+    cands = candidate_alphas(curves)
+    assert p.alpha in cands.tolist()
+    below = [a for a in cands if a < p.alpha]
+    assert below
+    just_below = fp.plan(resnet_scores, alpha=float(below[-1]))
+    assert _removed_frac(resnet_scores, just_below, key) < target
+    # ... and so does the alpha just under the chosen one.
+    assert _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=p.alpha - 1e-9), key) < target
+
+
+def test_target_plans_are_monotone(resnet_scores):
+    plans = [fp.plan(resnet_scores, macs=t) for t in (0.05, 0.15, 0.25, 0.35, 0.45)]
+    alphas = [p.alpha for p in plans]
+    assert alphas == sorted(alphas)
+    removed = [_removed_frac(resnet_scores, p, "macs") for p in plans]
+    assert removed == sorted(removed)
+
+
+# ---------------------------------------------------------------- removal signals
+
+@pytest.mark.parametrize("signal,attr", [("u", "u"), ("l1", "l1"), ("taylor", "r")])
+def test_signals_remove_the_lowest_signal_units(synthetic_scores, signal, attr):
+    base = fp.plan(synthetic_scores, alpha=0.3)
+    p = fp.plan(synthetic_scores, alpha=0.3, signal=signal)
+    assert p.settings["signal"] == signal
+    for g in synthetic_scores.groups:
+        m = len(base.removed[g.name])  # the count comes from ToD on (U, R), whatever the signal
+        assert len(p.removed[g.name]) == m
+        assert p.removed[g.name] == _lowest(getattr(g, attr), m)
+
+
+def test_signals_actually_differ(synthetic_scores):
+    plans = {s: fp.plan(synthetic_scores, alpha=0.3, signal=s).removed for s in ("u", "l1", "taylor", "random")}
+    assert len({json.dumps(v, sort_keys=True) for v in plans.values()}) == 4
+
+
+def test_random_signal_counts_seeded_and_reproducible(synthetic_scores):
+    base = fp.plan(synthetic_scores, alpha=0.3)
+    a = fp.plan(synthetic_scores, alpha=0.3, signal="random", seed=1)
+    b = fp.plan(synthetic_scores, alpha=0.3, signal="random", seed=1)
+    c = fp.plan(synthetic_scores, alpha=0.3, signal="random", seed=2)
+    assert a.removed == b.removed
+    assert a.removed != c.removed
+    for g in synthetic_scores.groups:
+        assert len(a.removed[g.name]) == len(base.removed[g.name])
+    state = torch.get_rng_state()
+    fp.plan(synthetic_scores, alpha=0.3, signal="random", seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_callable_signal(synthetic_scores):
+    def neg_u(g):
+        return -g.u
+    p = fp.plan(synthetic_scores, alpha=0.3, signal=neg_u)
+    base = fp.plan(synthetic_scores, alpha=0.3)
+    assert p.settings["signal"] == "neg_u"
+    for g in synthetic_scores.groups:
+        m = len(base.removed[g.name])
+        assert p.removed[g.name] == _lowest(-g.u, m)
+    with pytest.raises(fp.PlanError, match="values"):
+        fp.plan(synthetic_scores, alpha=0.3, signal=lambda g: torch.zeros(g.n_units + 1))
+
+
+def test_ties_in_signal_broken_by_index(synthetic_scores):
+    p = fp.plan(synthetic_scores, alpha=0.3, signal=lambda g: torch.zeros(g.n_units))
+    base = fp.plan(synthetic_scores, alpha=0.3)
+    for g in synthetic_scores.groups:
+        assert p.removed[g.name] == list(range(len(base.removed[g.name])))
+
+
+def test_targets_work_with_other_signals(synthetic_scores):
+    p = fp.plan(synthetic_scores, params=0.3, signal="l1")
+    assert _removed_frac(synthetic_scores, p, "params") >= 0.3
+
+
+# ---------------------------------------------------------------- uniform allocation
+
+@pytest.mark.parametrize("key,target", [("params", 0.3), ("macs", 0.5)])
+def test_uniform_allocation_equal_fraction_per_group(resnet_scores, key, target):
+    p = fp.plan(resnet_scores, allocation="uniform", **{key: target})
+    assert p.alpha is None and p.settings["allocation"] == "uniform"
+    assert _removed_frac(resnet_scores, p, key) >= target - 1e-12
+    fracs = {g.name: len(p.removed[g.name]) / g.n_units for g in resnet_scores.groups}
+    # Every group gets the same fraction up to rounding to whole units.
+    big = max(resnet_scores.groups, key=lambda g: g.n_units)
+    f = fracs[big.name]
+    for g in resnet_scores.groups:
+        assert abs(fracs[g.name] - f) <= 0.5 / g.n_units + 1.0 / big.n_units + 1e-12
+    # Groups of equal size lose exactly the same number of units.
+    by_size = {}
+    for g in resnet_scores.groups:
+        by_size.setdefault(g.n_units, set()).add(len(p.removed[g.name]))
+    assert all(len(v) == 1 for v in by_size.values())
+    assert f > 0
+
+
+def test_uniform_unreachable(resnet_scores):
+    with pytest.raises(fp.PlanError, match="cannot be met"):
+        fp.plan(resnet_scores, params=1.0, allocation="uniform")
+
+
+# ---------------------------------------------------------------- JSON
+
+@pytest.mark.parametrize("kwargs", [{"alpha": 0.3}, {"macs": 0.3}, {"params": 0.2, "allocation": "uniform"},
+                                    {"alpha": 0.0}])
+def test_json_round_trip(resnet_scores, kwargs):
+    p = fp.plan(resnet_scores, **kwargs)
+    text = p.to_json()
+    json.loads(text)  # valid JSON
+    q = fp.Plan.from_json(text)
+    assert q.removed == p.removed
+    assert q.alpha == p.alpha
+    assert q.groups == p.groups
+    assert q.predicted == p.predicted
+    assert q.example_inputs == p.example_inputs
+    assert q.settings["target"] == json.loads(json.dumps(p.settings["target"]))
+    assert q.to_json() == text
+
+
+def test_from_json_rejects_other_documents(resnet_scores):
+    with pytest.raises(fp.PlanError):
+        fp.Plan.from_json(json.dumps({"format": "something.else"}))
+    d = json.loads(fp.plan(resnet_scores, alpha=0.1).to_json())
+    d["version"] = 999
+    with pytest.raises(fp.PlanError, match="newer"):
+        fp.Plan.from_json(json.dumps(d))
+
+
+def test_plan_records_settings_and_shapes(resnet_scores):
+    p = fp.plan(resnet_scores, alpha=0.2)
+    assert p.example_inputs and p.example_inputs[0]["shape"][1:] == [3, 16, 16]
+    assert p.settings["scoring"]["projections"] == 8
+    assert p.predicted["params_before"] == fp.count_params(zoo.resnet20())
+
+
+# ---------------------------------------------------------------- sweep
+
+def test_sweep_monotone_and_matches_plan(resnet_scores):
+    alphas = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+    rows = fp.sweep(resnet_scores, alphas)
+    assert [r["alpha"] for r in rows] == alphas
+    for key in ("units_removed", "params_removed", "macs_removed"):
+        vals = [r[key] for r in rows]
+        assert all(b >= a - 1e-12 for a, b in zip(vals, vals[1:])), key
+        assert all(0 <= v < 1 for v in vals)
+    for r in rows:
+        p = fp.plan(resnet_scores, alpha=r["alpha"])
+        assert math.isclose(r["params_removed"], _removed_frac(resnet_scores, p, "params"), abs_tol=1e-12)
+        assert math.isclose(r["macs_removed"], _removed_frac(resnet_scores, p, "macs"), abs_tol=1e-12)
+        assert math.isclose(r["units_removed"], p.units_removed / p.units_total, abs_tol=1e-12)
+    assert rows[-1]["units_removed"] > rows[0]["units_removed"]
+
+
+def test_sweep_default_and_bad_alpha(resnet_scores):
+    assert len(fp.sweep(resnet_scores)) >= 2
+    with pytest.raises(fp.PlanError):
+        fp.sweep(resnet_scores, [0.1, 1.5])
+
+
+# ---------------------------------------------------------------- scores file round trip feeds the planner
+
+def test_plan_from_saved_scores_is_identical(resnet_scores, tmp_path):
+    path = tmp_path / "scores.pt"
+    resnet_scores.save(path)
+    loaded = fp.Scores.load(path)
+    for kw in ({"alpha": 0.3}, {"macs": 0.3}, {"params": 0.2, "allocation": "uniform"}):
+        a, b = fp.plan(resnet_scores, **kw), fp.plan(loaded, **kw)
+        assert a.removed == b.removed and a.alpha == b.alpha and a.predicted == b.predicted

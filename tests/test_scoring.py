@@ -1,0 +1,562 @@
+"""Tests for fairpruner._scoring: the caller's model is never changed, data errors come early, and U/R equal
+naive reference computations."""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import wasserstein_distance
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fairpruner as fp
+from fairpruner import zoo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(classes * per, *shape, generator=g)
+    y = torch.arange(classes).repeat_interleave(per)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def randomize_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+def assert_scores_equal(a, b):
+    assert a.names == b.names
+    for ga, gb in zip(a.groups, b.groups):
+        torch.testing.assert_close(ga.u, gb.u, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ga.r, gb.r, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(ga.l1, gb.l1, rtol=0, atol=0)
+        assert torch.equal(ga.unit_channels, gb.unit_channels)
+
+
+# ---------------------------------------------------------------- the caller's model is never changed
+
+def _snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": [p.grad for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+        "grad_mode": torch.is_grad_enabled(),
+    }
+
+
+def _assert_unchanged(model, snap, step):
+    now = _snapshot(model)
+    assert list(now["state"]) == list(snap["state"]), step
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), f"{step}: {k} changed"
+    assert now["training"] == snap["training"], step
+    assert now["requires_grad"] == snap["requires_grad"], step
+    assert all(g is None for g in now["grads"]), f"{step}: .grad created"
+    assert torch.equal(now["rng"], snap["rng"]), f"{step}: global RNG advanced"
+    assert now["grad_mode"] == snap["grad_mode"], step
+
+
+@pytest.mark.parametrize("family,shape", [("digits_cnn", (1, 8, 8)), ("mobilenetv2", (3, 16, 16))])
+def test_model_never_changed(family, shape):
+    torch.manual_seed(0)
+    kwargs = {"width_mult": 0.25} if family == "mobilenetv2" else {}
+    model = randomize_norms(zoo.create(family, **kwargs))
+    model.train()  # train mode: scoring must not move BN statistics nor leave dropout on
+    model.classifier.eval()  # a mixed train/eval state that must be preserved as it is
+    frozen = [n for n, _ in model.named_parameters()][3:6]  # a conv weight and a BN's affine, mid-network
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    loader = tiny_loader(shape)
+    inputs = [x.clone() for x, _ in loader]
+    snap = _snapshot(model)
+    scores = fp.score(model, loader, projections=8)
+    _assert_unchanged(model, snap, "score")
+    assert all(torch.equal(x, x0) for (x, _), x0 in zip(loader, inputs))
+    plan = fp.plan(scores, alpha=0.3)
+    _assert_unchanged(model, snap, "plan")
+    pruned = fp.prune(model, plan)
+    _assert_unchanged(model, snap, "prune")
+    masked = fp.mask(model, plan)
+    _assert_unchanged(model, snap, "mask")
+    # The copies keep the caller's frozen/trainable choice and train/eval flags.
+    for out in (pruned, masked):
+        assert {n: p.requires_grad for n, p in out.named_parameters()} == snap["requires_grad"]
+        assert {n: m.training for n, m in out.named_modules()} == snap["training"]
+        assert all(p.grad is None for p in out.parameters())
+
+
+@pytest.mark.parametrize("apply", [fp.prune, fp.mask])
+def test_frozen_first_layer(apply):
+    model = randomize_norms(zoo.digits_cnn()).eval()
+    scores = fp.score(model, tiny_loader((1, 8, 8)), projections=8)
+    plan = fp.plan(scores, alpha=0.3)
+    model.features[0].weight.requires_grad_(False)
+    out = apply(model, plan)
+    assert out.features[0].weight.requires_grad is False
+
+
+def test_scores_do_not_depend_on_train_mode_of_the_caller():
+    torch.manual_seed(0)
+    model = randomize_norms(zoo.digits_cnn())
+    loader = tiny_loader((1, 8, 8))
+    a = fp.score(copy.deepcopy(model).train(), loader, projections=8)
+    b = fp.score(copy.deepcopy(model).eval(), loader, projections=8)
+    assert_scores_equal(a, b)
+
+
+def _relu_net(inplace, batch_norm):
+    torch.manual_seed(3)
+    bn = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), bn(8), nn.ReLU(inplace=inplace),
+        nn.Conv2d(8, 12, 3, padding=1), bn(12), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12 * 4 * 4, 10), nn.ReLU(inplace=inplace), nn.Linear(10, 4))
+    return randomize_norms(net).eval()
+
+
+@pytest.mark.parametrize("u_at", ["output", "norm", "input"])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_inplace_relu_does_not_corrupt_scores(u_at, batch_norm):
+    loader = tiny_loader((3, 8, 8))
+    a = fp.score(_relu_net(True, batch_norm), loader, projections=8, u_at=u_at)
+    b = fp.score(_relu_net(False, batch_norm), loader, projections=8, u_at=u_at)
+    assert_scores_equal(a, b)
+    # The measured tensor is the raw output (may be negative), not the ReLU'd one: U of the plain conv at
+    # "output" must differ from the U measured after the activation ("input" of the next layer).
+    if u_at == "output" and not batch_norm:
+        c = fp.score(_relu_net(True, batch_norm), loader, projections=8, u_at="input")
+        assert not torch.allclose(a.groups[-1].u, c.groups[-1].u) or not torch.allclose(a.groups[0].u, c.groups[0].u)
+
+
+def test_nothing_written_to_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("x")
+
+    def listing():
+        return sorted((os.path.relpath(os.path.join(d, f), tmp_path), os.path.getsize(os.path.join(d, f)))
+                      for d, _, files in os.walk(tmp_path) for f in files)
+
+    before = listing()
+    model = zoo.digits_cnn().eval()
+    scores = fp.score(model, tiny_loader((1, 8, 8)), projections=8)
+    plan = fp.plan(scores, macs=0.2)
+    fp.prune(model, plan)
+    fp.mask(model, plan)
+    fp.sweep(scores)
+    assert listing() == before
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_same_seed_same_scores_and_plan_different_seed_different_u():
+    model = randomize_norms(zoo.digits_cnn()).eval()
+    loader = tiny_loader((1, 8, 8))
+    a = fp.score(model, loader, projections=8, seed=1)
+    b = fp.score(model, loader, projections=8, seed=1)
+    c = fp.score(model, loader, projections=8, seed=2)
+    assert_scores_equal(a, b)
+    assert fp.plan(a, alpha=0.3).removed == fp.plan(b, alpha=0.3).removed
+    for ga, gc in zip(a.groups, c.groups):  # every group of digits_cnn is a conv group
+        assert not torch.allclose(ga.u, gc.u)
+        torch.testing.assert_close(ga.r, gc.r)  # R does not use the projections
+    assert a.meta["seed"] == 1 and c.meta["seed"] == 2
+
+
+def test_linear_u_does_not_depend_on_seed():
+    model = zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4).eval()
+    loader = tiny_loader((16,))
+    a = fp.score(model, loader, projections=8, seed=1)
+    c = fp.score(model, loader, projections=8, seed=5)
+    for ga, gc in zip(a.groups, c.groups):
+        torch.testing.assert_close(ga.u, gc.u)
+
+
+# ---------------------------------------------------------------- data and argument errors, before the pass
+
+class _Counted(nn.Module):
+    """Counts forward calls of the model and of its deep copies (class-level counter)."""
+
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.net = zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4)
+
+    def forward(self, x):
+        type(self).calls += 1
+        return self.net(x)
+
+
+def _counted():
+    _Counted.calls = 0
+    return _Counted().eval()
+
+
+def _xy(labels, dim=16, seed=0):
+    labels = torch.as_tensor(labels)
+    x = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed))
+    return x, labels
+
+
+@pytest.mark.parametrize("as_dataloader", [False, True])
+@pytest.mark.parametrize("labels,match", [
+    ([0] * 8, "single class"),
+    ([0, 0, 0, 1, 1, 1, 2], "fewer than 2"),
+    ([0, 0, 0, 2, 2, 2], r"\[1\]"),
+    ([0, 0, 3, 3, 1, 1], r"\[2\]"),
+])
+def test_class_errors_before_any_forward(labels, match, as_dataloader):
+    model = _counted()
+    x, y = _xy(labels)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4) if as_dataloader else [(x[:4], y[:4]), (x[4:], y[4:])]
+    with pytest.raises(fp.DataError, match=match):
+        fp.score(model, loader, projections=8)
+    assert _Counted.calls == 0
+
+
+def test_unlabelled_batches():
+    model = _counted()
+    x, _ = _xy([0, 1] * 4)
+    with pytest.raises(fp.DataError, match="label"):
+        fp.score(model, [x[:4], x[4:]], projections=8)
+    with pytest.raises(fp.DataError, match="label"):
+        fp.score(model, DataLoader(TensorDataset(x), batch_size=4), projections=8)
+    with pytest.raises(fp.DataError):
+        fp.score(model, [{"x": x, "y": torch.zeros(8)}], projections=8)
+    with pytest.raises(fp.DataError):
+        fp.score(model, [(x, torch.zeros(8, dtype=torch.long), None)], projections=8)
+    assert _Counted.calls == 0
+
+
+@pytest.mark.parametrize("targets,match", [
+    (torch.tensor([0.0, 1.0] * 4), "integer"),
+    (torch.tensor([True, False] * 4), "integer"),
+    (F.one_hot(torch.tensor([0, 1] * 4), 4), "argmax"),
+    (torch.tensor([0, -1] * 4), "negative"),
+])
+def test_bad_targets(targets, match):
+    model = _counted()
+    x, _ = _xy([0, 1] * 4)
+    with pytest.raises(fp.DataError, match=match):
+        fp.score(model, [(x, targets)], projections=8)
+    assert _Counted.calls == 0
+
+
+def test_float_targets_in_a_dataloader():
+    model = _counted()
+    x, _ = _xy([0, 1] * 4)
+    with pytest.raises(fp.DataError, match="integer"):
+        fp.score(model, DataLoader(TensorDataset(x, torch.tensor([0.0, 1.0] * 4)), batch_size=4), projections=8)
+    assert _Counted.calls == 0
+
+
+def test_empty_loader():
+    with pytest.raises(fp.DataError, match="empty"):
+        fp.score(_counted(), iter([]), projections=8)
+
+
+def test_label_out_of_range_for_the_model():
+    x, y = _xy([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7])  # the model has 4 outputs
+    with pytest.raises(fp.DataError, match="out of range"):
+        fp.score(_counted(), [(x, y)], projections=8)
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_nan_inputs(where):
+    x, y = _xy([0, 1, 2, 3] * 4)
+    if where == "first":
+        x[1, 3] = float("nan")
+    else:
+        x[13, 0] = float("nan")
+    with pytest.raises(fp.DataError, match="NaN"):
+        fp.score(_counted(), [(x[:8], y[:8]), (x[8:], y[8:])], projections=8)
+
+
+def test_nan_in_a_sample_not_kept_for_u():
+    """A NaN in a sample past samples_per_class still poisons R: it must be reported."""
+    x, y = _xy([0, 1, 2, 3] * 4)
+    x[-1, 2] = float("inf")
+    with pytest.raises(fp.DataError, match="NaN"):
+        fp.score(_counted(), [(x[:8], y[:8]), (x[8:], y[8:])], samples_per_class=2, projections=8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"samples_per_class": 0}, "samples_per_class"),
+    ({"samples_per_class": 1}, "samples_per_class"),
+    ({"samples_per_class": -4}, "samples_per_class"),
+    ({"samples_per_class": 2.5}, "samples_per_class"),
+    ({"samples_per_class": "8"}, "samples_per_class"),
+    ({"samples_per_class": None}, "samples_per_class"),
+    ({"projections": 0}, "projections"),
+    ({"projections": 1.5}, "projections"),
+    ({"u_at": "after"}, "u_at"),
+    ({"u_reduce": "median"}, "u_reduce"),
+    ({"r_reduce": "mean"}, "r_reduce"),
+    ({"ignore": ["net.features.1", "no.such.layer"]}, "no.such.layer"),
+])
+def test_bad_arguments_before_any_forward(kwargs, match):
+    model = _counted()
+    kwargs.setdefault("projections", 8)
+    with pytest.raises(fp.FairPrunerError, match=match):
+        fp.score(model, tiny_loader((16,)), **kwargs)
+    assert _Counted.calls == 0
+
+
+def test_alpha_out_of_range_at_plan():
+    scores = fp.score(zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4).eval(), tiny_loader((16,)),
+                      projections=8)
+    for bad in (-0.1, 1.1, float("nan"), True):
+        with pytest.raises(fp.PlanError, match="alpha"):
+            fp.plan(scores, alpha=bad)
+
+
+def test_shared_module_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 8)
+            self.block = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            h = torch.relu(self.block(h))
+            return self.out(torch.relu(self.block(h)))
+
+    with pytest.raises(fp.FairPrunerError):
+        fp.score(Shared().eval(), tiny_loader((16,)), projections=8)
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_score_inside_no_grad_context(ctx):
+    model = zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4).eval()
+    loader = tiny_loader((16,))
+    ref = fp.score(model, loader, projections=8)
+    with ctx():
+        got = fp.score(model, loader, projections=8)
+    assert_scores_equal(ref, got)
+
+
+# ---------------------------------------------------------------- groups: ignore and output layers
+
+def test_ignore_keeps_a_group_out():
+    model = zoo.vgg(cfg=[8, "M", 16, 16], batch_norm=True).eval()
+    loader = tiny_loader((3, 8, 8))
+    full = fp.score(model, loader, projections=8)
+    assert set(full.names) == {"features.0", "features.4", "features.7"}
+    s = fp.score(model, loader, projections=8, ignore=["features.4"])
+    assert set(s.names) == {"features.0", "features.7"}
+    assert s.meta["ignore"] == ["features.4"]
+    # Ignoring a coupled member (the BatchNorm after features.0) drops the whole group.
+    s2 = fp.score(model, loader, projections=8, ignore=["features.1"])
+    assert set(s2.names) == {"features.4", "features.7"}
+    # The ignored layer keeps its width after pruning.
+    pruned = fp.prune(model, fp.plan(s, alpha=1.0))
+    assert pruned.features[4].out_channels == 16
+    assert pruned.features[0].out_channels < 8
+
+
+@pytest.mark.parametrize("family,shape,head", [("mlp", (64,), "classifier"), ("digits_cnn", (1, 8, 8), "classifier"),
+                                               ("resnet20", (3, 16, 16), "fc")])
+def test_output_layer_is_never_a_group(family, shape, head):
+    scores = fp.score(zoo.create(family).eval(), tiny_loader(shape), projections=8)
+    assert scores.meta["output_layers"] == [head]
+    assert head not in scores.names
+    plan = fp.plan(scores, alpha=1.0)
+    assert head not in plan.removed
+
+
+def test_conv_head_output_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    scores = fp.score(net, tiny_loader((3, 8, 8)), projections=8)
+    assert "4" not in scores.names
+    assert set(scores.names) == {"0", "2"}
+    pruned = fp.prune(net, fp.plan(scores, alpha=1.0))
+    assert pruned[4].out_channels == 4
+
+
+# ---------------------------------------------------------------- numerics: R, U and L1 against naive code
+
+def _naive_taylor(model, loader, layer):
+    """Per batch: Taylor term of each output unit of ``layer`` (weight row + bias), from autograd."""
+    net = copy.deepcopy(model).eval()
+    mod = dict(net.named_modules())[layer]
+    per_batch = []
+    for x, y in loader:
+        loss = F.cross_entropy(net(x), y)
+        gw, gb = torch.autograd.grad(loss, [mod.weight, mod.bias])
+        t = (gw * mod.weight).flatten(1).sum(1) + gb * mod.bias
+        per_batch.append((t.detach().double(), len(y)))
+    return per_batch
+
+
+def _plain_conv_chain():
+    torch.manual_seed(4)
+    return zoo.vgg(cfg=[8, "M", 16], batch_norm=False, num_classes=4).eval()
+
+
+def test_r_equals_naive_autograd_unequal_batches():
+    """With batches of unequal size, R is the reference's |sum_b sum_w dL_b/dw * w| (L_b the batch mean loss)."""
+    model = _plain_conv_chain()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 2, 3, 0, 1, 3, 1, 2, 0])
+    loader = [(x[:5], y[:5]), (x[5:12], y[5:12]), (x[12:], y[12:])]
+    scores = fp.score(model, loader, projections=8, r_reduce="sum")
+    assert set(scores.names) == {"features.0", "features.3"}
+    for layer in scores.names:
+        naive = sum(t for t, _ in _naive_taylor(model, loader, layer)).abs()
+        got = scores[layer].r.double()
+        torch.testing.assert_close(got, naive, rtol=1e-4, atol=1e-6 * float(naive.max()))
+
+
+def test_r_equals_literal_reference_formula():
+    model = _plain_conv_chain()
+    loader = tiny_loader((3, 8, 8), per=6, batch=6)
+    scores = fp.score(model, loader, projections=8)
+    layer = "features.0"
+    literal = sum(t for t, _ in _naive_taylor(model, loader, layer)).abs()
+    torch.testing.assert_close(scores[layer].r.double(), literal, rtol=1e-4, atol=1e-6 * float(literal.max()))
+
+
+def test_l1_equals_weight_row_norms():
+    model = _plain_conv_chain()
+    scores = fp.score(model, tiny_loader((3, 8, 8)), projections=8)
+    for layer in scores.names:
+        w = dict(model.named_modules())[layer].weight.detach()
+        torch.testing.assert_close(scores[layer].l1, w.abs().flatten(1).sum(1))
+
+
+def _naive_linear_u(model, loader, layer, samples_per_class):
+    """Raw outputs of ``layer`` (cloned before the in-place ReLU), first samples_per_class per class in loader
+    order, then the max over class pairs of scipy's exact W1, per unit."""
+    net = copy.deepcopy(model).eval()
+    mod = dict(net.named_modules())[layer]
+    outs, labels = [], []
+    h = mod.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+    with torch.no_grad():
+        for x, y in loader:
+            net(x)
+            labels.append(y)
+    h.remove()
+    out, lab = torch.cat(outs).double(), torch.cat(labels)
+    per_class = {}
+    for row, c in zip(out, lab.tolist()):
+        if len(per_class.setdefault(c, [])) < samples_per_class:
+            per_class[c].append(row)
+    per_class = {c: torch.stack(v).numpy() for c, v in per_class.items()}
+    u = np.zeros(out.shape[1])
+    for j in range(out.shape[1]):
+        u[j] = max(wasserstein_distance(per_class[a][:, j], per_class[b][:, j])
+                   for a, b in itertools.combinations(sorted(per_class), 2))
+    return torch.tensor(u)
+
+
+def _mlp_case():
+    torch.manual_seed(2)
+    model = zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4, batch_norm=False).eval()
+    g = torch.Generator().manual_seed(3)
+    # Unequal class counts, classes interleaved across batches; 3 kept per class.
+    y = torch.tensor([0, 1, 2, 0, 3, 1, 0, 2, 3, 0, 1, 2, 3, 3, 0, 1, 2])
+    x = torch.randn(len(y), 16, generator=g) + y.view(-1, 1) * 0.3
+    loader = [(x[:6], y[:6]), (x[6:11], y[6:11]), (x[11:], y[11:])]
+    return model, loader
+
+
+def test_linear_u_equals_scipy_w1():
+    """The stored U of a single-site group is the max class-pair W1 of METHOD.md §1 (exact 1-D case)."""
+    model, loader = _mlp_case()
+    scores = fp.score(model, loader, projections=8, u_at="output", samples_per_class=3)
+    assert scores.meta["class_counts"] == {"0": 5, "1": 4, "2": 4, "3": 4}
+    for layer in ("features.1", "features.3"):
+        naive = _naive_linear_u(model, loader, layer, 3)
+        torch.testing.assert_close(scores[layer].u.double(), naive, rtol=1e-4, atol=1e-6)
+    # samples_per_class matters: with all samples the U values change.
+    s_all = fp.score(model, loader, projections=8, u_at="output", samples_per_class=32)
+    naive_all = _naive_linear_u(model, loader, "features.1", 32)
+    torch.testing.assert_close(s_all["features.1"].u.double(), naive_all, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(s_all["features.1"].u, scores["features.1"].u)
+
+
+def test_u_site_matters_with_batchnorm():
+    model = randomize_norms(zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4, batch_norm=True)).eval()
+    loader = tiny_loader((16,))
+    a = fp.score(model, loader, projections=8, u_at="output")
+    b = fp.score(model, loader, projections=8, u_at="norm")
+    assert not torch.allclose(a.groups[0].u, b.groups[0].u)
+    assert a.meta["u_at"] == "output" and b.meta["u_at"] == "norm"
+
+
+def test_scores_shapes_and_ranges():
+    model = randomize_norms(zoo.resnet20()).eval()
+    scores = fp.score(model, tiny_loader((3, 16, 16)), projections=8, u_reduce="mean", r_reduce="max")
+    assert len(scores.groups) > 5
+    for g in scores.groups:
+        n = g.n_units
+        assert g.u.shape == g.r.shape == g.l1.shape == (n,)
+        assert g.unit_channels.shape == (n, 1)
+        assert sorted(g.unit_channels.flatten().tolist()) == list(range(g.channels))
+        for v in (g.u, g.r, g.l1):
+            assert bool(torch.isfinite(v).all()) and bool((v >= 0).all())
+        assert float(g.u.max()) > 0 and float(g.l1.min()) > 0
+    assert scores.meta["n_samples"] == 16
+    assert scores.meta["u_reduce"] == "mean" and scores.meta["r_reduce"] == "max"
+
+
+# ---------------------------------------------------------------- Scores file
+
+def test_scores_save_load_round_trip(tmp_path):
+    model = randomize_norms(zoo.digits_cnn()).eval()
+    scores = fp.score(model, tiny_loader((1, 8, 8)), projections=8)
+    path = tmp_path / "scores.pt"
+    scores.save(path)
+    raw = torch.load(path, weights_only=True)
+    assert isinstance(raw, dict)
+    loaded = fp.Scores.load(path)
+    assert_scores_equal(scores, loaded)
+    assert loaded.meta == scores.meta
+    assert all(a.channels == b.channels for a, b in zip(scores.groups, loaded.groups))
+    assert fp.plan(loaded, macs=0.2).removed == fp.plan(scores, macs=0.2).removed
+    with pytest.raises(KeyError):
+        loaded["no.such.group"]
+
+
+def test_scores_load_rejects_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"format": "something"}, path)
+    with pytest.raises(fp.FairPrunerError):
+        fp.Scores.load(path)
+    model = zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4).eval()
+    scores = fp.score(model, tiny_loader((16,)), projections=8)
+    scores.save(path)
+    d = torch.load(path, weights_only=True)
+    d["version"] = 999
+    torch.save(d, path)
+    with pytest.raises(fp.FairPrunerError, match="newer"):
+        fp.Scores.load(path)

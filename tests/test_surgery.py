@@ -1,0 +1,404 @@
+"""Tests for fairpruner._surgery: the architecture matrix (prune == mask, shrinks, trains, traces), GroupNorm,
+save/load, and the errors for unsupported models and mismatched plans."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fairpruner as fp
+from fairpruner import zoo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# name -> (factory, per-sample input shape)
+FAMILIES = {
+    "vgg_small": (lambda: zoo.vgg(cfg=[8, "M", 16, 16, "M", 32], batch_norm=True), (3, 16, 16)),
+    "vgg16_bn": (lambda: zoo.create("vgg16_bn"), (3, 32, 32)),
+    "resnet20": (lambda: zoo.resnet20(), (3, 32, 32)),
+    "resnet56": (lambda: zoo.resnet56(), (3, 16, 16)),
+    "densenet": (lambda: zoo.densenet(), (3, 32, 32)),
+    "mobilenetv2": (lambda: zoo.mobilenetv2(width_mult=0.5), (3, 32, 32)),
+    "mlp": (lambda: zoo.mlp(), (64,)),
+    "mlp_bn": (lambda: zoo.mlp(batch_norm=True), (64,)),
+    "conv1d_net": (lambda: zoo.conv1d_net(), (1, 64)),
+    "groupnorm_cnn": (lambda: zoo.groupnorm_cnn(), (3, 16, 16)),
+    "digits_cnn": (lambda: zoo.digits_cnn(), (1, 8, 8)),
+}
+TARGETS = {"alpha": {"alpha": 0.3}, "macs": {"macs": 0.3}}
+CASES = [(f, t) for f in FAMILIES for t in TARGETS if not (f in ("vgg16_bn", "resnet56") and t == "macs")]
+IDS = [f"{f}-{t}" for f, t in CASES]
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm running statistics and affine parameters, so that zeroing a unit matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
+
+
+def make_model(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_norms(FAMILIES[family][0](), seed).eval()
+
+
+def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(classes * per, *shape, generator=g)
+    y = torch.arange(classes).repeat_interleave(per)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def fresh_inputs(shape, n=3, seed=99):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a, b):
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+_SCORES, _CASES = {}, {}
+
+
+def scored(family):
+    if family not in _SCORES:
+        model = make_model(family)
+        _SCORES[family] = (model, fp.score(model, tiny_loader(FAMILIES[family][1]), projections=8))
+    return _SCORES[family]
+
+
+def case(family, target):
+    key = (family, target)
+    if key not in _CASES:
+        model, scores = scored(family)
+        plan = fp.plan(scores, **TARGETS[target])
+        _CASES[key] = (model, scores, plan, fp.prune(model, plan))
+    return _CASES[key]
+
+
+# ---------------------------------------------------------------- the matrix
+
+@pytest.mark.parametrize("family,target", CASES, ids=IDS)
+def test_prune_shrinks_and_keeps_outputs(family, target):
+    model, scores, plan, pruned = case(family, target)
+    assert plan.units_removed > 0
+    assert fp.count_params(pruned) < fp.count_params(model)
+    assert fp.count_params(pruned) == plan.predicted["params_after"]
+    x = fresh_inputs(FAMILIES[family][1])
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    # The output layer is never a group.
+    assert scores.meta["output_layers"]
+    assert not set(scores.meta["output_layers"]) & set(scores.names)
+    if target == "macs":
+        assert 1 - plan.predicted["macs_after"] / plan.predicted["macs_before"] >= 0.3
+
+
+@pytest.mark.parametrize("family,target", CASES, ids=IDS)
+def test_pruned_equals_masked(family, target):
+    model, _, plan, pruned = case(family, target)
+    masked = fp.mask(model, plan)
+    x = fresh_inputs(FAMILIES[family][1])
+    with torch.no_grad():
+        a, b, orig = pruned.eval()(x), masked.eval()(x), model(x)
+    assert rel_err(a, b) <= 1e-5
+    # Zeroing really changed something (guards against a plan that removes only dead units).
+    assert rel_err(orig, b) > 1e-4
+
+
+@pytest.mark.parametrize("family,target", CASES, ids=IDS)
+def test_masked_model_keeps_shapes_and_zeroes_units(family, target):
+    model, _, plan, _ = case(family, target)
+    masked = fp.mask(model, plan)
+    ref = model.state_dict()
+    got = masked.state_dict()
+    assert list(got) == list(ref)
+    assert all(got[k].shape == ref[k].shape for k in ref)
+    zeroed = sum(int(((ref[k] != 0) & (got[k] == 0)).sum()) for k in ref if ref[k].is_floating_point())
+    assert zeroed > 0
+    # Nothing else changed: every entry either equals the original or became zero.
+    for k in ref:
+        assert bool(((got[k] == ref[k]) | (got[k] == 0)).all()), k
+    modules = dict(masked.named_modules())
+    for spec in plan.groups:
+        if not spec["removed_channels"]:
+            continue
+        root = modules[spec["name"]]
+        w = root.weight.detach()
+        assert bool((w[spec["removed_channels"]] == 0).all())
+
+
+@pytest.mark.parametrize("family,target", CASES, ids=IDS)
+def test_pruned_model_trains(family, target):
+    _, _, _, pruned = case(family, target)
+    net = copy.deepcopy(pruned).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    x = fresh_inputs(FAMILIES[family][1], n=4, seed=5)
+    y = torch.tensor([0, 1, 2, 3])
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
+    opt.step()
+    changed = sum(not torch.equal(before[n], p) for n, p in net.named_parameters())
+    assert changed > 0
+    with torch.no_grad():
+        assert bool(torch.isfinite(net.eval()(x)).all())
+
+
+@pytest.mark.parametrize("family", ["resnet20", "densenet", "mobilenetv2", "groupnorm_cnn"])
+def test_plan_json_replays_to_the_same_model(family):
+    model, _, plan, pruned = case(family, "alpha")
+    again = fp.prune(model, fp.Plan.from_json(plan.to_json()))
+    sd1, sd2 = pruned.state_dict(), again.state_dict()
+    assert list(sd1) == list(sd2) and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_traced_and_exported_pruned_resnet20():
+    _, _, _, pruned = case("resnet20", "alpha")
+    x = fresh_inputs((3, 32, 32), n=2)
+    with torch.no_grad():
+        ref = pruned(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(pruned, x)
+        torch.testing.assert_close(traced(x), ref)
+        gm = torch.fx.symbolic_trace(pruned)
+        torch.testing.assert_close(gm(x), ref)
+    ep = torch.export.export(pruned, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), ref)
+
+
+def test_second_round_prunes_further():
+    model, _, _, pruned = case("resnet20", "alpha")
+    s2 = fp.score(pruned, tiny_loader((3, 32, 32), seed=1), projections=8)
+    p2 = fp.plan(s2, alpha=0.3)
+    pruned2 = fp.prune(pruned, p2)
+    assert fp.count_params(pruned2) < fp.count_params(pruned)
+    x = fresh_inputs((3, 32, 32))
+    with torch.no_grad():
+        assert rel_err(pruned2(x), fp.mask(pruned, p2)(x)) <= 1e-5
+
+
+# ---------------------------------------------------------------- GroupNorm
+
+def _gn_sizes(model):
+    return {n: (m.num_groups, m.num_channels) for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": 0.3}, {"alpha": 1.0}, {"macs": 0.3}, {"params": 0.4, "allocation": "uniform"}])
+def test_groupnorm_removes_whole_groups(kwargs):
+    model, scores = scored("groupnorm_cnn")
+    plan = fp.plan(scores, **kwargs)
+    assert plan.units_removed > 0
+    modules = dict(model.named_modules())
+    for spec in plan.groups:
+        per = spec["channels"] // 8  # groupnorm_cnn: 8 groups everywhere
+        assert spec["unit_size"] == per
+        removed = set(spec["removed_channels"])
+        assert len(removed) == per * len(plan.removed[spec["name"]])
+        for block in range(8):
+            chans = set(range(block * per, (block + 1) * per))
+            assert chans <= removed or not chans & removed, (spec["name"], block)
+        assert modules[spec["name"]].out_channels == spec["channels"]
+    pruned = fp.prune(model, plan)
+    before, after = _gn_sizes(model), _gn_sizes(pruned)
+    assert before.keys() == after.keys()
+    shrunk = 0
+    for n, (g0, c0) in before.items():
+        g1, c1 = after[n]
+        assert c1 % g1 == 0 and c1 // g1 == c0 // g0  # group size unchanged, num_groups updated
+        gn = dict(pruned.named_modules())[n]
+        assert gn.weight.shape == (c1,) and gn.bias.shape == (c1,)
+        shrunk += g1 < g0
+    assert shrunk > 0
+    x = fresh_inputs((3, 16, 16))
+    with torch.no_grad():
+        assert rel_err(pruned(x), fp.mask(model, plan)(x)) <= 1e-5
+
+
+# ---------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("family", ["resnet20", "densenet", "groupnorm_cnn", "mlp_bn", "mobilenetv2"])
+def test_save_load_round_trip(family, tmp_path):
+    _, _, plan, pruned = case(family, "macs")
+    path = tmp_path / "pruned.pt"
+    fp.save(path, pruned, plan)
+    raw = torch.load(path, weights_only=True)
+    assert isinstance(raw, dict)
+    fresh = make_model(family, seed=1)  # a different init: weights must come from the file
+    fresh_sd = {k: v.clone() for k, v in fresh.state_dict().items()}
+    loaded = fp.load(path, fresh)
+    assert all(torch.equal(fresh_sd[k], v) for k, v in fresh.state_dict().items())  # not modified
+    x = fresh_inputs(FAMILIES[family][1])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), pruned.eval()(x))
+    assert fp.count_params(loaded) == fp.count_params(pruned)
+
+
+def test_load_rejects_foreign_files_and_wrong_architecture(tmp_path):
+    _, _, plan, pruned = case("resnet20", "alpha")
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": pruned.state_dict()}, other)
+    with pytest.raises(fp.FairPrunerError):
+        fp.load(other, zoo.resnet20())
+    path = tmp_path / "pruned.pt"
+    fp.save(path, pruned, plan)
+    with pytest.raises(fp.PlanError):
+        fp.load(path, zoo.resnet56())
+    with pytest.raises(fp.PlanError):
+        fp.load(path, pruned)  # an already pruned instance
+
+
+# ---------------------------------------------------------------- errors
+
+class _CountingLoader:
+    """A re-iterable loader that records how many batches were drawn."""
+
+    def __init__(self, batches):
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.drawn += 1
+            yield b
+
+
+def test_pad_shortcut_refused_before_scoring():
+    model = zoo.resnet20(shortcut="pad").eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = _CountingLoader(tiny_loader((3, 32, 32), per=6, batch=4))
+    with pytest.raises(fp.UnsupportedModelError, match="pad"):
+        fp.score(model, loader, projections=8)
+    assert loader.drawn <= 1  # at most the first batch, for the example inputs
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.lstm(self.proj(x))[0][:, -1])
+
+
+class _Scale(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class _CustomParamNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = _Scale(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.scale(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model,shape,what", [(_LSTMNet(), (5, 6), "LSTM"), (_CustomParamNet(), (3, 8, 8), "_Scale")])
+def test_unsupported_layers(model, shape, what):
+    loader = _CountingLoader(tiny_loader(shape))
+    with pytest.raises(fp.UnsupportedModelError, match=what):
+        fp.score(model.eval(), loader, projections=8)
+    assert loader.drawn <= 1
+
+
+def test_functional_parameter_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.w = nn.Parameter(torch.randn(8, 8, 3, 3))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(F.conv2d(F.relu(self.c1(x)), self.w, padding=1).mean((2, 3)))
+
+    with pytest.raises(fp.UnsupportedModelError):
+        fp.score(Net().eval(), tiny_loader((3, 8, 8)), projections=8)
+
+
+@pytest.mark.parametrize("apply", [fp.prune, fp.mask])
+def test_plan_for_another_architecture_with_same_names(apply):
+    _, _, plan, _ = case("resnet20", "alpha")
+    with pytest.raises(fp.PlanError):
+        apply(zoo.resnet56().eval(), plan)
+
+
+@pytest.mark.parametrize("apply", [fp.prune, fp.mask])
+def test_plan_for_another_architecture(apply):
+    _, _, plan, _ = case("mlp", "alpha")
+    with pytest.raises(fp.PlanError, match="does not match"):
+        apply(zoo.mlp(hidden=(128, 32)).eval(), plan)
+    _, _, plan_r, _ = case("resnet20", "alpha")
+    with pytest.raises(fp.PlanError):
+        apply(zoo.vgg(cfg=[8, "M", 16]).eval(), plan_r)
+
+
+@pytest.mark.parametrize("apply", [fp.prune, fp.mask])
+def test_plan_applied_to_already_pruned_model(apply):
+    _, _, plan, pruned = case("resnet20", "alpha")
+    with pytest.raises(fp.PlanError, match="already pruned"):
+        apply(pruned, plan)
+
+
+def test_wrong_example_inputs():
+    model, _, plan, _ = case("resnet20", "alpha")
+    bad = torch.randn(2, 5)
+    with pytest.raises(fp.UnsupportedModelError, match="example_inputs"):
+        fp.score(model, tiny_loader((3, 32, 32)), bad, projections=8)
+    with pytest.raises(fp.UnsupportedModelError, match="example_inputs"):
+        fp.prune(model, plan, bad)
+    with pytest.raises(fp.UnsupportedModelError, match="example_inputs"):
+        fp.mask(model, plan, bad)
+
+
+def test_invalid_plan_channels_rejected():
+    model, _, plan, _ = case("mlp", "alpha")
+    bad = fp.Plan.from_json(plan.to_json())
+    spec = bad.groups[0]
+    spec["removed_channels"] = list(range(spec["channels"]))  # everything
+    with pytest.raises(fp.PlanError, match="invalid"):
+        fp.prune(model, bad)
+    spec["removed_channels"] = [spec["channels"] + 3]
+    with pytest.raises(fp.PlanError, match="invalid"):
+        fp.prune(model, bad)
+
+
+def test_prune_without_recorded_shapes_needs_example_inputs():
+    model, _, plan, pruned = case("mlp", "alpha")
+    bare = fp.Plan(plan.removed, plan.alpha, plan.groups, plan.settings, plan.predicted, [])
+    with pytest.raises(fp.PlanError, match="example_inputs"):
+        fp.prune(model, bare)
+    again = fp.prune(model, bare, torch.randn(2, 64))
+    assert fp.count_params(again) == fp.count_params(pruned)
