@@ -136,6 +136,11 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
                  "--projections", "4", "--out", "out/scores2.pt"]) == 0
     assert fp.Scores.load(workdir / "out" / "scores2.pt").groups[0].n_units < 64
 
+    # Pruning an already pruned file would write a model that cannot be loaded back.
+    assert main(["prune", "--model", "zoo:digits_cnn", "--weights", "out/pruned.pt", "--plan", "out/plan.json",
+                 "--out", "out/twice.pt"]) == 2
+    assert "already pruned" in capsys.readouterr().err
+
     expected = {"out", "out/scores.pt", "out/plan.json", "out/pruned.pt", "out/ft.pt", "out/report.json",
                 "out/plots", "out/plots/removal_by_group.png", "out/scores2.pt"}
     assert _listing(workdir) - before == expected

@@ -560,3 +560,36 @@ def test_scores_load_rejects_other_files(tmp_path):
     torch.save(d, path)
     with pytest.raises(fp.FairPrunerError, match="newer"):
         fp.Scores.load(path)
+
+
+def test_sliced_u_equals_naive_loop_with_the_same_directions():
+    """Sliced U of a conv layer = max over class pairs of the mean over the seeded directions of scipy's
+    1-D W1 between the projected feature maps, computed unit by unit, pair by pair."""
+    from fairpruner._scoring import site_seed
+    from fairpruner._wasserstein import random_directions
+    model = _plain_conv_chain()
+    loader = tiny_loader((3, 8, 8), per=5, batch=7)
+    proj = 6
+    scores = fp.score(model, loader, projections=proj, seed=11, u_at="output")
+    net = copy.deepcopy(model)
+    outs, labels = [], []
+    h = dict(net.named_modules())["features.0"].register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+    with torch.no_grad():
+        for x, y in loader:
+            net(x)
+            labels.append(y)
+    h.remove()
+    out, lab = torch.cat(outs).double(), torch.cat(labels)
+    dirs = random_directions(out.shape[2] * out.shape[3], proj,
+                             torch.Generator().manual_seed(site_seed(11, "features.0", "output"))).double()
+    classes = sorted(set(lab.tolist()))
+    naive = []
+    for j in range(out.shape[1]):
+        pts = out[:, j].flatten(1) @ dirs  # (N, P)
+        best = 0.0
+        for a, b in itertools.combinations(classes, 2):
+            pa, pb = pts[lab == a].numpy(), pts[lab == b].numpy()
+            best = max(best, float(np.mean([wasserstein_distance(pa[:, p], pb[:, p]) for p in range(proj)])))
+        naive.append(best)
+    torch.testing.assert_close(scores["features.0"].u.double(), torch.tensor(naive, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)

@@ -179,7 +179,7 @@ def _run(out, seed, alpha, macs_target, epochs, finetune_epochs, alphas, latency
         say(f"wrote {out}: report.json, report.txt, plan.json, original.pt, pruned.pt, "
             + ", ".join(p.name for p in plots))
         say(f"   re-create the report: fairpruner report --model zoo:digits_cnn --weights {out / 'original.pt'} "
-            f"--pruned {out / 'pruned.pt'} --data digits")
+            f"--pruned {out / 'pruned.pt'} --data digits --threads 1")
     say()
     say(f"demo finished in {time.perf_counter() - t_start:.1f} s")
     return rep

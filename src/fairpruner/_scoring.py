@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -47,6 +48,11 @@ class _Site:
     calls: int = 0
 
 
+def site_seed(seed: int, module: str, side: str) -> int:
+    """Seed of the random directions for one measured tensor: stable across runs, models and group order."""
+    return (seed * 1_000_003 + zlib.crc32(f"{module}:{side}".encode())) % (2 ** 63)
+
+
 def _pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str, seed: int) -> List[_Site]:
     sites = []
     for gi, g in enumerate(groups):
@@ -58,7 +64,7 @@ def _pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: st
         members: List[Member] = next((c for c in chosen if c), producers)
         for m in members:
             side = "input" if m.side == "in" else "output"
-            sites.append(_Site(gi, m.module, side, m.index[:, 0].clone(), seed * 1_000_003 + len(sites)))
+            sites.append(_Site(gi, m.module, side, m.index[:, 0].clone(), site_seed(seed, m.module, side)))
     return sites
 
 
