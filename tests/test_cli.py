@@ -136,13 +136,17 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
                  "--projections", "4", "--out", "out/scores2.pt"]) == 0
     assert fp.Scores.load(workdir / "out" / "scores2.pt").groups[0].n_units < 64
 
-    # Pruning an already pruned file would write a model that cannot be loaded back.
-    assert main(["prune", "--model", "zoo:digits_cnn", "--weights", "out/pruned.pt", "--plan", "out/plan.json",
-                 "--out", "out/twice.pt"]) == 2
-    assert "already pruned" in capsys.readouterr().err
+    # A second round: plan on the re-scored pruned model, prune it again; the file rebuilds from a fresh model.
+    assert main(["plan", "--scores", "out/scores2.pt", "--alpha", "0.3", "--out", "out/plan2.json"]) == 0
+    assert main(["prune", "--model", "zoo:digits_cnn", "--weights", "out/pruned.pt", "--plan", "out/plan2.json",
+                 "--out", "out/twice.pt"]) == 0
+    once = fp.load(workdir / "out" / "pruned.pt", zoo.create("digits_cnn"))
+    twice = fp.load(workdir / "out" / "twice.pt", zoo.create("digits_cnn"))
+    assert fp.count_params(twice) < fp.count_params(once)
+    assert len(torch.load(workdir / "out" / "twice.pt", weights_only=True)["plans"]) == 2
 
     expected = {"out", "out/scores.pt", "out/plan.json", "out/pruned.pt", "out/ft.pt", "out/report.json",
-                "out/plots", "out/plots/removal_by_group.png", "out/scores2.pt"}
+                "out/plots", "out/plots/removal_by_group.png", "out/scores2.pt", "out/plan2.json", "out/twice.pt"}
     assert _listing(workdir) - before == expected
 
 
@@ -159,7 +163,7 @@ def test_module_factory_spec(workdir, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["plan", "--scores", "missing.pt", "--alpha", "0.1"], "missing.pt"),
-    (["plan", "--scores", "w.pt", "--alpha", "0.1"], "not a fairpruner scores file"),
+    (["plan", "--scores", "w.pt", "--alpha", "0.1"], "not a fairpruner.scores file"),
     (["score", "--model", "zoo:nope", "--data", "digits", "--out", "s.pt"], "Unknown model 'nope'"),
     (["score", "--model", "resnet20", "--data", "digits", "--out", "s.pt"], "zoo:NAME"),
     (["score", "--model", "no_such_module_xyz:f", "--data", "digits", "--out", "s.pt"], "cannot import"),

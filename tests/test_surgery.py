@@ -402,3 +402,34 @@ def test_prune_without_recorded_shapes_needs_example_inputs():
         fp.prune(model, bare)
     again = fp.prune(model, bare, torch.randn(2, 64))
     assert fp.count_params(again) == fp.count_params(pruned)
+
+
+def test_two_rounds_save_and_load(tmp_path):
+    """prune -> re-score -> prune again; the saved file replays both plans on a fresh model."""
+    torch.manual_seed(0)
+    model = zoo.create("digits_cnn").eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 8, 8, generator=g), torch.arange(4).repeat(6)
+    loader = [(x[:12], y[:12]), (x[12:], y[12:])]
+    plan1 = fp.plan(fp.score(model, loader, projections=8), alpha=0.3)
+    once = fp.prune(model, plan1)
+    plan2 = fp.plan(fp.score(once, loader, projections=8), alpha=0.3)
+    twice = fp.prune(once, plan2)
+    assert fp.count_params(twice) < fp.count_params(once) < fp.count_params(model)
+    with pytest.raises(fp.PlanError, match="does not match"):
+        fp.prune(model, plan2)  # the second plan belongs to the once-pruned model
+    fp.save(tmp_path / "m.pt", twice, plan2)
+    restored = fp.load(tmp_path / "m.pt", zoo.create("digits_cnn"))
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(x), twice.eval()(x))
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(fp.FairPrunerError, match="not a readable"):
+        fp.load(tmp_path / "junk.pt", zoo.create("digits_cnn"))
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(fp.FairPrunerError, match="fairpruner.model"):
+        fp.load(tmp_path / "other.pt", zoo.create("digits_cnn"))
+    with pytest.raises(fp.FairPrunerError, match="fairpruner.scores"):
+        fp.Scores.load(tmp_path / "other.pt")

@@ -151,8 +151,8 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         else:
             cands = candidate_alphas(curves)
             chosen, counts = _bisect(cands, lambda a: tod_counts(curves, a), cost, key, value, before,
-                                     "alpha=1 (one round of ToD removes at most about half of each group); "
-                                     "prune, fine-tune, re-score and plan again to go further")
+                                     "alpha=1, one round of ToD; prune, fine-tune, re-score and plan again "
+                                     "to go further")
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         frac, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,

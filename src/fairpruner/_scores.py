@@ -11,9 +11,22 @@ import torch
 from ._costmodel import CostModel
 from ._errors import FairPrunerError
 
-__all__ = ["GroupScores", "Scores"]
+__all__ = ["GroupScores", "Scores", "read_torch_file"]
 
 FORMAT_VERSION = 1
+
+
+def read_torch_file(path: Union[str, os.PathLike], fmt: str, hint: str) -> Dict[str, Any]:
+    """Loads ``path`` with ``torch.load(weights_only=True)`` and checks that it holds fairpruner's ``fmt``."""
+    if not os.path.isfile(path):
+        raise FairPrunerError(f"No such file: {path}.")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a foreign or corrupt file fails in many ways inside the unpickler
+        raise FairPrunerError(f"{path} is not a readable weights-only torch file ({type(e).__name__}); {hint}.") from None
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise FairPrunerError(f"{path} is not a {fmt} file; {hint}.")
+    return d
 
 
 @dataclass
@@ -71,9 +84,7 @@ class Scores:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Scores":
         """Reads scores written by :meth:`save` with ``torch.load(weights_only=True)``."""
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(d, dict) or d.get("format") != "fairpruner.scores":
-            raise FairPrunerError(f"{path} is not a fairpruner scores file (write one with Scores.save).")
+        d = read_torch_file(path, "fairpruner.scores", "write one with Scores.save")
         if d["version"] > FORMAT_VERSION:
             raise FairPrunerError(f"{path} was written by a newer fairpruner (format {d['version']}); upgrade.")
         groups = [GroupScores(g["name"], g["u"], g["r"], g["l1"], int(g["channels"]), g["unit_channels"])

@@ -17,6 +17,7 @@ from ._counting import as_args
 from ._errors import FairPrunerError, PlanError
 from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
+from ._scores import read_torch_file
 
 __all__ = ["prune", "mask", "save", "load", "example_from_plan"]
 
@@ -98,6 +99,8 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
         p.requires_grad_(flags.get(n, True))
     if verify:
         _verify(model, work, plan, x)
+    # Every round's plan travels with the model, so save/load can rebuild a model pruned several times.
+    work._fairpruner_history = list(getattr(model, "_fairpruner_history", [])) + [plan.to_json()]
     return work
 
 
@@ -161,27 +164,31 @@ def _out(out: Any) -> torch.Tensor:
 
 
 def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
-    """Writes the pruned weights and the plan that rebuilds the architecture.
+    """Writes the pruned weights and the plans that rebuild the architecture.
 
-    The file holds only tensors and strings, so :func:`load` reads it with ``torch.load(weights_only=True)``.
+    A model pruned in several rounds (prune, fine-tune, re-score, prune again) carries every round's plan; all
+    are stored and replayed in order by :func:`load`. The file holds only tensors and strings, so it reads back
+    with ``torch.load(weights_only=True)``.
     """
-    torch.save({"format": "fairpruner.model", "version": 1, "plan": plan.to_json(),
+    history = list(getattr(pruned, "_fairpruner_history", []))
+    if not history or history[-1] != plan.to_json():
+        history = [plan.to_json()]
+    torch.save({"format": "fairpruner.model", "version": 1, "plan": history[-1], "plans": history,
                 "state_dict": pruned.state_dict()}, path)
 
 
 def load(path: Union[str, os.PathLike], model: nn.Module, example_inputs: Any = None) -> nn.Module:
-    """Rebuilds a pruned model: replays the saved plan on a fresh, unpruned ``model``, then loads the weights.
+    """Rebuilds a pruned model: replays the saved plan(s) on a fresh, unpruned ``model``, then loads the weights.
 
     Args:
         path: a file written by :func:`save`.
         model: a freshly constructed instance of the original (unpruned) architecture; not modified.
         example_inputs: inputs to trace with; defaults to the shape recorded in the plan.
     """
-    d = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(d, dict) or d.get("format") != "fairpruner.model":
-        raise FairPrunerError(f"{path} is not a pruned model saved by fairpruner.save.")
-    plan = Plan.from_json(d["plan"])
-    pruned = prune(model, plan, example_inputs, verify=False)
+    d = read_torch_file(path, "fairpruner.model", "write one with fairpruner.save")
+    pruned = model
+    for text in d.get("plans", [d["plan"]]):
+        pruned = prune(pruned, Plan.from_json(text), example_inputs, verify=False)
     try:
         pruned.load_state_dict(d["state_dict"])
     except RuntimeError as e:

@@ -79,11 +79,6 @@ def _torch_load(path: str) -> Any:
         raise CliError(f"{path} is not a readable weights-only torch file ({first})") from None
 
 
-def _is_pruned_file(path: str) -> bool:
-    d = _torch_load(path)
-    return isinstance(d, dict) and d.get("format") == "fairpruner.model"
-
-
 def _load_model(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
     """The model of ``--model`` with ``--weights`` (a state_dict or a file written by fairpruner.save)."""
     n = args.num_classes if args.num_classes is not None else num_classes
@@ -231,9 +226,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise CliError(f"{args.plan} is not a complete fairpruner plan (missing {exc})") from None
     except json.JSONDecodeError as exc:
         raise CliError(f"{args.plan} is not valid JSON ({exc}); write plans with 'fairpruner plan --out'") from None
-    if args.weights and _is_pruned_file(args.weights):
-        # fairpruner.save records one plan, replayed on a fresh model: a second round could not be loaded back.
-        raise CliError(f"{args.weights} is already pruned; prune the original weights (one plan per model file)")
     model = _load_model(args)
     pruned = fp.prune(model, the_plan)
     out = _out_path(args.out)
