@@ -204,3 +204,23 @@ def test_plan_errors(workdir, capsys):
         main(["plan", "--scores", "s.pt", "--alpha", "0.1", "--macs", "0.5"])
     assert e.value.code == 2
     assert not (workdir / "x.pt").exists()
+
+
+def test_score_under_torchrun_matches_single_process(tmp_path):
+    """`torchrun -m fairpruner.cli score` with 2 CPU processes writes the single-process scores."""
+    torch.manual_seed(0)
+    torch.save(zoo.create("digits_cnn").state_dict(), tmp_path / "w.pt")
+    common = ["score", "--model", "zoo:digits_cnn", "--weights", str(tmp_path / "w.pt"), "--data", "digits",
+              "--samples-per-class", "8", "--projections", "8", "--batch-size", "16", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fairpruner.cli", *common, "--out", str(tmp_path / "dist.pt")],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert dist.returncode == 0, dist.stderr[-2000:]
+    assert "across 2 processes" in dist.stdout
+    assert main([*common, "--out", str(tmp_path / "single.pt")]) == 0
+    a, b = fp.Scores.load(tmp_path / "dist.pt"), fp.Scores.load(tmp_path / "single.pt")
+    assert a.names == b.names
+    for ga, gb in zip(a.groups, b.groups):
+        torch.testing.assert_close(ga.u, gb.u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga.r, gb.r, rtol=1e-4, atol=1e-7)

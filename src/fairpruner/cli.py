@@ -179,18 +179,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_distributed(args: argparse.Namespace) -> Tuple[int, int]:
+    """Joins a torchrun launch (WORLD_SIZE > 1): gloo on CPU, nccl on GPU. Returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(args.device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
-    dataset = _dataset(args.data, "train")
-    model = _load_model(args, _num_classes(dataset))
-    _check_runs(model.to(args.device), dataset, args.data)
-    loader = data.calibration_loader(dataset, args.samples_per_class, args.batch_size, args.seed,
-                                     num_classes=args.num_classes)
-    scores = fp.score(model, loader, samples_per_class=args.samples_per_class, projections=args.projections,
-                      seed=args.seed, device=args.device, progress=args.progress, u_at=args.u_at)
-    out = _out_path(args.out)
-    scores.save(out)
-    units = sum(g.n_units for g in scores.groups)
-    _say(f"scored {len(scores.groups)} groups ({units} units) on {scores.meta['n_samples']} samples; wrote {out}")
+    rank, world = _start_distributed(args)
+    try:
+        dataset = _dataset(args.data, "train")
+        model = _load_model(args, _num_classes(dataset))
+        _check_runs(model.to(args.device), dataset, args.data)
+        loader = data.calibration_loader(dataset, args.samples_per_class, args.batch_size, args.seed,
+                                         num_classes=args.num_classes)
+        if world > 1:  # every process scores its shard of the batches; fp.score merges them
+            loader = [b for i, b in enumerate(loader) if i % world == rank]
+        scores = fp.score(model, loader, samples_per_class=args.samples_per_class, projections=args.projections,
+                          seed=args.seed, device=args.device, progress=args.progress and rank == 0,
+                          u_at=args.u_at, u_reduce=args.u_reduce, r_reduce=args.r_reduce)
+        if rank == 0:
+            out = _out_path(args.out)
+            scores.save(out)
+            units = sum(g.n_units for g in scores.groups)
+            _say(f"scored {len(scores.groups)} groups ({units} units) on {scores.meta['n_samples']} samples"
+                 + (f" across {world} processes" if world > 1 else "") + f"; wrote {out}")
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -302,6 +326,8 @@ EXAMPLES = {
           fairpruner score --model zoo:resnet20 --weights resnet20.pt --data cifar10.tar.gz \\
               --samples-per-class 32 --out scores.pt
           fairpruner score --model mypackage.models:build_net --num-classes 100 --data images/ --out scores.pt
+          torchrun --nproc_per_node=2 -m fairpruner.cli score --model zoo:resnet20 --data cifar10.tar.gz \
+              --out scores.pt        # each process scores a shard; identical scores, rank 0 writes
         """,
     "plan": """
         Turns scores into a plan: per group, how many units go (Tolerance of Difference at --alpha, or the
@@ -393,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--u-at", default="output", choices=("output", "norm", "input"),
                    help="where U is measured: raw layer output, after normalisation, or the next layer's input")
+    p.add_argument("--u-reduce", default="max", choices=("max", "mean"),
+                   help="how a coupled group combines the U of its members (default max)")
+    p.add_argument("--r-reduce", default="sum", choices=("sum", "max"),
+                   help="how a coupled group combines the Taylor terms of its members (default sum)")
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write")
     _progress_flag(p)
 
