@@ -181,8 +181,11 @@ def test_same_seed_same_scores_and_plan_different_seed_different_u():
     c = fp.score(model, loader, projections=8, seed=2)
     assert_scores_equal(a, b)
     assert fp.plan(a, alpha=0.3).removed == fp.plan(b, alpha=0.3).removed
-    for ga, gc in zip(a.groups, c.groups):  # every group of digits_cnn is a conv group
-        assert not torch.allclose(ga.u, gc.u)
+    for ga, gc in zip(a.groups, c.groups):
+        if ga.name == "features.7":  # feeds the classifier through global pooling: exact 1-D U, no directions
+            torch.testing.assert_close(ga.u, gc.u)
+        else:  # measured on feature maps: sliced W1 over seeded directions
+            assert not torch.allclose(ga.u, gc.u)
         torch.testing.assert_close(ga.r, gc.r)  # R does not use the projections
     assert a.meta["seed"] == 1 and c.meta["seed"] == 2
 

@@ -149,6 +149,12 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
         keep = state["keep"]
         if keep.numel() == 0:
             return
+        # Several consumers of one group often read the very same tensor (a residual stream feeding a
+        # block and its shortcut): measure it once.
+        key = (site.group, tensor.data_ptr(), tuple(tensor.shape))
+        if key in state["measured"]:
+            return
+        state["measured"][key] = tensor  # held until the batch ends, so the address cannot be reused
         with torch.no_grad():
             x = tensor.detach().index_select(0, keep)
             if x.dim() == 3 and state["channels_last_seq"].get(site.module, False):
@@ -185,7 +191,7 @@ def score(
     ignore: Sequence[str] = (),
     device: Optional[Any] = None,
     progress: Optional[bool] = None,
-    u_at: str = "output",
+    u_at: str = "input",
     u_reduce: str = "max",
     r_reduce: str = "sum",
 ) -> Scores:
@@ -208,9 +214,10 @@ def score(
             is found and excluded automatically).
         device: where to run; defaults to the model's device.
         progress: show a progress bar; by default only when stderr is a terminal.
-        u_at: where U is measured: "output" (the producing Conv/Linear's raw output, as the reference),
-            "norm" (after the following normalisation layer) or "input" (the tensor the next layer consumes:
-            after normalisation, activation, residual addition). Falls back to the next available site.
+        u_at: where U is measured: "input" (default: the tensor the next layer consumes, after
+            normalisation, activation and residual addition), "norm" (after the normalisation layer that
+            follows) or "output" (the producing Conv/Linear's raw output, as the reference does). Falls back
+            to the next available site (input -> norm -> output) where a group has none.
         u_reduce: how a group with several measured tensors combines them ("max" or "mean" of per-site U,
             each first divided by its mean so that differently scaled tensors weigh alike).
         r_reduce: "sum": |sum of the Taylor terms of all members| (the first-order estimate of removing the
@@ -267,7 +274,7 @@ def score(
         cost = CostModel.build(work, trace, groups)
         modules = dict(work.named_modules())
         sites = _pick_sites(groups, modules, u_at, seed)
-        state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "channels_last_seq": {}}
+        state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "channels_last_seq": {}, "measured": {}}
         hooks = []
         for s in sites:
             mod = modules[s.module]
@@ -293,6 +300,7 @@ def score(
                 state["keep"], state["labels"] = keep.to(device), targets[keep]
                 for s in sites:
                     s.calls = 0
+                state["measured"] = {}
                 out = _logits(work(*as_args(_to(inputs, device))))
                 if int(targets.max()) >= out.shape[-1]:
                     raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "
@@ -415,8 +423,8 @@ def _assemble(groups: List[GroupSpec], sites: List[_Site], modules: Dict[str, nn
               u_reduce: str, r_reduce: str) -> List[GroupScores]:
     by_group: Dict[int, List[torch.Tensor]] = {}
     for s in sites:
-        u = _unit_u(s)
-        by_group.setdefault(s.group, []).append(u)
+        if s.chunks:  # a site that only saw tensors already measured by another site adds nothing
+            by_group.setdefault(s.group, []).append(_unit_u(s))
     out = []
     for gi, g in enumerate(groups):
         us = torch.stack(by_group[gi])

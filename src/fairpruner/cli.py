@@ -417,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the calibration draw and directions (default 0)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--u-at", default="output", choices=("output", "norm", "input"),
-                   help="where U is measured: raw layer output, after normalisation, or the next layer's input")
+    p.add_argument("--u-at", default="input", choices=("output", "norm", "input"),
+                   help="where U is measured: the next layer's input (default), after normalisation, or the raw layer output")
     p.add_argument("--u-reduce", default="max", choices=("max", "mean"),
                    help="how a coupled group combines the U of its members (default max)")
     p.add_argument("--r-reduce", default="sum", choices=("sum", "max"),
