@@ -5,7 +5,9 @@ import time
 from typing import Any, Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["count_params", "count_macs", "module_macs", "measure_latency", "as_args", "first_sample"]
 
@@ -56,10 +58,62 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     return int(total // 2)
 
 
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
+            torch.Tensor.bmm, torch.baddbmm, torch.addmm, torch.addbmm, F.linear}
+
+
+class _FunctionalMatmuls(TorchFunctionMode):
+    """Counts MACs of matrix products called outside Conv/Linear modules (hand-written attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+        self.depth = 0  # > 0 while inside a Conv/Linear forward, whose MACs the hooks count
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0 and torch.is_tensor(out):
+            if func in _MATMULS:
+                a = args[1] if func in (torch.baddbmm, torch.addmm, torch.addbmm) else args[0]
+                self.macs += out.numel() * (a.shape[-1] if torch.is_tensor(a) and a.dim() else 1)
+            elif func is F.scaled_dot_product_attention:
+                q, k = args[0], args[1]
+                self.macs += 2 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
+        return out
+
+
 def module_macs(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, int]]:
-    """Total MACs and the MACs of every module, by qualified name (parents include their children)."""
-    total, per_module = _flop_counts(model, example_inputs)
-    return int(total // 2), {k: int(v // 2) for k, v in per_module.items()}
+    """MACs of one sample: the total, and those of every Conv/Linear layer by qualified name.
+
+    Layer MACs are exact (output elements x input channels per group x kernel size); matrix products called
+    outside those layers are added to the total. Unlike :func:`count_macs` this needs no dispatcher-level
+    counter, so it is cheap enough to run inside every scoring call.
+    """
+    counter = _FunctionalMatmuls()
+    per_module: Dict[str, int] = {}
+    hooks = []
+
+    def enter(mod, inp):
+        counter.depth += 1
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            def leave(mod, inp, out, name=name):
+                counter.depth -= 1
+                per_in = mod.in_features if isinstance(mod, nn.Linear) else \
+                    mod.in_channels // mod.groups * int(torch.tensor(mod.kernel_size).prod())
+                per_module[name] = per_module.get(name, 0) + out.numel() * per_in
+            hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(*first_sample(example_inputs))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sum(per_module.values()) + counter.macs, per_module
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:

@@ -168,8 +168,8 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
                     g = torch.Generator().manual_seed(site.seed)
                     site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
                 proj = flat @ site.directions
-            # NaN/inf anywhere in a kept sample survives the projection, so checking it is enough (and cheap).
-            if not bool(torch.isfinite(proj).all()):
+            # NaN/inf anywhere in a kept sample survives the projection and its sum: one cheap reduction.
+            if not bool(torch.isfinite(proj.sum())):
                 raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
                                 "model weights and the input normalisation.")
             site.chunks.append(proj.cpu())

@@ -5,8 +5,10 @@ bounded chunks of classes, never over units or single pairs.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 __all__ = ["random_directions", "quantile_grid", "max_pairwise_w1"]
@@ -16,6 +18,25 @@ def random_directions(dim: int, projections: int, generator: torch.Generator) ->
     """Unit directions in R^dim, shape (dim, projections), drawn from ``generator``."""
     d = torch.randn(dim, projections, generator=generator)
     return d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def sort_last(x: torch.Tensor) -> torch.Tensor:
+    """Sorts a contiguous tensor along its last dimension, in place where possible.
+
+    On the CPU, NumPy's SIMD sort of short rows is several times faster than torch.sort; rows are split over
+    ``torch.get_num_threads()`` threads (NumPy releases the GIL while sorting).
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x.sort(dim=-1).values
+    arr = x.numpy().reshape(-1, x.shape[-1])
+    threads = max(1, min(torch.get_num_threads(), arr.shape[0] // 4096))
+    if threads == 1:
+        arr.sort(axis=-1)
+        return x
+    bounds = np.linspace(0, arr.shape[0], threads + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: arr[bounds[i]:bounds[i + 1]].sort(axis=-1), range(threads)))
+    return x
 
 
 def quantile_grid(counts: List[int]) -> tuple:
@@ -63,18 +84,24 @@ def max_pairwise_w1(
     units, proj = data.shape[1], data.shape[2]
     # Per-class blocks padded with +inf (sorted to the end, never indexed), laid out (units*P, K, M) so
     # that the sort and the pairwise L1 both run along contiguous memory.
-    k = classes.numel()
+    k, m = classes.numel(), int(counts.max())
     by_class = torch.argsort(labels, stable=True)
     offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(labels.numel(), device=device) - offsets[labels[by_class]]
-    padded = torch.full((units * proj, k, int(counts.max())), float("inf"), dtype=data.dtype, device=device)
-    padded[:, labels[by_class], pos] = data[by_class].reshape(labels.numel(), -1).t()
-    padded = padded.sort(dim=2).values
+    rows = data.index_select(0, by_class).reshape(labels.numel(), -1)
+    if bool((counts == m).all()):
+        blocks = rows.view(k, m, -1)
+    else:
+        pos = torch.arange(labels.numel(), device=device) - offsets[labels[by_class]]
+        blocks = torch.full((k, m, rows.shape[1]), float("inf"), dtype=data.dtype, device=device)
+        blocks[labels[by_class], pos] = rows
+    del rows
+    q = sort_last(blocks.permute(2, 0, 1).contiguous())  # (units*P, K, M)
+    del blocks
     index, widths = quantile_grid(counts.tolist())
-    q = padded[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
-    del padded
+    if index.shape[1] != m or not torch.equal(index, torch.arange(m).expand(k, m)):
+        q = q[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
     # Weighted by interval width, a plain L1 distance between quantile vectors is the W1 integral.
-    q = q * widths.to(device).view(1, 1, -1)
+    q *= widths.to(device).view(1, 1, -1)
     return _max_pair_l1(q, units, proj, max_chunk_elems)
 
 
