@@ -24,7 +24,7 @@ from ._counting import as_args
 from ._errors import DataError, FairPrunerError
 from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers, model_signature
 from ._scores import GroupScores, Scores
-from ._wasserstein import max_pairwise_w1, random_directions
+from ._wasserstein import max_pairwise_w1_units_first, random_directions
 
 __all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
 
@@ -146,9 +146,7 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
         if site.calls > 1:
             raise FairPrunerError(f"Module '{site.module}' runs more than once per forward pass; shared modules "
                                   "cannot be scored. Add it to `ignore=`.")
-        keep = state["keep"]
-        if keep.numel() == 0:
-            return
+        keep = state["keep"]  # may be empty: an empty chunk still records the layout (for torch.distributed)
         # Several consumers of one group often read the very same tensor (a residual stream feeding a
         # block and its shortcut): measure it once.
         key = (site.group, tensor.data_ptr(), tuple(tensor.shape))
@@ -161,18 +159,19 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
                 x = x.transpose(1, 2)
             x = x.index_select(1, site.index.to(x.device)).float()
             if x.dim() == 2:
-                proj = x.unsqueeze(-1)  # scalar unit output: exact 1-D W1
+                proj = x.t().unsqueeze(1)  # scalar unit output: exact 1-D W1; (units, 1, b)
             else:
                 flat = x.flatten(2)
                 if site.directions is None:
                     g = torch.Generator().manual_seed(site.seed)
                     site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
-                proj = flat @ site.directions
+                # (units, b, S) @ (S, P) -> (units, P, b): the units-first layout the distances read.
+                proj = (flat.transpose(0, 1) @ site.directions).transpose(1, 2)
             # NaN/inf anywhere in a kept sample survives the projection and its sum: one cheap reduction.
             if not bool(torch.isfinite(proj.sum())):
                 raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
                                 "model weights and the input normalisation.")
-            site.chunks.append(proj.cpu())
+            site.chunks.append(proj.contiguous().cpu())
             site.labels.append(state["labels"])
     if site.side == "output":
         return lambda mod, inp, out: record(out)
@@ -363,11 +362,10 @@ def _merge_ranks(work: nn.Module, sites: List[_Site], seen: torch.Tensor, n_samp
     total = torch.tensor([n_samples], device=comm)
     dist.all_reduce(total)
     for s in sites:
-        data = torch.cat(s.chunks) if s.chunks else torch.zeros(0)
-        labels = torch.cat(s.labels) if s.labels else torch.zeros(0, dtype=torch.long)
-        data, labels = _all_gather_rows(data.to(comm), labels.to(comm))
+        data = torch.cat(s.chunks, dim=2).permute(2, 0, 1).contiguous()  # samples first, for the gather
+        data, labels = _all_gather_rows(data.to(comm), torch.cat(s.labels).to(comm))
         keep = _first_per_class(labels.cpu(), torch.zeros(int(width), dtype=torch.long), limit)
-        s.chunks, s.labels = [data.cpu()[keep]], [labels.cpu()[keep]]
+        s.chunks, s.labels = [data.cpu()[keep].permute(1, 2, 0).contiguous()], [labels.cpu()[keep]]
     return seen.cpu(), int(total)
 
 
@@ -403,9 +401,9 @@ def _describe_inputs(example_inputs: Any) -> List[dict]:
 
 
 def _unit_u(site: _Site) -> torch.Tensor:
-    data, labels = torch.cat(site.chunks), torch.cat(site.labels)
+    data, labels = torch.cat(site.chunks, dim=2), torch.cat(site.labels)
     site.chunks, site.labels = [], []  # free the samples as soon as they are reduced
-    return max_pairwise_w1(data, labels)
+    return max_pairwise_w1_units_first(data, labels)
 
 
 def _taylor(member: Member, module: nn.Module) -> torch.Tensor:

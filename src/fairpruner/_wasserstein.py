@@ -11,7 +11,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-__all__ = ["random_directions", "quantile_grid", "max_pairwise_w1"]
+__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1", "max_pairwise_w1_units_first"]
 
 
 def random_directions(dim: int, projections: int, generator: torch.Generator) -> torch.Tensor:
@@ -77,26 +77,39 @@ def max_pairwise_w1(
     if data.dim() != 3 or labels.dim() != 1 or data.shape[0] != labels.shape[0]:
         raise ValueError(f"Expected data (N, units, projections) and labels (N,); got {tuple(data.shape)} and "
                          f"{tuple(labels.shape)}.")
+    return max_pairwise_w1_units_first(data.permute(1, 2, 0), labels, max_chunk_elems, device)
+
+
+def max_pairwise_w1_units_first(
+    data: torch.Tensor, labels: torch.Tensor, max_chunk_elems: int = 2 ** 25, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """:func:`max_pairwise_w1` for samples stored units-first, shape (units, projections, N).
+
+    This is the layout the scoring hooks write, so grouping samples by class is a single gather along the
+    last dimension and the per-class sort runs on contiguous rows.
+    """
+    if data.dim() != 3 or labels.dim() != 1 or data.shape[2] != labels.shape[0]:
+        raise ValueError(f"Expected data (units, projections, N) and labels (N,); got {tuple(data.shape)} and "
+                         f"{tuple(labels.shape)}.")
     device = device or data.device
     data, labels = data.to(device), labels.to(device)
     classes, labels = torch.unique(labels, sorted=True, return_inverse=True)
     counts = torch.bincount(labels, minlength=classes.numel())
-    units, proj = data.shape[1], data.shape[2]
-    # Per-class blocks padded with +inf (sorted to the end, never indexed), laid out (units*P, K, M) so
-    # that the sort and the pairwise L1 both run along contiguous memory.
+    units, proj, n = data.shape
+    # Per-class blocks laid out (units*P, K, M), padded with +inf where classes are smaller (sorted to the
+    # end, never indexed), so that the sort and the pairwise L1 both run along contiguous memory.
     k, m = classes.numel(), int(counts.max())
     by_class = torch.argsort(labels, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
-    rows = data.index_select(0, by_class).reshape(labels.numel(), -1)
+    rows = data.reshape(units * proj, n).index_select(1, by_class)
     if bool((counts == m).all()):
-        blocks = rows.view(k, m, -1)
+        q = rows.view(units * proj, k, m)
     else:
-        pos = torch.arange(labels.numel(), device=device) - offsets[labels[by_class]]
-        blocks = torch.full((k, m, rows.shape[1]), float("inf"), dtype=data.dtype, device=device)
-        blocks[labels[by_class], pos] = rows
+        offsets = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(n, device=device) - offsets[labels[by_class]]
+        q = torch.full((units * proj, k, m), float("inf"), dtype=data.dtype, device=device)
+        q[:, labels[by_class], pos] = rows
     del rows
-    q = sort_last(blocks.permute(2, 0, 1).contiguous())  # (units*P, K, M)
-    del blocks
+    q = sort_last(q)
     index, widths = quantile_grid(counts.tolist())
     if index.shape[1] != m or not torch.equal(index, torch.arange(m).expand(k, m)):
         q = q[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
