@@ -43,6 +43,7 @@ class _Site:
     index: torch.Tensor  # (channels,) position in the tensor's channel dimension of each root channel
     seed: int
     directions: Optional[torch.Tensor] = None
+    identity: bool = False  # index is 0..n-1 over all of the tensor's channels
     chunks: List[torch.Tensor] = field(default_factory=list)
     labels: List[torch.Tensor] = field(default_factory=list)
     calls: int = 0
@@ -66,6 +67,15 @@ def _pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: st
             side = "input" if m.side == "in" else "output"
             sites.append(_Site(gi, m.module, side, m.index[:, 0].clone(), site_seed(seed, m.module, side)))
     return sites
+
+
+def _channel_width(mod: nn.Module, side: str) -> int:
+    """Channels of a module's output ("output") or input ("input"); -1 where the module does not say."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return mod.out_channels if side == "output" else mod.in_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if side == "output" else mod.in_features
+    return int(getattr(mod, "num_features", getattr(mod, "num_channels", -1)))
 
 
 def _split_batch(batch: Any) -> tuple:
@@ -154,10 +164,14 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
             return
         state["measured"][key] = tensor  # held until the batch ends, so the address cannot be reused
         with torch.no_grad():
-            x = tensor.detach().index_select(0, keep)
+            x = tensor.detach()
+            if keep.numel() != x.shape[0]:  # copies only when some samples of the batch are not needed
+                x = x.index_select(0, keep)
             if x.dim() == 3 and state["channels_last_seq"].get(site.module, False):
                 x = x.transpose(1, 2)
-            x = x.index_select(1, site.index.to(x.device)).float()
+            if not site.identity:  # the group's channels are a slice/permutation of this tensor's channels
+                x = x.index_select(1, site.index.to(x.device))
+            x = x.float()
             if x.dim() == 2:
                 proj = x.t().unsqueeze(1)  # scalar unit output: exact 1-D W1; (units, 1, b)
             else:
@@ -277,6 +291,8 @@ def score(
         hooks = []
         for s in sites:
             mod = modules[s.module]
+            width = _channel_width(mod, s.side)
+            s.identity = width == s.index.numel() and torch.equal(s.index, torch.arange(width))
             if s.side == "output":
                 hooks.append(mod.register_forward_hook(_site_hook(s, state, projections)))
             else:
