@@ -1,0 +1,69 @@
+"""MAC and parameter counting, including matrix products written as functions."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fairpruner as fp
+from fairpruner import zoo
+from fairpruner._counting import module_macs
+
+
+class _Attention(nn.Module):
+    """Hand-written attention: the two matmuls are functional, outside any nn.Linear."""
+
+    def __init__(self, dim=16, tokens=5):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.tokens, self.dim = tokens, dim
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj(attn @ v)
+
+
+def test_functional_matmuls_are_counted():
+    m, t, d = _Attention(), 5, 16
+    x = torch.randn(1, t, d)
+    layers = t * d * 3 * d + t * d * d          # qkv and proj
+    functional = t * t * d + t * t * d          # q @ k^T and attn @ v
+    assert fp.count_macs(m, x) == layers + functional
+    total, per_module = module_macs(m, x)
+    assert total == layers + functional
+    assert per_module == {"qkv": t * d * 3 * d, "proj": t * d * d}
+
+
+def test_sdpa_is_counted():
+    class Sdpa(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q)
+    q = torch.randn(1, 2, 7, 8)
+    total, _ = module_macs(Sdpa(), q)
+    assert total == 2 * 2 * 7 * 7 * 8
+    assert fp.count_macs(Sdpa(), q) == total
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "densenet", "mlp", "conv1d_net"])
+def test_layer_macs_agree_with_the_dispatcher_counter(name):
+    model = zoo.create(name).eval()
+    x = zoo.example_input(name, 2)
+    total, per_module = module_macs(model, x)
+    assert total == fp.count_macs(model, x)  # one sample, whatever the batch
+    assert sum(per_module.values()) == total
+
+
+def test_counting_restores_train_flag_and_params():
+    model = zoo.create("digits_cnn").train()
+    x = zoo.example_input("digits_cnn", 3)
+    fp.count_macs(model, x)
+    module_macs(model, x)
+    assert model.training
+    assert fp.count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_measure_latency_positive_and_restores_mode():
+    model = zoo.create("mlp").train()
+    assert fp.measure_latency(model, zoo.example_input("mlp", 4), repeats=3, warmup=1) > 0
+    assert model.training
