@@ -127,7 +127,6 @@ def worker_reference(cfg: dict) -> dict:
 
 
 def worker_plan(cfg: dict) -> dict:
-    import torch
     import fairpruner as fp
     x, y = _data(10, 32)
     model = _model("resnet56", 10)

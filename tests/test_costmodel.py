@@ -6,16 +6,9 @@ import pytest
 import torch
 
 import fairpruner as fp
+from helpers import tiny_loader
 from fairpruner import zoo
 from fairpruner._costmodel import CostModel
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CASES = {
@@ -30,10 +23,7 @@ CASES = {
 
 
 def _loader(shape, classes=4, per=3, batch=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(classes * per, *shape, generator=g)
-    y = torch.arange(classes).repeat_interleave(per)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+    return tiny_loader(shape, classes, per, batch, seed)
 
 
 _CACHE = {}

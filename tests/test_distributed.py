@@ -1,7 +1,6 @@
 """fp.score under torch.distributed (2 CPU processes, gloo) equals a single-process run on the same data."""
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -15,35 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fairpruner as fp
+from helpers import randomize_norms, tiny_loader
 from fairpruner import zoo
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(classes * per, *shape, generator=g)
-    y = torch.arange(classes).repeat_interleave(per)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
-
-
-def randomize_norms(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.num_batches_tracked.fill_(7)
-    return model
 
 
 def assert_scores_equal(a, b):

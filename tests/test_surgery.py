@@ -11,15 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fairpruner as fp
+from helpers import randomize_norms, tiny_loader
 from fairpruner import zoo
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # name -> (factory, per-sample input shape)
@@ -41,30 +34,9 @@ CASES = [(f, t) for f in FAMILIES for t in TARGETS if not (f in ("vgg16_bn", "re
 IDS = [f"{f}-{t}" for f, t in CASES]
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm running statistics and affine parameters, so that zeroing a unit matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-    return model
-
-
 def make_model(family: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return randomize_norms(FAMILIES[family][0](), seed).eval()
-
-
-def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(classes * per, *shape, generator=g)
-    y = torch.arange(classes).repeat_interleave(per)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
 
 
 def fresh_inputs(shape, n=3, seed=99):

@@ -9,19 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["count_params", "count_macs", "module_macs", "measure_latency", "as_args", "first_sample"]
+from ._tensors import as_args, first_sample
 
-
-def as_args(example_inputs: Any) -> tuple:
-    """Normalises example inputs (a tensor, or a tuple/list of tensors) to positional args."""
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
-def first_sample(example_inputs: Any) -> tuple:
-    """The first sample of every batched input, keeping the batch dimension (batch size 1)."""
-    return tuple(t[:1] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
+__all__ = ["count_params", "count_macs", "module_macs", "measure_latency"]
 
 
 def count_params(model: nn.Module) -> int:

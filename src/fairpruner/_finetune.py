@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._errors import DataError, FairPrunerError
+from ._tensors import logits_of, to_device
 
 __all__ = ["evaluate", "finetune"]
 
@@ -29,25 +30,9 @@ def _split(batch: Any) -> Tuple[Any, torch.Tensor]:
     return inputs, torch.as_tensor(targets).long()
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if torch.is_tensor(x):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(t, device) for t in x)
-    return x
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
 def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
     # A tuple/list of tensors is taken as positional inputs of a multi-input model.
-    return _logits(model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs))
+    return logits_of(model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs))
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -> float:
@@ -75,7 +60,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
         with torch.no_grad():
             for batch in loader:
                 inputs, targets = _split(batch)
-                pred = _forward(model, _to(inputs, device)).argmax(-1).cpu()
+                pred = _forward(model, to_device(inputs, device)).argmax(-1).cpu()
                 correct += int((pred == targets).sum())
                 total += targets.numel()
     finally:
@@ -152,7 +137,7 @@ def finetune(
             seen = step
             for batch in loader:
                 inputs, targets = _split(batch)
-                loss = F.cross_entropy(_forward(model, _to(inputs, device)), targets.to(device))
+                loss = F.cross_entropy(_forward(model, to_device(inputs, device)), targets.to(device))
                 if not bool(torch.isfinite(loss)):
                     raise FairPrunerError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
                 optimizer.zero_grad(set_to_none=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._counting import as_args
+from ._tensors import as_args
 from ._errors import UnsupportedModelError
 
 __all__ = ["Member", "GroupSpec", "build_graph", "discover_groups", "find_output_layers", "NORM_TYPES"]

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._costmodel import CostModel
-from ._counting import as_args
+from ._tensors import as_args, logits_of, to_device
 from ._errors import DataError, FairPrunerError
 from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers, model_signature
 from ._scores import GroupScores, Scores
@@ -94,23 +94,6 @@ def _split_batch(batch: Any) -> tuple:
     if bool((targets < 0).any()):
         raise DataError("Class labels must be non-negative integers (found a negative label).")
     return inputs, targets.long()
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if torch.is_tensor(x):
-        # Tensors made under inference_mode cannot enter autograd; a plain copy can.
-        return x.to(device).clone() if x.is_inference() else x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(t, device) for t in x)
-    return x
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
 
 
 def _prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
@@ -275,7 +258,7 @@ def score(
         for p in work.parameters():
             p.requires_grad_(True)
             p.grad = None
-        example_inputs = _to(example_inputs, device)
+        example_inputs = to_device(example_inputs, device)
         # Tracing needs shapes, not statistics: two samples keep its cost negligible.
         trace = tuple(t[:2] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
         graph = build_graph(work, trace)
@@ -316,7 +299,7 @@ def score(
                 for s in sites:
                     s.calls = 0
                 state["measured"] = {}
-                out = _logits(work(*as_args(_to(inputs, device))))
+                out = logits_of(work(*as_args(to_device(inputs, device))))
                 if int(targets.max()) >= out.shape[-1]:
                     raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "
                                     "outputs; labels must be 0..K-1 for a K-class model.")
@@ -417,9 +400,9 @@ def _describe_inputs(example_inputs: Any) -> List[dict]:
 
 
 def _unit_u(site: _Site) -> torch.Tensor:
-    data, labels = torch.cat(site.chunks, dim=2), torch.cat(site.labels)
+    chunks, labels = site.chunks, torch.cat(site.labels)
     site.chunks, site.labels = [], []  # free the samples as soon as they are reduced
-    return max_pairwise_w1_units_first(data, labels)
+    return max_pairwise_w1_units_first(chunks, labels)
 
 
 def _taylor(member: Member, module: nn.Module) -> torch.Tensor:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import nn
 
-from ._counting import as_args
+from ._tensors import as_args, logits_of
 from ._errors import FairPrunerError, PlanError
 from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
@@ -144,8 +144,8 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
 def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple, rtol: float = 1e-4) -> None:
     masked = mask(original, plan, x)
     with torch.random.fork_rng(devices=[]), preserved_state(pruned), preserved_state(masked), torch.no_grad():
-        a = _out(pruned(*x))
-        b = _out(masked(*x))
+        a = logits_of(pruned(*x))
+        b = logits_of(masked(*x))
     if a.shape != b.shape:
         raise FairPrunerError(f"Pruning changed the output shape {tuple(b.shape)} -> {tuple(a.shape)}; the model "
                               "holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
@@ -153,14 +153,6 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple, rtol: 
     if err > rtol:
         raise FairPrunerError(f"The pruned model differs from the masked model (relative error {err:.2e}); the "
                               "model holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
-
-
-def _out(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
 
 
 def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:

@@ -12,7 +12,7 @@ group and a params/MACs target is met by bisection over the finitely many alphas
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ bounded chunks of classes, never over units or single pairs.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -81,32 +81,43 @@ def max_pairwise_w1(
 
 
 def max_pairwise_w1_units_first(
-    data: torch.Tensor, labels: torch.Tensor, max_chunk_elems: int = 2 ** 25, device: Optional[torch.device] = None
+    data: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor, max_chunk_elems: int = 2 ** 25, device: Optional[torch.device] = None
 ) -> torch.Tensor:
-    """:func:`max_pairwise_w1` for samples stored units-first, shape (units, projections, N).
+    """:func:`max_pairwise_w1` for samples stored units-first, shape (units, projections, N), or a list of
+    such chunks along N (as the scoring hooks collect them, so they are never concatenated first).
 
     This is the layout the scoring hooks write, so grouping samples by class is a single gather along the
     last dimension and the per-class sort runs on contiguous rows.
     """
-    if data.dim() != 3 or labels.dim() != 1 or data.shape[2] != labels.shape[0]:
-        raise ValueError(f"Expected data (units, projections, N) and labels (N,); got {tuple(data.shape)} and "
-                         f"{tuple(labels.shape)}.")
-    device = device or data.device
-    data, labels = data.to(device), labels.to(device)
+    chunks = list(data) if isinstance(data, (list, tuple)) else [data]
+    n = sum(int(c.shape[2]) for c in chunks)
+    if any(c.dim() != 3 for c in chunks) or labels.dim() != 1 or n != labels.shape[0]:
+        raise ValueError(f"Expected data (units, projections, N) and labels (N,); got "
+                         f"{[tuple(c.shape) for c in chunks]} and {tuple(labels.shape)}.")
+    device = device or chunks[0].device
+    labels = labels.to(device)
     classes, labels = torch.unique(labels, sorted=True, return_inverse=True)
     counts = torch.bincount(labels, minlength=classes.numel())
-    units, proj, n = data.shape
+    units, proj = chunks[0].shape[0], chunks[0].shape[1]
     # Per-class blocks laid out (units*P, K, M), padded with +inf where classes are smaller (sorted to the
     # end, never indexed), so that the sort and the pairwise L1 both run along contiguous memory.
     k, m = classes.numel(), int(counts.max())
     by_class = torch.argsort(labels, stable=True)
-    rows = data.reshape(units * proj, n).index_select(1, by_class)
+    # Each chunk's columns go straight to their class-sorted position: one copy, no concatenation first.
+    target = torch.empty_like(by_class)
+    target[by_class] = torch.arange(n, device=device)
+    rows = torch.empty(units * proj, n, dtype=chunks[0].dtype, device=device)
+    start = 0
+    for c in chunks:
+        b = int(c.shape[2])
+        rows.index_copy_(1, target[start:start + b], c.to(device).reshape(units * proj, b))
+        start += b
     if bool((counts == m).all()):
         q = rows.view(units * proj, k, m)
     else:
         offsets = torch.cumsum(counts, 0) - counts
         pos = torch.arange(n, device=device) - offsets[labels[by_class]]
-        q = torch.full((units * proj, k, m), float("inf"), dtype=data.dtype, device=device)
+        q = torch.full((units * proj, k, m), float("inf"), dtype=rows.dtype, device=device)
         q[:, labels[by_class], pos] = rows
     del rows
     q = sort_last(q)
@@ -120,7 +131,9 @@ def max_pairwise_w1_units_first(
 
 def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -> torch.Tensor:
     num_classes = q.shape[1]
-    block = max(1, int((max_chunk_elems / max(1, units * proj)) ** 0.5))
+    # Blocks of classes bound the memory; blocks no larger than ~K/8 also keep the wasted lower triangle
+    # of the diagonal blocks small (~K*block/2 pairs on top of the K^2/2 needed).
+    block = max(1, min(int((max_chunk_elems / max(1, units * proj)) ** 0.5), max(8, -(-num_classes // 8))))
     best = torch.zeros(units, device=q.device, dtype=q.dtype)
     for i in range(0, num_classes, block):
         a = q[:, i:i + block]

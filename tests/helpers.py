@@ -1,0 +1,26 @@
+"""Small builders shared by the tests."""
+import torch
+from torch import nn
+
+
+def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
+    """A list of (inputs, labels) batches: ``per`` random samples of each of ``classes`` classes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(classes * per, *shape, generator=g)
+    y = torch.arange(classes).repeat_interleave(per)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial normalisation statistics and affine parameters, so that zeroing a unit matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.num_batches_tracked.fill_(7)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
