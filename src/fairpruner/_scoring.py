@@ -24,7 +24,7 @@ from ._tensors import as_args, logits_of, to_device
 from ._errors import DataError, FairPrunerError
 from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers, model_signature
 from ._scores import GroupScores, Scores
-from ._wasserstein import max_pairwise_w1_units_first, random_directions
+from ._wasserstein import max_pairwise_w1, random_directions
 
 __all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
 
@@ -156,19 +156,19 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
                 x = x.index_select(1, site.index.to(x.device))
             x = x.float()
             if x.dim() == 2:
-                proj = x.t().unsqueeze(1)  # scalar unit output: exact 1-D W1; (units, 1, b)
+                # Scalar unit outputs: exact 1-D W1. A copy, since an in-place activation may follow.
+                proj = x.unsqueeze(-1).clone()  # (b, units, 1)
             else:
                 flat = x.flatten(2)
                 if site.directions is None:
                     g = torch.Generator().manual_seed(site.seed)
                     site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
-                # (units, b, S) @ (S, P) -> (units, P, b): the units-first layout the distances read.
-                proj = (flat.transpose(0, 1) @ site.directions).transpose(1, 2)
+                proj = flat @ site.directions  # (b, units, P)
             # NaN/inf anywhere in a kept sample survives the projection and its sum: one cheap reduction.
             if not bool(torch.isfinite(proj.sum())):
                 raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
                                 "model weights and the input normalisation.")
-            site.chunks.append(proj.contiguous().cpu())
+            site.chunks.append(proj.cpu())
             site.labels.append(state["labels"])
     if site.side == "output":
         return lambda mod, inp, out: record(out)
@@ -361,10 +361,9 @@ def _merge_ranks(work: nn.Module, sites: List[_Site], seen: torch.Tensor, n_samp
     total = torch.tensor([n_samples], device=comm)
     dist.all_reduce(total)
     for s in sites:
-        data = torch.cat(s.chunks, dim=2).permute(2, 0, 1).contiguous()  # samples first, for the gather
-        data, labels = _all_gather_rows(data.to(comm), torch.cat(s.labels).to(comm))
+        data, labels = _all_gather_rows(torch.cat(s.chunks).to(comm), torch.cat(s.labels).to(comm))
         keep = _first_per_class(labels.cpu(), torch.zeros(int(width), dtype=torch.long), limit)
-        s.chunks, s.labels = [data.cpu()[keep].permute(1, 2, 0).contiguous()], [labels.cpu()[keep]]
+        s.chunks, s.labels = [data.cpu()[keep]], [labels.cpu()[keep]]
     return seen.cpu(), int(total)
 
 
@@ -402,7 +401,7 @@ def _describe_inputs(example_inputs: Any) -> List[dict]:
 def _unit_u(site: _Site) -> torch.Tensor:
     chunks, labels = site.chunks, torch.cat(site.labels)
     site.chunks, site.labels = [], []  # free the samples as soon as they are reduced
-    return max_pairwise_w1_units_first(chunks, labels)
+    return max_pairwise_w1(chunks, labels)
 
 
 def _taylor(member: Member, module: nn.Module) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1", "max_pairwise_w1_units_first"]
+__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1"]
 
 
 def random_directions(dim: int, projections: int, generator: torch.Generator) -> torch.Tensor:
@@ -59,13 +59,15 @@ def quantile_grid(counts: List[int]) -> tuple:
 
 
 def max_pairwise_w1(
-    data: torch.Tensor, labels: torch.Tensor, max_chunk_elems: int = 2 ** 25, device: Optional[torch.device] = None
+    data: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor, max_chunk_elems: int = 2 ** 25,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Largest (sliced) W1 between any two classes, per unit.
 
     Args:
-        data: samples of every class, shape (N, units, projections); ``projections`` is 1 for scalar unit
-            outputs (exact 1-D W1) and P for sliced W1 (the 1-D distances are averaged over directions).
+        data: samples of every class, shape (N, units, projections), or a list of such chunks along N (as
+            the scoring hooks collect them: they are never concatenated); ``projections`` is 1 for scalar
+            unit outputs (exact 1-D W1) and P for sliced W1 (the 1-D distances are averaged over directions).
         labels: class of each sample, shape (N,); every class present must have at least one sample.
         max_chunk_elems: bound on the number of elements of the pairwise-distance block held at once, so
             memory stays bounded however many classes there are.
@@ -74,47 +76,33 @@ def max_pairwise_w1(
     Returns:
         Tensor of shape (units,): max over class pairs of the (sliced) W1 distance.
     """
-    if data.dim() != 3 or labels.dim() != 1 or data.shape[0] != labels.shape[0]:
-        raise ValueError(f"Expected data (N, units, projections) and labels (N,); got {tuple(data.shape)} and "
-                         f"{tuple(labels.shape)}.")
-    return max_pairwise_w1_units_first(data.permute(1, 2, 0), labels, max_chunk_elems, device)
-
-
-def max_pairwise_w1_units_first(
-    data: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor, max_chunk_elems: int = 2 ** 25, device: Optional[torch.device] = None
-) -> torch.Tensor:
-    """:func:`max_pairwise_w1` for samples stored units-first, shape (units, projections, N), or a list of
-    such chunks along N (as the scoring hooks collect them, so they are never concatenated first).
-
-    This is the layout the scoring hooks write, so grouping samples by class is a single gather along the
-    last dimension and the per-class sort runs on contiguous rows.
-    """
     chunks = list(data) if isinstance(data, (list, tuple)) else [data]
-    n = sum(int(c.shape[2]) for c in chunks)
+    n = sum(int(c.shape[0]) for c in chunks)
     if any(c.dim() != 3 for c in chunks) or labels.dim() != 1 or n != labels.shape[0]:
-        raise ValueError(f"Expected data (units, projections, N) and labels (N,); got "
+        raise ValueError(f"Expected data (N, units, projections) and labels (N,); got "
                          f"{[tuple(c.shape) for c in chunks]} and {tuple(labels.shape)}.")
     device = device or chunks[0].device
     labels = labels.to(device)
     classes, labels = torch.unique(labels, sorted=True, return_inverse=True)
     counts = torch.bincount(labels, minlength=classes.numel())
-    units, proj = chunks[0].shape[0], chunks[0].shape[1]
-    # Per-class blocks laid out (units*P, K, M), padded with +inf where classes are smaller (sorted to the
-    # end, never indexed), so that the sort and the pairwise L1 both run along contiguous memory.
+    units, proj = chunks[0].shape[1], chunks[0].shape[2]
     k, m = classes.numel(), int(counts.max())
     by_class = torch.argsort(labels, stable=True)
-    # Each chunk's columns go straight to their class-sorted position: one copy, no concatenation first.
+    # Each chunk's samples go straight to their class-sorted row (whole contiguous rows); one transpose then
+    # gives the (units*P, N) layout in which the per-class sort and the pairwise L1 run on contiguous memory.
     target = torch.empty_like(by_class)
     target[by_class] = torch.arange(n, device=device)
-    rows = torch.empty(units * proj, n, dtype=chunks[0].dtype, device=device)
+    samples = torch.empty(n, units * proj, dtype=chunks[0].dtype, device=device)
     start = 0
     for c in chunks:
-        b = int(c.shape[2])
-        rows.index_copy_(1, target[start:start + b], c.to(device).reshape(units * proj, b))
+        b = int(c.shape[0])
+        samples.index_copy_(0, target[start:start + b], c.to(device).reshape(b, units * proj))
         start += b
+    rows = samples.t().contiguous()
+    del samples
     if bool((counts == m).all()):
         q = rows.view(units * proj, k, m)
-    else:
+    else:  # pad smaller classes with +inf: sorted to the end, never indexed
         offsets = torch.cumsum(counts, 0) - counts
         pos = torch.arange(n, device=device) - offsets[labels[by_class]]
         q = torch.full((units * proj, k, m), float("inf"), dtype=rows.dtype, device=device)
