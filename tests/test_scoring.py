@@ -429,19 +429,23 @@ def test_l1_equals_weight_row_norms():
         torch.testing.assert_close(scores[layer].l1, w.abs().flatten(1).sum(1))
 
 
-def _naive_linear_u(model, loader, layer, samples_per_class):
-    """Raw outputs of ``layer`` (cloned before the in-place ReLU), first samples_per_class per class in loader
-    order, then the max over class pairs of scipy's exact W1, per unit."""
+def _layer_outputs(model, loader, layer):
+    """Raw outputs of ``layer`` over the loader (cloned before any in-place activation), and the labels."""
     net = copy.deepcopy(model).eval()
-    mod = dict(net.named_modules())[layer]
     outs, labels = [], []
-    h = mod.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+    h = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
     with torch.no_grad():
         for x, y in loader:
             net(x)
             labels.append(y)
     h.remove()
-    out, lab = torch.cat(outs).double(), torch.cat(labels)
+    return torch.cat(outs).double(), torch.cat(labels)
+
+
+def _naive_linear_u(model, loader, layer, samples_per_class):
+    """Raw outputs of ``layer`` (cloned before the in-place ReLU), first samples_per_class per class in loader
+    order, then the max over class pairs of scipy's exact W1, per unit."""
+    out, lab = _layer_outputs(model, loader, layer)
     per_class = {}
     for row, c in zip(out, lab.tolist()):
         if len(per_class.setdefault(c, [])) < samples_per_class:
@@ -547,15 +551,7 @@ def test_sliced_u_equals_naive_loop_with_the_same_directions():
     loader = tiny_loader((3, 8, 8), per=5, batch=7)
     proj = 6
     scores = fp.score(model, loader, projections=proj, seed=11, u_at="output")
-    net = copy.deepcopy(model)
-    outs, labels = [], []
-    h = dict(net.named_modules())["features.0"].register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
-    with torch.no_grad():
-        for x, y in loader:
-            net(x)
-            labels.append(y)
-    h.remove()
-    out, lab = torch.cat(outs).double(), torch.cat(labels)
+    out, lab = _layer_outputs(model, loader, "features.0")
     dirs = random_directions(out.shape[2] * out.shape[3], proj,
                              torch.Generator().manual_seed(site_seed(11, "features.0", "output"))).double()
     classes = sorted(set(lab.tolist()))

@@ -86,10 +86,14 @@ def test_quantile_grid_gives_each_sample_mass_one_over_n(counts):
 
 # ---------------------------------------------------------------- max_pairwise_w1: exact 1-D
 
-def test_exact_1d_matches_scipy_with_unequal_counts():
-    samples = _classes([3, 7, 5, 4], units=6, proj=1, seed=1)
+@pytest.mark.parametrize("counts, units, proj, seed", [
+    ([3, 7, 5, 4], 6, 1, 1),  # exact 1-D W1 (scipy), unequal class counts
+    ([4, 6, 3, 5], 5, 8, 3),  # sliced: mean over projections of the 1-D W1, per unit and pair
+])
+def test_matches_naive_per_unit_per_pair_loop(counts, units, proj, seed):
+    samples = _classes(counts, units=units, proj=proj, seed=seed)
     got = _w1(samples)
-    assert got.shape == (6,)
+    assert got.shape == (units,)
     np.testing.assert_allclose(got.double().numpy(), _naive_max_w1(samples), rtol=1e-5, atol=1e-6)
 
 
@@ -128,13 +132,6 @@ def test_sample_order_within_a_class_does_not_matter():
 
 
 # ---------------------------------------------------------------- max_pairwise_w1: sliced
-
-def test_sliced_matches_naive_per_unit_per_pair_loop():
-    samples = _classes([4, 6, 3, 5], units=5, proj=8, seed=3)
-    got = _w1(samples)
-    assert got.shape == (5,)
-    np.testing.assert_allclose(got.double().numpy(), _naive_max_w1(samples), rtol=1e-5, atol=1e-6)
-
 
 def test_sliced_projection_of_real_point_clouds():
     """End to end with the projection step done here: points in R^D per unit, projected on the same seeded

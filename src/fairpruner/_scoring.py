@@ -44,6 +44,7 @@ class _Site:
     seed: int
     directions: Optional[torch.Tensor] = None
     identity: bool = False  # index is 0..n-1 over all of the tensor's channels
+    channels_last: bool = False  # channels are the last dimension of 3-D tensors
     chunks: List[torch.Tensor] = field(default_factory=list)
     labels: List[torch.Tensor] = field(default_factory=list)
     calls: int = 0
@@ -150,7 +151,7 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
             x = tensor.detach()
             if keep.numel() != x.shape[0]:  # copies only when some samples of the batch are not needed
                 x = x.index_select(0, keep)
-            if x.dim() == 3 and state["channels_last_seq"].get(site.module, False):
+            if x.dim() == 3 and site.channels_last:
                 x = x.transpose(1, 2)
             if not site.identity:  # the group's channels are a slice/permutation of this tensor's channels
                 x = x.index_select(1, site.index.to(x.device))
@@ -270,7 +271,7 @@ def score(
         cost = CostModel.build(work, trace, groups)
         modules = dict(work.named_modules())
         sites = _pick_sites(groups, modules, u_at, seed)
-        state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "channels_last_seq": {}, "measured": {}}
+        state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}}
         hooks = []
         for s in sites:
             mod = modules[s.module]
@@ -280,8 +281,7 @@ def score(
                 hooks.append(mod.register_forward_hook(_site_hook(s, state, projections)))
             else:
                 hooks.append(mod.register_forward_pre_hook(_site_hook(s, state, projections)))
-            # Linear layers on (B, T, C) sequences put channels last.
-            state["channels_last_seq"][s.module] = isinstance(mod, nn.Linear)
+            s.channels_last = isinstance(mod, nn.Linear)  # Linear layers on (B, T, C) sequences
 
         seen = torch.zeros(0, dtype=torch.long)
         total = len(loader) if hasattr(loader, "__len__") else None

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Union
 import torch
 from torch import nn
 
-from ._tensors import as_args, logits_of
+from ._tensors import as_args, logits_of, to_device
 from ._errors import FairPrunerError, PlanError
 from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
@@ -41,7 +41,7 @@ def example_from_plan(plan: Plan) -> tuple:
 def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
     x = as_args(example_inputs) if example_inputs is not None else example_from_plan(plan)
     p = next(model.parameters(), None)
-    return tuple(t.to(p.device) if (p is not None and torch.is_tensor(t)) else t for t in x)
+    return to_device(x, p.device) if p is not None else x
 
 
 def _check_signature(plan: Plan, model: nn.Module) -> None:
