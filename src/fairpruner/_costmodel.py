@@ -32,30 +32,42 @@ class CostModel:
 
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Any, groups: Sequence[GroupSpec]) -> "CostModel":
+        from ._family import family_of
         modules = dict(model.named_modules())
         axes: Dict[tuple, int] = {}
         per_unit: List[Dict[int, float]] = []
+
+        def axis(key: tuple) -> int:
+            a = axes.setdefault(key, len(axes))
+            if a == len(per_unit):
+                per_unit.append({})
+            return a
+
         for g_idx, g in enumerate(groups):
             for mem in g.members:
                 m = modules[mem.module]
                 if mem.side == "in" and isinstance(m, CONV_TYPES) and m.groups > 1:
                     continue  # depthwise: its input axis is its output axis, counted once
-                key = (mem.module, 0 if mem.side == "out" else 1)
-                a = axes.setdefault(key, len(axes))
-                if a == len(per_unit):
-                    per_unit.append({})
-                per_unit[a][g_idx] = per_unit[a].get(g_idx, 0.0) + mem.index.shape[1] * g.unit_size
+                # Explicit parameter layouts (gate blocks, fused projections) get one axis per (param, dim).
+                keys = [(mem.module, n, d) for n, d in mem.params] if mem.params is not None else \
+                    [(mem.module, 0 if mem.side == "out" else 1)]
+                for key in keys:
+                    a = axis(key)
+                    per_unit[a][g_idx] = per_unit[a].get(g_idx, 0.0) + mem.index.shape[1] * g.unit_size
         total_macs, macs = module_macs(model, example_inputs)
         axis_total = np.zeros(len(axes))
         terms, counted_params, counted_macs = [], 0, 0
-        for (mname, side), a in axes.items():
-            m = modules[mname]
-            axis_total[a] = _axis_size(m, side)
+        for key, a in axes.items():
+            m = modules[key[0]]
+            axis_total[a] = _axis_size(m, key[1]) if len(key) == 2 else getattr(m, key[1]).shape[key[2]]
         for mname, m in modules.items():
             a0 = axes.get((mname, 0), -1)
             a1 = axes.get((mname, 1), -1)
             for pname, p in m.named_parameters(recurse=False):
-                if pname == "weight" and isinstance(m, WEIGHT_TYPES):
+                explicit = [axes[(mname, pname, d)] for d in range(p.dim()) if (mname, pname, d) in axes]
+                if explicit:
+                    terms.append((p.numel(), explicit[0], explicit[1] if len(explicit) > 1 else -1, 0))
+                elif pname == "weight" and isinstance(m, WEIGHT_TYPES):
                     terms.append((p.numel(), a0, a1, 0))
                 else:
                     terms.append((p.numel(), a0, -1, 0))
@@ -63,6 +75,13 @@ class CostModel:
             if isinstance(m, WEIGHT_TYPES) and mname in macs:
                 terms.append((macs[mname], a0, a1, 1))
                 counted_macs += macs[mname]
+        x = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        for g in groups:
+            if g.family is None:
+                continue
+            for count, k0, k1 in family_of(g.family).macs_terms(model, x, g):
+                terms.append((count, axes.get(k0, -1) if k0 else -1, axes.get(k1, -1) if k1 else -1, 1))
+                counted_macs += count
         A = np.zeros((len(axes), len(groups)))
         for a, d in enumerate(per_unit):
             for g_idx, v in d.items():

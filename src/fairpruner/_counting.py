@@ -46,6 +46,28 @@ class _FunctionalMatmuls(TorchFunctionMode):
         return out
 
 
+def _mha_macs(mod: nn.MultiheadAttention, inp: tuple, kwargs: dict) -> int:
+    q, k, v = (list(inp) + [kwargs.get(n) for n in ("query", "key", "value")[len(inp):]])[:3]
+    seq = 1 if mod.batch_first and q.dim() == 3 else 0
+    L, S, E = q.shape[seq], k.shape[seq], mod.embed_dim
+    proj = L * E * E + S * k.shape[-1] * E + S * v.shape[-1] * E
+    return q.numel() // (L * q.shape[-1]) * (proj + 2 * L * S * E + L * E * E)
+
+
+def _rnn_macs(mod: nn.RNNBase, inp: tuple, kwargs: dict) -> int:
+    x = inp[0] if inp else kwargs["input"]
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        steps = x.data.shape[0]  # every packed step of every sequence
+    else:
+        steps = x.shape[:-1].numel()
+    weights = sum(p.numel() for n, p in mod.named_parameters() if n.startswith("weight_"))
+    return steps * weights
+
+
+# Layers with matrix products of their own that module hooks must count (their kernels run outside F.linear).
+_LAYER_MACS = {nn.MultiheadAttention: _mha_macs, nn.RNNBase: _rnn_macs}
+
+
 def module_macs(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, int]]:
     """MACs of one sample: the total, and those of every Conv/Linear layer by qualified name.
 
@@ -68,6 +90,13 @@ def module_macs(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, i
                     mod.in_channels // mod.groups * int(torch.tensor(mod.kernel_size).prod())
                 per_module[name] = per_module.get(name, 0) + out.numel() * per_in
             hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        for cls, fn in _LAYER_MACS.items():
+            if isinstance(m, cls):
+                def leave_layer(mod, inp, kwargs, out, name=name, fn=fn):
+                    counter.depth -= 1
+                    per_module[name] = per_module.get(name, 0) + fn(mod, inp, kwargs)
+                hooks += [m.register_forward_pre_hook(enter),
+                          m.register_forward_hook(leave_layer, with_kwargs=True)]
     was_training = model.training
     model.eval()
     try:

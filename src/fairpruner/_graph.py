@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
@@ -29,12 +29,12 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
 # Parameter-carrying layers whose channel surgery is known to be exact.
 SUPPORTED_TYPES = WEIGHT_TYPES + NORM_TYPES + (nn.PReLU,)
 UNSUPPORTED_HINTS = {
-    nn.RNNBase: "recurrent layers (LSTM/GRU/RNN)",
-    nn.MultiheadAttention: "nn.MultiheadAttention",
+    nn.RNNBase: "recurrent layers of this kind (plain RNN, LSTM with proj_size)",
     nn.modules.conv._ConvTransposeNd: "transposed convolutions",
-    nn.Embedding: "embeddings",
-    nn.LayerNorm: "LayerNorm over pruned channels",
 }
+# Modules allowed in a model whose channels are never pruned: a group that reaches them is dropped, because
+# removing a channel they normalise over (or look up) changes the result for every other channel.
+FROZEN_TYPES = (nn.LayerNorm, nn.Embedding)
 
 
 @dataclass
@@ -47,12 +47,16 @@ class Member:
         index: LongTensor (channels, k): for root channel c, the k positions in this module's channel
             dimension that go with it (k > 1 after a flatten, where one channel feeds k features).
         kind: "weight" (Conv/Linear), "norm" or "other".
+        params: explicit ``(parameter name, dim)`` pairs the index addresses, for layers whose parameters are
+            not laid out like Conv/Linear (recurrent gate blocks, fused attention projections). None: every
+            own parameter along dim 0 for "out", the weight's dim 1 for "in".
     """
 
     module: str
     side: str
     index: torch.Tensor
     kind: str
+    params: Optional[Tuple[Tuple[str, int], ...]] = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class GroupSpec:
     channels: int
     unit_channels: torch.Tensor  # (units, unit_size): root channels of each unit
     members: List[Member] = field(default_factory=list)
+    family: Optional[str] = None  # None: a torch-pruning group; else the unit family that owns it
 
     @property
     def n_units(self) -> int:
@@ -95,7 +100,10 @@ def preserved_state(model: nn.Module):
 
 
 def _check_layers(model: nn.Module) -> None:
+    from ._family import claimed_by_family
     for name, module in model.named_modules():
+        if claimed_by_family(module):
+            continue
         for cls, what in UNSUPPORTED_HINTS.items():
             if isinstance(module, cls):
                 raise UnsupportedModelError(
@@ -107,7 +115,7 @@ def _check_layers(model: nn.Module) -> None:
                 "convolutions can be pruned exactly. Pass it in `ignore=` together with its neighbours, or use "
                 "groups=1/depthwise.")
         own = [p for p in module.parameters(recurse=False)]
-        if own and not isinstance(module, SUPPORTED_TYPES):
+        if own and not isinstance(module, SUPPORTED_TYPES + FROZEN_TYPES):
             raise UnsupportedModelError(
                 f"Layer '{name}' ({type(module).__name__}) holds its own parameters and is not a layer type "
                 "fairpruner knows how to cut. Supported: Conv1d/2d/3d, Linear, BatchNorm, GroupNorm, "
@@ -153,7 +161,12 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
                 f"The model does not run on the example inputs ({_describe(example_inputs)}): {e}. "
                 "Pass `example_inputs=` shaped like one real batch.") from e
         _check_channel_padding(out)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=traced)
+        from ._family import FAMILIES
+        custom: Dict[type, Any] = {}
+        for fam in FAMILIES:
+            custom.update(fam.tp_pruners())
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=traced,
+                                                      customized_pruners=custom or None)
     if graph.unwrapped_parameters:
         names = [graph._param_to_name.get(p, "?") for p, _ in graph.unwrapped_parameters]
         raise UnsupportedModelError(
@@ -237,15 +250,20 @@ def _unit_blocks(name: str, channels: int, members: List[Member], modules: Dict[
     return order.view(-1, int(sizes[0]))
 
 
-def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequence[str] = ()) -> List[GroupSpec]:
-    """All prunable groups, rooted at Conv/Linear layers not in ``ignore``.
+def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequence[str] = (),
+                    example_inputs: Any = None) -> List[GroupSpec]:
+    """All prunable groups: torch-pruning groups rooted at Conv/Linear layers not in ``ignore``, then the
+    groups of the registered unit families (attention heads, recurrent units, experts).
 
     Groups whose channels would reach an ignored layer's output (the output layer, above all) are dropped
-    by torch-pruning itself.
+    by torch-pruning itself; groups that reach a LayerNorm or an embedding (a transformer's residual
+    stream) are dropped here, since removing such a channel changes every other channel's result.
     """
+    from ._family import FAMILIES
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
-    ignored = [modules[n] for n in ignore]
+    owned = [n for fam in FAMILIES for n in fam.owned(model)]
+    ignored = [modules[n] for n in list(ignore) + owned]
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(WEIGHT_TYPES)):
         root = group[0].dep.target.module
@@ -266,6 +284,8 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequenc
             slot = merged.setdefault((names[module], side), {})
             for idx, ridx in zip(item.idxs, item.root_idxs):
                 slot.setdefault(int(ridx), set()).add(int(idx))
+        if any(isinstance(modules[mname], FROZEN_TYPES) for mname, _ in merged):
+            continue
         members = []
         for (mname, side), mapping in merged.items():
             if sorted(mapping) != list(range(channels)):
@@ -282,4 +302,7 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequenc
         if units.shape[0] < 2:
             continue
         groups.append(GroupSpec(names[root], channels, units, members))
+    for fam in FAMILIES:
+        groups.extend(fam.discover(model, graph, as_args(example_inputs) if example_inputs is not None else (),
+                                   tuple(ignore)))
     return groups

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ._costmodel import CostModel
 from ._tensors import as_args, logits_of, to_device
 from ._errors import DataError, FairPrunerError
+from ._family import USource, family_of
 from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers, model_signature
 from ._scores import GroupScores, Scores
 from ._wasserstein import max_pairwise_w1, random_directions
@@ -48,6 +49,7 @@ class _Site:
     chunks: List[torch.Tensor] = field(default_factory=list)
     labels: List[torch.Tensor] = field(default_factory=list)
     calls: int = 0
+    source: Optional[USource] = None  # a unit family's observation point (tensor arrives as (B, channels, ...))
 
 
 def site_seed(seed: int, module: str, side: str) -> int:
@@ -55,9 +57,15 @@ def site_seed(seed: int, module: str, side: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{module}:{side}".encode())) % (2 ** 63)
 
 
-def _pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str, seed: int) -> List[_Site]:
+def _pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str, seed: int,
+                model: nn.Module) -> List[_Site]:
     sites = []
     for gi, g in enumerate(groups):
+        if g.family is not None:
+            for src in family_of(g.family).u_sources(model, g):
+                sites.append(_Site(gi, src.name, "output", torch.arange(g.channels),
+                                   site_seed(seed, src.name, "family"), identity=True, source=src))
+            continue
         producers = [m for m in g.members if m.side == "out" and m.kind == "weight"]
         norms = [m for m in g.members if m.side == "out" and m.kind == "norm"]
         consumers = [m for m in g.members if m.side == "in" and m.kind == "weight" and m.index.shape[1] == 1
@@ -171,6 +179,8 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
                                 "model weights and the input normalisation.")
             site.chunks.append(proj.cpu())
             site.labels.append(state["labels"])
+    if site.source is not None:
+        return record
     if site.side == "output":
         return lambda mod, inp, out: record(out)
     return lambda mod, inp: record(inp[0])
@@ -264,16 +274,19 @@ def score(
         trace = tuple(t[:2] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
         graph = build_graph(work, trace)
         outputs, num_outputs = find_output_layers(work, trace)
-        groups = discover_groups(graph, work, ignore=tuple(ignore) + tuple(outputs))
+        groups = discover_groups(graph, work, ignore=tuple(ignore) + tuple(outputs), example_inputs=trace)
         del graph
         if not groups:
             raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output).")
         cost = CostModel.build(work, trace, groups)
         modules = dict(work.named_modules())
-        sites = _pick_sites(groups, modules, u_at, seed)
+        sites = _pick_sites(groups, modules, u_at, seed, work)
         state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}}
         hooks = []
         for s in sites:
+            if s.source is not None:
+                hooks.extend(s.source.attach(modules, _site_hook(s, state, projections)))
+                continue
             mod = modules[s.module]
             width = _channel_width(mod, s.side)
             s.identity = width == s.index.numel() and torch.equal(s.index, torch.arange(width))
@@ -404,14 +417,29 @@ def _unit_u(site: _Site) -> torch.Tensor:
     return max_pairwise_w1(chunks, labels)
 
 
+def member_params(member: Member, module: nn.Module) -> List[tuple]:
+    """``(parameter, dim)`` pairs a member's index addresses (see :class:`Member`)."""
+    own = dict(module.named_parameters(recurse=False))
+    if member.params is not None:
+        return [(own[n], d) for n, d in member.params if n in own]
+    if member.side == "out":
+        return [(p, 0) for p in own.values()]
+    w = own.get("weight")
+    return [(w, 1)] if w is not None and w.dim() > 1 else []
+
+
+def _per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
+    """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
+    t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
+    return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
+
+
 def _taylor(member: Member, module: nn.Module) -> torch.Tensor:
     """Signed Taylor term per root channel of one member's output-side parameters."""
     total = 0.0
-    for p in module.parameters(recurse=False):
-        if p.grad is None:
-            continue
-        t = (p.grad * p.detach()).flatten(1).sum(1) if p.dim() > 1 else p.grad * p.detach()
-        total = total + t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
+    for p, dim in member_params(member, module):
+        if p.grad is not None:
+            total = total + _per_channel(p.grad * p.detach(), dim, member)
     return total if torch.is_tensor(total) else torch.zeros(member.index.shape[0])
 
 
@@ -430,7 +458,7 @@ def _assemble(groups: List[GroupSpec], sites: List[_Site], modules: Dict[str, nn
         us = us / scale
         u = (us.amax(0) if u_reduce == "max" else us.mean(0)) * scale.mean()
         terms = [_taylor(m, modules[m.module]).cpu().double()
-                 for m in g.members if m.side == "out" and list(modules[m.module].parameters(recurse=False))]
+                 for m in g.members if m.side == "out" and member_params(m, modules[m.module])]
         if not bool(torch.stack([t.isfinite().all() for t in terms]).all()):
             raise DataError(f"Non-finite gradients in group '{g.name}'; check the loss and the model.")
         t = torch.stack(terms)
@@ -438,8 +466,9 @@ def _assemble(groups: List[GroupSpec], sites: List[_Site], modules: Dict[str, nn
         l1 = torch.zeros(g.channels, dtype=torch.float64)
         for m in g.members:
             if m.side == "out" and m.kind == "weight":
-                w = modules[m.module].weight.detach().abs().flatten(1).sum(1).cpu().double()
-                l1 += w.index_select(0, m.index.flatten()).view_as(m.index).sum(1)
+                for p, dim in member_params(m, modules[m.module]):
+                    if p.dim() > 1:  # weights, not biases or norm scales
+                        l1 += _per_channel(p.detach().abs(), dim, m).cpu().double()
         uc = g.unit_channels
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
                                l1[uc].sum(1).float(), g.channels, uc.clone()))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 from torch import nn
 
 from ._tensors import as_args, logits_of, to_device
 from ._errors import FairPrunerError, PlanError
+from ._family import family_groups
 from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
 from ._scores import read_torch_file
@@ -52,9 +53,35 @@ def _check_signature(plan: Plan, model: nn.Module) -> None:
                         "instance of the architecture it was scored on.")
 
 
-def _groups_to_apply(plan: Plan, graph, modules: Dict[str, nn.Module]):
+def _plan_ignore(plan: Plan) -> List[str]:
+    scoring = plan.settings.get("scoring", {})
+    return list(scoring.get("ignore", [])) + list(scoring.get("output_layers", []))
+
+
+def _family_specs(plan: Plan, work: nn.Module, graph, x: tuple) -> List[tuple]:
+    """(family, group, removed channels) for the plan's groups that a unit family owns, checked against the model."""
+    found = family_groups(work, graph, x, _plan_ignore(plan))
+    out = []
+    for spec in plan.groups:
+        if spec["name"] not in found:
+            continue
+        fam, g = found[spec["name"]]
+        chans = sorted(set(int(c) for c in spec["removed_channels"]))
+        if g.channels != spec["channels"]:
+            raise PlanError(f"The plan does not match this model: '{spec['name']}' has {g.channels} units of its "
+                            f"kind, the plan expects {spec['channels']}. Was the model already pruned?")
+        if chans and (chans[0] < 0 or chans[-1] >= g.channels or len(chans) >= g.channels):
+            raise PlanError(f"Plan for '{spec['name']}' removes invalid units (must be 0..{g.channels - 1}, not all).")
+        if chans:
+            out.append((fam, g, chans))
+    return out
+
+
+def _groups_to_apply(plan: Plan, graph, modules: Dict[str, nn.Module], skip: Sequence[str] = ()):
     """Yields (spec, torch-pruning group) for every group that loses channels, after checking the match."""
     for spec in plan.groups:
+        if spec["name"] in skip:
+            continue
         chans = sorted(set(int(c) for c in spec["removed_channels"]))
         root = modules.get(spec["name"])
         if root is None:
@@ -88,9 +115,13 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
     with torch.random.fork_rng(devices=[]), preserved_state(work):
         graph = build_graph(work, x)
         modules = dict(work.named_modules())
+        custom = _family_specs(plan, work, graph, x)
         # Fetch each group right before pruning it: concatenation offsets shift after every prune.
-        for _, group in _groups_to_apply(plan, graph, modules):
+        for _, group in _groups_to_apply(plan, graph, modules, skip=[g.name for _, g, _ in custom]):
             group.prune()
+        # Unit families cut their own modules (heads, gate blocks, experts), after torch-pruning's groups.
+        for fam, g, chans in custom:
+            fam.prune_(work, g, chans)
     for name, m in work.named_modules():
         if name in gn_sizes and m.num_channels % gn_sizes[name] == 0:
             m.num_groups = m.num_channels // gn_sizes[name]
@@ -129,7 +160,10 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
         graph = build_graph(work, x)
         modules = dict(work.named_modules())
         names = {m: n for n, m in modules.items()}
-        for _, group in list(_groups_to_apply(plan, graph, modules)):
+        custom = _family_specs(plan, work, graph, x)
+        for fam, g, chans in custom:
+            fam.mask_(work, g, chans)
+        for _, group in list(_groups_to_apply(plan, graph, modules, skip=[g.name for _, g, _ in custom])):
             for item in group:
                 target = item.dep.target.module
                 if target not in names:
