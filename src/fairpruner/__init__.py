@@ -12,6 +12,7 @@ from ._report import Report, format_sweep, plot_sweep, report
 from ._scores import GroupScores, Scores
 from ._scoring import score
 from ._surgery import load, mask, prune, save
+from ._experts import moe_routers  # registers the mixture-of-experts family
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "count_macs", "count_params", "measure_latency",
     "evaluate", "finetune", "report", "Report", "format_sweep", "plot_sweep",
     "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError",
+    "moe_routers",
 ]

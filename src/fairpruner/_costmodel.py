@@ -43,11 +43,19 @@ class CostModel:
                 per_unit.append({})
             return a
 
+        unit_axes: Dict[str, int] = {}    # module owned by one unit -> its group's units axis
+        unit_totals: Dict[int, int] = {}  # units axis -> the group's channels
         for g_idx, g in enumerate(groups):
             for mem in g.members:
                 m = modules[mem.module]
                 if mem.side == "in" and isinstance(m, CONV_TYPES) and m.groups > 1:
                     continue  # depthwise: its input axis is its output axis, counted once
+                if mem.owner is not None:
+                    # A module owned by one unit (an expert's layer): its parameters scale with the kept units.
+                    a = axis(("units", g.name))
+                    per_unit[a][g_idx] = float(g.unit_size)
+                    unit_axes[mem.module], unit_totals[a] = a, g.channels
+                    continue
                 # Explicit parameter layouts (gate blocks, fused projections) get one axis per (param, dim).
                 keys = [(mem.module, n, d) for n, d in mem.params] if mem.params is not None else \
                     [(mem.module, 0 if mem.side == "out" else 1)]
@@ -58,6 +66,9 @@ class CostModel:
         axis_total = np.zeros(len(axes))
         terms, counted_params, counted_macs = [], 0, 0
         for key, a in axes.items():
+            if a in unit_totals:
+                axis_total[a] = unit_totals[a]
+                continue
             m = modules[key[0]]
             axis_total[a] = _axis_size(m, key[1]) if len(key) == 2 else getattr(m, key[1]).shape[key[2]]
         for mname, m in modules.items():
@@ -65,7 +76,10 @@ class CostModel:
             a1 = axes.get((mname, 1), -1)
             for pname, p in m.named_parameters(recurse=False):
                 explicit = [axes[(mname, pname, d)] for d in range(p.dim()) if (mname, pname, d) in axes]
-                if explicit:
+                if mname in unit_axes:  # plus the one other axis a group may cut (e.g. the layer's inputs)
+                    other = a1 if pname == "weight" and isinstance(m, WEIGHT_TYPES) and a1 >= 0 else a0
+                    terms.append((p.numel(), unit_axes[mname], other, 0))
+                elif explicit:
                     terms.append((p.numel(), explicit[0], explicit[1] if len(explicit) > 1 else -1, 0))
                 elif pname == "weight" and isinstance(m, WEIGHT_TYPES):
                     terms.append((p.numel(), a0, a1, 0))

@@ -94,6 +94,11 @@ def zero_members_(model: nn.Module, group: GroupSpec, channels: List[int]) -> No
             mod = modules[mem.module]
             if mem.params is None and mem.side == "in" and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
                 continue  # depthwise: its input channels are its output channels
+            if mem.owner is not None:  # a module that belongs wholly to one root channel
+                if mem.owner in channels:
+                    for p, _ in member_params(mem, mod):
+                        p.zero_()
+                continue
             pos = mem.index.index_select(0, chans).flatten()
             for p, dim in member_params(mem, mod):
                 p.index_fill_(dim, pos.to(p.device), 0.0)

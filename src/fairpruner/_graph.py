@@ -50,6 +50,10 @@ class Member:
         params: explicit ``(parameter name, dim)`` pairs the index addresses, for layers whose parameters are
             not laid out like Conv/Linear (recurrent gate blocks, fused attention projections). None: every
             own parameter along dim 0 for "out", the weight's dim 1 for "in".
+        owner: set for a module that belongs wholly to one root channel (a layer of one expert): every
+            parameter of it goes with root channel ``owner``, ``index`` is ``(channels, 0)``. The cost model
+            scales such parameters with the group's kept units (exact when the owned modules of the group are
+            alike in size); their MACs stay constant unless the family lists MACs terms.
     """
 
     module: str
@@ -57,6 +61,7 @@ class Member:
     index: torch.Tensor
     kind: str
     params: Optional[Tuple[Tuple[str, int], ...]] = None
+    owner: Optional[int] = None
 
 
 @dataclass

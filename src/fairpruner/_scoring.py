@@ -430,6 +430,10 @@ def member_params(member: Member, module: nn.Module) -> List[tuple]:
 
 def _per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
     """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
+    if member.owner is not None:  # the whole tensor belongs to one root channel (an expert's layer)
+        out = t.new_zeros(member.index.shape[0])
+        out[member.owner] = t.sum()
+        return out
     t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
     return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
 

@@ -59,7 +59,8 @@ def _plan_ignore(plan: Plan) -> List[str]:
 
 
 def _family_specs(plan: Plan, work: nn.Module, graph, x: tuple) -> List[tuple]:
-    """(family, group, removed channels) for the plan's groups that a unit family owns, checked against the model."""
+    """(family, group, removed channels) for the plan's groups that a unit family owns, checked against the model
+    (also those that lose nothing, so that torch-pruning's side never looks them up)."""
     found = family_groups(work, graph, x, _plan_ignore(plan))
     out = []
     for spec in plan.groups:
@@ -72,8 +73,7 @@ def _family_specs(plan: Plan, work: nn.Module, graph, x: tuple) -> List[tuple]:
                             f"kind, the plan expects {spec['channels']}. Was the model already pruned?")
         if chans and (chans[0] < 0 or chans[-1] >= g.channels or len(chans) >= g.channels):
             raise PlanError(f"Plan for '{spec['name']}' removes invalid units (must be 0..{g.channels - 1}, not all).")
-        if chans:
-            out.append((fam, g, chans))
+        out.append((fam, g, chans))
     return out
 
 
@@ -121,7 +121,8 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
             group.prune()
         # Unit families cut their own modules (heads, gate blocks, experts), after torch-pruning's groups.
         for fam, g, chans in custom:
-            fam.prune_(work, g, chans)
+            if chans:
+                fam.prune_(work, g, chans)
     for name, m in work.named_modules():
         if name in gn_sizes and m.num_channels % gn_sizes[name] == 0:
             m.num_groups = m.num_channels // gn_sizes[name]
@@ -162,7 +163,8 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
         names = {m: n for n, m in modules.items()}
         custom = _family_specs(plan, work, graph, x)
         for fam, g, chans in custom:
-            fam.mask_(work, g, chans)
+            if chans:
+                fam.mask_(work, g, chans)
         for _, group in list(_groups_to_apply(plan, graph, modules, skip=[g.name for _, g, _ in custom])):
             for item in group:
                 target = item.dep.target.module

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ._densenet import DenseNet, densenet
 from ._mobilenetv2 import MobileNetV2, mobilenetv2
+from ._moe import MoE, MoEClassifier, moe_classifier
 from ._resnet import BasicBlock, CifarResNet, resnet20, resnet32, resnet56, resnet110
 from ._small import (
     MLP,
@@ -41,6 +42,8 @@ __all__ = [
     "GroupNormCNN",
     "MLP",
     "MobileNetV2",
+    "MoE",
+    "MoEClassifier",
     "VGG",
     "conv1d_net",
     "create",
@@ -52,6 +55,7 @@ __all__ = [
     "list_models",
     "mlp",
     "mobilenetv2",
+    "moe_classifier",
     "resnet20",
     "resnet32",
     "resnet56",
@@ -77,6 +81,7 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Tuple[int, ...]]] = {
     "conv1d_net": (conv1d_net, (1, 64)),
     "groupnorm_cnn": (groupnorm_cnn, _CIFAR),
     "digits_cnn": (digits_cnn, (1, 8, 8)),
+    "moe_classifier": (moe_classifier, (8, 16)),
 }
 
 
