@@ -13,6 +13,7 @@ from ._scores import GroupScores, Scores
 from ._scoring import score
 from ._surgery import load, mask, prune, save
 from ._experts import moe_routers  # registers the mixture-of-experts family
+from ._attention import PrunedMultiheadAttention  # registers the attention-head family (timm style, nn.MultiheadAttention)
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "evaluate", "finetune", "report", "Report", "format_sweep", "plot_sweep",
     "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError",
     "moe_routers",
+    "PrunedMultiheadAttention",
 ]

@@ -11,15 +11,18 @@ imports all of them).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._graph import GroupSpec
 
-__all__ = ["Family", "USource", "FAMILIES", "register", "family_of", "claimed_by_family",
+__all__ = ["Family", "USource", "FAMILIES", "register", "family_of", "claimed_by_family", "family_options",
+           "family_option",
            "hook_source", "MacsTerm"]
 
 # (macs, axis key, axis key): MACs of one sample that scale with the kept fraction of up to two axes. An axis
@@ -114,6 +117,26 @@ def family_groups(model: nn.Module, graph: Any, example_inputs: tuple, ignore: S
 
 
 FAMILIES: List[Family] = []
+
+# Options that change which units a family discovers (e.g. attention="head_dims"). fairpruner.score sets them
+# and records them in the scores' metadata; prune/mask/load restore them from the plan, so that a family
+# finds the same groups again. Families read them with family_option() inside discover().
+_OPTIONS: "contextvars.ContextVar[Dict[str, Any]]" = contextvars.ContextVar("fairpruner_family_options", default={})
+
+
+@contextlib.contextmanager
+def family_options(**options: Any) -> Iterator[None]:
+    """Sets unit-family options for the code inside the ``with`` block."""
+    token = _OPTIONS.set({**_OPTIONS.get(), **options})
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def family_option(name: str, default: Any = None) -> Any:
+    """The value of a unit-family option set by :func:`family_options` (``default`` when unset)."""
+    return _OPTIONS.get().get(name, default)
 
 
 def register(family: Family) -> Family:

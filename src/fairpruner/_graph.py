@@ -120,11 +120,30 @@ def _check_layers(model: nn.Module) -> None:
                 "convolutions can be pruned exactly. Pass it in `ignore=` together with its neighbours, or use "
                 "groups=1/depthwise.")
         own = [p for p in module.parameters(recurse=False)]
-        if own and not isinstance(module, SUPPORTED_TYPES + FROZEN_TYPES):
+        # torch-pruning has no pruner for an unknown module type: its parameters reach the graph as "unwrapped"
+        # parameters, which build_graph accepts only where they can never be pruned (a transformer's class token).
+        if own and not isinstance(module, SUPPORTED_TYPES + FROZEN_TYPES) and not _unknown_to_tp(module):
             raise UnsupportedModelError(
                 f"Layer '{name}' ({type(module).__name__}) holds its own parameters and is not a layer type "
                 "fairpruner knows how to cut. Supported: Conv1d/2d/3d, Linear, BatchNorm, GroupNorm, "
                 "InstanceNorm, PReLU. Rewrite it with standard layers.")
+
+
+def _unknown_to_tp(module: nn.Module) -> bool:
+    return tp.ops.module2type(module) == tp.ops.OPTYPE.ELEMENTWISE
+
+
+def _on_frozen_stream(graph: tp.DependencyGraph, param: nn.Parameter) -> bool:
+    """True if the channels of a parameter used directly in forward() are coupled to a LayerNorm or an
+    embedding (or to nothing): discover_groups drops every such group, so the parameter is never cut."""
+    if param not in graph.module2node:
+        return True  # unused by the forward pass
+    try:
+        group = graph.get_pruning_group(param, graph.get_pruner_of_module(param).prune_out_channels,
+                                        list(range(graph.get_out_channels(param))))
+    except Exception:  # noqa: BLE001 - a coupling the library cannot follow is refused
+        return False
+    return any(isinstance(item.dep.target.module, FROZEN_TYPES) for item in group)
 
 
 def _check_channel_padding(output: Any) -> None:
@@ -170,13 +189,24 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         custom: Dict[type, Any] = {}
         for fam in FAMILIES:
             custom.update(fam.tp_pruners())
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=traced,
-                                                      customized_pruners=custom or None)
-    if graph.unwrapped_parameters:
-        names = [graph._param_to_name.get(p, "?") for p, _ in graph.unwrapped_parameters]
+        # Parameters of modules torch-pruning has no pruner for are named (so that it does not warn that it
+        # would prune them), and checked below.
+        loose = [p for m in model.modules() if _unknown_to_tp(m)
+                 and not isinstance(m, tuple(t for t in custom if isinstance(t, type)))
+                 for p in m.parameters(recurse=False) if max(p.shape, default=1) > 1]
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=traced, customized_pruners=custom or None,
+            unwrapped_parameters=[(p, max(i for i, s in enumerate(p.shape) if s > 1)) for p in loose] or None)
+    unwrapped = [p for p, _ in graph.unwrapped_parameters if not _on_frozen_stream(graph, p)]
+    if unwrapped:
+        names = [graph._param_to_name.get(p, "?") for p in unwrapped]
+        owner = names[0].rpartition(".")[0]
+        where = f" (in layer '{owner}', {type(model.get_submodule(owner)).__name__})" if owner else ""
         raise UnsupportedModelError(
-            f"Parameters used directly in forward(), outside a standard layer: {names}. Their channel "
-            "dimension cannot be inferred safely; move them into standard layers.")
+            f"Parameters used directly in forward(), outside a standard layer: {names}{where}. They sit on "
+            "channels that could be pruned, and their channel dimension cannot be inferred safely; move them into "
+            "standard layers. (Such parameters are accepted on a stream that is never pruned, one coupled to a "
+            "LayerNorm, as a transformer's class token and position embedding are.)")
     return graph
 
 

@@ -20,9 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._costmodel import CostModel
-from ._tensors import as_args, logits_of, to_device
+from ._tensors import as_args, first_sample, logits_of, to_device
 from ._errors import DataError, FairPrunerError
-from ._family import USource, family_of
+from ._family import USource, family_of, family_options
 from ._graph import GroupSpec, Member, build_graph, discover_groups, find_output_layers, model_signature
 from ._scores import GroupScores, Scores
 from ._wasserstein import max_pairwise_w1, random_directions
@@ -31,6 +31,7 @@ __all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
 
 U_SITES = ("output", "norm", "input")
 U_REDUCTIONS = ("max", "mean")
+ATTENTION_UNITS = ("heads", "head_dims")
 R_REDUCTIONS = ("sum", "max")
 
 
@@ -46,6 +47,7 @@ class _Site:
     directions: Optional[torch.Tensor] = None
     identity: bool = False  # index is 0..n-1 over all of the tensor's channels
     channels_last: bool = False  # channels are the last dimension of 3-D tensors
+    batch_dim: int = 0  # 1 for sequence-first tensors (nn.MultiheadAttention/RNN layers with batch_first=False)
     chunks: List[torch.Tensor] = field(default_factory=list)
     labels: List[torch.Tensor] = field(default_factory=list)
     calls: int = 0
@@ -144,6 +146,9 @@ def _check_classes(labels: torch.Tensor, num_outputs: Optional[int]) -> Dict[int
 
 def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
     def record(tensor: torch.Tensor) -> None:
+        if state.get("probe") is not None:  # _probe_batch_dims: shapes only
+            state["probe"][id(site)] = tuple(tensor.shape)
+            return
         site.calls += 1
         if site.calls > 1:
             raise FairPrunerError(f"Module '{site.module}' runs more than once per forward pass; shared modules "
@@ -157,10 +162,12 @@ def _site_hook(site: _Site, state: dict, projections: int) -> Callable:
         state["measured"][key] = tensor  # held until the batch ends, so the address cannot be reused
         with torch.no_grad():
             x = tensor.detach()
+            if site.batch_dim:
+                x = x.movedim(site.batch_dim, 0)
             if keep.numel() != x.shape[0]:  # copies only when some samples of the batch are not needed
                 x = x.index_select(0, keep)
-            if x.dim() == 3 and site.channels_last:
-                x = x.transpose(1, 2)
+            if x.dim() > 2 and site.channels_last:  # (B, T, C) tokens, (B, H, W, C) channels-last maps
+                x = x.movedim(-1, 1)
             if not site.identity:  # the group's channels are a slice/permutation of this tensor's channels
                 x = x.index_select(1, site.index.to(x.device))
             x = x.float()
@@ -201,6 +208,7 @@ def score(
     u_at: str = "input",
     u_reduce: str = "max",
     r_reduce: str = "sum",
+    attention: str = "heads",
 ) -> Scores:
     """Computes U- and R-Scores for every prunable group of ``model`` in one pass over ``loader``.
 
@@ -229,6 +237,9 @@ def score(
             each first divided by its mean so that differently scaled tensors weigh alike).
         r_reduce: "sum": |sum of the Taylor terms of all members| (the first-order estimate of removing the
             coupled unit everywhere at once); "max": the largest member |Taylor term|.
+        attention: the units of attention layers: "heads" (whole heads) or "head_dims" (one dimension of
+            every head at once, so all heads keep the same width; the softmax scale stays the original).
+            Recorded in the scores, so that plans made from them are applied the same way.
 
     Returns:
         :class:`Scores` with one entry per prunable group.
@@ -238,6 +249,7 @@ def score(
     if not isinstance(projections, int) or projections < 1:
         raise FairPrunerError(f"projections must be a positive integer, got {projections!r}.")
     for opt, val, allowed in (("u_at", u_at, U_SITES), ("u_reduce", u_reduce, U_REDUCTIONS),
+                              ("attention", attention, ATTENTION_UNITS),
                               ("r_reduce", r_reduce, R_REDUCTIONS)):
         if val not in allowed:
             raise FairPrunerError(f"{opt}={val!r} is not one of {allowed}.")
@@ -274,7 +286,8 @@ def score(
         trace = tuple(t[:2] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
         graph = build_graph(work, trace)
         outputs, num_outputs = find_output_layers(work, trace)
-        groups = discover_groups(graph, work, ignore=tuple(ignore) + tuple(outputs), example_inputs=trace)
+        with family_options(attention=attention):
+            groups = discover_groups(graph, work, ignore=tuple(ignore) + tuple(outputs), example_inputs=trace)
         del graph
         if not groups:
             raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output).")
@@ -295,6 +308,7 @@ def score(
             else:
                 hooks.append(mod.register_forward_pre_hook(_site_hook(s, state, projections)))
             s.channels_last = isinstance(mod, nn.Linear)  # Linear layers on (B, T, C) sequences
+        _probe_batch_dims(work, trace, sites, state)
 
         seen = torch.zeros(0, dtype=torch.long)
         total = len(loader) if hasattr(loader, "__len__") else None
@@ -332,10 +346,31 @@ def score(
     meta = {
         "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class, "projections": projections, "seed": seed,
         "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce, "ignore": list(ignore),
+        "family_options": {"attention": attention},
         "output_layers": outputs, "class_counts": {str(k): v for k, v in counts.items()},
         "n_samples": n_samples, "example_inputs": _describe_inputs(example_inputs),
     }
     return Scores(result, cost, meta)
+
+
+def _probe_batch_dims(model: nn.Module, trace: tuple, sites: List[_Site], state: dict) -> None:
+    """Finds the batch dimension of every measured tensor (sequence-first layers put it second): the one that
+    changes between forward passes on one and on two samples. Run with grad enabled, as the scoring passes
+    are (no fused inference paths, such as nested tensors in nn.TransformerEncoder)."""
+    one = first_sample(trace)
+    two = tuple(torch.cat([t, t]) if torch.is_tensor(t) and t.dim() > 0 else t for t in one)
+    shapes = []
+    try:
+        for x in (one, two):
+            state["probe"] = {}
+            model(*x)
+            shapes.append(state["probe"])
+    finally:
+        state["probe"] = None
+    for s in sites:
+        a, b = shapes[0].get(id(s)), shapes[1].get(id(s))
+        if s.source is None and a is not None and b is not None and len(a) == len(b):
+            s.batch_dim = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), 0)
 
 
 def _first_per_class(targets: torch.Tensor, seen: torch.Tensor, limit: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._tensors import as_args, logits_of, to_device
 from ._errors import FairPrunerError, PlanError
-from ._family import family_groups
+from ._family import family_groups, family_options
 from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
 from ._scores import read_torch_file
@@ -61,7 +61,9 @@ def _plan_ignore(plan: Plan) -> List[str]:
 def _family_specs(plan: Plan, work: nn.Module, graph, x: tuple) -> List[tuple]:
     """(family, group, removed channels) for the plan's groups that a unit family owns, checked against the model
     (also those that lose nothing, so that torch-pruning's side never looks them up)."""
-    found = family_groups(work, graph, x, _plan_ignore(plan))
+    # The options the scores were made with (e.g. attention="head_dims"), so that families find the same groups.
+    with family_options(**plan.settings.get("scoring", {}).get("family_options", {})):
+        found = family_groups(work, graph, x, _plan_ignore(plan))
     out = []
     for spec in plan.groups:
         if spec["name"] not in found:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -31,12 +32,14 @@ from ._small import (
     groupnorm_cnn,
     mlp,
 )
+from ._transformer import ConvNeXt, VisionTransformer, convnext_atto, deit_tiny, vit_tiny_cifar
 from ._vgg import VGG, vgg, vgg11_bn, vgg16_bn
 
 __all__ = [
     "BasicBlock",
     "CifarResNet",
     "Conv1dNet",
+    "ConvNeXt",
     "DenseNet",
     "DigitsCNN",
     "GroupNormCNN",
@@ -45,8 +48,11 @@ __all__ = [
     "MoE",
     "MoEClassifier",
     "VGG",
+    "VisionTransformer",
     "conv1d_net",
+    "convnext_atto",
     "create",
+    "deit_tiny",
     "densenet",
     "digits_cnn",
     "example_input",
@@ -63,6 +69,7 @@ __all__ = [
     "vgg",
     "vgg11_bn",
     "vgg16_bn",
+    "vit_tiny_cifar",
 ]
 
 _CIFAR = (3, 32, 32)
@@ -81,6 +88,10 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Tuple[int, ...]]] = {
     "conv1d_net": (conv1d_net, (1, 64)),
     "groupnorm_cnn": (groupnorm_cnn, _CIFAR),
     "digits_cnn": (digits_cnn, (1, 8, 8)),
+    # create("deit_tiny") keeps the zoo's 10-class default; deit_tiny() itself defaults to ImageNet's 1000.
+    "deit_tiny": (functools.partial(deit_tiny, num_classes=10), (3, 224, 224)),
+    "vit_tiny_cifar": (vit_tiny_cifar, _CIFAR),
+    "convnext_atto": (convnext_atto, _CIFAR),
     "moe_classifier": (moe_classifier, (8, 16)),
 }
 
