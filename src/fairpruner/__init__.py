@@ -13,6 +13,8 @@ from ._scores import GroupScores, Scores
 from ._scoring import score
 from ._surgery import load, mask, prune, save
 from ._experts import moe_routers  # registers the mixture-of-experts family
+from . import _huggingface  # registers the Hugging Face attention-head family (never imports transformers)
+del _huggingface
 from ._attention import PrunedMultiheadAttention  # registers the attention-head family (timm style, nn.MultiheadAttention)
 
 __version__ = "0.1.0"
