@@ -12,6 +12,7 @@ from ._report import Report, format_sweep, plot_sweep, report
 from ._scores import GroupScores, Scores
 from ._scoring import score
 from ._surgery import load, mask, prune, save
+from ._recurrent import RecurrentStack  # registers the recurrent family (LSTM, GRU, RNN hidden units)
 from ._experts import moe_routers  # registers the mixture-of-experts family
 from . import _huggingface  # registers the Hugging Face attention-head family (never imports transformers)
 del _huggingface
@@ -27,4 +28,5 @@ __all__ = [
     "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError",
     "moe_routers",
     "PrunedMultiheadAttention",
+    "RecurrentStack",
 ]

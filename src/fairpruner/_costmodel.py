@@ -89,6 +89,14 @@ class CostModel:
             if isinstance(m, WEIGHT_TYPES) and mname in macs:
                 terms.append((macs[mname], a0, a1, 1))
                 counted_macs += macs[mname]
+            elif isinstance(m, nn.RNNBase) and mname in macs:
+                # Recurrent layers count steps x the size of each weight matrix (_counting._rnn_macs); each term
+                # scales with the explicit axes of its weight (gate rows, recurrent and input columns).
+                weights = [(n, p) for n, p in m.named_parameters(recurse=False) if n.startswith("weight_")]
+                steps = macs[mname] // max(sum(p.numel() for _, p in weights), 1)
+                for n, p in weights:
+                    terms.append((steps * p.numel(), axes.get((mname, n, 0), -1), axes.get((mname, n, 1), -1), 1))
+                counted_macs += macs[mname]
         x = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         for g in groups:
             if g.family is None:

@@ -62,6 +62,16 @@ class Family:
         """Modules torch-pruning must not root or prune groups at, because this family handles them."""
         return []
 
+    def tracing(self, model: nn.Module) -> Any:
+        """A context manager entered while torch-pruning traces ``model`` (e.g. hooks that hide a layer's
+        internal operations, which the library would misread, behind one node)."""
+        return contextlib.nullcontext()
+
+    def layout(self, module: nn.Module, side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
+        """Explicit ``(param, dim)`` pairs of a module this family claims when it is a member (``side``) of a
+        torch-pruning group, e.g. an LSTM's input columns; None: laid out like Conv/Linear."""
+        return None
+
     def discover(self, model: nn.Module, graph: Any, example_inputs: tuple,
                  ignore: Sequence[str]) -> List[GroupSpec]:
         """This family's groups in ``model`` (``ignore``: module names the user or the output layer protect)."""
@@ -155,6 +165,15 @@ def family_of(name: str) -> Family:
 
 def claimed_by_family(module: nn.Module) -> bool:
     return any(f.claims(module) for f in FAMILIES)
+
+
+def family_layout(module: nn.Module, side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
+    """The first explicit parameter layout a registered family gives ``module`` (see :meth:`Family.layout`)."""
+    for f in FAMILIES:
+        found = f.layout(module, side)
+        if found is not None:
+            return found
+    return None
 
 
 def hook_source(name: str, module: str, *, side: str = "output", item: Optional[int] = None,

@@ -29,7 +29,7 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
 # Parameter-carrying layers whose channel surgery is known to be exact.
 SUPPORTED_TYPES = WEIGHT_TYPES + NORM_TYPES + (nn.PReLU,)
 UNSUPPORTED_HINTS = {
-    nn.RNNBase: "recurrent layers of this kind (plain RNN, LSTM with proj_size)",
+    nn.RNNBase: "recurrent layers of this kind (LSTM with proj_size, subclasses of nn.LSTM/GRU/RNN)",
     nn.modules.conv._ConvTransposeNd: "transposed convolutions",
 }
 # Modules allowed in a model whose channels are never pruned: a group that reaches them is dropped, because
@@ -194,9 +194,12 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         loose = [p for m in model.modules() if _unknown_to_tp(m)
                  and not isinstance(m, tuple(t for t in custom if isinstance(t, type)))
                  for p in m.parameters(recurse=False) if max(p.shape, default=1) > 1]
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=traced, customized_pruners=custom or None,
-            unwrapped_parameters=[(p, max(i for i, s in enumerate(p.shape) if s > 1)) for p in loose] or None)
+        with contextlib.ExitStack() as tracing:
+            for fam in FAMILIES:
+                tracing.enter_context(fam.tracing(model))
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=traced, customized_pruners=custom or None,
+                unwrapped_parameters=[(p, max(i for i, s in enumerate(p.shape) if s > 1)) for p in loose] or None)
     unwrapped = [p for p, _ in graph.unwrapped_parameters if not _on_frozen_stream(graph, p)]
     if unwrapped:
         names = [graph._param_to_name.get(p, "?") for p in unwrapped]
@@ -294,7 +297,7 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequenc
     by torch-pruning itself; groups that reach a LayerNorm or an embedding (a transformer's residual
     stream) are dropped here, since removing such a channel changes every other channel's result.
     """
-    from ._family import FAMILIES
+    from ._family import FAMILIES, family_layout
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     owned = [n for fam in FAMILIES for n in fam.owned(model)]
@@ -331,7 +334,7 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequenc
             if len(width) != 1:
                 raise UnsupportedModelError(f"Group '{names[root]}': irregular channel mapping into '{mname}'.")
             index = torch.tensor([sorted(mapping[c]) for c in range(channels)], dtype=torch.long)
-            members.append(Member(mname, side, index, _member_kind(modules[mname])))
+            members.append(Member(mname, side, index, _member_kind(modules[mname]), family_layout(modules[mname], side)))
         members.sort(key=lambda m: (m.side != "out", m.module))
         units = _unit_blocks(names[root], channels, members, modules)
         if units.shape[0] < 2:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._tensors import as_args, logits_of, to_device
 from ._errors import FairPrunerError, PlanError
-from ._family import family_groups, family_options
+from ._family import family_groups, family_layout, family_options
 from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
 from ._plan import Plan
 from ._scores import read_torch_file
@@ -140,8 +140,13 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
 
 def _zero_(module: nn.Module, side: str, idxs: List[int]) -> None:
     index = torch.tensor(idxs, dtype=torch.long)
+    layout = family_layout(module, side)  # a family-claimed layer (an LSTM's input columns)
     with torch.no_grad():
         for name, p in module.named_parameters(recurse=False):
+            if layout is not None:
+                for dim in (d for n, d in layout if n == name):
+                    p.index_fill_(dim, index.to(p.device), 0.0)
+                continue
             if side == "out":
                 p.index_fill_(0, index.to(p.device), 0.0)
             elif name == "weight" and isinstance(module, WEIGHT_TYPES) and p.dim() > 1:

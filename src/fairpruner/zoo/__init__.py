@@ -33,6 +33,7 @@ from ._small import (
     mlp,
 )
 from ._transformer import ConvNeXt, VisionTransformer, convnext_atto, deit_tiny, vit_tiny_cifar
+from ._sequence import RecurrentClassifier, gru_classifier, lstm_classifier
 from ._vgg import VGG, vgg, vgg11_bn, vgg16_bn
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "GroupNormCNN",
     "MLP",
     "MobileNetV2",
+    "RecurrentClassifier",
     "MoE",
     "MoEClassifier",
     "VGG",
@@ -57,8 +59,10 @@ __all__ = [
     "digits_cnn",
     "example_input",
     "groupnorm_cnn",
+    "gru_classifier",
     "input_shape",
     "list_models",
+    "lstm_classifier",
     "mlp",
     "mobilenetv2",
     "moe_classifier",
@@ -88,6 +92,8 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Tuple[int, ...]]] = {
     "conv1d_net": (conv1d_net, (1, 64)),
     "groupnorm_cnn": (groupnorm_cnn, _CIFAR),
     "digits_cnn": (digits_cnn, (1, 8, 8)),
+    "lstm_classifier": (lstm_classifier, (16, 12)),  # (time, features)
+    "gru_classifier": (gru_classifier, (16, 12)),
     # create("deit_tiny") keeps the zoo's 10-class default; deit_tiny() itself defaults to ImageNet's 1000.
     "deit_tiny": (functools.partial(deit_tiny, num_classes=10), (3, 224, 224)),
     "vit_tiny_cifar": (vit_tiny_cifar, _CIFAR),
