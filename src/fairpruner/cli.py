@@ -205,7 +205,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
             loader = [b for i, b in enumerate(loader) if i % world == rank]
         scores = fp.score(model, loader, samples_per_class=args.samples_per_class, projections=args.projections,
                           seed=args.seed, device=args.device, progress=args.progress and rank == 0,
-                          u_at=args.u_at, u_reduce=args.u_reduce, r_reduce=args.r_reduce)
+                          u_at=args.u_at, u_reduce=args.u_reduce, r_reduce=args.r_reduce,
+                          attention=args.attention)
         if rank == 0:
             out = _out_path(args.out)
             scores.save(out)
@@ -423,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a coupled group combines the U of its members (default max)")
     p.add_argument("--r-reduce", default="sum", choices=("sum", "max"),
                    help="how a coupled group combines the Taylor terms of its members (default sum)")
+    p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
+                   help="attention units: whole heads (default), or one dimension of every head so all heads keep "
+                        "the same width")
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write")
     _progress_flag(p)
 
