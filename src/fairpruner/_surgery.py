@@ -193,7 +193,7 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple, rtol: 
         raise FairPrunerError(f"Pruning changed the output shape {tuple(b.shape)} -> {tuple(a.shape)}; the model "
                               "holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
     err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
-    if err > rtol:
+    if not err <= rtol:  # NaN fails too
         raise FairPrunerError(f"The pruned model differs from the masked model (relative error {err:.2e}); the "
                               "model holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
 
