@@ -50,7 +50,7 @@ from torch import nn
 
 from ._errors import PlanError, UnsupportedModelError
 from ._family import Family, USource, register, zero_members_
-from ._graph import NORM_TYPES, WEIGHT_TYPES, GroupSpec, Member
+from ._graph import NORM_TYPES, WEIGHT_TYPES, GroupSpec, Member, group_slots
 
 __all__ = ["Experts", "MoEBlock", "moe_blocks", "moe_routers"]
 
@@ -329,20 +329,7 @@ class Experts(Family):
     def _members(graph: Any, group: Any, names: Dict[int, str], modules: Dict[str, nn.Module], channels: int,
                  prefix: str) -> Optional[List[Member]]:
         """The group's Linear members if it stays inside one expert and maps channels one to one; else None."""
-        merged: Dict[Tuple[str, str], Dict[int, set]] = {}
-        for item in group:
-            name = names.get(id(item.dep.target.module))
-            if name is None:  # torch-pruning's placeholder nodes for functional ops
-                continue
-            if graph.is_out_channel_pruning_fn(item.dep.handler):
-                side = "out"
-            elif graph.is_in_channel_pruning_fn(item.dep.handler):
-                side = "in"
-            else:
-                continue
-            slot = merged.setdefault((name, side), {})
-            for idx, ridx in zip(item.idxs, item.root_idxs):
-                slot.setdefault(int(ridx), set()).add(int(idx))
+        merged = group_slots(graph, group, lambda m: names.get(id(m)))
         members = []
         for (name, side), mapping in sorted(merged.items(), key=lambda kv: (kv[0][1] != "out", kv[0][0])):
             if not _covered(name, [prefix]) or not isinstance(modules[name], nn.Linear):

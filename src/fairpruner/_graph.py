@@ -288,6 +288,29 @@ def _unit_blocks(name: str, channels: int, members: List[Member], modules: Dict[
     return order.view(-1, int(sizes[0]))
 
 
+def group_slots(graph: tp.DependencyGraph, group: Any, name_of: Any) -> Dict[Tuple[str, str], Dict[int, set]]:
+    """A torch-pruning group as ``{(module name, "out" | "in"): {root channel: positions}}``.
+
+    ``name_of(module)`` gives a module's qualified name, or None for torch-pruning's placeholder nodes of
+    functional ops, which are skipped.
+    """
+    merged: Dict[Tuple[str, str], Dict[int, set]] = {}
+    for item in group:
+        name = name_of(item.dep.target.module)
+        if name is None:
+            continue
+        if graph.is_out_channel_pruning_fn(item.dep.handler):
+            side = "out"
+        elif graph.is_in_channel_pruning_fn(item.dep.handler):
+            side = "in"
+        else:
+            continue
+        slot = merged.setdefault((name, side), {})
+        for idx, ridx in zip(item.idxs, item.root_idxs):
+            slot.setdefault(int(ridx), set()).add(int(idx))
+    return merged
+
+
 def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequence[str] = (),
                     example_inputs: Any = None) -> List[GroupSpec]:
     """All prunable groups: torch-pruning groups rooted at Conv/Linear layers not in ``ignore``, then the
@@ -308,20 +331,7 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequenc
         channels = graph.get_out_channels(root)
         if channels is None or channels < 2:
             continue
-        merged: Dict[Tuple[str, str], Dict[int, set]] = {}
-        for item in group:
-            module = item.dep.target.module
-            if module not in names:  # torch-pruning's placeholder nodes for functional ops
-                continue
-            if graph.is_out_channel_pruning_fn(item.dep.handler):
-                side = "out"
-            elif graph.is_in_channel_pruning_fn(item.dep.handler):
-                side = "in"
-            else:
-                continue
-            slot = merged.setdefault((names[module], side), {})
-            for idx, ridx in zip(item.idxs, item.root_idxs):
-                slot.setdefault(int(ridx), set()).add(int(idx))
+        merged = group_slots(graph, group, names.get)
         if any(isinstance(modules[mname], FROZEN_TYPES) for mname, _ in merged):
             continue
         members = []
