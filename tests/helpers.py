@@ -24,3 +24,15 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
     return model
+
+
+class CountingLoader:
+    """A re-iterable loader that records how many batches were drawn (errors must come before any)."""
+
+    def __init__(self, batches):
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.drawn += 1
+            yield b

@@ -13,7 +13,7 @@ import fairpruner as fp
 from fairpruner import PrunedMultiheadAttention
 from fairpruner._attention import find_attention
 from fairpruner.zoo import ConvNeXt, VisionTransformer
-from helpers import tiny_loader
+from helpers import CountingLoader, tiny_loader
 
 T, FEATS, DIM, HEADS = 5, 6, 16, 4
 
@@ -400,16 +400,6 @@ def test_pruned_per_head_mask_follows_the_kept_heads():
 
 # ---------------------------------------------------------------- refused attention
 
-class _CountingLoader:
-    def __init__(self, batches):
-        self.batches, self.drawn = batches, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            self.drawn += 1
-            yield b
-
-
 class _CrossNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -451,7 +441,7 @@ class _GQANet(nn.Module):
 
 @pytest.mark.parametrize("model,what", [(_CrossNet(), "kdim=8"), (_GQANet(), "grouped-query")])
 def test_unsupported_attention_refused_before_scoring(model, what):
-    loader = _CountingLoader(tiny_loader(SEQ))
+    loader = CountingLoader(tiny_loader(SEQ))
     with pytest.raises(fp.UnsupportedModelError, match=what) as err:
         fp.score(model.eval(), loader, projections=4)
     assert "ignore=" in str(err.value) and "'attn'" in str(err.value)

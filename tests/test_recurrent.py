@@ -17,7 +17,7 @@ from fairpruner._plan import Plan
 from fairpruner._recurrent import _TPPruner
 from fairpruner._scoring import site_seed
 from fairpruner._wasserstein import random_directions
-from helpers import tiny_loader
+from helpers import CountingLoader, tiny_loader
 
 T, FEATS, PROJ, H = 5, 6, 8, 10
 SHAPE = (T, FEATS)
@@ -81,6 +81,16 @@ def pruned(case, target):
         plan = fp.plan(scores, **TARGETS[target])
         _PRUNED[(case, target)] = (model, scores, plan, fp.prune(model, plan))
     return _PRUNED[(case, target)]
+
+
+def assert_exact(model, plan) -> None:
+    """The pruned model meets the predicted params/MACs and computes what the masked model does."""
+    small = fp.prune(model, plan)
+    x = fresh()
+    assert fp.count_params(small) == plan.predicted["params_after"]
+    assert fp.count_macs(small, x) == plan.predicted["macs_after"]
+    with torch.no_grad():
+        assert rel_err(small(x), fp.mask(model, plan)(x)) < 1e-5
 
 
 def hidden_sizes(module) -> list:
@@ -317,12 +327,7 @@ def test_readers_are_cut_exactly(how):
     assert {"rnn:layer0", "rnn:layer1"} <= set(scores.names)
     # Both layers lose units (so a reader of both is cut twice), and so does every other group.
     plan = _plan_removing(scores, {g.name: [1, 4] if g.name == "rnn:layer1" else [0, 2, 3] for g in scores.groups})
-    small = fp.prune(model, plan)
-    x = fresh()
-    assert fp.count_params(small) == plan.predicted["params_after"]
-    assert fp.count_macs(small, x) == plan.predicted["macs_after"]
-    with torch.no_grad():
-        assert rel_err(small(x), fp.mask(model, plan)(x)) < 1e-5
+    assert_exact(model, plan)
 
 
 class Kept(nn.Module):
@@ -353,25 +358,10 @@ def test_units_that_cannot_go_alone_are_kept(how):
     scores = fp.score(model, tiny_loader(SHAPE), projections=8)
     assert "rnn:layer0" in scores.names and "rnn:layer1" not in scores.names
     plan = fp.plan(scores, alpha=0.5)
-    small = fp.prune(model, plan)
-    x = fresh()
-    assert fp.count_params(small) == plan.predicted["params_after"]
-    assert fp.count_macs(small, x) == plan.predicted["macs_after"]
-    with torch.no_grad():
-        assert rel_err(small(x), fp.mask(model, plan)(x)) < 1e-5
+    assert_exact(model, plan)
 
 
 # ---------------------------------------------------------------- errors
-
-class _Counting:
-    def __init__(self, batches):
-        self.batches, self.drawn = batches, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            self.drawn += 1
-            yield b
-
 
 class Bad(nn.Module):
     def __init__(self, how: str) -> None:
@@ -402,7 +392,7 @@ class Bad(nn.Module):
 ])
 def test_unsupported_refused_before_scoring(how, match):
     model = Bad(how).eval()
-    loader = _Counting(tiny_loader(SHAPE))
+    loader = CountingLoader(tiny_loader(SHAPE))
     with pytest.raises(fp.UnsupportedModelError, match=match):
         fp.score(model, loader, projections=8)
     assert loader.drawn <= 1

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fairpruner as fp
-from helpers import randomize_norms, tiny_loader
+from helpers import CountingLoader, randomize_norms, tiny_loader
 from fairpruner import zoo
 
 
@@ -243,22 +243,10 @@ def test_load_rejects_foreign_files_and_wrong_architecture(tmp_path):
 
 # ---------------------------------------------------------------- errors
 
-class _CountingLoader:
-    """A re-iterable loader that records how many batches were drawn."""
-
-    def __init__(self, batches):
-        self.batches, self.drawn = batches, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            self.drawn += 1
-            yield b
-
-
 def test_pad_shortcut_refused_before_scoring():
     model = zoo.resnet20(shortcut="pad").eval()
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = _CountingLoader(tiny_loader((3, 32, 32), per=6, batch=4))
+    loader = CountingLoader(tiny_loader((3, 32, 32), per=6, batch=4))
     with pytest.raises(fp.UnsupportedModelError, match="pad"):
         fp.score(model, loader, projections=8)
     assert loader.drawn <= 1  # at most the first batch, for the example inputs
@@ -301,7 +289,7 @@ class _CustomParamNet(nn.Module):
 
 @pytest.mark.parametrize("model,shape,what", [(_LSTMNet(), (5, 6), "proj_size"), (_CustomParamNet(), (3, 8, 8), "_Scale")])
 def test_unsupported_layers(model, shape, what):
-    loader = _CountingLoader(tiny_loader(shape))
+    loader = CountingLoader(tiny_loader(shape))
     with pytest.raises(fp.UnsupportedModelError, match=what):
         fp.score(model.eval(), loader, projections=8)
     assert loader.drawn <= 1
