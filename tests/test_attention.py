@@ -1,4 +1,4 @@
-"""Tests for fairpruner._attention: attention heads (timm style and nn.MultiheadAttention) as a unit family, the
+"""Tests for fairpruner.families.attention: attention heads (timm style and nn.MultiheadAttention) as a unit family, the
 MLP groups of transformer blocks, the never-pruned residual stream, and the nn.MultiheadAttention replacement."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 import fairpruner as fp
 from fairpruner import PrunedMultiheadAttention
-from fairpruner._attention import find_attention
+from fairpruner.families.attention import find_attention
 from fairpruner.zoo import ConvNeXt, VisionTransformer
 from helpers import CountingLoader, tiny_loader
 
@@ -249,7 +249,7 @@ def test_second_round_on_the_replacement(tmp_path):
 def test_head_dims_keep_heads_and_scale(name):
     model, scores, plan, pruned = case(name, "uniform", "head_dims")
     assert all(n.endswith(":head_dims") or ":" not in n for n in scores.names)
-    assert plan.settings["scoring"]["family_options"] == {"attention": "head_dims"}
+    assert plan.settings["scoring"]["family_options"]["attention_heads"] == {"version": 1, "units": "head_dims"}
     before, after = heads_of(model), heads_of(pruned)
     for k, (heads, head_dim) in before.items():
         assert after[k][0] == heads and after[k][1] < head_dim

@@ -1,4 +1,4 @@
-"""Tests for fairpruner._costmodel: predicted params/MACs equal those of the really pruned model."""
+"""Tests for fairpruner._measure.costmodel: predicted params/MACs equal those of the really pruned model."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 import fairpruner as fp
 from helpers import tiny_loader
 from fairpruner import zoo
-from fairpruner._costmodel import CostModel
+from fairpruner._measure.costmodel import CostModel
 
 
 CASES = {

@@ -6,7 +6,7 @@ from torch import nn
 
 import fairpruner as fp
 from fairpruner import zoo
-from fairpruner._counting import module_macs
+from fairpruner._measure.counting import module_macs
 
 
 class _Attention(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for fairpruner._experts: mixture-of-experts blocks, whole experts or hidden units inside experts as
+"""Tests for fairpruner.families.experts: mixture-of-experts blocks, whole experts or hidden units inside experts as
 units; U sources against hand-computed oracles, R against a hand-computed Taylor sum, surgery (pruned == masked,
 exact cost predictions, top-k constraint), save/load, and a Mixtral-style block (gate, SwiGLU, slot order)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 import fairpruner as fp
 from fairpruner import zoo
-from fairpruner._experts import Experts, moe_blocks
+from fairpruner.families.experts import Experts, moe_blocks
 from fairpruner._graph import build_graph
 from helpers import tiny_loader
 
@@ -59,7 +59,7 @@ def removing(plan, name, channels):
 
 
 def discovered(model, x, ignore=()):
-    return Experts().discover(model, build_graph(model, x), (x,), tuple(ignore))
+    return Experts().discover(model, build_graph(model, x, fp.families.build()), (x,), tuple(ignore))
 
 
 # ---------------------------------------------------------------- discovery and options
@@ -72,7 +72,7 @@ def test_blocks_routers_and_groups_by_option():
     groups = discovered(model, x)
     assert [g.name for g in groups] == ["blocks.0.moe:experts", "blocks.1.moe:experts"]
     g = groups[0]
-    assert g.n_units == 4 and g.family == "experts"
+    assert g.n_units == 4 and g.family.name == "experts"
     owners = sorted({m.owner for m in g.members if m.owner is not None})
     assert owners == [0, 1, 2, 3] and g.members[0].module == "blocks.0.moe.router"
     # The router of block 1 ignored: its experts stay, their hidden units become the units.

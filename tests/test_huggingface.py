@@ -1,4 +1,4 @@
-"""Tests for fairpruner._huggingface: attention heads and feed-forward units of Hugging Face BERT and ViT models
+"""Tests for fairpruner.families.attention_hf: attention heads and feed-forward units of Hugging Face BERT and ViT models
 (built from small configs, no downloads): groups, prune == mask, predicted == counted params/MACs, the head
 bookkeeping (module attributes, config.pruned_heads), eager and SDPA attention, masks, save/load."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fairpruner as fp
-from fairpruner._huggingface import HFAttentionHeads, _layer_index, _record_pruned_heads, find_attention
+from fairpruner.families.attention_hf import HFAttentionHeads, _layer_index, _record_pruned_heads, find_attention
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,10 +13,10 @@ from torch import nn
 
 import fairpruner as fp
 from fairpruner import RecurrentStack
-from fairpruner._plan import Plan
-from fairpruner._recurrent import _TPPruner
-from fairpruner._scoring import site_seed
-from fairpruner._wasserstein import random_directions
+from fairpruner._planning.plan import Plan
+from fairpruner.families.recurrent.family import _TPPruner
+from fairpruner._scoring.sites import site_seed
+from fairpruner._scoring.wasserstein import random_directions
 from helpers import CountingLoader, tiny_loader
 
 T, FEATS, PROJ, H = 5, 6, 8, 10
@@ -203,7 +203,7 @@ def test_unequal_layers_become_a_stack_and_prune_again(tmp_path):
 def test_stack_computes_what_the_layer_does(cell):
     torch.manual_seed(0)
     rnn = CELLS[cell](FEATS, H, num_layers=3, bidirectional=True, dropout=0.5).eval()
-    from fairpruner._rnn_layers import split_layers
+    from fairpruner.families.recurrent.layers import split_layers
     stack = RecurrentStack(split_layers(copy.deepcopy(rnn)), dropout=0.5).eval()
     x = torch.randn(T, 2, FEATS)
     h0 = torch.randn(6, 2, H)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fairpruner as fp
 from fairpruner import zoo
 from fairpruner._errors import FairPrunerError
-from fairpruner._report import format_plan
+from fairpruner._reporting import format_plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -545,8 +545,8 @@ def test_scores_load_rejects_other_files(tmp_path):
 def test_sliced_u_equals_naive_loop_with_the_same_directions():
     """Sliced U of a conv layer = max over class pairs of the mean over the seeded directions of scipy's
     1-D W1 between the projected feature maps, computed unit by unit, pair by pair."""
-    from fairpruner._scoring import site_seed
-    from fairpruner._wasserstein import random_directions
+    from fairpruner._scoring.sites import site_seed
+    from fairpruner._scoring.wasserstein import random_directions
     model = _plain_conv_chain()
     loader = tiny_loader((3, 8, 8), per=5, batch=7)
     proj = 6

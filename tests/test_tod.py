@@ -1,4 +1,4 @@
-"""Tests for fairpruner._tod against a brute-force O(n^2) Tolerance of Difference written from METHOD.md §2."""
+"""Tests for fairpruner._planning.tod against a brute-force O(n^2) Tolerance of Difference written from METHOD.md §2."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairpruner._tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
+from fairpruner._planning.tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
 
 ALPHAS = [0.0, 0.005, 0.01, 0.015, 0.05, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.9, 0.99, 1.0]
 

@@ -1,4 +1,4 @@
-"""Tests for fairpruner._wasserstein: exact and sliced max-pairwise W1, chunking, the quantile grid."""
+"""Tests for fairpruner._scoring.wasserstein: exact and sliced max-pairwise W1, chunking, the quantile grid."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from fairpruner._wasserstein import max_pairwise_w1, quantile_grid, random_directions
+from fairpruner._scoring.wasserstein import max_pairwise_w1, quantile_grid, random_directions
 
 
 def _classes(counts, units, proj, seed=0, dtype=torch.float64):

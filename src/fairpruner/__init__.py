@@ -1,22 +1,22 @@
 """fairpruner: FAIR-Pruner structured pruning (U-Score, R-Score, Tolerance of Difference).
 
-The data path: :func:`score` (one pass over labelled calibration data) -> :func:`plan` (ToD counts for an
-alpha or a params/MACs target, milliseconds) -> :func:`prune` (physical surgery) / :func:`mask` (zeroing)
--> :func:`save` / :func:`load`.
+The data path, one sub-package each: :func:`score` (``_scoring``: one pass over labelled calibration data)
+-> :func:`plan` (``_planning``: ToD counts for an alpha or a params/MACs target, milliseconds) -> :func:`prune`
+/ :func:`mask` (``_pruning``) -> :func:`finetune` (``_recovery``) -> :func:`report` (``_reporting``). The
+extension point is :mod:`fairpruner.families` (unit kinds the dependency graph cannot express).
 """
-from ._counting import count_macs, count_params, measure_latency
-from ._errors import DataError, FairPrunerError, PlanError, UnsupportedModelError
-from ._finetune import evaluate, finetune
-from ._plan import ALLOCATIONS, SIGNALS, Plan, plan, sweep
-from ._report import Report, format_sweep, plot_sweep, report
-from ._scores import GroupScores, Scores
-from ._scoring import score
-from ._surgery import load, mask, prune, save
-from ._recurrent import RecurrentStack  # registers the recurrent family (LSTM, GRU, RNN hidden units)
-from ._experts import moe_routers  # registers the mixture-of-experts family
-from . import _huggingface  # registers the Hugging Face attention-head family (never imports transformers)
-del _huggingface
-from ._attention import PrunedMultiheadAttention  # registers the attention-head family (timm style, nn.MultiheadAttention)
+from . import families
+from ._errors import CliError, DataError, FairPrunerError, PlanError, UnsupportedModelError
+from ._measure.counting import count_macs as count_macs, count_params as count_params
+from ._measure.counting import measure_latency as measure_latency
+from ._planning import ALLOCATIONS as ALLOCATIONS, SIGNALS as SIGNALS, Plan as Plan, plan as plan, sweep as sweep
+from ._pruning import load as load, mask as mask, prune as prune, save as save
+from ._recovery import evaluate as evaluate, finetune as finetune
+from ._reporting import Report as Report, format_plan as format_plan, format_sweep as format_sweep
+from ._reporting import plot_sweep as plot_sweep, report as report
+from ._scoring import GroupScores as GroupScores, Scores as Scores, score as score
+from .families import PrunedMultiheadAttention as PrunedMultiheadAttention
+from .families import RecurrentStack as RecurrentStack, moe_routers as moe_routers
 
 __version__ = "0.1.0"
 
@@ -24,9 +24,7 @@ __all__ = [
     "score", "plan", "sweep", "prune", "mask", "save", "load",
     "Scores", "GroupScores", "Plan", "SIGNALS", "ALLOCATIONS",
     "count_macs", "count_params", "measure_latency",
-    "evaluate", "finetune", "report", "Report", "format_sweep", "plot_sweep",
-    "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError",
-    "moe_routers",
-    "PrunedMultiheadAttention",
-    "RecurrentStack",
+    "evaluate", "finetune", "report", "Report", "format_plan", "format_sweep", "plot_sweep",
+    "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError", "CliError",
+    "families", "moe_routers", "PrunedMultiheadAttention", "RecurrentStack",
 ]

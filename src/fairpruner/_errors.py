@@ -1,6 +1,6 @@
 """Exceptions raised by fairpruner; each message says what is wrong and what to do."""
 
-__all__ = ["FairPrunerError", "UnsupportedModelError", "DataError", "PlanError"]
+__all__ = ["FairPrunerError", "UnsupportedModelError", "DataError", "PlanError", "CliError"]
 
 
 class FairPrunerError(ValueError):
@@ -17,3 +17,7 @@ class DataError(FairPrunerError):
 
 class PlanError(FairPrunerError):
     """A plan or a target that cannot be made, met, or applied to this model."""
+
+
+class CliError(FairPrunerError):
+    """A command-line input that cannot be used; printed as ``error: <message>``."""

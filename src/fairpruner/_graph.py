@@ -1,113 +1,42 @@
-"""Discovery of coupled pruning groups: the one place that reads torch-pruning's dependency graph.
+"""The torch-pruning adapter: builds its dependency graph and reads coupled groups out of it.
 
-A *group* is a set of channels that must be removed together (a conv with its BatchNorm and its consumers,
-all writers of a residual stream, the slices of a concatenation). Its *root* is the first Conv/Linear whose
-output channels belong to it; the group is named after the root's qualified name and its channels are
-numbered in the root's output-channel space. A *unit* is the smallest removable block of root channels:
-one channel, or a whole GroupNorm group where GroupNorm couples channels (removing part of a GroupNorm
-group changes the statistics of the rest, so only whole groups can be removed exactly).
+Groups (see :mod:`fairpruner._core.groups`) are rooted at Conv/Linear layers; the unit families handed in
+(never looked up from here) add their own pruners, tracing hooks, parameter layouts and groups, as
+torch-pruning itself takes ``customized_pruners``.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._tensors import as_args
+from ._core.groups import GroupSpec, Member, member_kind
+from ._core.inputs import as_args
+from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES)
+from ._core.state import preserved_state
 from ._errors import UnsupportedModelError
 
-__all__ = ["Member", "GroupSpec", "build_graph", "discover_groups", "find_output_layers", "NORM_TYPES"]
+if TYPE_CHECKING:  # annotations only: families build on this module, not the other way round
+    from .families.base import Family
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-WEIGHT_TYPES = CONV_TYPES + (nn.Linear,)
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
-              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-# Parameter-carrying layers whose channel surgery is known to be exact.
-SUPPORTED_TYPES = WEIGHT_TYPES + NORM_TYPES + (nn.PReLU,)
-UNSUPPORTED_HINTS = {
-    nn.RNNBase: "recurrent layers of this kind (LSTM with proj_size, subclasses of nn.LSTM/GRU/RNN)",
-    nn.modules.conv._ConvTransposeNd: "transposed convolutions",
-}
-# Modules allowed in a model whose channels are never pruned: a group that reaches them is dropped, because
-# removing a channel they normalise over (or look up) changes the result for every other channel.
-FROZEN_TYPES = (nn.LayerNorm, nn.Embedding)
+__all__ = ["build_graph", "discover_groups", "find_output_layers", "group_slots", "family_layout"]
+
+def family_layout(families: Sequence["Family"], module: nn.Module,
+                  side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
+    """The first explicit parameter layout one of ``families`` gives ``module`` (see ``Family.layout``)."""
+    for f in families:
+        found = f.layout(module, side)
+        if found is not None:
+            return found
+    return None
 
 
-@dataclass
-class Member:
-    """One module touched when the group's channels go.
-
-    Attributes:
-        module: qualified module name.
-        side: "out" (the module's output channels/features) or "in" (its input channels/features).
-        index: LongTensor (channels, k): for root channel c, the k positions in this module's channel
-            dimension that go with it (k > 1 after a flatten, where one channel feeds k features).
-        kind: "weight" (Conv/Linear), "norm" or "other".
-        params: explicit ``(parameter name, dim)`` pairs the index addresses, for layers whose parameters are
-            not laid out like Conv/Linear (recurrent gate blocks, fused attention projections). None: every
-            own parameter along dim 0 for "out", the weight's dim 1 for "in".
-        owner: set for a module that belongs wholly to one root channel (a layer of one expert): every
-            parameter of it goes with root channel ``owner``, ``index`` is ``(channels, 0)``. The cost model
-            scales such parameters with the group's kept units (exact when the owned modules of the group are
-            alike in size); their MACs stay constant unless the family lists MACs terms.
-    """
-
-    module: str
-    side: str
-    index: torch.Tensor
-    kind: str
-    params: Optional[Tuple[Tuple[str, int], ...]] = None
-    owner: Optional[int] = None
-
-
-@dataclass
-class GroupSpec:
-    """A coupled group of channels, as found in the model."""
-
-    name: str
-    channels: int
-    unit_channels: torch.Tensor  # (units, unit_size): root channels of each unit
-    members: List[Member] = field(default_factory=list)
-    family: Optional[str] = None  # None: a torch-pruning group; else the unit family that owns it
-
-    @property
-    def n_units(self) -> int:
-        return int(self.unit_channels.shape[0])
-
-    @property
-    def unit_size(self) -> int:
-        return int(self.unit_channels.shape[1])
-
-    def channels_of(self, units: Iterable[int]) -> List[int]:
-        """Sorted root channels of the given units."""
-        units = list(units)
-        if not units:
-            return []
-        return sorted(int(c) for c in self.unit_channels[torch.tensor(units, dtype=torch.long)].flatten())
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module):
-    """Restores train/eval flags of every module and grad mode, whatever the body does."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        # Tracing forwards run in eval mode so that BatchNorm running statistics never move.
-        model.eval()
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, t in flags.items():
-            m.training = t
-
-
-def _check_layers(model: nn.Module) -> None:
-    from ._family import claimed_by_family
+def _check_layers(model: nn.Module, families: Sequence["Family"]) -> None:
     for name, module in model.named_modules():
-        if claimed_by_family(module):
+        if any(f.claims(module) for f in families):
             continue
         for cls, what in UNSUPPORTED_HINTS.items():
             if isinstance(module, cls):
@@ -168,12 +97,15 @@ def _check_channel_padding(output: Any) -> None:
         stack.extend(nxt for nxt, _ in fn.next_functions)
 
 
-def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example_inputs: Any, families: Sequence["Family"] = ()) -> tp.DependencyGraph:
     """Checks the model for unsupported parts and builds torch-pruning's dependency graph.
 
-    The model's train/eval flags and grad mode are restored afterwards (the library flips both).
+    Args:
+        model: the model to trace; its train/eval flags and grad mode are restored afterwards.
+        example_inputs: inputs it runs on.
+        families: unit families whose pruners, tracing hooks and claimed layers take part.
     """
-    _check_layers(model)
+    _check_layers(model, families)
     with preserved_state(model):
         # Inputs that require grad make the autograd graph visible even when every parameter is frozen.
         traced = tuple(t.detach().requires_grad_(True) if torch.is_tensor(t) and t.is_floating_point() else t
@@ -185,9 +117,8 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
                 f"The model does not run on the example inputs ({_describe(example_inputs)}): {e}. "
                 "Pass `example_inputs=` shaped like one real batch.") from e
         _check_channel_padding(out)
-        from ._family import FAMILIES
         custom: Dict[type, Any] = {}
-        for fam in FAMILIES:
+        for fam in families:
             custom.update(fam.tp_pruners())
         # Parameters of modules torch-pruning has no pruner for are named (so that it does not warn that it
         # would prune them), and checked below.
@@ -195,7 +126,7 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
                  and not isinstance(m, tuple(t for t in custom if isinstance(t, type)))
                  for p in m.parameters(recurse=False) if max(p.shape, default=1) > 1]
         with contextlib.ExitStack() as tracing:
-            for fam in FAMILIES:
+            for fam in families:
                 tracing.enter_context(fam.tracing(model))
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=traced, customized_pruners=custom or None,
@@ -211,13 +142,6 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
             "standard layers. (Such parameters are accepted on a stream that is never pruned, one coupled to a "
             "LayerNorm, as a transformer's class token and position embedding are.)")
     return graph
-
-
-def model_signature(model: nn.Module) -> str:
-    """A short digest of the parameter names and shapes: plans and saved models refuse other architectures."""
-    import hashlib
-    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _describe(example_inputs: Any) -> str:
@@ -255,14 +179,6 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str]
     if not found and order:
         found = [order[-1]]
     return sorted(set(found)), int(finals[0].shape[-1]) if finals else 0
-
-
-def _member_kind(module: nn.Module) -> str:
-    if isinstance(module, WEIGHT_TYPES):
-        return "weight"
-    if isinstance(module, NORM_TYPES):
-        return "norm"
-    return "other"
 
 
 def _unit_blocks(name: str, channels: int, members: List[Member], modules: Dict[str, nn.Module]) -> torch.Tensor:
@@ -311,19 +227,18 @@ def group_slots(graph: tp.DependencyGraph, group: Any, name_of: Any) -> Dict[Tup
     return merged
 
 
-def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequence[str] = (),
-                    example_inputs: Any = None) -> List[GroupSpec]:
+def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Sequence["Family"] = (),
+                    ignore: Sequence[str] = (), example_inputs: Any = None) -> List[GroupSpec]:
     """All prunable groups: torch-pruning groups rooted at Conv/Linear layers not in ``ignore``, then the
-    groups of the registered unit families (attention heads, recurrent units, experts).
+    groups of the unit ``families`` (attention heads, recurrent units, experts).
 
     Groups whose channels would reach an ignored layer's output (the output layer, above all) are dropped
     by torch-pruning itself; groups that reach a LayerNorm or an embedding (a transformer's residual
     stream) are dropped here, since removing such a channel changes every other channel's result.
     """
-    from ._family import FAMILIES, family_layout
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
-    owned = [n for fam in FAMILIES for n in fam.owned(model)]
+    owned = [n for fam in families for n in fam.owned(model)]
     ignored = [modules[n] for n in list(ignore) + owned]
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(WEIGHT_TYPES)):
@@ -344,13 +259,14 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, ignore: Sequenc
             if len(width) != 1:
                 raise UnsupportedModelError(f"Group '{names[root]}': irregular channel mapping into '{mname}'.")
             index = torch.tensor([sorted(mapping[c]) for c in range(channels)], dtype=torch.long)
-            members.append(Member(mname, side, index, _member_kind(modules[mname]), family_layout(modules[mname], side)))
+            members.append(Member(mname, side, index, member_kind(modules[mname]),
+                                  family_layout(families, modules[mname], side)))
         members.sort(key=lambda m: (m.side != "out", m.module))
         units = _unit_blocks(names[root], channels, members, modules)
         if units.shape[0] < 2:
             continue
         groups.append(GroupSpec(names[root], channels, units, members))
-    for fam in FAMILIES:
+    for fam in families:
         groups.extend(fam.discover(model, graph, as_args(example_inputs) if example_inputs is not None else (),
                                    tuple(ignore)))
     return groups

@@ -8,25 +8,13 @@ import os
 
 import torch
 
-from ._costmodel import CostModel
-from ._errors import FairPrunerError
+from .._core.files import read_torch_file
+from .._errors import FairPrunerError
+from .._measure.costmodel import CostModel
 
-__all__ = ["GroupScores", "Scores", "read_torch_file"]
+__all__ = ["GroupScores", "Scores"]
 
 FORMAT_VERSION = 1
-
-
-def read_torch_file(path: Union[str, os.PathLike], fmt: str, hint: str) -> Dict[str, Any]:
-    """Loads ``path`` with ``torch.load(weights_only=True)`` and checks that it holds fairpruner's ``fmt``."""
-    if not os.path.isfile(path):
-        raise FairPrunerError(f"No such file: {path}.")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a foreign or corrupt file fails in many ways inside the unpickler
-        raise FairPrunerError(f"{path} is not a readable weights-only torch file ({type(e).__name__}); {hint}.") from None
-    if not isinstance(d, dict) or d.get("format") != fmt:
-        raise FairPrunerError(f"{path} is not a {fmt} file; {hint}.")
-    return d
 
 
 @dataclass

@@ -1,38 +1,20 @@
-"""Evaluation and a short fine-tuning loop for pruned classifiers."""
+"""Recovery after pruning: evaluation and a short fine-tuning loop for pruned classifiers."""
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._core.inputs import device_of, forward_logits, split_batch, to_device
+from ._core.state import eval_mode
 from ._errors import DataError, FairPrunerError
-from ._tensors import logits_of, to_device
 
 __all__ = ["evaluate", "finetune"]
-
-
-def _device_of(model: nn.Module, device: Optional[Any]) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _split(batch: Any) -> Tuple[Any, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise DataError("The loader must yield (inputs, targets) pairs with integer class labels.")
-    inputs, targets = batch
-    return inputs, torch.as_tensor(targets).long()
-
-
-def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    # A tuple/list of tensors is taken as positional inputs of a multi-input model.
-    return logits_of(model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs))
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -> float:
@@ -52,19 +34,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
     Raises:
         DataError: if the loader yields no samples or batches of the wrong form.
     """
-    device = _device_of(model, device)
-    was_training = model.training
-    model.eval()
+    device = device_of(model, device)
     correct = total = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                inputs, targets = _split(batch)
-                pred = _forward(model, to_device(inputs, device)).argmax(-1).cpu()
-                correct += int((pred == targets).sum())
-                total += targets.numel()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            inputs, targets = split_batch(batch)
+            pred = forward_logits(model, to_device(inputs, device)).argmax(-1).cpu()
+            correct += int((pred == targets.long()).sum())
+            total += targets.numel()
     if total == 0:
         raise DataError("The evaluation loader yielded no samples.")
     return correct / total
@@ -112,7 +89,7 @@ def finetune(
         raise FairPrunerError(f"lr must be a positive number, got {lr!r}.")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise FairPrunerError(f"max_steps must be a non-negative integer or None, got {max_steps!r}.")
-    device = _device_of(model, device)
+    device = device_of(model, device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -136,8 +113,8 @@ def finetune(
         while step < total:
             seen = step
             for batch in loader:
-                inputs, targets = _split(batch)
-                loss = F.cross_entropy(_forward(model, to_device(inputs, device)), targets.to(device))
+                inputs, targets = split_batch(batch)
+                loss = F.cross_entropy(forward_logits(model, to_device(inputs, device)), targets.long().to(device))
                 if not bool(torch.isfinite(loss)):
                     raise FairPrunerError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
                 optimizer.zero_grad(set_to_none=True)

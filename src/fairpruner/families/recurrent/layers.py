@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import _VF, nn
 
-from ._graph import CONV_TYPES
+from ..._core.layers import CONV_TYPES, kept, replace_module
 
-__all__ = ["RecurrentStack", "RNN_TYPES", "GATES", "directions", "param_names", "set_param", "kept",
-           "input_width", "cut_input_", "new_like", "split_layers", "join_layers", "cut_hidden_", "replace_module",
+__all__ = ["RecurrentStack", "RNN_TYPES", "GATES", "directions", "param_names", "set_param",
+           "input_width", "cut_input_", "new_like", "split_layers", "join_layers", "cut_hidden_",
            "run_layers", "per_unit"]
 
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
@@ -90,13 +90,6 @@ def set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replaces a parameter by ``value``, keeping its ``requires_grad``."""
     old = getattr(mod, name)
     setattr(mod, name, nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad))
-
-
-def kept(n: int, removed: torch.Tensor) -> torch.Tensor:
-    """Sorted positions of ``0..n-1`` not in ``removed``."""
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[removed] = False
-    return keep.nonzero().flatten()
 
 
 def input_width(mod: nn.Module) -> int:
@@ -186,12 +179,6 @@ def cut_hidden_(layers: List[nn.RNNBase], k: int, removed: torch.Tensor) -> None
             for name in param_names(nxt, 0, ("weight_ih",)):
                 set_param(nxt, name, getattr(nxt, name).index_select(1, cols))
             nxt.input_size = cols.numel()
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Puts ``new`` where the submodule ``name`` of ``model`` was."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 # --------------------------------------------------------------------------------------- U and layer outputs

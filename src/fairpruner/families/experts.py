@@ -48,9 +48,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._errors import PlanError, UnsupportedModelError
-from ._family import Family, USource, register, zero_members_
-from ._graph import NORM_TYPES, WEIGHT_TYPES, GroupSpec, Member, group_slots
+from .._core.groups import GroupSpec, Member, member_kind, zero_members_
+from .._core.layers import kept, qualname, slice_linear_
+from .._errors import PlanError, UnsupportedModelError
+from .._graph import group_slots
+from .base import Family, USource, register
 
 __all__ = ["Experts", "MoEBlock", "moe_blocks", "moe_routers"]
 
@@ -68,10 +70,6 @@ class MoEBlock:
     top_k: int
 
 
-def _qual(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 def moe_blocks(model: nn.Module) -> List[MoEBlock]:
     """The modules of ``model`` that follow the MoE convention of this module's docstring."""
     out = []
@@ -84,7 +82,7 @@ def moe_blocks(model: nn.Module) -> List[MoEBlock]:
         top_k = getattr(m, "top_k", None)
         if attr is None or isinstance(top_k, bool) or not isinstance(top_k, int):
             continue
-        out.append(MoEBlock(name, m, _qual(name, attr), _qual(name, "experts"), top_k))
+        out.append(MoEBlock(name, m, qualname(name, attr), qualname(name, "experts"), top_k))
     return out
 
 
@@ -229,30 +227,7 @@ class _BlockedLogits:
         return out.index_fill(-1, self.channels.to(out.device), float("-inf"))
 
 
-def _kind(m: nn.Module) -> str:
-    return "weight" if isinstance(m, WEIGHT_TYPES) else "norm" if isinstance(m, NORM_TYPES) else "other"
-
-
-def _keep(n: int, gone: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[gone] = False
-    return mask.nonzero().flatten()
-
-
-def _cut_linear_(lin: nn.Linear, side: str, keep: torch.Tensor) -> None:
-    """Keeps the output rows (side "out") or input columns ("in") ``keep`` of a Linear layer."""
-    keep = keep.to(lin.weight.device)
-    with torch.no_grad():
-        if side == "out":
-            lin.weight = nn.Parameter(lin.weight.index_select(0, keep).clone(), lin.weight.requires_grad)
-            if lin.bias is not None:
-                lin.bias = nn.Parameter(lin.bias.index_select(0, keep).clone(), lin.bias.requires_grad)
-            lin.out_features = int(keep.numel())
-        else:
-            lin.weight = nn.Parameter(lin.weight.index_select(1, keep).clone(), lin.weight.requires_grad)
-            lin.in_features = int(keep.numel())
-
-
+@register
 class Experts(Family):
     """Unit family of mixture-of-experts blocks (see the module docstring for the convention and the options)."""
 
@@ -263,7 +238,7 @@ class Experts(Family):
         for b in moe_blocks(model):
             names.append(b.router)
             for e, expert in enumerate(b.module.experts):
-                names += [_qual(f"{b.experts}.{e}", n) for n, m in expert.named_modules()
+                names += [qualname(f"{b.experts}.{e}", n) for n, m in expert.named_modules()
                           if any(True for _ in m.parameters(recurse=False))]
         return names
 
@@ -294,9 +269,9 @@ class Experts(Family):
         members = [Member(b.router, "out", torch.arange(n).unsqueeze(1), "weight")]
         empty = torch.zeros(n, 0, dtype=torch.long)
         for e, expert in enumerate(experts):
-            members += [Member(_qual(f"{b.experts}.{e}", sub), "out", empty, _kind(m), owner=e)
+            members += [Member(qualname(f"{b.experts}.{e}", sub), "out", empty, member_kind(m), owner=e)
                         for sub, m in expert.named_modules() if any(True for _ in m.parameters(recurse=False))]
-        return GroupSpec(f"{b.name}{_EXPERTS}", n, torch.arange(n).unsqueeze(1), members, family=self.name)
+        return GroupSpec(f"{b.name}{_EXPERTS}", n, torch.arange(n).unsqueeze(1), members, family=self)
 
     def _hidden_groups(self, b: MoEBlock, model: nn.Module, graph: Any, ignore: Sequence[str]) -> List[GroupSpec]:
         modules = dict(model.named_modules())
@@ -308,7 +283,7 @@ class Experts(Family):
                 continue
             done: set = set()
             for sub, lin in expert.named_modules():
-                qn = _qual(prefix, sub)
+                qn = qualname(prefix, sub)
                 if not isinstance(lin, nn.Linear) or qn in done or _covered(qn, ignore):
                     continue
                 if lin not in graph.module2node:
@@ -322,7 +297,7 @@ class Experts(Family):
                     continue
                 done.update(m.module for m in members if m.side == "out")
                 groups.append(GroupSpec(f"{qn}{_HIDDEN}", lin.out_features,
-                                        torch.arange(lin.out_features).unsqueeze(1), members, family=self.name))
+                                        torch.arange(lin.out_features).unsqueeze(1), members, family=self))
         return groups
 
     @staticmethod
@@ -371,11 +346,11 @@ class Experts(Family):
             for mem in group.members:
                 lin = modules[mem.module]
                 size = lin.out_features if mem.side == "out" else lin.in_features
-                _cut_linear_(lin, mem.side, _keep(size, mem.index.index_select(0, gone).flatten()))
+                slice_linear_(lin, 0 if mem.side == "out" else 1, kept(size, mem.index.index_select(0, gone).flatten()))
             return
         self._check_top_k(b, group, channels)
-        keep = _keep(group.channels, gone)
-        _cut_linear_(modules[b.router], "out", keep)
+        keep = kept(group.channels, gone)
+        slice_linear_(modules[b.router], 0, keep)
         for c in sorted(channels, reverse=True):
             del b.module.experts[c]
         if isinstance(getattr(b.module, "num_experts", None), int):
@@ -396,5 +371,3 @@ class Experts(Family):
         else:
             router.register_forward_hook(_BlockedLogits(sorted(channels)))
 
-
-register(Experts())

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._tensors import as_args, first_sample
+from .._core.inputs import as_args, first_sample
+from .._core.layers import WEIGHT_TYPES
+from .._core.state import eval_mode
 
-__all__ = ["count_params", "count_macs", "module_macs", "measure_latency"]
+__all__ = ["count_params", "count_macs", "module_macs", "measure_latency", "attention_macs", "FunctionalMatmuls",
+           "mha_macs", "LAYER_MACS"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -23,7 +26,7 @@ _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm
             torch.Tensor.bmm, torch.baddbmm, torch.addmm, torch.addbmm, F.linear}
 
 
-class _FunctionalMatmuls(TorchFunctionMode):
+class FunctionalMatmuls(TorchFunctionMode):
     """Counts MACs of matrix products called outside Conv/Linear modules (hand-written attention)."""
 
     def __init__(self) -> None:
@@ -46,7 +49,7 @@ class _FunctionalMatmuls(TorchFunctionMode):
         return out
 
 
-def _mha_macs(mod: nn.MultiheadAttention, inp: tuple, kwargs: dict) -> int:
+def mha_macs(mod: nn.MultiheadAttention, inp: tuple, kwargs: dict) -> int:
     q, k, v = (list(inp) + [kwargs.get(n) for n in ("query", "key", "value")[len(inp):]])[:3]
     seq = 1 if mod.batch_first and q.dim() == 3 else 0
     L, S, E = q.shape[seq], k.shape[seq], mod.embed_dim
@@ -65,7 +68,7 @@ def _rnn_macs(mod: nn.RNNBase, inp: tuple, kwargs: dict) -> int:
 
 
 # Layers with matrix products of their own that module hooks must count (their kernels run outside F.linear).
-_LAYER_MACS = {nn.MultiheadAttention: _mha_macs, nn.RNNBase: _rnn_macs}
+LAYER_MACS = {nn.MultiheadAttention: mha_macs, nn.RNNBase: _rnn_macs}
 
 
 def module_macs(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, int]]:
@@ -75,7 +78,7 @@ def module_macs(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, i
     outside those layers are added to the total. Unlike :func:`count_macs` this needs no dispatcher-level
     counter, so it is cheap enough to run inside every scoring call.
     """
-    counter = _FunctionalMatmuls()
+    counter = FunctionalMatmuls()
     per_module: Dict[str, int] = {}
     hooks = []
 
@@ -90,20 +93,17 @@ def module_macs(model: nn.Module, example_inputs: Any) -> Tuple[int, Dict[str, i
                     mod.in_channels // mod.groups * int(torch.tensor(mod.kernel_size).prod())
                 per_module[name] = per_module.get(name, 0) + out.numel() * per_in
             hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-        for cls, fn in _LAYER_MACS.items():
+        for cls, fn in LAYER_MACS.items():
             if isinstance(m, cls):
                 def leave_layer(mod, inp, kwargs, out, name=name, fn=fn):
                     counter.depth -= 1
                     per_module[name] = per_module.get(name, 0) + fn(mod, inp, kwargs)
                 hooks += [m.register_forward_pre_hook(enter),
                           m.register_forward_hook(leave_layer, with_kwargs=True)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), counter:
+        with eval_mode(model), torch.no_grad(), counter:
             model(*first_sample(example_inputs))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return sum(per_module.values()) + counter.macs, per_module
@@ -121,18 +121,65 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall-clock seconds of one eval-mode forward pass on ``example_inputs``."""
-    was_training = model.training
-    model.eval()
     args = as_args(example_inputs)
     times = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                t0 = time.perf_counter()
-                model(*args)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(*args)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def attention_macs(model: nn.Module, example_inputs: Any, whole: Iterable[str] = (),
+                   functional: Iterable[str] = ()) -> Dict[str, int]:
+    """MACs of one sample that :func:`count_macs` attributes to attention modules, by module name.
+
+    Args:
+        model: the model.
+        example_inputs: inputs it runs on (only the first sample is used).
+        whole: ``nn.MultiheadAttention`` modules, every MAC of which (projections too) runs outside Linear
+            modules and is counted by their layer rule.
+        functional: other attention modules: the matrix products they call outside Conv/Linear layers (the
+            attention products ``q k^T`` and ``attn v``, or one SDPA call).
+    """
+    whole, functional = set(whole), set(functional)
+    counter = FunctionalMatmuls()
+    out: Dict[str, int] = {}
+    start: Dict[str, int] = {}
+    hooks = []
+
+    def enter(mod, inp):
+        counter.depth += 1
+
+    def leave(mod, inp, res):
+        counter.depth -= 1
+
+    def add(name: str, n: int) -> None:
+        out[name] = out.get(name, 0) + n
+
+    try:
+        for name, m in model.named_modules():
+            # The regime of count_macs: products inside Conv/Linear (and MHA/RNN) layers are theirs.
+            if isinstance(m, WEIGHT_TYPES + tuple(LAYER_MACS)):
+                hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+            if name in whole:
+                hooks.append(m.register_forward_hook(
+                    lambda mod, args, kwargs, res, n=name: add(n, mha_macs(mod, args, kwargs)), with_kwargs=True))
+            elif name in functional:
+                hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: start.__setitem__(n, counter.macs)))
+                hooks.append(m.register_forward_hook(lambda mod, inp, res, n=name: add(n, counter.macs - start[n])))
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        # Fused inference paths would hand nested tensors to the hooks; the count is the dense one anyway.
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with eval_mode(model), torch.no_grad(), counter:
+                model(*first_sample(example_inputs))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

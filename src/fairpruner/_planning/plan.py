@@ -9,9 +9,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._errors import PlanError
-from ._scores import GroupScores, Scores
-from ._tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
+from .._errors import PlanError
+from .._scoring.scores import GroupScores, Scores
+from .tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS"]
 

@@ -10,10 +10,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._counting import as_args, count_macs, count_params, measure_latency
+from ._core.inputs import as_args, device_of, to_device
 from ._errors import FairPrunerError
-from ._finetune import evaluate
-from ._plan import Plan
+from ._measure.counting import count_macs, count_params, measure_latency
+from ._planning.plan import Plan
+from ._recovery import evaluate
 
 __all__ = ["Report", "report", "format_sweep", "format_plan", "plot_sweep"]
 
@@ -284,8 +285,7 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: PathLike,
 
 
 def _on_device(example_inputs: Any, model: nn.Module) -> tuple:
-    p = next(model.parameters(), None)
-    return tuple(t.to(p.device) if (p is not None and torch.is_tensor(t)) else t for t in as_args(example_inputs))
+    return to_device(as_args(example_inputs), device_of(model))
 
 
 def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: Any,

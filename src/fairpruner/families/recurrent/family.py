@@ -39,12 +39,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._errors import FairPrunerError, UnsupportedModelError
-from ._family import Family, USource, register
-from ._graph import CONV_TYPES, FROZEN_TYPES, WEIGHT_TYPES, GroupSpec, Member
-from ._rnn_layers import (GATES, RNN_TYPES, RecurrentStack, cut_hidden_, cut_input_, directions, input_width,
-                          join_layers, param_names, per_unit, replace_module, run_layers, split_layers)
-from ._tensors import logits_of
+from ..._core.groups import GroupSpec, Member
+from ..._core.inputs import logits_of
+from ..._core.layers import CONV_TYPES, FROZEN_TYPES, WEIGHT_TYPES, replace_module
+from ..._errors import FairPrunerError, UnsupportedModelError
+from ..base import Family, USource, register
+from .layers import (GATES, RNN_TYPES, RecurrentStack, cut_hidden_, cut_input_, directions, input_width,
+                     join_layers, param_names, per_unit, run_layers, split_layers)
 
 __all__ = ["RecurrentFamily", "RecurrentStack"]
 
@@ -249,12 +250,14 @@ def _reader_index(name: str, key: str, units: torch.Tensor, layer: int, h: int) 
 
 # ------------------------------------------------------------------------------------------------ the family
 
+@register
 class RecurrentFamily(Family):
     """Hidden units of ``nn.LSTM`` (without ``proj_size``), ``nn.GRU`` and ``nn.RNN`` layers."""
 
     name = "recurrent"
 
-    def __init__(self) -> None:
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
         # model -> consumer name -> (input width before pruning, original positions removed so far): several
         # groups may cut one consumer (h_n of two layers, two recurrent modules), each in original positions.
         self._cuts: "weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
@@ -333,7 +336,7 @@ class RecurrentFamily(Family):
                                       tuple((p, 1) for p in param_names(mod, k + 1, ("weight_ih",)))))
             members += readers[k]
             widths = {m.module: input_width(modules[m.module]) for m in readers[k]}
-            groups.append(RecurrentGroup(f"{name}:layer{k}", h, torch.arange(h)[:, None], members, self.name,
+            groups.append(RecurrentGroup(f"{name}:layer{k}", h, torch.arange(h)[:, None], members, self,
                                          module=name, layer=k, widths=widths))
         return groups
 
@@ -406,5 +409,3 @@ def _coupled_output(graph: Any, modules: Dict[str, nn.Module], name: str, mod: n
     return any(item.dep.target.module is not mod and item.dep.target.module in names
                and graph.is_out_channel_pruning_fn(item.dep.handler) for item in group)
 
-
-register(RecurrentFamily())

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import data, zoo
-from ._counting import count_macs
-from ._errors import PlanError
-from ._finetune import evaluate, finetune
-from ._plan import plan as make_plan, sweep
-from ._report import Report, format_sweep, report
-from ._scoring import score
-from ._surgery import prune, save
+from .. import data, zoo
+from .._errors import PlanError
+from .._measure.counting import count_macs
+from .._planning.plan import plan as make_plan, sweep
+from .._pruning import prune, save
+from .._recovery import evaluate, finetune
+from .._reporting import Report, format_sweep, report
+from .._scoring import score
 
 __all__ = ["run_demo", "SWEEP_ALPHAS"]
 

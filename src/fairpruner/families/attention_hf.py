@@ -40,11 +40,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._counting import _FunctionalMatmuls
-from ._errors import PlanError, UnsupportedModelError
-from ._family import Family, MacsTerm, USource, family_option, hook_source, register
-from ._graph import CONV_TYPES, GroupSpec, Member
-from ._tensors import first_sample
+from .._core.groups import GroupSpec, Member
+from .._core.inputs import first_sample
+from .._core.layers import slice_linear_
+from .._errors import PlanError, UnsupportedModelError
+from .._measure.counting import attention_macs
+from .attention import AttentionOptions
+from .base import Family, MacsTerm, USource, hook_source, register
 
 __all__ = ["HFAttentionHeads"]
 
@@ -128,12 +130,15 @@ def find_attention(model: nn.Module) -> List[_Attention]:
     return found
 
 
+@register
 class HFAttentionHeads(Family):
     """Attention heads of Hugging Face ``transformers`` models (BERT, RoBERTa, ViT, DeiT ...)."""
 
     name = "hf_attention_heads"
+    Options = AttentionOptions
 
-    def __init__(self) -> None:
+    def __init__(self, options: Optional[AttentionOptions] = None) -> None:
+        super().__init__(options)
         self._macs_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
     def owned(self, model: nn.Module) -> List[str]:
@@ -141,7 +146,7 @@ class HFAttentionHeads(Family):
 
     def discover(self, model: nn.Module, graph: Any, example_inputs: tuple,
                  ignore: Sequence[str]) -> List[GroupSpec]:
-        mode = family_option("attention", "heads")
+        mode = self.options.units
         groups = []
         for a in find_attention(model):
             if a.prunable and mode != "heads":
@@ -153,7 +158,7 @@ class HFAttentionHeads(Family):
             index = torch.arange(a.heads * a.head_dim).view(a.heads, a.head_dim)
             members = [Member(q, "out", index, "weight") for q in a.qkv] + [Member(a.out, "in", index, "weight")]
             groups.append(GroupSpec(a.group_name, a.heads, torch.arange(a.heads).view(-1, 1), members,
-                                    family=self.name))
+                                    family=self))
         return groups
 
     def u_sources(self, model: nn.Module, group: GroupSpec) -> List[USource]:
@@ -178,33 +183,7 @@ class HFAttentionHeads(Family):
         cached = self._macs_cache.get(model)
         if cached is not None and cached[0] == key:
             return cached[1]
-        counter = _FunctionalMatmuls()
-        per: Dict[str, int] = {}
-        start: Dict[str, int] = {}
-        hooks = []
-
-        def enter(mod, inp):
-            counter.depth += 1
-
-        def leave(mod, inp, out):
-            counter.depth -= 1
-
-        for name, m in model.named_modules():
-            if isinstance(m, CONV_TYPES + (nn.Linear,)):  # their MACs are the layer terms, not functional ones
-                hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-            if name in attention:
-                hooks += [m.register_forward_pre_hook(lambda mod, inp, name=name: start.__setitem__(name, counter.macs)),
-                          m.register_forward_hook(lambda mod, inp, out, name=name: per.__setitem__(
-                              name, per.get(name, 0) + counter.macs - start[name]))]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), counter:
-                model(*x)
-        finally:
-            model.train(was_training)
-            for h in hooks:
-                h.remove()
+        per = attention_macs(model, x, functional=attention)
         self._macs_cache[model] = (key, per)
         return per
 
@@ -221,7 +200,7 @@ class HFAttentionHeads(Family):
         index = group.members[0].index
         rows = index[torch.tensor(keep_heads, dtype=torch.long)].flatten()
         for mem in group.members:
-            _select_(modules[mem.module], 0 if mem.side == "out" else 1, rows)
+            slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, rows)
         _record_pruned_heads(modules, name, getattr(model, "config", None) or getattr(attn, "config", None),
                              heads, drop)
         # head_dim (and with it the softmax scale) is unchanged; the forward reshapes with -1 heads, but
@@ -231,21 +210,6 @@ class HFAttentionHeads(Family):
                 setattr(attn, attr, len(keep_heads))
         if isinstance(getattr(attn, "all_head_size", None), int):
             attn.all_head_size = len(keep_heads) * int(index.shape[1])
-
-
-def _select_(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:
-    """Keeps rows (dim 0: output features, bias too) or columns (dim 1: input features) of a Linear layer."""
-    keep = keep.to(linear.weight.device)
-    with torch.no_grad():
-        linear.weight = nn.Parameter(linear.weight.index_select(dim, keep).clone(),
-                                     requires_grad=linear.weight.requires_grad)
-        if dim == 0:
-            if linear.bias is not None:
-                linear.bias = nn.Parameter(linear.bias.index_select(0, keep).clone(),
-                                           requires_grad=linear.bias.requires_grad)
-            linear.out_features = int(keep.numel())
-        else:
-            linear.in_features = int(keep.numel())
 
 
 def _layer_index(name: str) -> Optional[int]:
@@ -280,5 +244,3 @@ def _record_pruned_heads(modules: Dict[str, nn.Module], name: str, config: Any, 
         if isinstance(getattr(owner, "pruned_heads", None), set):
             owner.pruned_heads = set(now)
 
-
-register(HFAttentionHeads())

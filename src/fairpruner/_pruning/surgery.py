@@ -7,42 +7,38 @@ layers are never roots, and train/eval flags, ``requires_grad`` and GroupNorm's 
 from __future__ import annotations
 
 import copy
-import os
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch import nn
 
-from ._tensors import as_args, logits_of, to_device
-from ._errors import FairPrunerError, PlanError
-from ._family import family_groups, family_layout, family_options
-from ._graph import CONV_TYPES, WEIGHT_TYPES, build_graph, model_signature, preserved_state
-from ._plan import Plan
-from ._scores import read_torch_file
+from .. import families as _families
+from .._core.inputs import as_args, device_of, logits_of, synthetic_inputs, to_device
+from .._core.layers import CONV_TYPES, WEIGHT_TYPES
+from .._core.state import model_signature, preserved_state
+from .._errors import FairPrunerError, PlanError
+from .._graph import build_graph, family_layout
+from .._planning.plan import Plan
 
-__all__ = ["prune", "mask", "save", "load", "example_from_plan"]
+__all__ = ["prune", "mask", "example_from_plan", "plan_families"]
 
 
 def example_from_plan(plan: Plan) -> tuple:
     """Synthetic inputs with the recorded shapes and dtypes (seeded; the global RNG is not touched)."""
     if not plan.example_inputs:
         raise PlanError("The plan records no example input shape; pass `example_inputs=`.")
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for spec in plan.example_inputs:
-        dtype = getattr(torch, spec["dtype"])
-        shape = [max(1, min(int(s), 2)) if i == 0 else int(s) for i, s in enumerate(spec["shape"])]
-        if dtype.is_floating_point:
-            out.append(torch.randn(*shape, generator=gen).to(dtype))
-        else:
-            out.append(torch.zeros(*shape, dtype=dtype))
-    return tuple(out)
+    return synthetic_inputs(plan.example_inputs)
+
+
+def plan_families(plan: Plan) -> List[_families.Family]:
+    """The unit families with the options the plan's scores were made with (e.g. attention="head_dims"), so
+    that they find the same groups again."""
+    return _families.build(plan.settings.get("scoring", {}).get("family_options", {}))
 
 
 def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
     x = as_args(example_inputs) if example_inputs is not None else example_from_plan(plan)
-    p = next(model.parameters(), None)
-    return to_device(x, p.device) if p is not None else x
+    return to_device(x, device_of(model))
 
 
 def _check_signature(plan: Plan, model: nn.Module) -> None:
@@ -58,12 +54,11 @@ def _plan_ignore(plan: Plan) -> List[str]:
     return list(scoring.get("ignore", [])) + list(scoring.get("output_layers", []))
 
 
-def _family_specs(plan: Plan, work: nn.Module, graph, x: tuple) -> List[tuple]:
+def _family_specs(plan: Plan, work: nn.Module, graph, x: tuple, fams: List[_families.Family]) -> List[tuple]:
     """(family, group, removed channels) for the plan's groups that a unit family owns, checked against the model
     (also those that lose nothing, so that torch-pruning's side never looks them up)."""
-    # The options the scores were made with (e.g. attention="head_dims"), so that families find the same groups.
-    with family_options(**plan.settings.get("scoring", {}).get("family_options", {})):
-        found = family_groups(work, graph, x, _plan_ignore(plan))
+    ignore = tuple(_plan_ignore(plan))
+    found = {g.name: (fam, g) for fam in fams for g in fam.discover(work, graph, x, ignore)}
     out = []
     for spec in plan.groups:
         if spec["name"] not in found:
@@ -114,10 +109,11 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
     x = _inputs_for(work, plan, example_inputs)
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
     gn_sizes = {n: m.num_channels // m.num_groups for n, m in work.named_modules() if isinstance(m, nn.GroupNorm)}
+    fams = plan_families(plan)
     with torch.random.fork_rng(devices=[]), preserved_state(work):
-        graph = build_graph(work, x)
+        graph = build_graph(work, x, fams)
         modules = dict(work.named_modules())
-        custom = _family_specs(plan, work, graph, x)
+        custom = _family_specs(plan, work, graph, x, fams)
         # Fetch each group right before pruning it: concatenation offsets shift after every prune.
         for _, group in _groups_to_apply(plan, graph, modules, skip=[g.name for _, g, _ in custom]):
             group.prune()
@@ -138,9 +134,9 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
     return work
 
 
-def _zero_(module: nn.Module, side: str, idxs: List[int]) -> None:
+def _zero_(module: nn.Module, side: str, idxs: List[int], fams: List[_families.Family]) -> None:
     index = torch.tensor(idxs, dtype=torch.long)
-    layout = family_layout(module, side)  # a family-claimed layer (an LSTM's input columns)
+    layout = family_layout(fams, module, side)  # a family-claimed layer (an LSTM's input columns)
     with torch.no_grad():
         for name, p in module.named_parameters(recurse=False):
             if layout is not None:
@@ -164,11 +160,12 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
     _check_signature(plan, model)
     work = copy.deepcopy(model)
     x = _inputs_for(work, plan, example_inputs)
+    fams = plan_families(plan)
     with torch.random.fork_rng(devices=[]), preserved_state(work):
-        graph = build_graph(work, x)
+        graph = build_graph(work, x, fams)
         modules = dict(work.named_modules())
         names = {m: n for n, m in modules.items()}
-        custom = _family_specs(plan, work, graph, x)
+        custom = _family_specs(plan, work, graph, x, fams)
         for fam, g, chans in custom:
             if chans:
                 fam.mask_(work, g, chans)
@@ -178,9 +175,9 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
                 if target not in names:
                     continue
                 if graph.is_out_channel_pruning_fn(item.dep.handler):
-                    _zero_(target, "out", sorted(set(int(i) for i in item.idxs)))
+                    _zero_(target, "out", sorted(set(int(i) for i in item.idxs)), fams)
                 elif graph.is_in_channel_pruning_fn(item.dep.handler):
-                    _zero_(target, "in", sorted(set(int(i) for i in item.idxs)))
+                    _zero_(target, "in", sorted(set(int(i) for i in item.idxs)), fams)
     return work
 
 
@@ -196,37 +193,3 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple, rtol: 
     if not err <= rtol:  # NaN fails too
         raise FairPrunerError(f"The pruned model differs from the masked model (relative error {err:.2e}); the "
                               "model holds a coupling the surgery cannot follow. Add the affected layers to `ignore=`.")
-
-
-def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
-    """Writes the pruned weights and the plans that rebuild the architecture.
-
-    A model pruned in several rounds (prune, fine-tune, re-score, prune again) carries every round's plan; all
-    are stored and replayed in order by :func:`load`. The file holds only tensors and strings, so it reads back
-    with ``torch.load(weights_only=True)``.
-    """
-    history = list(getattr(pruned, "_fairpruner_history", []))
-    if not history or history[-1] != plan.to_json():
-        history = [plan.to_json()]
-    torch.save({"format": "fairpruner.model", "version": 1, "plan": history[-1], "plans": history,
-                "state_dict": pruned.state_dict()}, path)
-
-
-def load(path: Union[str, os.PathLike], model: nn.Module, example_inputs: Any = None) -> nn.Module:
-    """Rebuilds a pruned model: replays the saved plan(s) on a fresh, unpruned ``model``, then loads the weights.
-
-    Args:
-        path: a file written by :func:`save`.
-        model: a freshly constructed instance of the original (unpruned) architecture; not modified.
-        example_inputs: inputs to trace with; defaults to the shape recorded in the plan.
-    """
-    d = read_torch_file(path, "fairpruner.model", "write one with fairpruner.save")
-    pruned = model
-    for text in d.get("plans", [d["plan"]]):
-        pruned = prune(pruned, Plan.from_json(text), example_inputs, verify=False)
-    try:
-        pruned.load_state_dict(d["state_dict"])
-    except RuntimeError as e:
-        raise PlanError(f"The saved weights do not fit the rebuilt model ({e}). Pass a fresh instance of the "
-                        "original, unpruned architecture.") from e
-    return pruned

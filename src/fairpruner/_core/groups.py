@@ -1,0 +1,116 @@
+"""The data model every stage shares: a coupled group of channels (:class:`GroupSpec`) and the modules it
+touches (:class:`Member`), with the few operations on them that need no graph and no scores.
+
+A *group* is a set of channels that must be removed together (a conv with its BatchNorm and its consumers,
+all writers of a residual stream, the slices of a concatenation, an attention head). Its *root* is the first
+layer whose output channels belong to it; the group is named after the root and its channels are numbered in
+the root's output-channel space. A *unit* is the smallest removable block of root channels: one channel, or a
+whole GroupNorm group where GroupNorm couples channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import CONV_TYPES, NORM_TYPES, WEIGHT_TYPES
+
+__all__ = ["Member", "GroupSpec", "MacsTerm", "member_params", "member_kind", "zero_members_"]
+
+# (macs, axis key, axis key): MACs of one sample that scale with the kept fraction of up to two axes. An axis
+# key is ``(module, param, dim)`` for members with explicit params, else ``(module, 0 | 1)`` (out | in).
+MacsTerm = Tuple[float, Optional[tuple], Optional[tuple]]
+
+
+@dataclass
+class Member:
+    """One module touched when the group's channels go.
+
+    Attributes:
+        module: qualified module name.
+        side: "out" (the module's output channels/features) or "in" (its input channels/features).
+        index: LongTensor (channels, k): for root channel c, the k positions in this module's channel
+            dimension that go with it (k > 1 after a flatten, where one channel feeds k features).
+        kind: "weight" (Conv/Linear), "norm" or "other".
+        params: explicit ``(parameter name, dim)`` pairs the index addresses, for layers whose parameters are
+            not laid out like Conv/Linear (recurrent gate blocks, fused attention projections). None: every
+            own parameter along dim 0 for "out", the weight's dim 1 for "in".
+        owner: set for a module that belongs wholly to one root channel (a layer of one expert): every
+            parameter of it goes with root channel ``owner``, ``index`` is ``(channels, 0)``. The cost model
+            scales such parameters with the group's kept units (exact when the owned modules of the group are
+            alike in size); their MACs stay constant unless the family lists MACs terms.
+    """
+
+    module: str
+    side: str
+    index: torch.Tensor
+    kind: str
+    params: Optional[Tuple[Tuple[str, int], ...]] = None
+    owner: Optional[int] = None
+
+
+@dataclass
+class GroupSpec:
+    """A coupled group of channels, as found in the model."""
+
+    name: str
+    channels: int
+    unit_channels: torch.Tensor  # (units, unit_size): root channels of each unit
+    members: List[Member] = field(default_factory=list)
+    family: Any = None  # None: a torch-pruning group; else the Family instance that owns it
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_channels.shape[0])
+
+    @property
+    def unit_size(self) -> int:
+        return int(self.unit_channels.shape[1])
+
+    def channels_of(self, units: Iterable[int]) -> List[int]:
+        """Sorted root channels of the given units."""
+        units = list(units)
+        if not units:
+            return []
+        return sorted(int(c) for c in self.unit_channels[torch.tensor(units, dtype=torch.long)].flatten())
+
+
+def member_kind(module: nn.Module) -> str:
+    """"weight" (Conv/Linear), "norm" (a normalisation layer) or "other"."""
+    if isinstance(module, WEIGHT_TYPES):
+        return "weight"
+    if isinstance(module, NORM_TYPES):
+        return "norm"
+    return "other"
+
+
+def member_params(member: Member, module: nn.Module) -> List[tuple]:
+    """``(parameter, dim)`` pairs a member's index addresses (see :class:`Member`)."""
+    own = dict(module.named_parameters(recurse=False))
+    if member.params is not None:
+        return [(own[n], d) for n, d in member.params if n in own]
+    if member.side == "out":
+        return [(p, 0) for p in own.values()]
+    w = own.get("weight")
+    return [(w, 1)] if w is not None and w.dim() > 1 else []
+
+
+def zero_members_(model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
+    """Zeroes the parameter slices of every member of ``group`` that belong to root ``channels``."""
+    modules = dict(model.named_modules())
+    chans = torch.tensor(sorted(channels), dtype=torch.long)
+    with torch.no_grad():
+        for mem in group.members:
+            mod = modules[mem.module]
+            if mem.params is None and mem.side == "in" and isinstance(mod, CONV_TYPES) and mod.groups > 1:
+                continue  # depthwise: its input channels are its output channels
+            if mem.owner is not None:  # a module that belongs wholly to one root channel
+                if mem.owner in channels:
+                    for p, _ in member_params(mem, mod):
+                        p.zero_()
+                continue
+            pos = mem.index.index_select(0, chans).flatten()
+            for p, dim in member_params(mem, mod):
+                p.index_fill_(dim, pos.to(p.device), 0.0)

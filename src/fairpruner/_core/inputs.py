@@ -1,0 +1,94 @@
+"""Conventions for model inputs, outputs and batches, shared by every stage (one copy of each)."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .._errors import DataError
+
+__all__ = ["as_args", "first_sample", "to_device", "logits_of", "split_batch", "device_of", "forward_logits",
+           "synthetic_inputs", "describe_inputs"]
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Normalises inputs (a tensor, or a tuple/list of tensors for a multi-input model) to positional args."""
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def first_sample(example_inputs: Any) -> tuple:
+    """The first sample of every batched input, keeping the batch dimension (batch size 1)."""
+    return tuple(t[:1] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Moves a tensor, or the tensors of a tuple/list, to ``device``."""
+    if torch.is_tensor(x):
+        # Tensors made under inference_mode cannot enter autograd; a plain copy can.
+        return x.to(device).clone() if x.is_inference() else x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(t, device) for t in x)
+    return x
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output: the tensor itself, ``.logits`` (Hugging Face), or a tuple's first item."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of a labelled batch, targets as a tensor; a clear error for any other form."""
+    if isinstance(batch, dict):
+        raise DataError("The loader yields dicts; it must yield (inputs, targets) pairs with integer class labels.")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise DataError(f"The loader must yield (inputs, targets) pairs with integer class labels; got {got}. "
+                        "Wrap your data in a labelled Dataset (see fairpruner.data).")
+    inputs, targets = batch
+    return inputs, targets if torch.is_tensor(targets) else torch.as_tensor(targets)
+
+
+def device_of(model: nn.Module, device: Optional[Any] = None) -> torch.device:
+    """``device`` if given, else the device of the model's first parameter (CPU for a parameterless model)."""
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Logits of ``model`` on a batch's inputs (a tuple/list is taken as positional inputs)."""
+    return logits_of(model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs))
+
+
+def describe_inputs(example_inputs: Any) -> List[dict]:
+    """Shapes and dtypes of the tensors among the inputs (what plans record to rebuild inputs later)."""
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for t in as_args(example_inputs) if torch.is_tensor(t)]
+
+
+def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tuple:
+    """Seeded inputs with recorded shapes and dtypes; the global RNG is not touched.
+
+    Args:
+        specs: as :func:`describe_inputs` writes them.
+        batch: rows of every input; None keeps the recorded batch size, cut to 2 (enough to trace).
+    """
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for spec in specs:
+        dtype = getattr(torch, spec["dtype"])
+        rows = max(1, min(int(spec["shape"][0]), 2)) if batch is None else batch
+        shape = [rows, *(int(s) for s in spec["shape"][1:])]
+        if dtype.is_floating_point:
+            out.append(torch.randn(*shape, generator=gen).to(dtype))
+        else:
+            out.append(torch.zeros(*shape, dtype=dtype))
+    return tuple(out)

@@ -1,0 +1,56 @@
+"""Layer kinds the library knows, and the few in-place edits every surgery needs (one copy of each)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CONV_TYPES", "WEIGHT_TYPES", "NORM_TYPES", "FROZEN_TYPES", "SUPPORTED_TYPES", "UNSUPPORTED_HINTS",
+           "qualname", "kept", "slice_linear_", "replace_module"]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_TYPES = CONV_TYPES + (nn.Linear,)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Parameter-carrying layers whose channel surgery is known to be exact.
+SUPPORTED_TYPES = WEIGHT_TYPES + NORM_TYPES + (nn.PReLU,)
+UNSUPPORTED_HINTS = {
+    nn.RNNBase: "recurrent layers of this kind (LSTM with proj_size, subclasses of nn.LSTM/GRU/RNN)",
+    nn.modules.conv._ConvTransposeNd: "transposed convolutions",
+}
+# Modules allowed in a model whose channels are never pruned: a group that reaches them is dropped, because
+# removing a channel they normalise over (or look up) changes the result for every other channel.
+FROZEN_TYPES = (nn.LayerNorm, nn.Embedding)
+
+
+def qualname(prefix: str, name: str) -> str:
+    """``prefix.name``, or whichever of the two is not empty."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def kept(n: int, removed: torch.Tensor) -> torch.Tensor:
+    """Sorted positions of ``0..n-1`` not in ``removed``."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    return keep.nonzero().flatten()
+
+
+def slice_linear_(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:
+    """Keeps rows (``dim`` 0: output features, with the bias) or columns (``dim`` 1) ``keep`` of a Linear layer,
+    in place; the new parameters keep ``requires_grad``."""
+    keep = keep.to(linear.weight.device)
+    with torch.no_grad():
+        w = linear.weight
+        linear.weight = nn.Parameter(w.index_select(dim, keep).clone(), requires_grad=w.requires_grad)
+        if dim == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, keep).clone(),
+                                       requires_grad=linear.bias.requires_grad)
+    if dim == 0:
+        linear.out_features = int(keep.numel())
+    else:
+        linear.in_features = int(keep.numel())
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` where the submodule ``name`` of ``model`` was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,0 +1,49 @@
+"""Saving a pruned model and rebuilding it: weights plus every round's plan, read back weights-only."""
+from __future__ import annotations
+
+import os
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .._core.files import read_torch_file
+from .._errors import PlanError
+from .._planning.plan import Plan
+from .surgery import prune
+
+__all__ = ["save", "load"]
+
+
+def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
+    """Writes the pruned weights and the plans that rebuild the architecture.
+
+    A model pruned in several rounds (prune, fine-tune, re-score, prune again) carries every round's plan; all
+    are stored and replayed in order by :func:`load`. The file holds only tensors and strings, so it reads back
+    with ``torch.load(weights_only=True)``.
+    """
+    history = list(getattr(pruned, "_fairpruner_history", []))
+    if not history or history[-1] != plan.to_json():
+        history = [plan.to_json()]
+    torch.save({"format": "fairpruner.model", "version": 1, "plan": history[-1], "plans": history,
+                "state_dict": pruned.state_dict()}, path)
+
+
+def load(path: Union[str, os.PathLike], model: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """Rebuilds a pruned model: replays the saved plan(s) on a fresh, unpruned ``model``, then loads the weights.
+
+    Args:
+        path: a file written by :func:`save`.
+        model: a freshly constructed instance of the original (unpruned) architecture; not modified.
+        example_inputs: inputs to trace with; defaults to the shape recorded in the plan.
+    """
+    d = read_torch_file(path, "fairpruner.model", "write one with fairpruner.save")
+    pruned = model
+    for text in d.get("plans", [d["plan"]]):
+        pruned = prune(pruned, Plan.from_json(text), example_inputs, verify=False)
+    try:
+        pruned.load_state_dict(d["state_dict"])
+    except RuntimeError as e:
+        raise PlanError(f"The saved weights do not fit the rebuilt model ({e}). Pass a fresh instance of the "
+                        "original, unpruned architecture.") from e
+    return pruned

@@ -1,0 +1,70 @@
+"""Labels of the calibration data: checked before any compute, and the first samples of each class kept for U."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+
+from .._core.inputs import split_batch
+from .._errors import DataError
+
+__all__ = ["labelled_batch", "prescan_labels", "check_classes", "first_per_class"]
+
+
+def labelled_batch(batch: Any) -> tuple:
+    """``(inputs, targets)`` with targets checked to be 1-D non-negative integer class labels."""
+    inputs, targets = split_batch(batch)
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() != 1:
+        raise DataError(f"Targets must be a 1-D tensor of integer class labels; got {tuple(targets.shape)} "
+                        f"{targets.dtype}. Convert one-hot or soft labels with .argmax(1).")
+    if bool((targets < 0).any()):
+        raise DataError("Class labels must be non-negative integers (found a negative label).")
+    return inputs, targets.long()
+
+
+def prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
+    """Labels known without running the loader, so class problems are reported before any compute."""
+    if isinstance(loader, (list, tuple)):
+        return torch.cat([labelled_batch(b)[1] for b in loader])
+    ds = getattr(loader, "dataset", None)
+    if ds is None or getattr(loader, "sampler", None) is not None and not isinstance(
+            loader.sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):
+        return None
+    if getattr(loader, "drop_last", False):
+        return None
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
+        return ds.tensors[1].reshape(-1).long()
+    targets = getattr(ds, "targets", None)
+    if targets is not None and len(targets) == len(ds):
+        return torch.as_tensor(targets).reshape(-1).long()
+    return None
+
+
+def check_classes(labels: torch.Tensor, num_outputs: Optional[int]) -> Dict[int, int]:
+    counts = torch.bincount(labels)
+    present = {int(k): int(v) for k, v in enumerate(counts.tolist()) if v > 0}
+    if len(present) < 2:
+        raise DataError(f"The calibration data holds a single class ({list(present)}); U-Scores compare "
+                        "classes, so give samples of at least two classes.")
+    missing = [k for k, v in enumerate(counts.tolist()) if v == 0]
+    if missing:
+        raise DataError(f"Class(es) {missing[:10]} have no samples while higher labels do; give every class "
+                        "at least 2 samples or relabel the classes 0..K-1.")
+    few = {k: v for k, v in present.items() if v < 2}
+    if few:
+        raise DataError(f"Class(es) {sorted(few)} have fewer than 2 samples; each class needs at least 2 "
+                        "(fairpruner.data.calibration_loader builds a balanced set).")
+    if num_outputs is not None and max(present) >= num_outputs:
+        raise DataError(f"Label {max(present)} is out of range for a model with {num_outputs} outputs.")
+    return present
+
+
+def first_per_class(targets: torch.Tensor, seen: torch.Tensor, limit: int) -> torch.Tensor:
+    """Positions in the batch of the samples that are among the first ``limit`` of their class so far."""
+    order = torch.argsort(targets, stable=True)
+    sorted_t = targets[order]
+    start = torch.searchsorted(sorted_t, sorted_t, right=False)
+    rank = torch.empty_like(targets)
+    rank[order] = seen[sorted_t] + torch.arange(targets.numel()) - start
+    return (rank < limit).nonzero().flatten()
+

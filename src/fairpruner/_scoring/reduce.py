@@ -1,0 +1,77 @@
+"""From what the pass recorded to per-unit scores: U (max class-pair W1 per site, combined over a group's sites),
+R (first-order Taylor terms of the members' parameters) and the weights' L1 norm."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .._core.groups import GroupSpec, Member, member_params
+from .._errors import DataError
+from .scores import GroupScores
+from .sites import Site
+from .wasserstein import max_pairwise_w1
+
+__all__ = ["assemble", "U_REDUCTIONS", "R_REDUCTIONS"]
+
+U_REDUCTIONS = ("max", "mean")
+R_REDUCTIONS = ("sum", "max")
+
+
+def _unit_u(site: Site) -> torch.Tensor:
+    chunks, labels = site.chunks, torch.cat(site.labels)
+    site.chunks, site.labels = [], []  # free the samples as soon as they are reduced
+    return max_pairwise_w1(chunks, labels)
+
+
+def _per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
+    """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
+    if member.owner is not None:  # the whole tensor belongs to one root channel (an expert's layer)
+        out = t.new_zeros(member.index.shape[0])
+        out[member.owner] = t.sum()
+        return out
+    t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
+    return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
+
+
+def _taylor(member: Member, module: nn.Module) -> torch.Tensor:
+    """Signed Taylor term per root channel of one member's output-side parameters."""
+    total = 0.0
+    for p, dim in member_params(member, module):
+        if p.grad is not None:
+            total = total + _per_channel(p.grad * p.detach(), dim, member)
+    return total if torch.is_tensor(total) else torch.zeros(member.index.shape[0])
+
+
+def assemble(groups: List[GroupSpec], sites: List[Site], modules: Dict[str, nn.Module], n_samples: int,
+              u_reduce: str, r_reduce: str) -> List[GroupScores]:
+    by_group: Dict[int, List[torch.Tensor]] = {}
+    for s in sites:
+        if s.chunks:  # a site that only saw tensors already measured by another site adds nothing
+            by_group.setdefault(s.group, []).append(_unit_u(s))
+    out = []
+    for gi, g in enumerate(groups):
+        us = torch.stack(by_group[gi])
+        # Each measured tensor is brought to a common scale (its mean U) before combining, then the
+        # combination is put back on the average W1 scale; a single site keeps its raw W1 values.
+        scale = us.mean(1, keepdim=True).clamp_min(1e-12)
+        us = us / scale
+        u = (us.amax(0) if u_reduce == "max" else us.mean(0)) * scale.mean()
+        terms = [_taylor(m, modules[m.module]).cpu().double()
+                 for m in g.members if m.side == "out" and member_params(m, modules[m.module])]
+        if not bool(torch.stack([t.isfinite().all() for t in terms]).all()):
+            raise DataError(f"Non-finite gradients in group '{g.name}'; check the loss and the model.")
+        t = torch.stack(terms)
+        r = t.sum(0).abs() if r_reduce == "sum" else t.abs().amax(0)
+        l1 = torch.zeros(g.channels, dtype=torch.float64)
+        for m in g.members:
+            if m.side == "out" and m.kind == "weight":
+                for p, dim in member_params(m, modules[m.module]):
+                    if p.dim() > 1:  # weights, not biases or norm scales
+                        l1 += _per_channel(p.detach().abs(), dim, m).cpu().double()
+        uc = g.unit_channels
+        out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
+                               l1[uc].sum(1).float(), g.channels, uc.clone()))
+    return out
+

@@ -1,0 +1,228 @@
+"""The scoring pass: U- and R-Scores of every prunable group from one forward+backward per batch.
+
+Forward hooks project each measured tensor onto seeded random directions as it is produced (:mod:`.sites`);
+one backward per batch accumulates gradients, from which every group's first-order Taylor terms follow at the
+end (w is fixed, so summing ``dL_b/dw * w`` over batches equals ``(sum_b dL_b/dw) * w``). Distances are
+computed for all units and class pairs at once (:mod:`.wasserstein`), then combined per group (:mod:`.reduce`).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import families as _families
+from .._core.groups import GroupSpec
+from .._core.inputs import as_args, describe_inputs, device_of, logits_of, to_device
+from .._core.state import model_signature
+from .._errors import DataError, FairPrunerError
+from .._graph import build_graph, discover_groups, find_output_layers
+from .._measure.costmodel import CostModel
+from ..families.attention import AttentionOptions
+from .distributed import distributed, merge_ranks
+from .labels import check_classes, first_per_class, labelled_batch, prescan_labels
+from .reduce import R_REDUCTIONS, U_REDUCTIONS, assemble
+from .scores import Scores
+from .sites import U_SITES, Site, attach_sites, pick_sites, probe_batch_dims
+
+__all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
+
+
+def score(
+    model: nn.Module,
+    loader: Iterable,
+    example_inputs: Any = None,
+    *,
+    samples_per_class: int = 32,
+    projections: int = 128,
+    seed: int = 0,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    ignore: Sequence[str] = (),
+    device: Optional[Any] = None,
+    progress: Optional[bool] = None,
+    u_at: str = "input",
+    u_reduce: str = "max",
+    r_reduce: str = "sum",
+    attention: str = "heads",
+    family_options: Optional[Mapping[str, Any]] = None,
+) -> Scores:
+    """Computes U- and R-Scores for every prunable group of ``model`` in one pass over ``loader``.
+
+    The caller's model is not modified: a copy is scored in eval mode (BatchNorm statistics frozen, dropout
+    off) with gradients enabled on every parameter; the global RNG state is restored afterwards.
+
+    Args:
+        model: a trained classifier.
+        loader: iterable of ``(inputs, targets)`` batches with integer class labels (a DataLoader, or a list).
+            U uses the first ``samples_per_class`` samples of each class in loader order; R uses every batch
+            (``R_j = |sum_b dL_b/dw_j * w_j|`` with ``L_b`` the batch's loss, as the reference defines it).
+        example_inputs: inputs used to trace the model; defaults to the first batch's inputs.
+        samples_per_class: samples per class kept for the U-Score (the reference uses 32).
+        projections: random directions for the sliced W1 of multi-dimensional unit outputs (reference: 128).
+        seed: seeds the random directions; same seed, same scores.
+        loss_fn: ``loss_fn(logits, targets)`` returning a batch-mean loss; cross-entropy by default.
+        ignore: qualified names of extra layers whose output channels must not be pruned (the output layer
+            is found and excluded automatically).
+        device: where to run; defaults to the model's device.
+        progress: show a progress bar; by default only when stderr is a terminal.
+        u_at: where U is measured: "input" (default: the tensor the next layer consumes, after
+            normalisation, activation and residual addition), "norm" (after the normalisation layer that
+            follows) or "output" (the producing Conv/Linear's raw output, as the reference does). Falls back
+            to the next available site (input -> norm -> output) where a group has none.
+        u_reduce: how a group with several measured tensors combines them ("max" or "mean" of per-site U,
+            each first divided by its mean so that differently scaled tensors weigh alike).
+        r_reduce: "sum": |sum of the Taylor terms of all members| (the first-order estimate of removing the
+            coupled unit everywhere at once); "max": the largest member |Taylor term|.
+        attention: the units of attention layers: "heads" (whole heads) or "head_dims" (one dimension of
+            every head at once, so all heads keep the same width; the softmax scale stays the original).
+            Shorthand for :class:`~fairpruner.families.AttentionOptions` of the attention families.
+        family_options: unit-family name -> its options (a :class:`~fairpruner.families.FamilyOptions`),
+            for families registered by you. Recorded in the scores, so plans made from them are applied with
+            the same options.
+
+    Returns:
+        :class:`Scores` with one entry per prunable group.
+
+    Example:
+        >>> scores = fp.score(model, fairpruner.data.calibration_loader(train, samples_per_class=32))
+        >>> plan = fp.plan(scores, macs=0.5)
+    """
+    fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, ignore, attention,
+                          family_options)
+    loss_fn = loss_fn or F.cross_entropy
+    device = device_of(model, device)
+    known = prescan_labels(loader)
+    if known is not None:
+        check_classes(known, None)
+    iterator = iter(loader)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise DataError("The loader is empty; give at least two classes of labelled samples.") from None
+    if example_inputs is None:
+        example_inputs = labelled_batch(first)[0]
+
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        run = _prepare(model, example_inputs, device, fams, ignore, u_at, seed)
+        hooks = attach_sites(run.sites, run.modules, run.state, projections)
+        probe_batch_dims(run.work, run.trace, run.sites, run.state)
+        try:
+            seen, n_samples = _run_batches(run, _chain(first, iterator), loader, loss_fn, device,
+                                           samples_per_class, progress)
+        finally:
+            for h in hooks:
+                h.remove()
+        if distributed():
+            seen, n_samples = merge_ranks(run.work, run.sites, seen, n_samples, samples_per_class)
+        counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
+        result = assemble(run.groups, run.sites, run.modules, n_samples, u_reduce, r_reduce)
+    meta = {
+        "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class,
+        "projections": projections, "seed": seed, "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce,
+        "ignore": list(ignore), "family_options": _families.options_record(fams),
+        "output_layers": run.outputs, "class_counts": {str(k): v for k, v in counts.items()},
+        "n_samples": n_samples, "example_inputs": describe_inputs(example_inputs),
+    }
+    return Scores(result, run.cost, meta)
+
+
+def _check_options(model: nn.Module, samples_per_class: int, projections: int, u_at: str, u_reduce: str,
+                   r_reduce: str, ignore: Sequence[str], attention: str,
+                   family_options: Optional[Mapping[str, Any]]) -> List[_families.Family]:
+    """Refuses bad settings before any compute; returns the unit families, each with its options."""
+    if not isinstance(samples_per_class, int) or samples_per_class < 2:
+        raise FairPrunerError(f"samples_per_class must be an integer >= 2, got {samples_per_class!r}.")
+    if not isinstance(projections, int) or projections < 1:
+        raise FairPrunerError(f"projections must be a positive integer, got {projections!r}.")
+    for opt, val, allowed in (("u_at", u_at, U_SITES), ("u_reduce", u_reduce, U_REDUCTIONS),
+                              ("r_reduce", r_reduce, R_REDUCTIONS)):
+        if val not in allowed:
+            raise FairPrunerError(f"{opt}={val!r} is not one of {allowed}.")
+    module_names = dict(model.named_modules())
+    unknown = [n for n in ignore if n not in module_names]
+    if unknown:
+        raise FairPrunerError(f"ignore= names unknown modules {unknown}; use names from model.named_modules().")
+    units = AttentionOptions(units=attention)  # checks the value
+    options = {c.name: units for c in _families.registered() if c.Options is AttentionOptions}
+    options.update(family_options or {})
+    return _families.build(options)
+
+
+@dataclass
+class _Run:
+    """What one scoring call works on: the scored copy, its groups and measurement sites."""
+
+    work: nn.Module
+    trace: tuple
+    groups: List[GroupSpec]
+    cost: CostModel
+    modules: Dict[str, nn.Module]
+    sites: List[Site]
+    outputs: List[str]
+    num_outputs: int
+    state: dict
+
+
+def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: List[_families.Family],
+             ignore: Sequence[str], u_at: str, seed: int) -> _Run:
+    """A trainable eval-mode copy of the model, its groups, cost model and U sites."""
+    work = copy.deepcopy(model).to(device)
+    work.eval()
+    for p in work.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    example_inputs = to_device(example_inputs, device)
+    # Tracing needs shapes, not statistics: two samples keep its cost negligible.
+    trace = tuple(t[:2] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
+    graph = build_graph(work, trace, fams)
+    outputs, num_outputs = find_output_layers(work, trace)
+    groups = discover_groups(graph, work, fams, ignore=tuple(ignore) + tuple(outputs), example_inputs=trace)
+    del graph
+    if not groups:
+        raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output).")
+    cost = CostModel.build(work, trace, groups)
+    modules = dict(work.named_modules())
+    sites = pick_sites(groups, modules, u_at, seed, work)
+    state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}}
+    return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
+
+
+def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callable, device: torch.device,
+                 samples_per_class: int, progress: Optional[bool]) -> tuple:
+    """One forward+backward per batch; returns the samples seen per class and in all."""
+    seen = torch.zeros(0, dtype=torch.long)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    show = progress if progress is not None else sys.stderr.isatty()
+    n_samples = 0
+    for batch in tqdm(batches, total=total, desc="fairpruner: scoring", disable=not show, leave=False):
+        inputs, targets = labelled_batch(batch)
+        if int(targets.max()) >= seen.numel():
+            seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
+        keep = first_per_class(targets, seen, samples_per_class)
+        seen += torch.bincount(targets, minlength=seen.numel())
+        run.state["keep"], run.state["labels"] = keep.to(device), targets[keep]
+        for s in run.sites:
+            s.calls = 0
+        run.state["measured"] = {}
+        out = logits_of(run.work(*as_args(to_device(inputs, device))))
+        if int(targets.max()) >= out.shape[-1]:
+            raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "
+                            "outputs; labels must be 0..K-1 for a K-class model.")
+        loss = loss_fn(out, targets.to(device))
+        if not bool(torch.isfinite(loss)):
+            raise DataError("The loss is NaN/inf on a calibration batch; check the model and the labels.")
+        # R sums dL_b/dw * w over batches b (the reference's definition): gradients accumulate.
+        loss.backward()
+        n_samples += targets.numel()
+    return seen, n_samples
+
+
+def _chain(first: Any, rest: Iterable) -> Iterable:
+    yield first
+    yield from rest

@@ -1,0 +1,163 @@
+"""Where U is measured: the sites (tensors) of every group, their seeded directions, and the hooks that project
+each measured tensor onto them as it is produced (memory: samples x units x projections, never feature maps)."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .._core.groups import GroupSpec, Member
+from .._core.inputs import first_sample
+from .._core.layers import CONV_TYPES
+from .._errors import DataError, FairPrunerError
+from ..families.base import USource
+from .wasserstein import random_directions
+
+__all__ = ["Site", "site_seed", "pick_sites", "attach_sites", "probe_batch_dims", "U_SITES"]
+
+U_SITES = ("output", "norm", "input")
+
+
+@dataclass
+class Site:
+    """A tensor on which U is measured: a module's output or input, channels mapped to root channels."""
+
+    group: int
+    module: str
+    side: str          # "output" | "input"
+    index: torch.Tensor  # (channels,) position in the tensor's channel dimension of each root channel
+    seed: int
+    directions: Optional[torch.Tensor] = None
+    identity: bool = False  # index is 0..n-1 over all of the tensor's channels
+    channels_last: bool = False  # channels are the last dimension of 3-D tensors
+    batch_dim: int = 0  # 1 for sequence-first tensors (nn.MultiheadAttention/RNN layers with batch_first=False)
+    chunks: List[torch.Tensor] = field(default_factory=list)
+    labels: List[torch.Tensor] = field(default_factory=list)
+    calls: int = 0
+    source: Optional[USource] = None  # a unit family's observation point (tensor arrives as (B, channels, ...))
+
+
+def site_seed(seed: int, module: str, side: str) -> int:
+    """Seed of the random directions for one measured tensor: stable across runs, models and group order."""
+    return (seed * 1_000_003 + zlib.crc32(f"{module}:{side}".encode())) % (2 ** 63)
+
+
+def pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str, seed: int,
+                model: nn.Module) -> List[Site]:
+    sites = []
+    for gi, g in enumerate(groups):
+        if g.family is not None:
+            for src in g.family.u_sources(model, g):
+                sites.append(Site(gi, src.name, "output", torch.arange(g.channels),
+                                   site_seed(seed, src.name, "family"), identity=True, source=src))
+            continue
+        producers = [m for m in g.members if m.side == "out" and m.kind == "weight"]
+        norms = [m for m in g.members if m.side == "out" and m.kind == "norm"]
+        consumers = [m for m in g.members if m.side == "in" and m.kind == "weight" and m.index.shape[1] == 1
+                     and not (isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1)]
+        chosen = {"output": [producers], "norm": [norms, producers], "input": [consumers, norms, producers]}[u_at]
+        members: List[Member] = next((c for c in chosen if c), producers)
+        for m in members:
+            side = "input" if m.side == "in" else "output"
+            sites.append(Site(gi, m.module, side, m.index[:, 0].clone(), site_seed(seed, m.module, side)))
+    return sites
+
+
+def _channel_width(mod: nn.Module, side: str) -> int:
+    """Channels of a module's output ("output") or input ("input"); -1 where the module does not say."""
+    if isinstance(mod, CONV_TYPES):
+        return mod.out_channels if side == "output" else mod.in_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if side == "output" else mod.in_features
+    return int(getattr(mod, "num_features", getattr(mod, "num_channels", -1)))
+
+
+def _site_hook(site: Site, state: dict, projections: int) -> Callable:
+    def record(tensor: torch.Tensor) -> None:
+        if state.get("probe") is not None:  # _probe_batch_dims: shapes only
+            state["probe"][id(site)] = tuple(tensor.shape)
+            return
+        site.calls += 1
+        if site.calls > 1:
+            raise FairPrunerError(f"Module '{site.module}' runs more than once per forward pass; shared modules "
+                                  "cannot be scored. Add it to `ignore=`.")
+        keep = state["keep"]  # may be empty: an empty chunk still records the layout (for torch.distributed)
+        # Several consumers of one group often read the very same tensor (a residual stream feeding a
+        # block and its shortcut): measure it once.
+        key = (site.group, tensor.data_ptr(), tuple(tensor.shape))
+        if key in state["measured"]:
+            return
+        state["measured"][key] = tensor  # held until the batch ends, so the address cannot be reused
+        with torch.no_grad():
+            x = tensor.detach()
+            if site.batch_dim:
+                x = x.movedim(site.batch_dim, 0)
+            if keep.numel() != x.shape[0]:  # copies only when some samples of the batch are not needed
+                x = x.index_select(0, keep)
+            if x.dim() > 2 and site.channels_last:  # (B, T, C) tokens, (B, H, W, C) channels-last maps
+                x = x.movedim(-1, 1)
+            if not site.identity:  # the group's channels are a slice/permutation of this tensor's channels
+                x = x.index_select(1, site.index.to(x.device))
+            x = x.float()
+            if x.dim() == 2:
+                # Scalar unit outputs: exact 1-D W1. A copy, since an in-place activation may follow.
+                proj = x.unsqueeze(-1).clone()  # (b, units, 1)
+            else:
+                flat = x.flatten(2)
+                if site.directions is None:
+                    g = torch.Generator().manual_seed(site.seed)
+                    site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
+                proj = flat @ site.directions  # (b, units, P)
+            # NaN/inf anywhere in a kept sample survives the projection and its sum: one cheap reduction.
+            if not bool(torch.isfinite(proj.sum())):
+                raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
+                                "model weights and the input normalisation.")
+            site.chunks.append(proj.cpu())
+            site.labels.append(state["labels"])
+    if site.source is not None:
+        return record
+    if site.side == "output":
+        return lambda mod, inp, out: record(out)
+    return lambda mod, inp: record(inp[0])
+
+
+def attach_sites(sites: List[Site], modules: Dict[str, nn.Module], state: dict, projections: int) -> list:
+    """Registers the hook of every site; returns the handles."""
+    hooks = []
+    for s in sites:
+        if s.source is not None:
+            hooks.extend(s.source.attach(modules, _site_hook(s, state, projections)))
+            continue
+        mod = modules[s.module]
+        width = _channel_width(mod, s.side)
+        s.identity = width == s.index.numel() and torch.equal(s.index, torch.arange(width))
+        if s.side == "output":
+            hooks.append(mod.register_forward_hook(_site_hook(s, state, projections)))
+        else:
+            hooks.append(mod.register_forward_pre_hook(_site_hook(s, state, projections)))
+        s.channels_last = isinstance(mod, nn.Linear)  # Linear layers on (B, T, C) sequences
+    return hooks
+
+
+def probe_batch_dims(model: nn.Module, trace: tuple, sites: List[Site], state: dict) -> None:
+    """Finds the batch dimension of every measured tensor (sequence-first layers put it second): the one that
+    changes between forward passes on one and on two samples. Run with grad enabled, as the scoring passes
+    are (no fused inference paths, such as nested tensors in nn.TransformerEncoder)."""
+    one = first_sample(trace)
+    two = tuple(torch.cat([t, t]) if torch.is_tensor(t) and t.dim() > 0 else t for t in one)
+    shapes = []
+    try:
+        for x in (one, two):
+            state["probe"] = {}
+            model(*x)
+            shapes.append(state["probe"])
+    finally:
+        state["probe"] = None
+    for s in sites:
+        a, b = shapes[0].get(id(s)), shapes[1].get(id(s))
+        if s.source is None and a is not None and b is not None and len(a) == len(b):
+            s.batch_dim = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), 0)
+

@@ -1,0 +1,187 @@
+"""The ``fairpruner`` argument parser: one ``--help`` page with an example per sub-command."""
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+from .commands import COMMANDS
+
+__all__ = ["build_parser", "MODEL_HELP", "DATA_HELP", "DEFAULT_ALPHAS"]
+
+MODEL_HELP = ("zoo:NAME (see fairpruner.zoo.list_models()) or package.module:factory (imported from the current "
+              "directory or the Python path; called with num_classes= when it accepts it)")
+DATA_HELP = ("'digits' (scikit-learn digits), 'cifar10:PATH' or a .tar.gz with train/ and test/ class folders, "
+             "or an image-folder directory")
+DEFAULT_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+EXAMPLES = {
+    "demo": """
+        Trains a small CNN on scikit-learn digits (seconds), scores it, prints an alpha sweep with the
+        one-shot accuracy at each alpha, prunes to -50% MACs, fine-tunes and prints the report.
+
+        example:
+          fairpruner demo                      # print only
+          fairpruner demo --out demo-results   # also write report, plots, plan and models
+        """,
+    "score": """
+        Computes U-Scores (class separation) and R-Scores (first-order loss change) of every prunable group,
+        in one pass over a class-balanced calibration subset of the training split.
+
+        example:
+          fairpruner score --model zoo:resnet20 --weights resnet20.pt --data cifar10.tar.gz \\
+              --samples-per-class 32 --out scores.pt
+          fairpruner score --model mypackage.models:build_net --num-classes 100 --data images/ --out scores.pt
+          torchrun --nproc_per_node=2 -m fairpruner.cli score --model zoo:resnet20 --data cifar10.tar.gz \
+              --out scores.pt        # each process scores a shard; identical scores, rank 0 writes
+        """,
+    "plan": """
+        Turns scores into a plan: per group, how many units go (Tolerance of Difference at --alpha, or the
+        smallest alpha that reaches a --params/--macs reduction) and which (lowest --signal first).
+        Scores are reused: try as many targets as you like, each takes milliseconds.
+
+        example:
+          fairpruner plan --scores scores.pt --sweep                 # what each alpha would remove
+          fairpruner plan --scores scores.pt --macs 0.5 --out plan.json
+          fairpruner plan --scores scores.pt --alpha 0.05 --signal l1 --out plan-l1.json
+        """,
+    "prune": """
+        Physically removes the plan's units from the model and saves the smaller model with its plan.
+
+        example:
+          fairpruner prune --model zoo:resnet20 --weights resnet20.pt --plan plan.json --out pruned.pt
+        """,
+    "report": """
+        Compares the original and the pruned model: units per group, measured params, MACs, latency at the
+        example batch and, with --data, test-split accuracy.
+
+        example:
+          fairpruner report --model zoo:resnet20 --weights resnet20.pt --pruned pruned.pt \\
+              --data cifar10.tar.gz --json report.json --plots report-plots
+        """,
+    "finetune": """
+        Fine-tunes a pruned model (SGD with momentum, cosine learning rate per step) on the training split
+        and reports test-split accuracy before and after.
+
+        example:
+          fairpruner finetune --model zoo:resnet20 --pruned pruned.pt --data cifar10.tar.gz \\
+              --epochs 5 --lr 0.01 --out finetuned.pt
+        """,
+}
+
+
+def _sub(subs, name: str, summary: str) -> argparse.ArgumentParser:
+    about, example = textwrap.dedent(EXAMPLES[name]).strip().split("\nexample:", 1)
+    p = subs.add_parser(name, help=summary, description=about.strip(), epilog="example:" + example,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=COMMANDS[name])
+    return p
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("--model", required=True, metavar="SPEC", help=MODEL_HELP)
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="passed to the model factory (default: the number of classes in --data, if given)")
+    if weights:
+        p.add_argument("--weights", metavar="FILE",
+                       help="trained weights: a state_dict saved with torch.save, or a file from fairpruner.save")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fairpruner`` command."""
+    parser = argparse.ArgumentParser(
+        prog="fairpruner", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="FAIR-Pruner: automatic layer-wise structured pruning by Tolerance of Difference.",
+        epilog=textwrap.dedent("""
+            typical workflow:
+              fairpruner score --model zoo:resnet20 --weights w.pt --data cifar10.tar.gz --out scores.pt
+              fairpruner plan --scores scores.pt --macs 0.5 --out plan.json
+              fairpruner prune --model zoo:resnet20 --weights w.pt --plan plan.json --out pruned.pt
+              fairpruner finetune --model zoo:resnet20 --pruned pruned.pt --data cifar10.tar.gz --out ft.pt
+              fairpruner report --model zoo:resnet20 --weights w.pt --pruned ft.pt --data cifar10.tar.gz
+
+            'fairpruner COMMAND --help' shows each command's options and an example.""").strip())
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _sub(subs, "demo", "train, prune and fine-tune a digits CNN in seconds")
+    p.add_argument("--out", metavar="DIR", help="write report, plots, plan and models here (default: nothing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, scoring and fine-tuning (default 0)")
+    p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    _progress_flag(p)
+
+    p = _sub(subs, "score", "compute U- and R-Scores on calibration data")
+    _model_args(p)
+    p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP + " (its train split is used)")
+    p.add_argument("--samples-per-class", type=int, default=32, metavar="N", help="calibration samples per class "
+                   "(default 32)")
+    p.add_argument("--projections", type=int, default=128, metavar="P",
+                   help="random directions of the sliced W1 (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the calibration draw and directions (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--u-at", default="input", choices=("output", "norm", "input"),
+                   help="where U is measured: the next layer's input (default), after normalisation, or the raw layer output")
+    p.add_argument("--u-reduce", default="max", choices=("max", "mean"),
+                   help="how a coupled group combines the U of its members (default max)")
+    p.add_argument("--r-reduce", default="sum", choices=("sum", "max"),
+                   help="how a coupled group combines the Taylor terms of its members (default sum)")
+    p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
+                   help="attention units: whole heads (default), or one dimension of every head so all heads keep "
+                        "the same width")
+    p.add_argument("--out", required=True, metavar="FILE", help="scores file to write")
+    _progress_flag(p)
+
+    p = _sub(subs, "plan", "choose the units to remove (alpha or params/MACs target)")
+    p.add_argument("--scores", required=True, metavar="FILE", help="from 'fairpruner score'")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--alpha", type=float, metavar="A", help="ToD level in [0, 1]")
+    target.add_argument("--params", type=float, metavar="F", help="fraction of parameters to remove")
+    target.add_argument("--macs", type=float, metavar="F", help="fraction of MACs to remove")
+    p.add_argument("--signal", default="u", choices=("u", "l1", "taylor", "random"),
+                   help="which units go once the counts are fixed (default u: lowest U-Score)")
+    p.add_argument("--allocation", default="tod", choices=("tod", "uniform"),
+                   help="per-group counts by ToD (default) or the same fraction everywhere")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random signal (default 0)")
+    p.add_argument("--sweep", action="store_true", help="print what each alpha of --alphas would remove")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
+                   help="comma-separated alphas for --sweep")
+    p.add_argument("--out", metavar="FILE", help="plan JSON to write")
+
+    p = _sub(subs, "prune", "remove the planned units from a model")
+    _model_args(p)
+    p.add_argument("--plan", required=True, metavar="FILE", help="from 'fairpruner plan'")
+    p.add_argument("--out", required=True, metavar="FILE", help="pruned model file to write")
+
+    p = _sub(subs, "report", "compare the original and the pruned model")
+    _model_args(p)
+    p.add_argument("--pruned", required=True, metavar="FILE", help="from 'fairpruner prune' or 'finetune'")
+    p.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (its test split measures accuracy)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="example batch for latency, and evaluation batch size (default 64)")
+    p.add_argument("--latency-repeats", type=int, default=20, metavar="N",
+                   help="timed forward passes per model (default 20; 0 skips latency)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads while measuring (default: torch's choice; 1 is steadier on a busy machine)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--plots", metavar="DIR", help="also write PNG charts into this directory")
+
+    p = _sub(subs, "finetune", "fine-tune a pruned model")
+    _model_args(p, weights=False)
+    p.add_argument("--pruned", required=True, metavar="FILE", help="from 'fairpruner prune'")
+    p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (default 1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3, as the paper)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty (default 5e-4)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="training batch size (default 64)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    p.add_argument("--no-augment", action="store_true", help="no random crop/flip on image data")
+    p.add_argument("--seed", type=int, default=0, help="seeds shuffling and augmentation (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", required=True, metavar="FILE", help="fine-tuned model file to write")
+    _progress_flag(p)
+    return parser

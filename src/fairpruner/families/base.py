@@ -1,0 +1,264 @@
+"""The extension point: a *unit family* is a kind of prunable unit that torch-pruning's dependency graph
+cannot express (attention heads, recurrent hidden units, mixture-of-experts experts).
+
+A :class:`Family` finds its own groups (:class:`~fairpruner._core.groups.GroupSpec` whose ``family`` is the
+family instance), says where each group's U-Score is observed (:class:`USource`), which parameter slices
+belong to each unit (the groups' members), what MACs scale with the units, and performs the surgery.
+Scoring, planning, masking and the cost model stay generic: they only read members. Families are registered
+by the :func:`register` decorator; :func:`build` makes the instances a scoring or pruning call hands to
+the graph adapter and the cost model, each with its options (a small versioned :class:`FamilyOptions`
+dataclass that scores and plans record, so a plan is applied with the options it was scored with).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+from .._core.groups import GroupSpec, MacsTerm, zero_members_
+from .._errors import FairPrunerError
+
+__all__ = ["Family", "FamilyOptions", "USource", "MacsTerm", "register", "unregister", "registered", "build",
+           "options_record", "hook_source"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyOptions:
+    """Base of a family's options: a frozen dataclass with a class-level ``version``, checked in
+    ``__post_init__`` by subclasses and recorded with :meth:`to_dict` in scores and plans."""
+
+    version: ClassVar[int] = 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"version": self.version, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FamilyOptions":
+        if int(d.get("version", 1)) > cls.version:
+            raise FairPrunerError(f"{cls.__name__} version {d['version']} is newer than this fairpruner "
+                                  f"understands ({cls.version}); upgrade.")
+        return cls(**{k: v for k, v in d.items() if k != "version"})
+
+
+@dataclasses.dataclass
+class USource:
+    """Where the per-unit outputs of a family group are observed during the scoring pass.
+
+    Attributes:
+        name: a stable label (seeds the random projections, names the site in errors).
+        attach: ``attach(modules, emit) -> list of hook handles``; the hooks call ``emit(t)`` once per forward
+            with ``t`` shaped ``(batch, channels, *features)`` in batch order (``channels`` = the group's root
+            channels), e.g. ``(B, heads, T * head_dim)``.
+    """
+
+    name: str
+    attach: Callable[[Dict[str, nn.Module], Callable[[torch.Tensor], None]], List[Any]]
+
+
+class Family(abc.ABC):
+    """Base class of a unit family: three required methods, the rest optional hooks.
+
+    Subclasses set ``name`` (the registry key, also recorded in plans), optionally ``Options`` (a
+    :class:`FamilyOptions` subclass; the instance's options are then ``self.options``), and implement
+    :meth:`discover`, :meth:`u_sources` and :meth:`prune_`. The default :meth:`mask_` zeroes every member's
+    parameter slices, so a family whose members list every parameter it cuts gets masking (and with it the
+    pruned == masked check) for free.
+
+    Example:
+        A family whose unit is one output neuron of every ``Gate`` module (a Linear whose rows are read by
+        nothing but the model output), written in a user's own module::
+
+            from fairpruner import families
+            from fairpruner.families import Family, GroupSpec, Member, hook_source
+
+            @families.register
+            class GateNeurons(Family):
+                name = "gate_neurons"
+
+                def owned(self, model):          # torch-pruning must leave these layers alone
+                    return [n for n, m in model.named_modules() if isinstance(m, Gate)]
+
+                def discover(self, model, graph, example_inputs, ignore):
+                    groups = []
+                    for n, m in model.named_modules():
+                        if isinstance(m, Gate) and n not in ignore:
+                            rows = torch.arange(m.fc.out_features).view(-1, 1)
+                            groups.append(GroupSpec(f"{n}:neurons", len(rows), rows,
+                                                    [Member(f"{n}.fc", "out", rows, "weight")], family=self))
+                    return groups
+
+                def u_sources(self, model, group):
+                    return [hook_source(group.name, group.members[0].module)]
+
+                def prune_(self, model, group, channels):
+                    fc = model.get_submodule(group.members[0].module)
+                    fairpruner._core.slice_linear_(fc, 0, fairpruner._core.kept(fc.out_features,
+                                                                                torch.tensor(channels)))
+
+        ``tests/families/test_toy_family.py`` holds a complete, tested version.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[Optional[Type[FamilyOptions]]] = None
+
+    def __init__(self, options: Optional[FamilyOptions] = None) -> None:
+        if options is not None and (self.Options is None or not isinstance(options, self.Options)):
+            raise FairPrunerError(f"Family '{self.name}' takes {self.Options.__name__ if self.Options else 'no'} "
+                                  f"options, got {type(options).__name__}.")
+        self.options = options if options is not None else (self.Options() if self.Options else None)
+
+    # ------------------------------------------------------------------------------------------- required
+    @abc.abstractmethod
+    def discover(self, model: nn.Module, graph: Any, example_inputs: tuple,
+                 ignore: Sequence[str]) -> List[GroupSpec]:
+        """This family's groups in ``model`` (``ignore``: module names the user or the output layer protect).
+        Each group's ``family`` is ``self``."""
+
+    @abc.abstractmethod
+    def u_sources(self, model: nn.Module, group: GroupSpec) -> List[USource]:
+        """Where U is observed for ``group``."""
+
+    @abc.abstractmethod
+    def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
+        """Removes root ``channels`` of ``group`` from ``model`` in place, keeping module attributes consistent."""
+
+    # --------------------------------------------------------------------------------------- optional hooks
+    def claims(self, module: nn.Module) -> bool:
+        """True for modules this family makes acceptable to the layer check (e.g. ``nn.LSTM``)."""
+        return False
+
+    def tp_pruners(self) -> Dict[type, Any]:
+        """``customized_pruners`` for torch-pruning's graph (module type -> pruner), if the family has any."""
+        return {}
+
+    def owned(self, model: nn.Module) -> List[str]:
+        """Modules torch-pruning must not root or prune groups at, because this family handles them."""
+        return []
+
+    def tracing(self, model: nn.Module) -> Any:
+        """A context manager entered while torch-pruning traces ``model`` (e.g. hooks that hide a layer's
+        internal operations, which the library would misread, behind one node)."""
+        return contextlib.nullcontext()
+
+    def layout(self, module: nn.Module, side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
+        """Explicit ``(param, dim)`` pairs of a module this family claims when it is a member (``side``) of a
+        torch-pruning group, e.g. an LSTM's input columns; None: laid out like Conv/Linear."""
+        return None
+
+    def macs_terms(self, model: nn.Module, example_inputs: tuple, group: GroupSpec) -> List[MacsTerm]:
+        """MACs outside Conv/Linear layers that shrink with ``group``'s units (attention products, recurrent
+        matmuls). Their sum is taken out of the cost model's constant part."""
+        return []
+
+    def mask_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
+        """Zeroes what :meth:`prune_` would remove, so that the masked model computes what the pruned one does.
+        By default every member's parameter slices are zeroed; override where zero is not neutral (a router
+        logit must become -inf, not 0)."""
+        zero_members_(model, group, channels)
+
+
+_REGISTRY: Dict[str, Type[Family]] = {}
+
+
+def register(cls: Type[Family]) -> Type[Family]:
+    """Class decorator: adds a :class:`Family` subclass to the registry, keyed by its ``name``.
+
+    Raises:
+        FairPrunerError: if the class is not a Family, has no name, or another class holds the name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise FairPrunerError(f"register() takes a Family subclass, got {cls!r}.")
+    if not cls.name:
+        raise FairPrunerError(f"Family {cls.__qualname__} has no `name`; set a unique class attribute `name`.")
+    held = _REGISTRY.get(cls.name)
+    if held is not None and held is not cls:
+        raise FairPrunerError(f"A unit family named '{cls.name}' is already registered ({held.__module__}."
+                              f"{held.__qualname__}); give {cls.__qualname__} another name.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Removes the family registered as ``name`` (a no-op if there is none)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> List[Type[Family]]:
+    """The registered family classes, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def _legacy(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """Files written before options were per family held ``{"attention": "heads" | "head_dims"}``."""
+    units = record.get("attention")
+    if not isinstance(units, str):
+        return dict(record)
+    rest = {k: v for k, v in record.items() if k != "attention"}
+    for cls in registered():
+        if cls.Options is not None and "units" in {f.name for f in dataclasses.fields(cls.Options)}:
+            rest.setdefault(cls.name, {"version": 1, "units": units})
+    return rest
+
+
+def build(options: Optional[Mapping[str, Any]] = None) -> List[Family]:
+    """One instance of every registered family, in registration order.
+
+    Args:
+        options: family name -> its :class:`FamilyOptions` (or the dict :meth:`FamilyOptions.to_dict` wrote,
+            as scores and plans record them). Families not named get their default options.
+
+    Raises:
+        FairPrunerError: for options naming no registered family, or of the wrong type.
+    """
+    options = _legacy(options or {})
+    unknown = sorted(set(options) - set(_REGISTRY))
+    if unknown:
+        raise FairPrunerError(f"Options for unknown unit families {unknown}; registered: {sorted(_REGISTRY)}.")
+    out = []
+    for cls in registered():
+        opt = options.get(cls.name)
+        if isinstance(opt, Mapping):
+            if cls.Options is None:
+                raise FairPrunerError(f"Family '{cls.name}' takes no options, got {dict(opt)}.")
+            opt = cls.Options.from_dict(opt)
+        out.append(cls(opt))
+    return out
+
+
+def options_record(families: Sequence[Family]) -> Dict[str, Dict[str, Any]]:
+    """What scores and plans record: family name -> options dict, for the families that have options."""
+    return {f.name: f.options.to_dict() for f in families if f.options is not None}
+
+
+def hook_source(name: str, module: str, *, side: str = "output", item: Optional[int] = None,
+                index: Optional[torch.Tensor] = None, channels_last: bool = True) -> USource:
+    """A source reading one module's output (or input) tensor.
+
+    Args:
+        name: label of the source.
+        module: qualified module name.
+        side: "output" (forward hook) or "input" (pre-hook, first positional input).
+        item: position in a tuple output (``nn.LSTM`` returns ``(output, (h, c))``).
+        index: (channels, k) positions in the feature dimension of each root channel; None keeps all.
+        channels_last: the feature dimension is the last one (``(B, T, D)`` tokens) rather than dimension 1.
+    """
+    def attach(modules: Dict[str, nn.Module], emit: Callable[[torch.Tensor], None]) -> List[Any]:
+        def take(t: Any) -> None:
+            if item is not None:
+                t = t[item]
+            x = t.movedim(-1, 1) if channels_last and t.dim() > 2 else t
+            if index is not None:
+                idx = index.to(x.device)
+                x = x.index_select(1, idx.flatten())
+                x = x.unflatten(1, tuple(idx.shape))  # (B, channels, k, *rest)
+                x = x.movedim(2, -1).flatten(2) if x.dim() > 3 else x.flatten(2)
+            emit(x)
+        mod = modules[module]
+        if side == "output":
+            return [mod.register_forward_hook(lambda m, i, o: take(o))]
+        return [mod.register_forward_pre_hook(lambda m, i: take(i[0]))]
+    return USource(name, attach)
