@@ -13,7 +13,7 @@ from torch import nn
 
 import fairpruner as fp
 from fairpruner import RecurrentStack
-from fairpruner._planning.plan import Plan
+from fairpruner._planning.plans import Plan
 from fairpruner.families.recurrent.family import _TPPruner
 from fairpruner._scoring.sites import site_seed
 from fairpruner._scoring.wasserstein import random_directions

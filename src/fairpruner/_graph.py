@@ -7,7 +7,7 @@ torch-pruning itself takes ``customized_pruners``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
@@ -19,12 +19,13 @@ from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTE
 from ._core.state import preserved_state
 from ._errors import UnsupportedModelError
 
-if TYPE_CHECKING:  # annotations only: families build on this module, not the other way round
-    from .families.base import Family
+# The unit families handed in are ``fairpruner.families.Family`` instances. This module does not import that
+# package: the families build on this adapter, not the other way round.
+Families = Sequence[Any]
 
 __all__ = ["build_graph", "discover_groups", "find_output_layers", "group_slots", "family_layout"]
 
-def family_layout(families: Sequence["Family"], module: nn.Module,
+def family_layout(families: Families, module: nn.Module,
                   side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
     """The first explicit parameter layout one of ``families`` gives ``module`` (see ``Family.layout``)."""
     for f in families:
@@ -34,7 +35,7 @@ def family_layout(families: Sequence["Family"], module: nn.Module,
     return None
 
 
-def _check_layers(model: nn.Module, families: Sequence["Family"]) -> None:
+def _check_layers(model: nn.Module, families: Families) -> None:
     for name, module in model.named_modules():
         if any(f.claims(module) for f in families):
             continue
@@ -97,7 +98,7 @@ def _check_channel_padding(output: Any) -> None:
         stack.extend(nxt for nxt, _ in fn.next_functions)
 
 
-def build_graph(model: nn.Module, example_inputs: Any, families: Sequence["Family"] = ()) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) -> tp.DependencyGraph:
     """Checks the model for unsupported parts and builds torch-pruning's dependency graph.
 
     Args:
@@ -227,7 +228,7 @@ def group_slots(graph: tp.DependencyGraph, group: Any, name_of: Any) -> Dict[Tup
     return merged
 
 
-def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Sequence["Family"] = (),
+def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Families = (),
                     ignore: Sequence[str] = (), example_inputs: Any = None) -> List[GroupSpec]:
     """All prunable groups: torch-pruning groups rooted at Conv/Linear layers not in ``ignore``, then the
     groups of the unit ``families`` (attention heads, recurrent units, experts).

@@ -13,7 +13,7 @@ from torch import nn
 from ._core.inputs import as_args, device_of, to_device
 from ._errors import FairPrunerError
 from ._measure.counting import count_macs, count_params, measure_latency
-from ._planning.plan import Plan
+from ._planning.plans import Plan
 from ._recovery import evaluate
 
 __all__ = ["Report", "report", "format_sweep", "format_plan", "plot_sweep"]

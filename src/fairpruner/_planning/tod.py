@@ -12,12 +12,12 @@ group and a params/MACs target is met by bisection over the finitely many alphas
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["tod_curve", "tod_counts", "max_fraction", "rank_ascending"]
+__all__ = ["tod_curve", "tod_counts", "max_fraction", "rank_ascending", "candidate_alphas"]
 
 MAX_FRACTION = 0.99
 
@@ -53,9 +53,12 @@ def tod_curve(u: torch.Tensor, r: torch.Tensor) -> np.ndarray:
     return np.minimum.accumulate(ratio[::-1])[::-1]
 
 
-def tod_counts(curves: List[np.ndarray], alpha: float) -> np.ndarray:
-    """m_hat per group for one alpha (a small tolerance absorbs float rounding of k/m)."""
-    return np.array([int(np.searchsorted(c, alpha + 1e-12, side="right")) for c in curves], dtype=np.int64)
+def tod_counts(curves: List[np.ndarray], alpha: float, weights: Optional[Sequence[float]] = None) -> np.ndarray:
+    """m_hat per group for one alpha (a small tolerance absorbs float rounding of k/m); a group with weight
+    ``w`` is cut at level ``alpha / w``."""
+    weights = [1.0] * len(curves) if weights is None else weights
+    return np.array([int(np.searchsorted(c * w, alpha + 1e-12, side="right")) for c, w in zip(curves, weights)],
+                    dtype=np.int64)
 
 
 def candidate_alphas(curves: List[np.ndarray]) -> np.ndarray:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .._core.files import read_torch_file
 from .._errors import PlanError
-from .._planning.plan import Plan
+from .._planning.plans import Plan
 from .surgery import prune
 
 __all__ = ["save", "load"]

@@ -18,7 +18,7 @@ from .._core.layers import CONV_TYPES, WEIGHT_TYPES
 from .._core.state import model_signature, preserved_state
 from .._errors import FairPrunerError, PlanError
 from .._graph import build_graph, family_layout
-from .._planning.plan import Plan
+from .._planning.plans import Plan
 
 __all__ = ["prune", "mask", "example_from_plan", "plan_families"]
 

@@ -63,7 +63,9 @@ def assemble(groups: List[GroupSpec], sites: List[Site], modules: Dict[str, nn.M
         if not bool(torch.stack([t.isfinite().all() for t in terms]).all()):
             raise DataError(f"Non-finite gradients in group '{g.name}'; check the loss and the model.")
         t = torch.stack(terms)
-        r = t.sum(0).abs() if r_reduce == "sum" else t.abs().amax(0)
+        # A unit family's members are the parts of one unit (an expert's layers and router row, a head's q, k
+        # and v rows): their terms always add up. r_reduce chooses for coupled layers.
+        r = t.sum(0).abs() if r_reduce == "sum" or g.family is not None else t.abs().amax(0)
         l1 = torch.zeros(g.channels, dtype=torch.float64)
         for m in g.members:
             if m.side == "out" and m.kind == "weight":
@@ -71,7 +73,9 @@ def assemble(groups: List[GroupSpec], sites: List[Site], modules: Dict[str, nn.M
                     if p.dim() > 1:  # weights, not biases or norm scales
                         l1 += _per_channel(p.detach().abs(), dim, m).cpu().double()
         uc = g.unit_channels
+        writers = 1 if g.family is not None else \
+            sum(1 for m in g.members if m.side == "out" and m.kind == "weight")
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
-                               l1[uc].sum(1).float(), g.channels, uc.clone()))
+                               l1[uc].sum(1).float(), g.channels, uc.clone(), max(writers, 1)))
     return out
 

@@ -28,6 +28,8 @@ class GroupScores:
         l1: L1 norm of the unit's producing weights (an alternative removal signal).
         channels: channels in the root's output.
         unit_channels: (units, unit_size) root channels of each unit.
+        writers: Conv/Linear layers writing the group's channels: more than one where they are added (a
+            residual stream, which every block reads), 1 otherwise (unit families count as 1).
     """
 
     name: str
@@ -36,6 +38,12 @@ class GroupScores:
     l1: torch.Tensor
     channels: int
     unit_channels: torch.Tensor
+    writers: int = 1
+
+    @property
+    def is_stream(self) -> bool:
+        """True for a residual stream: several layers write (add into) the same channels."""
+        return self.writers > 1
 
     @property
     def n_units(self) -> int:
@@ -65,7 +73,7 @@ class Scores:
         torch.save({
             "format": "fairpruner.scores", "version": FORMAT_VERSION, "meta": json.dumps(self.meta),
             "groups": [{"name": g.name, "u": g.u, "r": g.r, "l1": g.l1, "channels": g.channels,
-                        "unit_channels": g.unit_channels} for g in self.groups],
+                        "unit_channels": g.unit_channels, "writers": g.writers} for g in self.groups],
             "cost": self.cost.to_dict(),
         }, path)
 
@@ -75,6 +83,7 @@ class Scores:
         d = read_torch_file(path, "fairpruner.scores", "write one with Scores.save")
         if d["version"] > FORMAT_VERSION:
             raise FairPrunerError(f"{path} was written by a newer fairpruner (format {d['version']}); upgrade.")
-        groups = [GroupScores(g["name"], g["u"], g["r"], g["l1"], int(g["channels"]), g["unit_channels"])
+        groups = [GroupScores(g["name"], g["u"], g["r"], g["l1"], int(g["channels"]), g["unit_channels"],
+                              int(g.get("writers", 1)))
                   for g in d["groups"]]
         return cls(groups, CostModel.from_dict(d["cost"]), json.loads(d["meta"]))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .. import data, zoo
 from .._errors import PlanError
 from .._measure.counting import count_macs
-from .._planning.plan import plan as make_plan, sweep
+from .._planning.plans import plan as make_plan, sweep
 from .._pruning import prune, save
 from .._recovery import evaluate, finetune
 from .._reporting import Report, format_sweep, report

@@ -125,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--u-at", default="input", choices=("output", "norm", "input"),
                    help="where U is measured: the next layer's input (default), after normalisation, or the raw layer output")
-    p.add_argument("--u-reduce", default="max", choices=("max", "mean"),
-                   help="how a coupled group combines the U of its members (default max)")
-    p.add_argument("--r-reduce", default="sum", choices=("sum", "max"),
-                   help="how a coupled group combines the Taylor terms of its members (default sum)")
+    p.add_argument("--u-reduce", default="mean", choices=("max", "mean"),
+                   help="how a coupled group combines the U of its members (default mean)")
+    p.add_argument("--r-reduce", default="max", choices=("sum", "max"),
+                   help="how a coupled group combines the Taylor terms of its members (default max)")
     p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
                    help="attention units: whole heads (default), or one dimension of every head so all heads keep "
                         "the same width")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -11,12 +12,17 @@ import torch
 
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
-from .tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
+from .allocation import fill_target, step_order
+from .tod import max_fraction, rank_ascending, tod_counts, tod_curve
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS"]
 
 PLAN_VERSION = 1
 SIGNALS = ("u", "l1", "taylor", "random")
+# ToD levels of residual-stream groups are multiplied by this (chosen on a validation split of CIFAR-10
+# training images, ResNet-20, 3 calibration seeds: see the README's accuracy section).
+STREAM_WEIGHT = 4.0
+MISS_WARNING = 0.01  # a plan more than this far from its target says so
 ALLOCATIONS = ("tod", "uniform")
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
@@ -48,6 +54,20 @@ class Plan:
             if g["name"] == name:
                 return list(g["removed_channels"])
         raise KeyError(name)
+
+    @property
+    def requested(self) -> Dict[str, float]:
+        """The target asked for: ``{"alpha" | "params" | "macs": value}``."""
+        return dict(self.settings.get("target", {}))
+
+    @property
+    def achieved(self) -> Dict[str, float]:
+        """Fractions of parameters and MACs the plan removes (predicted exactly by the cost model)."""
+        p = self.predicted
+        if not p:
+            return {}
+        return {"params": 1 - p["params_after"] / max(p["params_before"], 1.0),
+                "macs": 1 - p["macs_after"] / max(p["macs_before"], 1.0)}
 
     @property
     def units_removed(self) -> int:
@@ -104,7 +124,8 @@ def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
 
 
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
-         macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0) -> Plan:
+         macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
+         stream_weight: float = STREAM_WEIGHT) -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -113,8 +134,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         scores: from :func:`fairpruner.score`.
         alpha: ToD level in [0, 1]: per group, the largest m <= floor(0.99 n) whose m lowest-U units share
             at most a fraction alpha with the m highest-R units.
-        params: fraction of the whole model's parameters to remove; the smallest alpha (or uniform ratio)
-            that reaches it is found by bisection, no re-scoring.
+        params: fraction of the whole model's parameters to remove, any value in [0, 1) up to what one round
+            can remove. ToD's steps are taken in order of the level each needs (no re-scoring); below what
+            ``alpha=0`` removes, every group gives the same share of its alpha=0 count. The plan lands within
+            0.4 pt of the target where the units' sizes allow, and warns when it misses by more than 1 pt.
         macs: the same for multiply-accumulates.
         signal: which units go once the count is fixed: "u" (lowest U-Score, the default), "l1" (lowest
             weight L1 norm), "taylor" (lowest R-Score), "random" (seeded), or a callable mapping a
@@ -122,10 +145,49 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         allocation: "tod" (per-group counts from Tolerance of Difference) or "uniform" (the same fraction of
             every group; needs ``params`` or ``macs``).
         seed: seeds the "random" signal.
+        stream_weight: residual streams (groups several layers add into) are cut at ``alpha /
+            stream_weight``: every block reads them. 1 treats them like any group.
 
     Returns:
-        A :class:`Plan`.
+        A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
+
+    Raises:
+        PlanError: for bad arguments, or a target beyond what one round can remove (the message names the
+            largest reachable one).
+
+    Example:
+        >>> scores = fp.score(model, calib)
+        >>> p = fp.plan(scores, macs=0.5)            # or alpha=0.05, or params=0.3
+        >>> p.requested, p.achieved
+        ({'macs': 0.5}, {'params': 0.41..., 'macs': 0.50...})
     """
+    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight)
+    units = np.array([g.n_units for g in scores.groups])
+    cost = scores.cost
+    before = cost.evaluate(np.zeros(len(units)))
+    weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]
+    chosen: Optional[float] = None
+    if key != "alpha" and value == 0:
+        counts = np.zeros(len(units), dtype=np.int64)
+    elif allocation == "tod" and key == "alpha":
+        chosen, counts = value, tod_counts([tod_curve(g.u, g.r) for g in scores.groups], value, weights)
+    elif allocation == "tod":
+        counts = _tod_target(scores, weights, key, value, before)
+        chosen = _level_of(scores, counts, weights)
+    else:
+        cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
+        _, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,
+                            "removing 99% of every group")
+    result = _make_plan(scores, counts, signal, seed, chosen, before,
+                        {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight})
+    if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
+        warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
+                      "units' sizes allow no closer plan.", stacklevel=2)
+    return result
+
+
+def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
+                allocation: str, stream_weight: float) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
@@ -138,28 +200,38 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
     if allocation == "uniform" and key == "alpha":
         raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
-    units = np.array([g.n_units for g in scores.groups])
+    if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
+            not math.isfinite(stream_weight) or stream_weight < 1:
+        raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
+    return key, value
+
+
+def _tod_target(scores: Scores, weights: List[float], key: str, value: float, before: Dict[str, float]) -> np.ndarray:
+    """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`)."""
+    curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    order = step_order(curves, weights)
     cost = scores.cost
-    before = cost.evaluate(np.zeros(len(units)))
 
-    if key != "alpha" and value == 0:
-        counts, chosen = np.zeros(len(units), dtype=np.int64), (0.0 if allocation == "tod" else None)
-    elif allocation == "tod":
-        curves = [tod_curve(g.u, g.r) for g in scores.groups]
-        if key == "alpha":
-            chosen, counts = value, tod_counts(curves, value)
-        else:
-            cands = candidate_alphas(curves)
-            chosen, counts = _bisect(cands, lambda a: tod_counts(curves, a), cost, key, value, before,
-                                     "alpha=1, one round of ToD; prune, fine-tune, re-score and plan again "
-                                     "to go further")
-    else:
-        cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
-        frac, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,
-                               "removing 99% of every group")
-        chosen = None
-        value = float(value)
+    def removed(counts: np.ndarray) -> float:
+        return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
 
+    most = removed(np.bincount(order, minlength=len(curves)))
+    if most + 1e-12 < value:
+        raise PlanError(f"A {key} reduction of {value:.1%} cannot be met: the most one round can remove is "
+                        f"{most:.1%} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
+    return fill_target(order, len(curves), removed, value)
+
+
+def _level_of(scores: Scores, counts: np.ndarray, weights: List[float]) -> float:
+    """The ToD level a target plan reached: the highest (weighted) level any of its removals needed, so that
+    ``plan(alpha=level)`` removes at least as many units of every group."""
+    levels = [float(tod_curve(g.u, g.r)[m - 1]) * w for g, m, w in zip(scores.groups, counts, weights) if m > 0]
+    return max(levels, default=0.0)
+
+
+def _make_plan(scores: Scores, counts: np.ndarray, signal: Signal, seed: int, alpha: Optional[float],
+               before: Dict[str, float], how: Dict[str, Any]) -> Plan:
+    """The plan removing ``counts[g]`` units of each group, lowest ``signal`` first."""
     removed, groups = {}, []
     for i, (g, m) in enumerate(zip(scores.groups, counts)):
         order = rank_ascending(_signal_values(g, signal, seed, i))
@@ -168,12 +240,14 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         chans = sorted(int(c) for c in g.unit_channels[gone].flatten()) if gone else []
         groups.append({"name": g.name, "channels": g.channels, "units": g.n_units,
                        "unit_size": int(g.unit_channels.shape[1]), "removed_channels": chans})
-    after = cost.evaluate(counts)
-    settings = {"model_signature": scores.meta.get("model_signature"), "signal": signal if isinstance(signal, str) else getattr(signal, "__name__", "custom"),
-                "allocation": allocation, "target": {key: value}, "seed": seed, "scoring": scores.meta}
+    after = scores.cost.evaluate(counts)
     predicted = {"params_before": before["params"], "params_after": after["params"],
                  "macs_before": before["macs"], "macs_after": after["macs"]}
-    return Plan(removed, None if chosen is None else float(chosen), groups, settings, predicted,
+    name = signal if isinstance(signal, str) else getattr(signal, "__name__", "custom")
+    settings = {"model_signature": scores.meta.get("model_signature"), "signal": name, **how,
+                "seed": seed, "scoring": scores.meta}
+    settings["achieved"] = {k: 1 - after[k] / max(before[k], 1.0) for k in ("params", "macs")}
+    return Plan(removed, None if alpha is None else float(alpha), groups, settings, predicted,
                 list(scores.meta.get("example_inputs", [])))
 
 
@@ -196,15 +270,17 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
     return float(cands[lo]), counts_of(cands[lo])
 
 
-def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)) -> List[Dict[str, float]]:
+def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
+          stream_weight: float = STREAM_WEIGHT) -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, from one set of scores (milliseconds)."""
     curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []
     for a in alphas:
         a = _fraction("alpha", a)
-        counts = tod_counts(curves, a)
+        counts = tod_counts(curves, a, weights)
         after = scores.cost.evaluate(counts)
         rows.append({"alpha": a, "units_removed": int(counts.sum()) / max(total, 1),
                      "params_removed": 1 - after["params"] / before["params"],

@@ -1,0 +1,98 @@
+"""Per-group unit counts for a params/MACs target: Tolerance of Difference, spent in order of its own levels.
+
+ToD gives every group a curve ``s_g(m)``: the smallest ToD level at which the group may lose ``m`` units
+(non-decreasing in ``m``). Removing unit ``m`` of group ``g`` is a *step* whose price is ``s_g(m)`` times the
+group's weight (residual streams weigh ``stream_weight``: every block reads them, so ToD may cut them only
+at a proportionally higher level). Taking the steps in price order reproduces ``plan(alpha=a)`` exactly for
+every ``a > 0`` (a group's count is the number of its steps priced at most ``a``), and it makes every target
+reachable:
+
+* below what ``alpha = 0`` removes (the *floor*: units whose removal no R-Score contradicts at all), the free
+  steps are taken in proportion to each group's floor, so a 5 % target removes about a quarter of each
+  group's floor where 20 % would remove all of it;
+* a target lands within ``tolerance`` of the request where the steps allow it: the order is walked to the
+  first prefix that reaches the target, and where the last step overshoots (one unit of a residual stream
+  can hold several % of a small model's MACs) the remaining steps of smaller groups fill the gap; where no
+  plan comes that close, the target is met (never missed from below) and :func:`fairpruner.plan` warns.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Sequence
+
+import numpy as np
+
+__all__ = ["step_order", "counts_of_prefix", "fill_target"]
+
+
+def step_order(curves: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Every removal step ``(group, m)`` as an array of group indices, cheapest first.
+
+    Args:
+        curves: per group, the ToD curve ``s_g(m)`` for m = 1..max (see :func:`.tod.tod_curve`).
+        weights: per group, the factor on its ToD levels (1; ``stream_weight`` for residual streams).
+
+    Returns:
+        Group index of each step priced at most 1 (what ``alpha = 1`` allows), in order; the first ``k`` steps give counts ``bincount(order[:k])``. Within a
+        group steps stay in order of ``m`` (prices are non-decreasing), so every prefix is a valid plan.
+    """
+    price, tie, group = [], [], []
+    for g, (c, w) in enumerate(zip(curves, weights)):
+        if not len(c):
+            continue
+        m = np.arange(1, len(c) + 1, dtype=np.float64)
+        floor = max(int((c <= 1e-12).sum()), 1)
+        price.append(c * w)
+        # Free steps (price 0) in proportion to each group's floor, streams last; the rest by relative depth.
+        tie.append(np.where(c <= 1e-12, m / floor * w, m / len(c)))
+        group.append(np.full(len(c), g))
+    if not price:
+        return np.zeros(0, dtype=np.int64)
+    price, tie, group = np.concatenate(price), np.concatenate(tie), np.concatenate(group)
+    keep = price <= 1 + 1e-12  # one round: what some alpha <= 1 allows
+    price, tie, group = price[keep], tie[keep], group[keep]
+    return group[np.lexsort((group, tie, np.round(price, 12)))]
+
+
+def counts_of_prefix(order: np.ndarray, k: int, n_groups: int) -> np.ndarray:
+    """Per-group counts after the first ``k`` steps."""
+    return np.bincount(order[:k], minlength=n_groups).astype(np.int64)
+
+
+def fill_target(order: np.ndarray, n_groups: int, removed: Callable[[np.ndarray], float], target: float,
+                tolerance: float = 0.004) -> np.ndarray:
+    """Counts whose removed fraction is as close to ``target`` as the steps allow.
+
+    The shortest prefix reaching ``target`` is found by bisection (removal grows with every step); if it or
+    the prefix before it is within ``tolerance``, the closer one is taken. Otherwise the order is walked on
+    from the shorter prefix, taking each step that keeps the removal below ``target + tolerance`` and closing
+    a group at its first step that would overshoot (so every group keeps a prefix of its own steps). When no
+    plan comes within ``tolerance`` (units too large for the model), the shortest prefix that meets the target
+    is returned.
+    """
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(counts_of_prefix(order, mid, n_groups)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    above = counts_of_prefix(order, lo, n_groups)
+    below = counts_of_prefix(order, max(lo - 1, 0), n_groups)
+    best = min((above, below), key=lambda c: abs(removed(c) - target))
+    if abs(removed(best) - target) <= tolerance:
+        return best
+    counts, closed = below.copy(), np.zeros(n_groups, dtype=bool)
+    seen = np.zeros(n_groups, dtype=np.int64)
+    for g in order:
+        seen[g] += 1
+        if seen[g] <= counts[g] or closed[g]:
+            continue  # already in the prefix, or the group stopped at a step that overshoots
+        counts[g] += 1
+        if removed(counts) > target + tolerance:
+            counts[g] -= 1
+            closed[g] = True
+        elif removed(counts) >= target - tolerance:
+            break
+    closest = min((best, counts), key=lambda c: abs(removed(c) - target))
+    # No plan within tolerance: meet the target rather than fall short (a budget is a budget).
+    return closest if abs(removed(closest) - target) <= tolerance else above
