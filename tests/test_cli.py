@@ -40,7 +40,7 @@ def test_top_level_help_and_no_command(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert all(c in out for c in COMMANDS) and "typical workflow" in out
+    assert all(c in out for c in COMMANDS) and "the common path, in one command" in out
     assert main([]) == 2
 
 

@@ -1,8 +1,9 @@
-"""Recovery after pruning: evaluation and a short fine-tuning loop for pruned classifiers."""
+"""Recovery after pruning: BatchNorm recalibration, evaluation and a short fine-tuning loop."""
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -14,7 +15,7 @@ from ._core.inputs import device_of, forward_logits, split_batch, to_device
 from ._core.state import eval_mode
 from ._errors import DataError, FairPrunerError
 
-__all__ = ["evaluate", "finetune"]
+__all__ = ["evaluate", "finetune", "recalibrate"]
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -> float:
@@ -131,4 +132,70 @@ def finetune(
     finally:
         bar.close()
         model.eval()
+    return model
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
+
+
+def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None,
+                progress: Optional[bool] = None, device: Optional[Any] = None) -> nn.Module:
+    """Re-estimates the running mean and variance of every BatchNorm layer from unlabelled data, in place.
+
+    Pruning changes what each BatchNorm sees, so statistics measured on the unpruned model no longer fit; a
+    forward pass over about a thousand training images restores most of the accuracy one-shot pruning loses.
+    Statistics are reset and re-estimated as an exact cumulative average over all batches (momentum None);
+    only the BatchNorm layers run in train mode (dropout and everything else stay in eval), without gradients,
+    on the model's device. Every module's train/eval flag and every BatchNorm's momentum are restored.
+
+    It changes the model it is given (meant for the pruned model :func:`fairpruner.prune` just returned);
+    copy it first to keep the original statistics.
+
+    Args:
+        model: the model to recalibrate (modified in place).
+        loader: iterable of input batches, or of ``(inputs, targets)`` pairs (targets are ignored).
+        max_batches: use at most this many batches.
+        progress: show a progress bar; by default only when stderr is a terminal.
+        device: where to run; defaults to the model's device.
+
+    Returns:
+        ``model``, recalibrated.
+
+    Raises:
+        DataError: if the loader yields no batch.
+
+    Example:
+        >>> pruned = fp.prune(model, plan)
+        >>> fp.recalibrate(pruned, DataLoader(train_images, batch_size=100), max_batches=10)
+    """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise FairPrunerError(f"max_batches must be a positive integer or None, got {max_batches!r}.")
+    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    if not norms:
+        warnings.warn("The model has no BatchNorm layer with running statistics; recalibrate() left it unchanged.",
+                      stacklevel=2)
+        return model
+    device = device_of(model, device)
+    momenta = [m.momentum for m in norms]
+    show = progress if progress is not None else sys.stderr.isatty()
+    seen = 0
+    with eval_mode(model), torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch weighs by its count
+            m.train()
+        try:
+            for i, batch in enumerate(tqdm(loader, desc="fairpruner: recalibrating", disable=not show,
+                                           leave=False)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                inputs = split_batch(batch)[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                forward_logits(model, to_device(inputs, device))
+                seen += 1
+        finally:
+            for m, mom in zip(norms, momenta):
+                m.momentum = mom
+    if seen == 0:
+        raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
     return model

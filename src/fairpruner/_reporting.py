@@ -5,7 +5,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -70,9 +70,11 @@ def _group_table(groups: Sequence[Dict[str, Any]]) -> str:
 def _plan_heading(plan_settings: Dict[str, Any], alpha: Optional[float]) -> str:
     parts = [f"alpha {alpha:.4g}" if alpha is not None else "no alpha (uniform allocation)"]
     target = plan_settings.get("target") or {}
+    achieved = plan_settings.get("achieved") or {}
     for key, value in target.items():
         if key != "alpha":
-            parts.append(f"target {key} -{_pct(value)}")
+            got = f" (achieved -{_pct(achieved[key])})" if key in achieved else ""
+            parts.append(f"target {key} -{_pct(value)}{got}")
     for key in ("signal", "allocation"):
         if key in plan_settings:
             parts.append(f"{key} {plan_settings[key]}")
@@ -99,10 +101,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def format_sweep(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[Optional[float]]] = None) -> str:
-    """Text table of an alpha sweep.
+    """Text table of a sweep: per alpha, or per params/MACs target (asked beside achieved).
 
     Args:
-        rows: from :func:`fairpruner.sweep` (fractions removed per alpha).
+        rows: from :func:`fairpruner.sweep` (fractions removed per alpha or per target).
         accuracy: optional accuracy (in [0, 1]) of the model pruned at each alpha, aligned with ``rows``;
             by default taken from an ``"accuracy"`` key of the rows when present.
 
@@ -110,12 +112,15 @@ def format_sweep(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[O
         Multi-line text, aligned for a terminal.
     """
     accuracy = _sweep_accuracy(rows, accuracy)
-    header = ["alpha", "units removed", "params removed", "MACs removed"]
+    asked = [k for k in ("params", "macs") if rows and all(r.get("target_key") == k for r in rows)]
+    header = ([f"asked ({asked[0] if asked[0] == 'params' else 'MACs'})"] if asked else []) + \
+        ["alpha", "units removed", "params removed", "MACs removed"]
     if accuracy is not None:
         header.append("accuracy")
     table = []
     for i, r in enumerate(rows):
-        cells = [f"{r['alpha']:.3g}", _pct(r["units_removed"]), _pct(r["params_removed"]), _pct(r["macs_removed"])]
+        cells = [_pct(r["target"])] if asked else []
+        cells += [f"{r['alpha']:.3g}", _pct(r["units_removed"]), _pct(r["params_removed"]), _pct(r["macs_removed"])]
         if accuracy is not None:
             cells.append(_pct(accuracy[i], 2))
         table.append(cells)
@@ -143,7 +148,9 @@ class Report:
         totals: ``params_before/after``, ``macs_before/after`` (per sample), ``latency_before/after``
             (median seconds per forward pass of the example batch, None if not measured), ``batch_size``,
             ``device``, ``threads`` (torch CPU threads), ``accuracy_before/after`` (None without an evaluation
-            loader) and ``alpha``.
+            loader), ``accuracy_stages`` (accuracy of earlier stages of the pruned model, e.g. one-shot and
+            recalibrated, in order), ``final_stage`` (what the pruned model's accuracy row is called then) and
+            ``alpha``.
         predicted: the plan's predicted params/MACs, for comparison with the measured totals.
         settings: the plan's settings (signal, allocation, target).
     """
@@ -190,8 +197,12 @@ class Report:
             rows.append([f"latency ({where})", f"{lb * 1e3:.3g} ms", f"{la * 1e3:.3g} ms",
                          f"{lb / la:.2f}x faster" if la > 0 else "-"])
         ab, aa = t.get("accuracy_before"), t.get("accuracy_after")
+        for stage, acc in (t.get("accuracy_stages") or {}).items():
+            if ab is not None and acc is not None:
+                rows.append([f"top-1 accuracy, {stage}", _pct(ab, 2), _pct(acc, 2), f"{100 * (acc - ab):+.2f} pt"])
         if ab is not None and aa is not None:
-            rows.append(["top-1 accuracy", _pct(ab, 2), _pct(aa, 2), f"{100 * (aa - ab):+.2f} pt"])
+            label = "top-1 accuracy" + (f", {t.get('final_stage') or 'final'}" if t.get("accuracy_stages") else "")
+            rows.append([label, _pct(ab, 2), _pct(aa, 2), f"{100 * (aa - ab):+.2f} pt"])
         heading = f"FAIR-Pruner report: {_plan_heading(self.settings, t.get('alpha'))}"
         return "\n".join([heading, "", _group_table(self.groups), "",
                           _table(["measured", "before", "after", "change"], rows)])
@@ -289,7 +300,8 @@ def _on_device(example_inputs: Any, model: nn.Module) -> tuple:
 
 
 def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: Any,
-           eval_loader: Optional[Iterable] = None, latency_repeats: int = 20) -> Report:
+           eval_loader: Optional[Iterable] = None, latency_repeats: int = 20,
+           stages: Optional[Mapping[str, nn.Module]] = None, final_stage: str = "final") -> Report:
     """Measures what pruning did: params, MACs, latency and (optionally) accuracy, before and after.
 
     Parameters and MACs are counted on the real models (not the plan's prediction); latency is the median
@@ -303,9 +315,18 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
             the whole batch.
         eval_loader: optional ``(inputs, targets)`` loader; adds top-1 accuracy before and after.
         latency_repeats: timed forward passes per model; 0 skips the latency measurement.
+        stages: earlier states of the pruned model to measure on ``eval_loader`` too, by name and in order,
+            e.g. ``{"one-shot": fp.prune(model, plan), "recalibrated": recalibrated_copy}``; ``pruned`` is
+            reported as the final state, named ``final_stage``.
+        final_stage: the name of ``pruned``'s accuracy row when ``stages`` are given.
 
     Returns:
         A :class:`Report`.
+
+    Example:
+        >>> pruned = fp.prune(model, plan)
+        >>> tuned = fp.finetune(fp.recalibrate(copy.deepcopy(pruned), train_loader), train_loader)
+        >>> print(fp.report(model, tuned, plan, x, test_loader, stages={"one-shot": pruned}).to_text())
     """
     if latency_repeats < 0:
         raise FairPrunerError(f"latency_repeats must be >= 0, got {latency_repeats}.")
@@ -317,7 +338,8 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
         "latency_before": None, "latency_after": None,
         "batch_size": int(first.shape[0]) if first is not None and first.dim() > 0 else 1,
         "device": str(first.device) if first is not None else "cpu", "threads": torch.get_num_threads(),
-        "accuracy_before": None, "accuracy_after": None, "alpha": plan.alpha,
+        "accuracy_before": None, "accuracy_after": None, "accuracy_stages": {}, "final_stage": final_stage,
+        "alpha": plan.alpha,
     }
     if latency_repeats:
         totals["latency_before"] = measure_latency(original, x_orig, repeats=latency_repeats)
@@ -325,5 +347,7 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
     if eval_loader is not None:
         totals["accuracy_before"] = evaluate(original, eval_loader)
         totals["accuracy_after"] = evaluate(pruned, eval_loader)
-    settings = {k: v for k, v in plan.settings.items() if k in ("signal", "allocation", "target", "seed")}
+        totals["accuracy_stages"] = {name: evaluate(m, eval_loader) for name, m in (stages or {}).items()}
+    settings = {k: v for k, v in plan.settings.items()
+                if k in ("signal", "allocation", "target", "achieved", "seed", "stream_weight")}
     return Report(_group_rows(plan), totals, dict(plan.predicted), settings)

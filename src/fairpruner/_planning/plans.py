@@ -270,9 +270,29 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
     return float(cands[lo]), counts_of(cands[lo])
 
 
-def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
+def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
+          params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
           stream_weight: float = STREAM_WEIGHT) -> List[Dict[str, float]]:
-    """Predicted units/params/MACs removed for each alpha, from one set of scores (milliseconds)."""
+    """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
+    scores (milliseconds).
+
+    Args:
+        scores: from :func:`fairpruner.score`.
+        alphas: ToD levels (used when neither ``params`` nor ``macs`` is given).
+        params: fractions of parameters to remove; each row then holds the ``target`` asked beside what the
+            plan removes.
+        macs: the same for MACs.
+        stream_weight: as in :func:`plan`.
+
+    Example:
+        >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.1, 0.2, 0.35, 0.5])))
+    """
+    if params is not None and macs is not None:
+        raise PlanError("Give params= or macs= targets to sweep, not both.")
+    if params is not None or macs is not None:
+        key, values = ("params", params) if params is not None else ("macs", macs)
+        return [_target_row(scores, plan(scores, stream_weight=stream_weight, **{key: _fraction(key, v)}), key)
+                for v in values]
     curves = [tod_curve(g.u, g.r) for g in scores.groups]
     weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]
     before = scores.cost.evaluate(np.zeros(len(curves)))
@@ -286,3 +306,10 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
                      "params_removed": 1 - after["params"] / before["params"],
                      "macs_removed": 1 - after["macs"] / before["macs"]})
     return rows
+
+
+def _target_row(scores: Scores, p: Plan, key: str) -> Dict[str, Any]:
+    total = sum(g.n_units for g in scores.groups)
+    return {"target_key": key, "target": p.requested[key], "alpha": p.alpha,
+            "units_removed": p.units_removed / max(total, 1), "params_removed": p.achieved["params"],
+            "macs_removed": p.achieved["macs"]}

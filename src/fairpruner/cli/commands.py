@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -139,11 +141,11 @@ def _example_batch(plan, batch_size: int) -> tuple:
     return synthetic_inputs(plan.example_inputs, batch=batch_size)
 
 
-def _alphas(text: str) -> List[float]:
+def _alphas(text: str, flag: str = "--alphas") -> List[float]:
     try:
         return [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise CliError(f"--alphas must be comma-separated numbers, got {text!r}") from None
+        raise CliError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def _say(text: str = "") -> None:
@@ -207,13 +209,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     target = {k: getattr(args, k) for k in ("alpha", "params", "macs") if getattr(args, k) is not None}
     if not target and not args.sweep:
         raise CliError("give a target (--alpha, --params or --macs) or --sweep")
-    if args.sweep:
+    if args.sweep == "alpha":
         _say("alpha sweep (predicted fractions removed):")
-        _say(format_sweep(fp.sweep(scores, _alphas(args.alphas))))
+        _say(format_sweep(fp.sweep(scores, _alphas(args.alphas), stream_weight=args.stream_weight)))
+    elif args.sweep:
+        _say(f"{args.sweep} targets (asked, and what each plan removes):")
+        targets = {args.sweep: _alphas(args.targets, "--targets")}
+        _say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, **targets)))
     if target:
         if args.sweep:
             _say()
-        the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed, **target)
+        the_plan = _make_plan(scores, args, target)
         _say(format_plan(the_plan))
         if args.out:
             out = _out_path(args.out)
@@ -222,6 +228,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         else:
             _say("\n(plan not written: pass --out FILE to keep it)")
     return 0
+
+
+def _make_plan(scores: fp.Scores, args: argparse.Namespace, target: dict) -> fp.Plan:
+    """fp.plan, with asked vs achieved said aloud when they differ by more than 1 pt."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said below, in the command's own words
+        the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed,
+                           stream_weight=args.stream_weight, **target)
+    for key, asked in the_plan.requested.items():
+        if key == "alpha":
+            continue
+        got = the_plan.achieved[key]
+        _say(f"target: {key} -{100 * asked:.1f}% asked, -{100 * got:.1f}% achieved")
+        if abs(got - asked) > 0.01:
+            print(f"warning: the plan misses the {key} target by {100 * abs(got - asked):.1f} pt: the units of "
+                  "this model are too large for a closer plan", file=sys.stderr)
+    return the_plan
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -290,5 +313,58 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "score": _cmd_score, "plan": _cmd_plan, "prune": _cmd_prune,
+def _cmd_run(args: argparse.Namespace) -> int:
+    """score -> plan -> prune -> recalibrate -> (fine-tune) -> report -> save, in one command."""
+    train = _dataset(args.data, "train")
+    test_loader = DataLoader(_dataset(args.data, "test"), batch_size=256)
+    model = _load_model(args, _num_classes(train))
+    device = torch.device(args.device)
+    _check_runs(model.to(device), train, args.data)
+    calib = data.calibration_loader(train, args.samples_per_class, args.batch_size, args.seed,
+                                    num_classes=args.num_classes)
+    _say(f"scoring on {len(calib.dataset)} calibration samples ...")
+    scores = fp.score(model, calib, seed=args.seed, device=device, progress=args.progress)
+    target = {k: getattr(args, k) for k in ("alpha", "params", "macs") if getattr(args, k) is not None}
+    the_plan = _make_plan(scores, args, target or {"macs": 0.5})
+    oneshot = fp.prune(model, the_plan)
+    stages = {"one-shot": oneshot}
+    pruned = copy.deepcopy(oneshot)
+    recal = _recalibration_loader(train, args)
+    final = "one-shot"
+    if recal is not None:
+        fp.recalibrate(pruned, recal, progress=args.progress)
+        final = "recalibrated"
+    if args.finetune_epochs:
+        if recal is not None:
+            stages["recalibrated"] = copy.deepcopy(pruned)
+        final = "fine-tuned"
+        aug = _dataset(args.data, "train", augment=True)
+        loader = DataLoader(aug, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)  # augmentation draws from the global RNG
+            fp.finetune(pruned, loader, epochs=args.finetune_epochs, lr=args.lr, device=device,
+                        progress=args.progress)
+    if final == "one-shot":
+        stages = {}
+    example = next(iter(test_loader))[0][:64].to(device)
+    rep = report(model, pruned, the_plan, example, eval_loader=test_loader, latency_repeats=args.latency_repeats,
+                 stages=stages, final_stage=final)
+    _say()
+    _say(rep.to_text())
+    out = _out_path(args.out)
+    fp.save(out, pruned.cpu(), the_plan)
+    _say(f"\nwrote {out}")
+    return 0
+
+
+def _recalibration_loader(train, args: argparse.Namespace) -> Optional[DataLoader]:
+    """Unlabelled training images for BatchNorm recalibration (seeded), or None with --recalibrate 0."""
+    if args.recalibrate <= 0:
+        return None
+    n = min(args.recalibrate, len(train))
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1))[:n]
+    return DataLoader(torch.utils.data.Subset(train, idx.tolist()), batch_size=100)
+
+
+COMMANDS = {"run": _cmd_run, "demo": _cmd_demo, "score": _cmd_score, "plan": _cmd_plan, "prune": _cmd_prune,
             "report": _cmd_report, "finetune": _cmd_finetune}

@@ -1,11 +1,13 @@
 """A self-contained tour of FAIR-Pruner on scikit-learn digits: train, score, sweep, prune, fine-tune, report."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, TextIO, Union
+from typing import Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from .. import data, zoo
 from .._errors import PlanError
 from .._measure.counting import count_macs
-from .._planning.plans import plan as make_plan, sweep
+from .._planning.plans import Plan, plan as make_plan, sweep
 from .._pruning import prune, save
-from .._recovery import evaluate, finetune
+from .._recovery import evaluate, finetune, recalibrate
 from .._reporting import Report, format_sweep, report
 from .._scoring import score
 
@@ -89,11 +91,8 @@ def run_demo(
         The :class:`Report` of the pruned and fine-tuned model.
     """
     stream = stream or sys.stdout
-
-    def say(text: str = "") -> None:
-        print(text, file=stream, flush=True)
-
-    t_start = time.perf_counter()
+    run = _Demo(out, seed, alpha, macs_target, epochs, finetune_epochs, tuple(alphas), latency_repeats, progress,
+                stream, time.perf_counter())
     threads = torch.get_num_threads()
     # The model is tiny, so per-op overhead dominates: extra threads gain nothing and, on a busy machine,
     # their spin-waiting makes training several times slower. One thread also keeps the run reproducible.
@@ -101,73 +100,113 @@ def run_demo(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _run(out, seed, alpha, macs_target, epochs, finetune_epochs, alphas, latency_repeats,
-                        progress, say, t_start)
+            return run.go()
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out, seed, alpha, macs_target, epochs, finetune_epochs, alphas, latency_repeats, progress, say,
-         t_start) -> Report:
-    train_ds, test_ds = data.digits("train"), data.digits("test")
-    train, test = _tensors(train_ds), _tensors(test_ds)
-    test_loader = DataLoader(test, batch_size=256)
-    example = test.tensors[0][:64]
+@dataclass
+class _Demo:
+    """The demo's settings, and its steps as methods."""
 
-    say(f"FAIR-Pruner demo: zoo.digits_cnn on scikit-learn digits ({len(train)} train / {len(test)} test "
-        f"images, 8x8, 10 classes), seed {seed}")
-    model = zoo.create("digits_cnn", num_classes=10)
-    t0 = time.perf_counter()
-    _train(model, train, epochs, seed)
-    base_acc = evaluate(model, test_loader)
-    say(f"1. trained {epochs} epochs in {time.perf_counter() - t0:.1f} s: test accuracy {100 * base_acc:.2f}%")
+    out: Optional[Union[str, "os.PathLike[str]"]]
+    seed: int
+    alpha: Optional[float]
+    macs_target: float
+    epochs: int
+    finetune_epochs: int
+    alphas: Tuple[float, ...]
+    latency_repeats: int
+    progress: bool
+    stream: TextIO
+    t_start: float
 
-    t0 = time.perf_counter()
-    calib = data.calibration_loader(train_ds, samples_per_class=32, seed=seed)
-    scores = score(model, calib, seed=seed, progress=progress)
-    say(f"2. scored {len(scores.groups)} groups ({sum(g.n_units for g in scores.groups)} units) on "
-        f"{scores.meta['n_samples']} calibration images in {time.perf_counter() - t0:.1f} s")
+    def say(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
 
-    t0 = time.perf_counter()
-    rows = sweep(scores, alphas)
-    accs = [evaluate(prune(model, make_plan(scores, alpha=a)), test_loader) for a in alphas]
-    say(f"3. alpha sweep (predicted removal; accuracy measured one-shot, no fine-tuning; "
-        f"{time.perf_counter() - t0:.1f} s)")
-    say(f"   unpruned accuracy {100 * base_acc:.2f}%")
-    say(_indent(format_sweep(rows, accs)))
+    def go(self) -> Report:
+        train_ds, test_ds = data.digits("train"), data.digits("test")
+        train, test = _tensors(train_ds), _tensors(test_ds)
+        self.test_loader = DataLoader(test, batch_size=256)
+        example = test.tensors[0][:64]
+        model = self.train_model(train, len(test))
+        scores, rows, accs = self.score_and_sweep(model, train_ds)
+        the_plan = self.make_the_plan(scores)
+        oneshot, pruned = self.prune_and_recalibrate(model, the_plan, train, example)
+        self.finetune(pruned, train)
+        stages = {"one-shot": oneshot, "recalibrated": self.recalibrated}
+        rep = report(model, pruned, the_plan, example, eval_loader=self.test_loader,
+                     latency_repeats=self.latency_repeats, stages=stages, final_stage="fine-tuned")
+        self.say()
+        self.say(rep.to_text())
+        if self.out is not None:
+            self.write(rep, model, pruned, the_plan, rows, accs)
+        self.say()
+        self.say(f"demo finished in {time.perf_counter() - self.t_start:.1f} s")
+        return rep
 
-    if alpha is not None:
-        the_plan = make_plan(scores, alpha=alpha)
-        say(f"4. plan at alpha {alpha:g}")
-    else:
+    def train_model(self, train: TensorDataset, n_test: int) -> nn.Module:
+        self.say(f"FAIR-Pruner demo: zoo.digits_cnn on scikit-learn digits ({len(train)} train / {n_test} test "
+                 f"images, 8x8, 10 classes), seed {self.seed}")
+        model = zoo.create("digits_cnn", num_classes=10)
+        t0 = time.perf_counter()
+        _train(model, train, self.epochs, self.seed)
+        self.base_acc = evaluate(model, self.test_loader)
+        self.say(f"1. trained {self.epochs} epochs in {time.perf_counter() - t0:.1f} s: test accuracy "
+                 f"{100 * self.base_acc:.2f}%")
+        return model
+
+    def score_and_sweep(self, model: nn.Module, train_ds) -> tuple:
+        t0 = time.perf_counter()
+        calib = data.calibration_loader(train_ds, samples_per_class=32, seed=self.seed)
+        scores = score(model, calib, seed=self.seed, progress=self.progress)
+        self.say(f"2. scored {len(scores.groups)} groups ({sum(g.n_units for g in scores.groups)} units) on "
+                 f"{scores.meta['n_samples']} calibration images in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        rows = sweep(scores, self.alphas)
+        accs = [evaluate(prune(model, make_plan(scores, alpha=a)), self.test_loader) for a in self.alphas]
+        self.say(f"3. alpha sweep (predicted removal; accuracy measured one-shot, no fine-tuning; "
+                 f"{time.perf_counter() - t0:.1f} s)")
+        self.say(f"   unpruned accuracy {100 * self.base_acc:.2f}%")
+        self.say(_indent(format_sweep(rows, accs)))
+        return scores, rows, accs
+
+    def make_the_plan(self, scores) -> Plan:
+        if self.alpha is not None:
+            self.say(f"4. plan at alpha {self.alpha:g}")
+            return make_plan(scores, alpha=self.alpha)
         try:
-            the_plan = make_plan(scores, macs=macs_target)
-            say(f"4. plan for -{100 * macs_target:.0f}% MACs: the smallest alpha that reaches it is "
-                f"{the_plan.alpha:.4g}")
+            the_plan = make_plan(scores, macs=self.macs_target)
+            self.say(f"4. plan for -{100 * self.macs_target:.0f}% MACs: reached at ToD level {the_plan.alpha:.4g}")
         except PlanError as exc:
             # One ToD round removes at most about half of a group; take the deepest plan it allows.
             the_plan = make_plan(scores, alpha=1.0)
-            say(f"4. -{100 * macs_target:.0f}% MACs is out of reach in one ToD round ({exc}); using the deepest "
-                "reachable plan, alpha 1")
-    pruned = prune(model, the_plan)
-    one_shot = evaluate(pruned, test_loader)
-    predicted = 1 - the_plan.predicted["macs_after"] / the_plan.predicted["macs_before"]
-    measured = 1 - count_macs(pruned, example) / count_macs(model, example)
-    say(f"   MACs removed: {100 * predicted:.1f}% predicted, {100 * measured:.1f}% measured; "
-        f"one-shot accuracy {100 * one_shot:.2f}%")
+            self.say(f"4. -{100 * self.macs_target:.0f}% MACs is out of reach in one ToD round ({exc}); using "
+                     "the deepest reachable plan, alpha 1")
+        return the_plan
 
-    t0 = time.perf_counter()
-    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    # The paper fine-tunes with lr 1e-3; a larger rate suits these few epochs on a tiny model.
-    finetune(pruned, loader, epochs=finetune_epochs, lr=0.01, progress=progress)
-    say(f"5. fine-tuned {finetune_epochs} epochs (SGD, cosine) in {time.perf_counter() - t0:.1f} s: test "
-        f"accuracy {100 * one_shot:.2f}% -> {100 * evaluate(pruned, test_loader):.2f}%")
+    def prune_and_recalibrate(self, model: nn.Module, the_plan: Plan, train: TensorDataset, example) -> tuple:
+        oneshot = prune(model, the_plan)
+        predicted = the_plan.achieved["macs"]
+        measured = 1 - count_macs(oneshot, example) / count_macs(model, example)
+        pruned = recalibrate(copy.deepcopy(oneshot), DataLoader(train.tensors[0], batch_size=256))
+        self.recalibrated = copy.deepcopy(pruned)
+        self.oneshot_acc, self.recal_acc = evaluate(oneshot, self.test_loader), evaluate(pruned, self.test_loader)
+        self.say(f"   MACs removed: {100 * predicted:.1f}% predicted, {100 * measured:.1f}% measured; accuracy "
+                 f"{100 * self.oneshot_acc:.2f}% one-shot, {100 * self.recal_acc:.2f}% with BatchNorm statistics "
+                 "re-estimated on the training images")
+        return oneshot, pruned
 
-    rep = report(model, pruned, the_plan, example, eval_loader=test_loader, latency_repeats=latency_repeats)
-    say()
-    say(rep.to_text())
-    if out is not None:
-        out = Path(out)
+    def finetune(self, pruned: nn.Module, train: TensorDataset) -> None:
+        t0 = time.perf_counter()
+        loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        # The paper fine-tunes with lr 1e-3; a larger rate suits these few epochs on a tiny model.
+        finetune(pruned, loader, epochs=self.finetune_epochs, lr=0.01, progress=self.progress)
+        self.say(f"5. fine-tuned {self.finetune_epochs} epochs (SGD, cosine) in {time.perf_counter() - t0:.1f} s: "
+                 f"test accuracy {100 * self.recal_acc:.2f}% -> {100 * evaluate(pruned, self.test_loader):.2f}%")
+
+    def write(self, rep: Report, model: nn.Module, pruned: nn.Module, the_plan: Plan, rows, accs) -> None:
+        out = Path(self.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(rep.to_json() + "\n")
         (out / "report.txt").write_text(rep.to_text() + "\n\n" + format_sweep(rows, accs) + "\n")
@@ -175,14 +214,11 @@ def _run(out, seed, alpha, macs_target, epochs, finetune_epochs, alphas, latency
         torch.save(model.state_dict(), out / "original.pt")
         save(out / "pruned.pt", pruned, the_plan)
         plots = rep.plot(out, sweep=rows, accuracy=accs)
-        say()
-        say(f"wrote {out}: report.json, report.txt, plan.json, original.pt, pruned.pt, "
-            + ", ".join(p.name for p in plots))
-        say(f"   re-create the report: fairpruner report --model zoo:digits_cnn --weights {out / 'original.pt'} "
-            f"--pruned {out / 'pruned.pt'} --data digits --threads 1")
-    say()
-    say(f"demo finished in {time.perf_counter() - t_start:.1f} s")
-    return rep
+        self.say()
+        self.say(f"wrote {out}: report.json, report.txt, plan.json, original.pt, pruned.pt, "
+                 + ", ".join(p.name for p in plots))
+        self.say(f"   re-create the report: fairpruner report --model zoo:digits_cnn --weights "
+                 f"{out / 'original.pt'} --pruned {out / 'pruned.pt'} --data digits --threads 1")
 
 
 def _indent(text: str, by: str = "   ") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from .._planning.plans import STREAM_WEIGHT
 from .commands import COMMANDS
 
 __all__ = ["build_parser", "MODEL_HELP", "DATA_HELP", "DEFAULT_ALPHAS"]
@@ -16,6 +17,18 @@ DEFAULT_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 EXAMPLES = {
+    "run": """
+        The whole path in one command: scores the model on a class-balanced calibration subset of the training
+        split, plans (a --macs or --params target, or --alpha; default --macs 0.5), prunes, re-estimates the
+        BatchNorm statistics on unlabelled training images, optionally fine-tunes, and prints the per-layer
+        table with the test accuracy one-shot, recalibrated and fine-tuned. Writes the pruned model.
+
+        example:
+          fairpruner run --model zoo:resnet20 --weights resnet20.pt --data cifar10.tar.gz --macs 0.5 \\
+              --out pruned.pt
+          fairpruner run --model zoo:resnet20 --weights resnet20.pt --data cifar10.tar.gz --params 0.4 \\
+              --finetune-epochs 3 --out pruned.pt
+        """,
     "demo": """
         Trains a small CNN on scikit-learn digits (seconds), scores it, prints an alpha sweep with the
         one-shot accuracy at each alpha, prunes to -50% MACs, fine-tunes and prints the report.
@@ -42,6 +55,7 @@ EXAMPLES = {
 
         example:
           fairpruner plan --scores scores.pt --sweep                 # what each alpha would remove
+          fairpruner plan --scores scores.pt --sweep macs            # MACs targets: asked vs achieved
           fairpruner plan --scores scores.pt --macs 0.5 --out plan.json
           fairpruner plan --scores scores.pt --alpha 0.05 --signal l1 --out plan-l1.json
         """,
@@ -97,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fairpruner", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="FAIR-Pruner: automatic layer-wise structured pruning by Tolerance of Difference.",
         epilog=textwrap.dedent("""
-            typical workflow:
+            the common path, in one command:
+              fairpruner run --model zoo:resnet20 --weights w.pt --data cifar10.tar.gz --macs 0.5 --out pruned.pt
+
+            step by step:
               fairpruner score --model zoo:resnet20 --weights w.pt --data cifar10.tar.gz --out scores.pt
               fairpruner plan --scores scores.pt --macs 0.5 --out plan.json
               fairpruner prune --model zoo:resnet20 --weights w.pt --plan plan.json --out pruned.pt
@@ -106,13 +123,58 @@ def build_parser() -> argparse.ArgumentParser:
 
             'fairpruner COMMAND --help' shows each command's options and an example.""").strip())
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_run, _add_demo, _add_score, _add_plan, _add_prune, _add_report, _add_finetune):
+        add(subs)
+    return parser
 
+
+def _target_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--alpha", type=float, metavar="A", help="ToD level in [0, 1]")
+    target.add_argument("--params", type=float, metavar="F", help="fraction of parameters to remove")
+    target.add_argument("--macs", type=float, metavar="F", help="fraction of MACs to remove")
+    return target
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--signal", default="u", choices=("u", "l1", "taylor", "random"),
+                   help="which units go once the counts are fixed (default u: lowest U-Score)")
+    p.add_argument("--allocation", default="tod", choices=("tod", "uniform"),
+                   help="per-group counts by ToD (default) or the same fraction everywhere")
+    p.add_argument("--stream-weight", type=float, default=STREAM_WEIGHT, metavar="W",
+                   help=f"residual streams are cut at alpha/W (default {STREAM_WEIGHT:g}; 1: like any layer)")
+
+
+def _add_run(subs) -> None:
+    p = _sub(subs, "run", "score, plan, prune, recalibrate, fine-tune and report in one go")
+    _model_args(p)
+    p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
+    _target_args(p)
+    _plan_args(p)
+    p.add_argument("--samples-per-class", type=int, default=32, metavar="N",
+                   help="calibration samples per class (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
+    p.add_argument("--recalibrate", type=int, default=1000, metavar="N",
+                   help="training images that re-estimate BatchNorm statistics (default 1000; 0: skip)")
+    p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default 0)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    p.add_argument("--latency-repeats", type=int, default=10, metavar="N",
+                   help="timed forward passes per model (default 10; 0 skips latency)")
+    p.add_argument("--seed", type=int, default=0, help="seeds calibration, recalibration and fine-tuning (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", required=True, metavar="FILE", help="pruned model file to write")
+    _progress_flag(p)
+
+
+def _add_demo(subs) -> None:
     p = _sub(subs, "demo", "train, prune and fine-tune a digits CNN in seconds")
     p.add_argument("--out", metavar="DIR", help="write report, plots, plan and models here (default: nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, scoring and fine-tuning (default 0)")
     p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
     _progress_flag(p)
 
+
+def _add_score(subs) -> None:
     p = _sub(subs, "score", "compute U- and R-Scores on calibration data")
     _model_args(p)
     p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP + " (its train split is used)")
@@ -135,27 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write")
     _progress_flag(p)
 
+
+def _add_plan(subs) -> None:
     p = _sub(subs, "plan", "choose the units to remove (alpha or params/MACs target)")
     p.add_argument("--scores", required=True, metavar="FILE", help="from 'fairpruner score'")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--alpha", type=float, metavar="A", help="ToD level in [0, 1]")
-    target.add_argument("--params", type=float, metavar="F", help="fraction of parameters to remove")
-    target.add_argument("--macs", type=float, metavar="F", help="fraction of MACs to remove")
-    p.add_argument("--signal", default="u", choices=("u", "l1", "taylor", "random"),
-                   help="which units go once the counts are fixed (default u: lowest U-Score)")
-    p.add_argument("--allocation", default="tod", choices=("tod", "uniform"),
-                   help="per-group counts by ToD (default) or the same fraction everywhere")
+    _target_args(p)
+    _plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the random signal (default 0)")
-    p.add_argument("--sweep", action="store_true", help="print what each alpha of --alphas would remove")
+    p.add_argument("--sweep", nargs="?", const="alpha", choices=("alpha", "macs", "params"),
+                   help="print what each alpha of --alphas (or each target of --targets, asked beside achieved, "
+                        "with '--sweep macs' or '--sweep params') would remove")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
                    help="comma-separated alphas for --sweep")
+    p.add_argument("--targets", default="0.1,0.2,0.35,0.5,0.65",
+                   help="comma-separated fractions for '--sweep macs|params' (default 0.1,0.2,0.35,0.5,0.65)")
     p.add_argument("--out", metavar="FILE", help="plan JSON to write")
 
+
+def _add_prune(subs) -> None:
     p = _sub(subs, "prune", "remove the planned units from a model")
     _model_args(p)
     p.add_argument("--plan", required=True, metavar="FILE", help="from 'fairpruner plan'")
     p.add_argument("--out", required=True, metavar="FILE", help="pruned model file to write")
 
+
+def _add_report(subs) -> None:
     p = _sub(subs, "report", "compare the original and the pruned model")
     _model_args(p)
     p.add_argument("--pruned", required=True, metavar="FILE", help="from 'fairpruner prune' or 'finetune'")
@@ -169,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--plots", metavar="DIR", help="also write PNG charts into this directory")
 
+
+def _add_finetune(subs) -> None:
     p = _sub(subs, "finetune", "fine-tune a pruned model")
     _model_args(p, weights=False)
     p.add_argument("--pruned", required=True, metavar="FILE", help="from 'fairpruner prune'")
@@ -184,4 +252,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", required=True, metavar="FILE", help="fine-tuned model file to write")
     _progress_flag(p)
-    return parser
