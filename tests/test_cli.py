@@ -15,7 +15,7 @@ import fairpruner as fp
 from fairpruner import zoo
 from fairpruner.cli import main
 
-COMMANDS = ("demo", "score", "plan", "prune", "report", "finetune")
+COMMANDS = ("run", "demo", "score", "plan", "prune", "report", "finetune")
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -224,3 +224,50 @@ def test_score_under_torchrun_matches_single_process(tmp_path):
     for ga, gb in zip(a.groups, b.groups):
         torch.testing.assert_close(ga.u, gb.u, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ga.r, gb.r, rtol=1e-4, atol=1e-7)
+
+
+def test_run_whole_path_in_one_command(workdir, capsys):
+    weights = (workdir / "w.pt").read_bytes()
+    before = _listing(workdir)
+    assert main(["run", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits", "--macs", "0.3",
+                 "--samples-per-class", "8", "--recalibrate", "200", "--finetune-epochs", "1",
+                 "--latency-repeats", "1", "--no-progress", "--out", "out/run.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "target: macs -30.0% asked" in out
+    for stage in ("one-shot", "recalibrated", "fine-tuned"):
+        assert f"top-1 accuracy, {stage}" in out
+    assert "units before" in out and "features.0" in out
+    assert (workdir / "w.pt").read_bytes() == weights  # the caller's weights are untouched
+    assert _listing(workdir) - before == {"out", "out/run.pt"}  # nothing else written
+    pruned = fp.load(workdir / "out" / "run.pt", zoo.create("digits_cnn"))
+    model = zoo.create("digits_cnn")
+    x = torch.randn(2, 1, 8, 8)
+    assert abs(1 - fp.count_macs(pruned, x) / fp.count_macs(model, x) - 0.3) <= 0.005
+
+
+def test_run_without_recalibration_reports_one_shot(workdir, capsys):
+    assert main(["run", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits", "--alpha", "0.05",
+                 "--samples-per-class", "8", "--recalibrate", "0", "--latency-repeats", "0", "--no-progress",
+                 "--out", "run.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 accuracy" in out and "recalibrated" not in out
+
+
+def test_plan_warns_when_the_target_is_missed_and_sweeps_targets(workdir, capsys, monkeypatch):
+    (workdir / "coarse.py").write_text(
+        "import torch.nn as nn\n"
+        "def net(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(4 * 6 * 6, num_classes))\n")
+    monkeypatch.setattr(sys, "path", [str(workdir)] + sys.path)
+    monkeypatch.delitem(sys.modules, "coarse", raising=False)
+    assert main(["score", "--model", "coarse:net", "--data", "digits", "--samples-per-class", "4",
+                 "--projections", "4", "--no-progress", "--out", "s.pt"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--scores", "s.pt", "--macs", "0.1"]) == 0  # one of four channels is ~25% of MACs
+    captured = capsys.readouterr()
+    assert "macs -10.0% asked, -2" in captured.out
+    assert "warning: the plan misses the macs target" in captured.err
+    assert main(["plan", "--scores", "s.pt", "--sweep", "macs", "--targets", "0.2,0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "asked (MACs)" in out and "20.0%" in out and "40.0%" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -340,3 +342,39 @@ def test_plan_from_saved_scores_is_identical(resnet_scores, tmp_path):
     for kw in ({"alpha": 0.3}, {"macs": 0.3}, {"params": 0.2, "allocation": "uniform"}):
         a, b = fp.plan(resnet_scores, **kw), fp.plan(loaded, **kw)
         assert a.removed == b.removed and a.alpha == b.alpha and a.predicted == b.predicted
+
+
+# ---------------------------------------------------------------- any target: met or refused clearly
+
+@pytest.mark.parametrize("key", ["params", "macs"])
+def test_any_target_is_met_or_refused_clearly(resnet_scores, key):
+    from hypothesis import given, settings, strategies as st
+    most = fp.plan(resnet_scores, alpha=1.0).achieved[key]  # the deepest plan one round allows
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.floats(min_value=1e-4, max_value=0.9999))
+    def check(t):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                p = fp.plan(resnet_scores, **{key: t})
+        except fp.PlanError as e:
+            assert t > most  # only targets beyond one round are refused ...
+            reachable = float(re.search(r"can remove is ([0-9.]+)%", str(e)).group(1)) / 100
+            assert reachable < t and abs(reachable - most) < 1e-3  # ... naming the largest reachable
+            return
+        miss = abs(p.achieved[key] - t)
+        assert miss <= 0.005 or (p.achieved[key] >= t and any("asked" in str(w.message) for w in caught))
+        assert p.requested == {key: t}
+        assert (miss > 0.01) == any("asked" in str(w.message) for w in caught)
+
+    check()
+
+
+def test_missed_target_is_said_aloud():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    scores = fp.score(model, _loader((1, 8, 8), classes=3), projections=8)
+    with pytest.warns(UserWarning, match="asked 10.0%"):
+        p = fp.plan(scores, macs=0.1)  # one channel of four is 25% of the MACs
+    assert p.achieved["macs"] >= 0.1

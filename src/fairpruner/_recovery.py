@@ -1,6 +1,7 @@
 """Recovery after pruning: BatchNorm recalibration, evaluation and a short fine-tuning loop."""
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import warnings
@@ -144,16 +145,19 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
 
     Pruning changes what each BatchNorm sees, so statistics measured on the unpruned model no longer fit; a
     forward pass over about a thousand training images restores most of the accuracy one-shot pruning loses.
-    Statistics are reset and re-estimated as an exact cumulative average over all batches (momentum None);
-    only the BatchNorm layers run in train mode (dropout and everything else stay in eval), without gradients,
-    on the model's device. Every module's train/eval flag and every BatchNorm's momentum are restored.
+    Statistics are reset and re-estimated as PyTorch's cumulative average over all batches (momentum None:
+    the running mean is the average of the per-batch means, the running variance that of the per-batch
+    unbiased variances, so keep the batches of equal size); only the BatchNorm layers run in train mode
+    (dropout and everything else stay in eval), without gradients, on the model's device. Every module's
+    train/eval flag and every BatchNorm's momentum are restored.
 
     It changes the model it is given (meant for the pruned model :func:`fairpruner.prune` just returned);
     copy it first to keep the original statistics.
 
     Args:
         model: the model to recalibrate (modified in place).
-        loader: iterable of input batches, or of ``(inputs, targets)`` pairs (targets are ignored).
+        loader: iterable of input batches, or of ``(inputs, targets)`` pairs (targets are ignored; a
+            2-tuple is always read as such a pair, so pass a two-input model's inputs as a list of lists).
         max_batches: use at most this many batches.
         progress: show a progress bar; by default only when stderr is a terminal.
         device: where to run; defaults to the model's device.
@@ -176,26 +180,28 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
         warnings.warn("The model has no BatchNorm layer with running statistics; recalibrate() left it unchanged.",
                       stacklevel=2)
         return model
+    batches = iter(loader)
+    first = next(batches, None)
+    if first is None:  # refused before any statistic is reset
+        raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
     device = device_of(model, device)
     momenta = [m.momentum for m in norms]
     show = progress if progress is not None else sys.stderr.isatty()
-    seen = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    total = min(total, max_batches) if total is not None and max_batches is not None else total or max_batches
     with eval_mode(model), torch.no_grad():
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch weighs by its count
+            m.momentum = None  # cumulative average: every batch weighs alike
             m.train()
         try:
-            for i, batch in enumerate(tqdm(loader, desc="fairpruner: recalibrating", disable=not show,
-                                           leave=False)):
+            for i, batch in enumerate(tqdm(itertools.chain([first], batches), total=total,
+                                           desc="fairpruner: recalibrating", disable=not show, leave=False)):
                 if max_batches is not None and i >= max_batches:
                     break
-                inputs = split_batch(batch)[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
                 forward_logits(model, to_device(inputs, device))
-                seen += 1
         finally:
             for m, mom in zip(norms, momenta):
                 m.momentum = mom
-    if seen == 0:
-        raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
     return model

@@ -1,0 +1,109 @@
+"""Tests for fairpruner.recalibrate: BatchNorm statistics re-estimated from unlabelled data, nothing else."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fairpruner as fp
+from fairpruner import zoo
+from helpers import randomize_norms
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    return randomize_norms(net).eval()
+
+
+def _batches(n=3, size=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 8, 8, generator=g) * 2 + 1 for _ in range(n)]
+
+
+def test_statistics_equal_the_hand_computed_cumulative_average():
+    net, xs = _net(), _batches()
+    out = fp.recalibrate(net, xs)
+    assert out is net  # in place, the same object
+    with torch.no_grad():
+        conv = [net[0](x) for x in xs]
+        # Inside the pass BatchNorm normalises with batch statistics, which is what the next layers see.
+        mid = [net[5](net[4](net[3](net[2](nn.functional.batch_norm(c, None, None, net[1].weight, net[1].bias,
+                                                                    training=True))))) for c in conv]
+    mean = torch.stack([c.mean((0, 2, 3)) for c in conv]).mean(0)
+    var = torch.stack([c.var((0, 2, 3), unbiased=True) for c in conv]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[1].running_var, var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[6].running_mean, torch.stack([m.mean(0) for m in mid]).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    assert int(net[1].num_batches_tracked) == 3
+
+
+def test_modes_momentum_and_other_weights_restored_dropout_stays_off(monkeypatch):
+    net = _net()
+    net.train()
+    net[1].eval()  # a BatchNorm the user froze: its own flag comes back
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    modes = {n: m.training for n, m in net.named_modules()}
+    seen = []
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: seen.append(self.training) or x)
+    fp.recalibrate(net, [(x, torch.zeros(5, dtype=torch.long)) for x in _batches()])  # (inputs, targets) works
+    assert seen and not any(seen)  # dropout ran in eval mode
+    assert {n: m.training for n, m in net.named_modules()} == modes
+    assert net[1].momentum == 0.1 and net[6].momentum == 0.1
+    for k, v in before.items():
+        torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_max_batches_and_dataloader():
+    a, b = _net(), _net()
+    xs = _batches(4)
+    fp.recalibrate(a, DataLoader(TensorDataset(torch.cat(xs)), batch_size=5), max_batches=2)
+    fp.recalibrate(b, xs[:2])
+    torch.testing.assert_close(a[1].running_mean, b[1].running_mean)
+    with pytest.raises(fp.FairPrunerError, match="max_batches"):
+        fp.recalibrate(a, xs, max_batches=0)
+
+
+def test_empty_loader_refused_and_statistics_kept():
+    net = _net()
+    state = copy.deepcopy(net.state_dict())
+    with pytest.raises(fp.DataError, match="no batches"):
+        fp.recalibrate(net, [])
+    with pytest.raises(fp.DataError, match="no batches"):
+        fp.recalibrate(net, DataLoader(TensorDataset(torch.zeros(0, 3, 8, 8)), batch_size=4))
+    for k, v in state.items():
+        assert torch.equal(net.state_dict()[k], v)
+
+
+def test_model_without_batchnorm_unchanged_with_a_warning():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    state = copy.deepcopy(net.state_dict())
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        out = fp.recalibrate(net, [torch.randn(2, 4)])
+    assert out is net
+    for k, v in state.items():
+        assert torch.equal(net.state_dict()[k], v)
+
+
+def test_recalibration_recovers_a_pruned_resnet():
+    torch.manual_seed(0)
+    model = randomize_norms(zoo.resnet20(num_classes=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 16, 16, generator=g)
+    y = torch.arange(64) % 4
+    scores = fp.score(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], projections=8)
+    pruned = fp.prune(model, fp.plan(scores, macs=0.3))
+    before = copy.deepcopy(pruned.state_dict())
+    again = fp.recalibrate(copy.deepcopy(pruned), [x[:32], x[32:]])
+    bn = again.layer1[0].bn1
+    assert bn.running_mean.numel() < 16  # a pruned layer, re-estimated
+    assert not torch.equal(bn.running_mean, before["layer1.0.bn1.running_mean"])
+    for k, v in pruned.state_dict().items():  # the copy changed, the pruned model did not
+        assert torch.equal(v, before[k])
