@@ -1,6 +1,8 @@
-"""Small builders shared by the tests."""
+"""Small builders and checks shared by the tests."""
 import torch
 from torch import nn
+
+import fairpruner as fp
 
 
 def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
@@ -9,6 +11,22 @@ def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
     x = torch.randn(classes * per, *shape, generator=g)
     y = torch.arange(classes).repeat_interleave(per)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``."""
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+def assert_prune_equals_mask(model: nn.Module, plan, x, rtol: float = 1e-5):
+    """The physically pruned model computes what the same-shape model with the units zeroed computes."""
+    pruned, masked = fp.prune(model, plan, x), fp.mask(model, plan, x)
+    with torch.no_grad():
+        a, b = pruned(x), masked(x)
+    a, b = (getattr(t, "logits", t) for t in (a, b))
+    a, b = (t[0] if isinstance(t, (tuple, list)) else t for t in (a, b))
+    assert a.shape == b.shape and rel_err(a, b) <= rtol, rel_err(a, b)
+    return pruned, masked
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

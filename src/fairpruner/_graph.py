@@ -132,7 +132,11 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=traced, customized_pruners=custom or None,
                 unwrapped_parameters=[(p, max(i for i, s in enumerate(p.shape) if s > 1)) for p in loose] or None)
-    unwrapped = [p for p, _ in graph.unwrapped_parameters if not _on_frozen_stream(graph, p)]
+    # A family that claims a module cuts its parameters itself (they are members of the family's groups).
+    claimed = {id(p) for m in model.modules() if any(f.claims(m) for f in families)
+               for p in m.parameters(recurse=False)}
+    unwrapped = [p for p, _ in graph.unwrapped_parameters
+                 if id(p) not in claimed and not _on_frozen_stream(graph, p)]
     if unwrapped:
         names = [graph._param_to_name.get(p, "?") for p in unwrapped]
         owner = names[0].rpartition(".")[0]

@@ -69,35 +69,38 @@ class Family(abc.ABC):
     pruned == masked check) for free.
 
     Example:
-        A family whose unit is one output neuron of every ``Gate`` module (a Linear whose rows are read by
-        nothing but the model output), written in a user's own module::
+        A family whose unit is one output of a user's ``Gate`` block (``relu(fc(x)) * sigmoid(gate)``, a
+        parameter torch-pruning cannot follow), read by the next Linear ``head``::
 
             from fairpruner import families
             from fairpruner.families import Family, GroupSpec, Member, hook_source
 
             @families.register
-            class GateNeurons(Family):
-                name = "gate_neurons"
+            class GateUnits(Family):
+                name = "gate_units"
+
+                def claims(self, module):        # its own parameter is ours to cut, not refused
+                    return isinstance(module, Gate)
 
                 def owned(self, model):          # torch-pruning must leave these layers alone
-                    return [n for n, m in model.named_modules() if isinstance(m, Gate)]
+                    return [f"{n}{s}" for n, m in model.named_modules() if isinstance(m, Gate)
+                            for s in ("", ".fc")]
 
                 def discover(self, model, graph, example_inputs, ignore):
-                    groups = []
-                    for n, m in model.named_modules():
-                        if isinstance(m, Gate) and n not in ignore:
-                            rows = torch.arange(m.fc.out_features).view(-1, 1)
-                            groups.append(GroupSpec(f"{n}:neurons", len(rows), rows,
-                                                    [Member(f"{n}.fc", "out", rows, "weight")], family=self))
-                    return groups
+                    rows = torch.arange(model.block.fc.out_features).view(-1, 1)
+                    members = [Member("block.fc", "out", rows, "weight"),
+                               Member("block", "out", rows, "other", params=(("gate", 0),)),
+                               Member("head", "in", rows, "weight")]
+                    return [GroupSpec("block:units", len(rows), rows, members, family=self)]
 
                 def u_sources(self, model, group):
-                    return [hook_source(group.name, group.members[0].module)]
+                    return [hook_source(group.name, "block")]
 
                 def prune_(self, model, group, channels):
-                    fc = model.get_submodule(group.members[0].module)
-                    fairpruner._core.slice_linear_(fc, 0, fairpruner._core.kept(fc.out_features,
-                                                                                torch.tensor(channels)))
+                    keep = families.kept(model.block.fc.out_features, torch.tensor(channels))
+                    families.slice_linear_(model.block.fc, 0, keep)
+                    model.block.gate = nn.Parameter(model.block.gate.detach()[keep])
+                    families.slice_linear_(model.head, 1, keep)
 
         ``tests/families/test_toy_family.py`` holds a complete, tested version.
     """

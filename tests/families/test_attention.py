@@ -13,7 +13,7 @@ import fairpruner as fp
 from fairpruner import PrunedMultiheadAttention
 from fairpruner.families.attention import find_attention
 from fairpruner.zoo import ConvNeXt, VisionTransformer
-from helpers import CountingLoader, tiny_loader
+from helpers import CountingLoader, rel_err, tiny_loader
 
 T, FEATS, DIM, HEADS = 5, 6, 16, 4
 
@@ -115,9 +115,6 @@ def make(name: str, seed: int = 0) -> nn.Module:
 def inputs(name: str, n: int = 3, seed: int = 99) -> torch.Tensor:
     return torch.randn(n, *MODELS[name][1], generator=torch.Generator().manual_seed(seed))
 
-
-def rel_err(a, b):
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
 _SCORES, _CASES = {}, {}

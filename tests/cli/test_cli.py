@@ -16,7 +16,7 @@ from fairpruner import zoo
 from fairpruner.cli import main
 
 COMMANDS = ("run", "demo", "score", "plan", "prune", "report", "finetune")
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _listing(path: Path) -> set:

@@ -1,4 +1,4 @@
-"""Tests for fairpruner.evaluate and fairpruner.finetune."""
+"""Tests for fairpruner._recovery: evaluate and finetune."""
 from __future__ import annotations
 
 import pytest

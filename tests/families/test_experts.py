@@ -14,7 +14,7 @@ import fairpruner as fp
 from fairpruner import zoo
 from fairpruner.families.experts import Experts, moe_blocks
 from fairpruner._graph import build_graph
-from helpers import tiny_loader
+from helpers import rel_err, tiny_loader
 
 SHAPE = (6, 12)  # (tokens, features)
 
@@ -27,9 +27,6 @@ def make(depth=2, seed=0, **kw):
 def loader(shape=SHAPE):
     return tiny_loader(shape, classes=4, per=6)
 
-
-def rel_err(a, b):
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
 def fresh(shape=SHAPE, n=5):

@@ -1,4 +1,4 @@
-"""Tests for fairpruner.report, Report (text, JSON, plots), format_sweep and plot_sweep."""
+"""Tests for fairpruner._reporting: report, Report (text, JSON, plots), format_sweep and plot_sweep."""
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fairpruner as fp
+from helpers import rel_err
 from fairpruner.families.attention_hf import HFAttentionHeads, _layer_index, _record_pruned_heads, find_attention
 
 transformers = pytest.importorskip("transformers")
@@ -85,9 +86,6 @@ def logits(model, x):
     with torch.no_grad():
         return model(*x).logits if isinstance(x, tuple) else model(x).logits
 
-
-def rel_err(a, b):
-    return (a - b).abs().max().item() / b.abs().max().item()
 
 
 def heads_of(model):

@@ -1,4 +1,4 @@
-"""Tests for fairpruner._surgery: the architecture matrix (prune == mask, shrinks, trains, traces), GroupNorm,
+"""Tests for fairpruner._pruning: the architecture matrix (prune == mask, shrinks, trains, traces), GroupNorm,
 save/load, and the errors for unsupported models and mismatched plans."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fairpruner as fp
-from helpers import CountingLoader, randomize_norms, tiny_loader
+from helpers import CountingLoader, randomize_norms, rel_err, tiny_loader
 from fairpruner import zoo
 
 
@@ -42,9 +42,6 @@ def make_model(family: str, seed: int = 0) -> nn.Module:
 def fresh_inputs(shape, n=3, seed=99):
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
-
-def rel_err(a, b):
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
 _SCORES, _CASES = {}, {}

@@ -1,4 +1,4 @@
-"""Tests for fairpruner._recurrent: hidden units of LSTM/GRU/RNN layers as a unit family (scores, plans, exact
+"""Tests for fairpruner.families.recurrent: hidden units of LSTM/GRU/RNN layers as a unit family (scores, plans, exact
 surgery, predicted costs, save/load, the RecurrentStack replacement), the layers that read the units, and the
 errors for what stays unsupported."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fairpruner._planning.plans import Plan
 from fairpruner.families.recurrent.family import _TPPruner
 from fairpruner._scoring.sites import site_seed
 from fairpruner._scoring.wasserstein import random_directions
-from helpers import CountingLoader, tiny_loader
+from helpers import CountingLoader, rel_err, tiny_loader
 
 T, FEATS, PROJ, H = 5, 6, 8, 10
 SHAPE = (T, FEATS)
@@ -56,9 +56,6 @@ def make(case, seed=0) -> Net:
     torch.manual_seed(seed)
     return Net(c, n, bi, bf, "last" if bf else "hn").eval()
 
-
-def rel_err(a, b):
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
 def fresh(n=3, seed=99):

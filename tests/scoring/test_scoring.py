@@ -1,4 +1,4 @@
-"""Tests for fairpruner._scoring: the caller's model is never changed, data errors come early, and U/R equal
+"""Tests for fairpruner._scoring.run: the caller's model is never changed, data errors come early, and U/R equal
 naive reference computations."""
 from __future__ import annotations
 
