@@ -12,7 +12,7 @@ from torch import nn
 import fairpruner as fp
 from fairpruner import families, zoo
 from fairpruner._graph import build_graph
-from helpers import assert_prune_equals_mask, randomize_norms
+from helpers import assert_prune_equals_mask
 
 
 def _labels(n, classes):

@@ -15,7 +15,7 @@ import fairpruner as fp
 from helpers import tiny_loader
 from fairpruner import zoo
 from fairpruner._planning.plans import STREAM_WEIGHT
-from fairpruner._planning.tod import candidate_alphas, max_fraction, tod_counts, tod_curve
+from fairpruner._planning.tod import max_fraction, tod_counts, tod_curve
 
 
 def _loader(shape, classes=4, per=4, batch=8, seed=0):

@@ -17,7 +17,7 @@ reachable:
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._core.groups import GroupSpec, Member, zero_members_

@@ -40,12 +40,12 @@ import torch_pruning as tp
 from torch import nn
 
 from ..._core.groups import GroupSpec, Member
-from ..._core.inputs import logits_of
 from ..._core.layers import CONV_TYPES, FROZEN_TYPES, WEIGHT_TYPES, replace_module
 from ..._errors import FairPrunerError, UnsupportedModelError
 from ..base import Family, USource, register
 from .layers import (GATES, RNN_TYPES, RecurrentStack, cut_hidden_, cut_input_, directions, input_width,
                      join_layers, param_names, per_unit, run_layers, split_layers)
+from .probe import probe
 
 __all__ = ["RecurrentFamily", "RecurrentStack"]
 
@@ -108,132 +108,6 @@ class _TPPruner(tp.pruner.function.BasePruningFunc):
         return layer.input_size
 
 
-# ----------------------------------------------------------------------------------------------- NaN tagging
-
-def _input_dim(mod: nn.Module) -> int:
-    """The feature dimension of a reader's input: channels for Conv, the last one otherwise."""
-    return 1 if isinstance(mod, CONV_TYPES) else -1
-
-
-@contextlib.contextmanager
-def _hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _probe(model: nn.Module, name: str, mod: nn.RNNBase, x: tuple) -> Tuple[Dict[str, torch.Tensor], int]:
-    """NaN tagging of ``mod``'s hidden units (see the module docstring).
-
-    Returns:
-        input position -> global unit index (-1: reads none) of every parametrised module that reads a unit
-        (key "" for the model output), and the sequence length of ``mod``'s input.
-
-    Raises:
-        UnsupportedModelError: a position reads several units, or the module gets an initial state, a packed
-            sequence, or runs more than once per forward.
-    """
-    n_layers, h, d = mod.num_layers, mod.hidden_size, directions(mod)
-    n = n_layers * h
-    bits = max(1, (n - 1).bit_length())
-    ids = torch.arange(n)
-    state = {"chosen": ids < 0, "calls": 0, "steps": 0}
-    seen: Dict[str, torch.Tensor] = {}  # module -> (passes, positions) bool
-    pass_no = [0]
-
-    def check(m, args, kwargs):
-        inp = args[0] if args else kwargs.get("input")
-        if isinstance(inp, nn.utils.rnn.PackedSequence):
-            raise UnsupportedModelError(f"Layer '{name}' is given a PackedSequence; packed sequences are not "
-                                        "supported by the recurrent pruning. Pad the batch (same length) instead.")
-        if (len(args) > 1 and args[1] is not None) or kwargs.get("hx") is not None:
-            raise UnsupportedModelError(
-                f"Layer '{name}' is given an initial state (h0/c0). Pruning removes hidden units, which equals "
-                "zeroing them only from a zero initial state: call the layer without hx.")
-        state["calls"] += 1
-        state["steps"] = inp.shape[1 if mod.batch_first else 0]
-        if state["calls"] > 1:
-            raise UnsupportedModelError(f"Layer '{name}' runs more than once per forward pass; shared "
-                                        "recurrent layers cannot be pruned. Add it to `ignore=`.")
-
-    def tag(m, args, out):
-        chosen = state["chosen"].view(n_layers, h)
-        seq, st = out
-        seq = seq.clone()
-        last = chosen[-1].nonzero().flatten()
-        seq[..., (torch.arange(d)[:, None] * h + last[None]).flatten().to(seq.device)] = float("nan")
-        tagged = []
-        for s in (st if isinstance(st, tuple) else (st,)):
-            s = s.clone().view(n_layers, d, *s.shape[1:])
-            s[chosen.to(s.device)[:, None, None, :].expand_as(s)] = float("nan")
-            tagged.append(s.flatten(0, 1))
-        return seq, (tuple(tagged) if isinstance(st, tuple) else tagged[0])
-
-    def reader(key: str, dim: int):
-        def record(a: Any) -> Any:
-            if not (torch.is_tensor(a) and a.is_floating_point() and a.dim()):
-                return a
-            nan = torch.isnan(a)
-            if not bool(nan.any()):
-                return a
-            width = a.shape[dim] if -a.dim() <= dim < a.dim() else 1
-            if key not in seen:
-                seen[key] = torch.zeros(2 * bits, width, dtype=torch.bool)
-            if seen[key].shape[1] != width:  # several inputs of different widths: only "which units" counts
-                seen[key] = seen[key].any(1, keepdim=True)
-                width = 1
-            hit = nan.movedim(dim, -1).reshape(-1, width).any(0) if width > 1 else nan.any().view(1)
-            seen[key][pass_no[0]] |= hit.cpu()
-            return torch.where(nan, torch.zeros_like(a), a)  # the unit is gone past the layers that read it
-
-        def hook(m, args, kwargs):
-            return tuple(record(a) for a in args), {k: record(v) for k, v in kwargs.items()}
-        return hook
-
-    handles = [mod.register_forward_pre_hook(check, with_kwargs=True), mod.register_forward_hook(tag)]
-    for other_name, other in model.named_modules():
-        if other is not mod and any(True for _ in other.parameters(recurse=False)):
-            handles.append(other.register_forward_pre_hook(reader(other_name, _input_dim(other)),
-                                                           with_kwargs=True))
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with _hooks(handles), torch.no_grad():
-            for b in range(bits):
-                for v in (0, 1):
-                    pass_no[0] = 2 * b + v
-                    state["chosen"], state["calls"] = ((ids >> b) & 1) == v, 0
-                    out = logits_of(model(*x))
-                    nan = torch.isnan(out)
-                    if bool(nan.any()):
-                        if "" not in seen:
-                            seen[""] = torch.zeros(2 * bits, out.shape[-1], dtype=torch.bool)
-                        seen[""][pass_no[0]] |= nan.reshape(-1, out.shape[-1]).any(0).cpu()
-    finally:
-        for m, t in flags.items():
-            m.training = t
-    decoded = {}
-    for key, rec in seen.items():
-        rec = rec.view(bits, 2, -1)
-        zeros, ones = rec[:, 0], rec[:, 1]
-        read = (zeros | ones).any(0)
-        bad = read & ~(zeros ^ ones).all(0)
-        if key == "" and bool(bad.any()):
-            decoded[key] = ids  # units mixed into the model output: all of them reach it
-            continue
-        if bool(bad.any()):
-            what = "the model output" if key == "" else f"layer '{key}'"
-            raise UnsupportedModelError(
-                f"The hidden units of '{name}' are mixed before {what} reads them (a normalisation, sum or "
-                "attention over the hidden dimension); such units cannot be removed one by one. Add "
-                f"'{name}' to `ignore=`.")
-        unit = (ones.long() << torch.arange(bits)[:, None]).sum(0)
-        decoded[key] = torch.where(read, unit, torch.full_like(unit, -1))
-    return decoded, state["steps"]
-
-
 def _reader_index(name: str, key: str, units: torch.Tensor, layer: int, h: int) -> Optional[torch.Tensor]:
     """(h, k) input positions of reader ``key`` for each unit of ``layer``; None when it reads none."""
     pos = ((units >= layer * h) & (units < (layer + 1) * h)).nonzero().flatten()
@@ -246,6 +120,15 @@ def _reader_index(name: str, key: str, units: torch.Tensor, layer: int, h: int) 
             f"Layer '{key}' reads only some hidden units of layer {layer} of '{name}' (or some more often than "
             f"others); each unit must reach it the same way. Add '{name}' to `ignore=`.")
     return pos[torch.argsort(unit * units.numel() + pos)].view(h, -1)
+
+
+@contextlib.contextmanager
+def _removed_on_exit(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------ the family
@@ -275,7 +158,7 @@ class RecurrentFamily(Family):
     def tracing(self, model: nn.Module):
         handles = [m.register_forward_hook(_opaque_output, with_kwargs=True) for m in model.modules()
                    if self.claims(m)]
-        return _hooks(handles)
+        return _removed_on_exit(handles)
 
     def layout(self, module: nn.Module, side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
         if side == "in" and self.claims(module):
@@ -295,7 +178,7 @@ class RecurrentFamily(Family):
     def _discover_one(self, model, modules, graph, name, mod, x) -> List[GroupSpec]:
         if name == "":
             raise UnsupportedModelError("The model is a bare recurrent layer; wrap it with a classifier head.")
-        decoded, steps = _probe(model, name, mod, x)
+        decoded, steps = probe(model, name, mod, x)
         if not steps:
             return []  # not called by the model
         n_layers, h, d = mod.num_layers, mod.hidden_size, directions(mod)

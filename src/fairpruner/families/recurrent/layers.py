@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import _VF, nn
 
-from ..._core.layers import CONV_TYPES, kept, replace_module
+from ..._core.layers import CONV_TYPES, kept
 
 __all__ = ["RecurrentStack", "RNN_TYPES", "GATES", "directions", "param_names", "set_param",
            "input_width", "cut_input_", "new_like", "split_layers", "join_layers", "cut_hidden_",
