@@ -565,3 +565,18 @@ def test_sliced_u_equals_naive_loop_with_the_same_directions():
         naive.append(best)
     torch.testing.assert_close(scores["features.0"].u.double(), torch.tensor(naive, dtype=torch.float64),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_scores_written_before_writers_were_recorded_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.resnet20().eval()
+    scores = fp.score(model, tiny_loader((3, 16, 16)), projections=4)
+    path = tmp_path / "s.pt"
+    scores.save(path)
+    d = torch.load(path, weights_only=True)
+    for g in d["groups"]:
+        del g["writers"]  # the format as version 1 files without it hold it
+    torch.save(d, path)
+    old = fp.Scores.load(path)
+    assert [g.writers for g in old.groups] == [1] * len(old.groups)
+    assert fp.plan(old, alpha=0.1).removed == fp.plan(scores, alpha=0.1, stream_weight=1).removed

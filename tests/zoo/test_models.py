@@ -171,3 +171,11 @@ def test_torch_pruning_dependency_graph_builds(name):
     model = zoo.create(name).eval()
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=zoo.example_input(name))
     assert len(list(dg.get_all_groups())) > 0
+
+
+def test_vgg_classifier_starts_small():
+    """Kaiming fan-out on VGG's classifier made the first CIFAR-10 epoch diverge; it is drawn from N(0, 0.01)."""
+    torch.manual_seed(0)
+    model = zoo.vgg16_bn(num_classes=10)
+    assert 0.005 < float(model.classifier.weight.std()) < 0.015
+    assert float(model.classifier.bias.abs().max()) == 0.0

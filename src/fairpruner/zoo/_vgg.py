@@ -49,6 +49,10 @@ class VGG(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(int(widths[-1]), num_classes)
         init_weights(self)
+        # Kaiming fan-out on a 512 -> 10 classifier gives logits of std ~10 and the first epoch diverges; the
+        # torchvision VGG recipe draws the classifier from N(0, 0.01).
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     @staticmethod
     def _make_features(cfg: Sequence[CfgItem], batch_norm: bool, in_channels: int) -> nn.Sequential:
