@@ -106,3 +106,21 @@ def test_recalibration_recovers_a_pruned_resnet():
     assert not torch.equal(bn.running_mean, before["layer1.0.bn1.running_mean"])
     for k, v in pruned.state_dict().items():  # the copy changed, the pruned model did not
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), torch.randn(6, 4) * 3 + 1),
+    lambda: (nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)), torch.randn(4, 2, 6, 6) * 3 + 1),
+    lambda: (nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2)), torch.randn(2, 1, 5, 5, 5) * 3 + 1),
+    lambda: (nn.Sequential(nn.Conv2d(2, 3, 3), nn.SyncBatchNorm(3)), torch.randn(4, 2, 6, 6) * 3 + 1),
+], ids=["1d", "2d", "3d", "sync"])
+def test_every_batchnorm_kind(make):
+    torch.manual_seed(0)
+    net, x = make()
+    net.eval()
+    fp.recalibrate(net, [x])
+    with torch.no_grad():
+        y = net[0](x)
+    dims = [d for d in range(y.dim()) if d != 1]
+    torch.testing.assert_close(net[1].running_mean, y.mean(dims), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[1].running_var, y.var(dims, unbiased=True), rtol=1e-5, atol=1e-5)

@@ -79,7 +79,7 @@ def run_demo(
             nothing is written when None.
         seed: seeds training, scoring and fine-tuning.
         alpha: prune at this ToD level instead of a MACs target.
-        macs_target: fraction of MACs to remove (the smallest alpha reaching it is used).
+        macs_target: fraction of MACs to remove (ToD's steps taken in order of their level until it is met).
         epochs: training epochs of the original model.
         finetune_epochs: fine-tuning epochs after pruning.
         alphas: the ToD levels of the sweep table.

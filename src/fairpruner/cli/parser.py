@@ -50,7 +50,7 @@ EXAMPLES = {
         """,
     "plan": """
         Turns scores into a plan: per group, how many units go (Tolerance of Difference at --alpha, or the
-        smallest alpha that reaches a --params/--macs reduction) and which (lowest --signal first).
+        ToD level a --params/--macs target needs) and which (lowest --signal first).
         Scores are reused: try as many targets as you like, each takes milliseconds.
 
         example:
