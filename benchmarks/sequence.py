@@ -461,7 +461,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         notes.append("Where predicted (cost model) and counted params/MACs differ, the row says so. For the "
                      "hidden units inside MoE experts this is documented behaviour: an expert's MACs depend on "
                      "how many tokens it receives, and the cost model uses the example input's routing, which "
-                     "pruning an earlier block can change (fairpruner/_experts.py).")
+                     "pruning an earlier block can change (fairpruner/families/experts.py).")
     if any("not reachable" in r.get("note", "") for r in rows):
         notes.append("A target that cannot be reached in one round of ToD is reported as such. Removing whole "
                      "experts saves parameters but hardly any MACs: every token still runs its top-k experts.")
