@@ -1,4 +1,7 @@
-"""Small builders and checks shared by the tests."""
+"""Small builders and checks shared by the tests (imported as ``helpers``: pytest puts ``tests/`` on the path)."""
+import copy
+import inspect
+
 import torch
 from torch import nn
 
@@ -13,20 +16,117 @@ def tiny_loader(shape, classes=4, per=4, batch=8, seed=0):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
 
 
+def fresh_inputs(shape, n: int = 3, seed: int = 99) -> torch.Tensor:
+    """``n`` random inputs of per-sample ``shape``, drawn apart from the calibration data."""
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest magnitude of ``b``."""
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
-def assert_prune_equals_mask(model: nn.Module, plan, x, rtol: float = 1e-5):
-    """The physically pruned model computes what the same-shape model with the units zeroed computes."""
-    pruned, masked = fp.prune(model, plan, x), fp.mask(model, plan, x)
+def _output(model: nn.Module, x):
     with torch.no_grad():
-        a, b = pruned(x), masked(x)
-    a, b = (getattr(t, "logits", t) for t in (a, b))
-    a, b = (t[0] if isinstance(t, (tuple, list)) else t for t in (a, b))
-    assert a.shape == b.shape and rel_err(a, b) <= rtol, rel_err(a, b)
+        out = model(*x) if isinstance(x, tuple) else model(x)
+    out = getattr(out, "logits", out)  # Hugging Face models
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def assert_prune_equals_mask(model: nn.Module, plan, x, rtol: float = 1e-5, *, pruned=None, example_inputs=None):
+    """The physically pruned model computes on ``x`` what the same-shape model with the plan's units zeroed
+    computes, to ``rtol`` relative to the largest output. ``x`` may be a tuple of positional inputs.
+
+    Args:
+        pruned: an already pruned model to check (a cached case); by default ``fp.prune(model, plan)``.
+        example_inputs: what prune and mask trace with; by default ``x``.
+
+    Returns:
+        ``(pruned, masked)``.
+    """
+    example = x if example_inputs is None else example_inputs
+    pruned = fp.prune(model, plan, example) if pruned is None else pruned
+    masked = fp.mask(model, plan, example)
+    a, b = _output(pruned, x), _output(masked, x)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert rel_err(a, b) <= rtol, rel_err(a, b)
     return pruned, masked
+
+
+class Scored:
+    """Each model of a test module scored once, so that parametrised tests share one ``fp.score`` run.
+
+    ``setup(*key)`` returns ``(model, loader, keyword arguments of fp.score)``; calling the instance with a key
+    returns ``(model, loader, scores)``, and :meth:`case` adds a plan and the pruned model. Keys are the setup's
+    arguments with its defaults filled in, so ``scored("vit")`` and ``scored("vit", "heads")`` share a run.
+
+    Args:
+        setup: builds one case.
+        targets: target name -> keyword arguments of ``fp.plan``, for :meth:`case`.
+        projections: ``fp.score``'s projections unless the setup gives its own.
+        snapshot: keep a copy of each model's state_dict from before scoring (:meth:`state_before`).
+    """
+
+    def __init__(self, setup, targets=None, projections: int = 8, snapshot: bool = False):
+        self.setup, self.targets, self.projections, self.snapshot = setup, dict(targets or {}), projections, snapshot
+        self._signature = inspect.signature(setup)
+        self._scored, self._cases, self._before = {}, {}, {}
+
+    def _key(self, args, kwargs) -> tuple:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+    def __call__(self, *args, **kwargs):
+        key = self._key(args, kwargs)
+        if key not in self._scored:
+            model, loader, score_kwargs = self.setup(*key)
+            if self.snapshot:
+                self._before[key] = copy.deepcopy(model.state_dict())
+            scores = fp.score(model, loader, **{"projections": self.projections, **score_kwargs})
+            self._scored[key] = (model, loader, scores)
+        return self._scored[key]
+
+    def case(self, *args, target: str, **kwargs):
+        """``(model, scores, plan, pruned)``: the scored case planned with ``targets[target]`` and pruned."""
+        key = self._key(args, kwargs)
+        if (key, target) not in self._cases:
+            model, _, scores = self(*key)
+            plan = fp.plan(scores, **self.targets[target])
+            self._cases[key, target] = (model, scores, plan, fp.prune(model, plan))
+        return self._cases[key, target]
+
+    def state_before(self, *args, **kwargs) -> dict:
+        """The model's state_dict as it was before scoring (needs ``snapshot=True``)."""
+        key = self._key(args, kwargs)
+        self(*key)
+        return self._before[key]
+
+
+def snapshot(model: nn.Module) -> dict:
+    """What a call on the caller's model must leave as it was: state, every submodule's train/eval flag,
+    requires_grad, .grad, the global RNG and the grad mode."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": [p.grad for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+        "grad_mode": torch.is_grad_enabled(),
+    }
+
+
+def assert_unchanged(model: nn.Module, snap: dict, step: str = "") -> None:
+    """``model`` is as :func:`snapshot` found it (``step`` names the call in the message)."""
+    now = snapshot(model)
+    assert list(now["state"]) == list(snap["state"]), step
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), f"{step}: {k} changed"
+    assert now["training"] == snap["training"], step
+    assert now["requires_grad"] == snap["requires_grad"], step
+    assert all(g is None for g in now["grads"]), f"{step}: .grad created"
+    assert torch.equal(now["rng"], snap["rng"]), f"{step}: global RNG advanced"
+    assert now["grad_mode"] == snap["grad_mode"], step
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

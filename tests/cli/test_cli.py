@@ -1,4 +1,5 @@
-"""Tests for the ``fairpruner`` command line (run in-process through ``main``, plus one real subprocess)."""
+"""Tests for fairpruner.cli: the ``fairpruner`` command line (parser, commands, demo), run in-process through
+``main``, plus one real subprocess."""
 from __future__ import annotations
 
 import json

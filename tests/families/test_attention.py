@@ -13,7 +13,7 @@ import fairpruner as fp
 from fairpruner import PrunedMultiheadAttention
 from fairpruner.families.attention import find_attention
 from fairpruner.zoo import ConvNeXt, VisionTransformer
-from helpers import CountingLoader, rel_err, tiny_loader
+from helpers import CountingLoader, Scored, assert_prune_equals_mask, fresh_inputs, rel_err, tiny_loader
 
 T, FEATS, DIM, HEADS = 5, 6, 16, 4
 
@@ -113,28 +113,12 @@ def make(name: str, seed: int = 0) -> nn.Module:
 
 
 def inputs(name: str, n: int = 3, seed: int = 99) -> torch.Tensor:
-    return torch.randn(n, *MODELS[name][1], generator=torch.Generator().manual_seed(seed))
+    return fresh_inputs(MODELS[name][1], n, seed)
 
 
-
-_SCORES, _CASES = {}, {}
-
-
-def scored(name: str, attention: str = "heads"):
-    key = (name, attention)
-    if key not in _SCORES:
-        model = make(name)
-        _SCORES[key] = (model, fp.score(model, tiny_loader(MODELS[name][1]), projections=8, attention=attention))
-    return _SCORES[key]
-
-
-def case(name: str, target: str, attention: str = "heads"):
-    key = (name, target, attention)
-    if key not in _CASES:
-        model, scores = scored(name, attention)
-        plan = fp.plan(scores, **TARGETS[target])
-        _CASES[key] = (model, scores, plan, fp.prune(model, plan))
-    return _CASES[key]
+scored = Scored(lambda name, attention="heads": (make(name), tiny_loader(MODELS[name][1]), {"attention": attention}),
+                TARGETS)
+case = scored.case
 
 
 def heads_of(model: nn.Module) -> dict:
@@ -145,7 +129,7 @@ def heads_of(model: nn.Module) -> dict:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_head_and_mlp_groups_found_and_the_stream_never(name):
-    _, scores = scored(name)
+    _, _, scores = scored(name)
     must, never = EXPECTED[name]
     assert must <= set(scores.names)
     assert not never & set(scores.names)
@@ -159,7 +143,7 @@ def test_head_and_mlp_groups_found_and_the_stream_never(name):
 
 @pytest.mark.parametrize("name,target", CASES, ids=IDS)
 def test_prune_shrinks_equals_mask_and_meets_predictions(name, target):
-    model, scores, plan, pruned = case(name, target)
+    model, scores, plan, pruned = case(name, target=target)
     x = inputs(name)
     assert plan.units_removed > 0
     assert fp.count_params(pruned) < fp.count_params(model)
@@ -167,11 +151,9 @@ def test_prune_shrinks_equals_mask_and_meets_predictions(name, target):
     assert fp.count_params(pruned) == plan.predicted["params_after"]
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
     assert fp.count_macs(model, x) == plan.predicted["macs_before"]
-    masked = fp.mask(model, plan)
+    _, masked = assert_prune_equals_mask(model, plan, x, pruned=pruned)
     with torch.no_grad():
-        a, b, orig = pruned(x), masked(x), model(x)
-    assert rel_err(a, b) <= 1e-5
-    assert rel_err(orig, b) > 1e-4  # the removed units mattered
+        assert rel_err(model(x), masked(x)) > 1e-4  # the removed units mattered
     before, after = heads_of(model), heads_of(pruned)
     for spec in plan.groups:
         if spec["name"].endswith(":heads"):
@@ -181,7 +163,7 @@ def test_prune_shrinks_equals_mask_and_meets_predictions(name, target):
 
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "convnext"])
 def test_uniform_plan_removes_heads_everywhere(name):
-    model, _, plan, pruned = case(name, "uniform")
+    model, _, plan, pruned = case(name, target="uniform")
     before, after = heads_of(model), heads_of(pruned)
     assert before.keys() == after.keys()
     assert all(after[k][0] < before[k][0] for k in before)
@@ -212,7 +194,7 @@ def test_callers_model_unchanged(name):
 
 @pytest.mark.parametrize("name", ["vit", "mha_seq_first", "encoder_post_norm", "encoder_pre_norm"])
 def test_save_load_round_trip(name, tmp_path):
-    _, _, plan, pruned = case(name, "uniform")
+    _, _, plan, pruned = case(name, target="uniform")
     fp.save(tmp_path / "m.pt", pruned, plan)
     fresh = make(name, seed=1)  # another init: the weights must come from the file
     loaded = fp.load(tmp_path / "m.pt", fresh)
@@ -225,7 +207,7 @@ def test_save_load_round_trip(name, tmp_path):
 
 def test_second_round_on_the_replacement(tmp_path):
     """prune -> re-score (now PrunedMultiheadAttention) -> prune again; save/load replays both rounds."""
-    _, _, _, once = case("encoder_pre_norm", "uniform")
+    _, _, _, once = case("encoder_pre_norm", target="uniform")
     s2 = fp.score(once, tiny_loader(SEQ, seed=1), projections=4)
     assert "enc.self_attn:heads" in s2.names
     plan2 = fp.plan(s2, params=0.3, allocation="uniform")
@@ -237,14 +219,14 @@ def test_second_round_on_the_replacement(tmp_path):
     x = inputs("encoder_pre_norm")
     with torch.no_grad():
         assert torch.equal(loaded(x), twice(x))
-        assert rel_err(twice(x), fp.mask(once, plan2)(x)) <= 1e-5
+    assert_prune_equals_mask(once, plan2, x, pruned=twice)
 
 
 # ---------------------------------------------------------------- head dimensions
 
 @pytest.mark.parametrize("name", ["vit", "mha_seq_first", "encoder_post_norm"])
 def test_head_dims_keep_heads_and_scale(name):
-    model, scores, plan, pruned = case(name, "uniform", "head_dims")
+    model, scores, plan, pruned = case(name, "head_dims", target="uniform")
     assert all(n.endswith(":head_dims") or ":" not in n for n in scores.names)
     assert plan.settings["scoring"]["family_options"]["attention_heads"] == {"version": 1, "units": "head_dims"}
     before, after = heads_of(model), heads_of(pruned)
@@ -253,8 +235,7 @@ def test_head_dims_keep_heads_and_scale(name):
         m = pruned.get_submodule(k)
         assert m.scale == pytest.approx(head_dim ** -0.5)  # the original softmax scale
     x = inputs(name)
-    with torch.no_grad():
-        assert rel_err(pruned(x), fp.mask(model, plan)(x)) <= 1e-5
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
     # load restores the mode from the plan
     again = fp.prune(make(name), fp.Plan.from_json(plan.to_json()), verify=False)
@@ -288,8 +269,7 @@ def test_decoder_self_and_cross_attention():
     x = inputs("mha_batch_first")
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
     assert fp.count_params(pruned) == plan.predicted["params_after"]
-    with torch.no_grad():
-        assert rel_err(pruned(x), fp.mask(model, plan)(x)) <= 1e-5
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
 
 
 # ---------------------------------------------------------------- U where it belongs

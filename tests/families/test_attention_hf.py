@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fairpruner as fp
-from helpers import rel_err
+from helpers import Scored, assert_prune_equals_mask, rel_err
 from fairpruner.families.attention_hf import HFAttentionHeads, _layer_index, _record_pruned_heads, find_attention
 
 transformers = pytest.importorskip("transformers")
@@ -64,22 +64,8 @@ def loader(kind, mask=False):
 
 MODELS = {"bert": bert, "vit": vit}
 TARGETS = {"alpha": {"alpha": 0.3}, "macs": {"macs": 0.35}}
-_SCORED, _CASES = {}, {}
-
-
-def scored(kind):
-    if kind not in _SCORED:
-        model = MODELS[kind]()
-        _SCORED[kind] = (model, copy.deepcopy(model.state_dict()), fp.score(model, loader(kind), projections=8))
-    return _SCORED[kind]
-
-
-def case(kind, target):
-    if (kind, target) not in _CASES:
-        model, snapshot, scores = scored(kind)
-        plan = fp.plan(scores, **TARGETS[target])
-        _CASES[kind, target] = (model, snapshot, scores, plan, fp.prune(model, plan))
-    return _CASES[kind, target]
+scored = Scored(lambda kind: (MODELS[kind](), loader(kind), {}), TARGETS, snapshot=True)
+case = scored.case
 
 
 def logits(model, x):
@@ -148,7 +134,7 @@ CASES = [(k, t) for k in MODELS for t in TARGETS]
 
 @pytest.mark.parametrize("kind,target", CASES, ids=[f"{k}-{t}" for k, t in CASES])
 def test_prune_equals_mask_and_predictions(kind, target):
-    model, snapshot, scores, plan, pruned = case(kind, target)
+    model, scores, plan, pruned = case(kind, target=target)
     gone = removed_heads(plan)
     assert gone, "the plan should remove at least one head"
     assert plan.units_removed > sum(len(v) for v in gone.values())  # feed-forward units go too
@@ -166,9 +152,8 @@ def test_prune_equals_mask_and_predictions(kind, target):
     assert pruned.config.pruned_heads == gone
     # pruned == masked on fresh inputs, and the cut matters (the comparison is not vacuous).
     x = inputs(kind, 5, seed=7)
-    a, b = logits(pruned, x), logits(fp.mask(model, plan), x)
-    assert rel_err(a, b) < 1e-5
-    assert rel_err(a, logits(model, x)) > 1e-3
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    assert rel_err(logits(pruned, x), logits(model, x)) > 1e-3
     # Predicted params/MACs equal the counted ones, attention products included.
     assert fp.count_params(pruned) == plan.predicted["params_after"]
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
@@ -178,12 +163,12 @@ def test_prune_equals_mask_and_predictions(kind, target):
     # The caller's model and config are untouched.
     assert heads_of(model) == {a.name: HEADS for a in find_attention(model)}
     assert not getattr(model.config, "pruned_heads", None)
-    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, scored.state_before(kind)[k]) for k, v in model.state_dict().items())
 
 
 def test_masking_a_head_is_zeroing_its_value_rows():
     """An oracle independent of fp.mask: zeroing a head's value rows and bias silences the head."""
-    model, _, _, plan, pruned = case("bert", "macs")
+    model, _, plan, pruned = case("bert", target="macs")
     oracle = copy.deepcopy(model)
     modules = dict(oracle.named_modules())
     with torch.no_grad():
@@ -204,12 +189,12 @@ def test_masking_a_head_is_zeroing_its_value_rows():
 @pytest.mark.parametrize("kind,impl", [("bert", "sdpa"), ("vit", "eager")])
 def test_other_attention_implementation(kind, impl):
     """The plan scored on one attention path prunes the other exactly (head_dim and scale unchanged)."""
-    _, _, _, plan, _ = case(kind, "macs")
+    _, _, plan, _ = case(kind, target="macs")
     model = MODELS[kind](impl)
     assert model.config._attn_implementation == impl
     pruned = fp.prune(model, plan)  # verifies pruned == masked on the plan's recorded input shapes
     x = inputs(kind, 4, seed=5)
-    assert rel_err(logits(pruned, x), logits(fp.mask(model, plan), x)) < 1e-5
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
 
 
@@ -224,16 +209,15 @@ def test_bert_with_attention_mask():
     pruned = fp.prune(model, plan)
     ids, mask = loader("bert", mask=True)[1][0]
     assert int(mask.sum()) < mask.numel()
-    a, b = logits(pruned, (ids, mask)), logits(fp.mask(model, plan), (ids, mask))
-    assert rel_err(a, b) < 1e-5
-    assert rel_err(a, logits(pruned, ids)) > 1e-4  # the mask reaches the attention
+    assert_prune_equals_mask(model, plan, (ids, mask), pruned=pruned)
+    assert rel_err(logits(pruned, (ids, mask)), logits(pruned, ids)) > 1e-4  # the mask reaches the attention
 
 
 # ---------------------------------------------------------------- save / load and later rounds
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_save_load_round_trip(kind, tmp_path):
-    model, _, _, plan, pruned = case(kind, "macs")
+    model, _, plan, pruned = case(kind, target="macs")
     path = tmp_path / "pruned.pt"
     fp.save(path, pruned, plan)
     fresh = type(model)(copy.deepcopy(model.config))  # same config, other weights
@@ -246,7 +230,7 @@ def test_save_load_round_trip(kind, tmp_path):
 
 
 def test_second_round_records_original_head_numbers():
-    model, _, _, plan, pruned = case("bert", "macs")
+    model, _, plan, pruned = case("bert", target="macs")
     scores = fp.score(pruned, loader("bert"), projections=8)
     again = fp.prune(pruned, fp.plan(scores, macs=0.3))
     first, record = removed_heads(plan), again.config.pruned_heads
@@ -281,5 +265,5 @@ def test_unknown_attention_layout_is_protected():
     plan = fp.plan(scores, macs=0.3)
     pruned = fp.prune(model, plan)
     x = inputs("bert", 3, seed=2)
-    assert rel_err(logits(pruned, x), logits(fp.mask(model, plan), x)) < 1e-5
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"] < plan.predicted["macs_before"]

@@ -17,7 +17,7 @@ from fairpruner._planning.plans import Plan
 from fairpruner.families.recurrent.family import _TPPruner
 from fairpruner._scoring.sites import site_seed
 from fairpruner._scoring.wasserstein import random_directions
-from helpers import CountingLoader, rel_err, tiny_loader
+from helpers import CountingLoader, Scored, assert_prune_equals_mask, fresh_inputs, rel_err, tiny_loader
 
 T, FEATS, PROJ, H = 5, 6, 8, 10
 SHAPE = (T, FEATS)
@@ -57,37 +57,16 @@ def make(case, seed=0) -> Net:
     return Net(c, n, bi, bf, "last" if bf else "hn").eval()
 
 
-
-def fresh(n=3, seed=99):
-    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
-_SCORED, _PRUNED = {}, {}
-
-
-def scored(case):
-    if case not in _SCORED:
-        model = make(case)
-        _SCORED[case] = (model, fp.score(model, tiny_loader(SHAPE), projections=8))
-    return _SCORED[case]
-
-
-def pruned(case, target):
-    if (case, target) not in _PRUNED:
-        model, scores = scored(case)
-        plan = fp.plan(scores, **TARGETS[target])
-        _PRUNED[(case, target)] = (model, scores, plan, fp.prune(model, plan))
-    return _PRUNED[(case, target)]
+scored = Scored(lambda case: (make(case), tiny_loader(SHAPE), {}), TARGETS)
+pruned = scored.case
 
 
 def assert_exact(model, plan) -> None:
     """The pruned model meets the predicted params/MACs and computes what the masked model does."""
-    small = fp.prune(model, plan)
-    x = fresh()
+    x = fresh_inputs(SHAPE)
+    small, _ = assert_prune_equals_mask(model, plan, x)
     assert fp.count_params(small) == plan.predicted["params_after"]
     assert fp.count_macs(small, x) == plan.predicted["macs_after"]
-    with torch.no_grad():
-        assert rel_err(small(x), fp.mask(model, plan)(x)) < 1e-5
 
 
 def hidden_sizes(module) -> list:
@@ -100,7 +79,7 @@ def hidden_sizes(module) -> list:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_groups_and_scores(case):
-    model, scores = scored(case)
+    model, _, scores = scored(case)
     layers = case[1]
     assert scores.names == ["proj"] + [f"rnn:layer{k}" for k in range(layers)]
     for k in range(layers):
@@ -114,36 +93,34 @@ def test_groups_and_scores(case):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_prune_shrinks_equals_mask_and_meets_predictions(case, target):
-    model, scores, plan, small = pruned(case, target)
+    model, scores, plan, small = pruned(case, target=target)
     removed = [len(plan.removed[f"rnn:layer{k}"]) for k in range(case[1])]
     assert sum(removed) > 0
     assert hidden_sizes(small.rnn) == [H - r for r in removed]
     assert small.fc.in_features == (H - removed[-1]) * (2 if case[2] else 1)
     assert small.rnn.input_size == PROJ - len(plan.removed["proj"])
-    x = fresh()
+    x = fresh_inputs(SHAPE)
     assert fp.count_params(small) < fp.count_params(model)
     assert fp.count_macs(small, x) < fp.count_macs(model, x)
     assert fp.count_params(small) == plan.predicted["params_after"]
     assert fp.count_macs(small, x) == plan.predicted["macs_after"]
     assert fp.count_macs(model, x) == plan.predicted["macs_before"]
-    masked = fp.mask(model, plan)
     assert not small.training and all(not m.training for m in small.modules())
-    with torch.no_grad():
-        assert rel_err(small(x), masked(x)) < 1e-5
-        # Masking really removes something: the masked model differs from the original.
+    _, masked = assert_prune_equals_mask(model, plan, x, pruned=small)
+    with torch.no_grad():  # masking really removes something: the masked model differs from the original
         assert rel_err(masked(x), model(x)) > 1e-4
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_save_load_round_trip_and_callers_model_unchanged(case, tmp_path):
-    model, _, plan, small = pruned(case, "alpha")
+    model, _, plan, small = pruned(case, target="alpha")
     reference = make(case)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     assert type(model.rnn) is CELLS[case[0]] and model.rnn.hidden_size == H
     path = tmp_path / "pruned.pt"
     fp.save(path, small, plan)
     loaded = fp.load(path, make(case, seed=5))
-    x = fresh()
+    x = fresh_inputs(SHAPE)
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
     assert type(loaded.rnn) is type(small.rnn)
@@ -170,13 +147,12 @@ def test_unequal_layers_become_a_stack_and_prune_again(tmp_path):
     plan = _plan_removing(scores, {"rnn:layer0": [0, 3, 7], "rnn:layer1": [5]})
     small = fp.prune(model, plan)
     assert isinstance(small.rnn, RecurrentStack) and small.rnn.hidden_sizes == (7, 9)
-    x = fresh()
+    x = fresh_inputs(SHAPE)
     out, (h, c) = small.rnn(torch.relu(small.proj(x)).transpose(0, 1))
     assert out.shape == (T, 3, 18) and isinstance(h, tuple) and [t.shape for t in h] == [(3, 7)] * 2 + [(3, 9)] * 2
     assert fp.count_params(small) == plan.predicted["params_after"]
     assert fp.count_macs(small, x) == plan.predicted["macs_after"]
-    with torch.no_grad():
-        assert rel_err(small(x), fp.mask(model, plan)(x)) < 1e-5
+    assert_prune_equals_mask(model, plan, x, pruned=small)
     # Second round on the stack: its layers are single-layer modules, each a group.
     scores2 = fp.score(small, tiny_loader(SHAPE), projections=8)
     assert {"rnn.layers.0:layer0", "rnn.layers.1:layer0"} <= set(scores2.names)
@@ -238,7 +214,7 @@ def test_predictions_exact_for_a_layer_without_groups():
     plan = fp.plan(scores, alpha=0.5)
     small = fp.prune(model, plan)
     assert small.rnn.input_size == PROJ - len(plan.removed["proj"]) < PROJ
-    x = fresh()
+    x = fresh_inputs(SHAPE)
     assert fp.count_macs(small, x) == plan.predicted["macs_after"] < fp.count_macs(model, x)
     assert fp.count_params(small) == plan.predicted["params_after"]
 

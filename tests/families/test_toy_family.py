@@ -3,6 +3,7 @@ new kind of unit needs no change to the core. Also the registry's rules and vers
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import ClassVar
 
 import pytest
@@ -121,6 +122,11 @@ def test_registry_is_loud_on_duplicates_and_non_families(registered):
     clone = type("GateUnits2", (GateUnits,), {"name": "toy_gate_units"})
     with pytest.raises(fp.FairPrunerError, match="already registered"):
         families.register(clone)
+    for builtin in families.registered():  # a built-in name is held just the same
+        impostor = type("Impostor", (GateUnits,), {"name": builtin.name})
+        with pytest.raises(fp.FairPrunerError, match="already registered"):
+            families.register(impostor)
+    assert families.registered()[-1] is GateUnits  # the refused classes left the registry as it was
     with pytest.raises(fp.FairPrunerError, match="Family subclass"):
         families.register(object)
     nameless = type("Nameless", (GateUnits,), {"name": ""})
@@ -146,6 +152,9 @@ def test_options_round_trip_and_newer_versions_refused(registered):
 
 
 def test_legacy_plan_options_still_apply():
+    """Plans written before options were per family recorded ``{"attention": "head_dims"}``."""
+    built = {f.name: f for f in families.build({"attention": "head_dims"})}
+    assert built["attention_heads"].options == families.AttentionOptions(units="head_dims")
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Flatten(),
@@ -153,8 +162,13 @@ def test_legacy_plan_options_still_apply():
     x = torch.randn(24, 6, 16)
     scores = fp.score(model, [(x[i:i + 8], torch.arange(8) % 3) for i in range(0, 24, 8)], projections=4,
                       attention="head_dims")
-    plan = fp.plan(scores, macs=0.2)
-    legacy = fp.Plan.from_json(plan.to_json())
-    legacy.settings["scoring"]["family_options"] = {"attention": "head_dims"}  # as older files record it
-    a, b = fp.prune(model, plan), fp.prune(model, legacy)
-    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    plan = fp.plan(scores, alpha=0.3)
+    record = json.loads(plan.to_json())
+    assert record["settings"]["scoring"]["family_options"]["attention_heads"]["units"] == "head_dims"
+    record["settings"]["scoring"]["family_options"] = {"attention": "head_dims"}  # as older files hold it
+    legacy = fp.Plan.from_json(json.dumps(record))
+    new, old = fp.prune(model, plan), fp.prune(model, legacy)
+    assert [p.shape for p in new.parameters()] == [p.shape for p in old.parameters()]
+    assert [p.shape for p in new.parameters()] != [p.shape for p in model.parameters()]
+    with torch.no_grad():
+        assert torch.equal(new(x[:4]), old(x[:4]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fairpruner as fp
-from helpers import tiny_loader
+from helpers import Scored, tiny_loader
 from fairpruner import zoo
 from fairpruner._measure.costmodel import CostModel
 
@@ -22,21 +22,19 @@ CASES = {
 }
 
 
-def _loader(shape, classes=4, per=3, batch=6, seed=0):
-    return tiny_loader(shape, classes, per, batch, seed)
+def _setup(name):
+    torch.manual_seed(0)
+    make, shape = CASES[name]
+    return make().eval(), tiny_loader(shape, classes=4, per=3, batch=6), {}
 
 
-_CACHE = {}
+scored = Scored(_setup)
 
 
-def _scored(name):
-    if name not in _CACHE:
-        torch.manual_seed(0)
-        make, shape = CASES[name]
-        model = make().eval()
-        loader = _loader(shape)
-        _CACHE[name] = (model, loader[0][0], fp.score(model, loader, projections=8))
-    return _CACHE[name]
+def _example(name):
+    """(model, the first calibration batch, scores)."""
+    model, loader, scores = scored(name)
+    return model, loader[0][0], scores
 
 
 def _check(model, x, plan):
@@ -50,7 +48,7 @@ def _check(model, x, plan):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_predicted_equals_counted_after_tod_plans(name):
-    model, x, scores = _scored(name)
+    model, x, scores = _example(name)
     p = fp.plan(scores, alpha=0.3)
     assert p.units_removed > 0
     pruned = _check(model, x, p)
@@ -59,19 +57,19 @@ def test_predicted_equals_counted_after_tod_plans(name):
 
 @pytest.mark.parametrize("name", ["resnet20", "densenet", "mobilenetv2", "mlp"])
 def test_predicted_equals_counted_for_other_plans(name):
-    model, x, scores = _scored(name)
+    model, x, scores = _example(name)
     for kw in ({"alpha": 1.0}, {"macs": 0.3, "signal": "random"}, {"params": 0.25, "allocation": "uniform"}):
         _check(model, x, fp.plan(scores, **kw))
 
 
 def test_cost_of_zero_removal_is_the_model():
-    model, x, scores = _scored("densenet")
+    model, x, scores = _example("densenet")
     before = scores.cost.evaluate(np.zeros(len(scores.groups)))
     assert before == {"params": float(fp.count_params(model)), "macs": float(fp.count_macs(model, x))}
 
 
 def test_cost_monotone_in_removed_units():
-    _, _, scores = _scored("resnet20")
+    _, _, scores = _example("resnet20")
     cost = scores.cost
     units = np.array([g.n_units for g in scores.groups])
     prev = cost.evaluate(np.zeros(len(units)))
@@ -83,7 +81,7 @@ def test_cost_monotone_in_removed_units():
 
 
 def test_dict_round_trip_and_weights_only_file(tmp_path):
-    _, _, scores = _scored("mobilenetv2")
+    _, _, scores = _example("mobilenetv2")
     d = scores.cost.to_dict()
     assert all(torch.is_tensor(v) for v in d.values())
     path = tmp_path / "cost.pt"
@@ -97,7 +95,7 @@ def test_dict_round_trip_and_weights_only_file(tmp_path):
 
 def test_evaluate_is_exact_for_a_handmade_plan():
     """Remove a chosen number of units from one group, prune, count: exercises the cost model without ToD."""
-    model, x, scores = _scored("resnet20")
+    model, x, scores = _example("resnet20")
     p = fp.plan(scores, alpha=0.0)
     # Rebuild a plan removing units 0..3 of the residual stream group only.
     name = "conv1"

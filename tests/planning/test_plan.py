@@ -18,15 +18,11 @@ from fairpruner._planning.plans import STREAM_WEIGHT
 from fairpruner._planning.tod import max_fraction, tod_counts, tod_curve
 
 
-def _loader(shape, classes=4, per=4, batch=8, seed=0):
-    return tiny_loader(shape, classes, per, batch, seed)
-
-
 @pytest.fixture(scope="module")
 def resnet_scores():
     torch.manual_seed(0)
     model = zoo.resnet20().eval()
-    return fp.score(model, _loader((3, 16, 16)), projections=8)
+    return fp.score(model, tiny_loader((3, 16, 16)), projections=8)
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +370,7 @@ def test_any_target_is_met_or_refused_clearly(resnet_scores, key):
 def test_missed_target_is_said_aloud():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
-    scores = fp.score(model, _loader((1, 8, 8), classes=3), projections=8)
+    scores = fp.score(model, tiny_loader((1, 8, 8), classes=3), projections=8)
     with pytest.warns(UserWarning, match="asked 10.0%"):
         p = fp.plan(scores, macs=0.1)  # one channel of four is 25% of the MACs
     assert p.achieved["macs"] >= 0.1

@@ -1,5 +1,5 @@
-"""Tests for fairpruner._pruning: the architecture matrix (prune == mask, shrinks, trains, traces), GroupNorm,
-save/load, and the errors for unsupported models and mismatched plans."""
+"""Tests for fairpruner._pruning (surgery: prune and mask; io: save and load): the architecture matrix (prune ==
+mask, shrinks, trains, traces), GroupNorm, save/load, and the errors for unsupported models and mismatched plans."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fairpruner as fp
-from helpers import CountingLoader, randomize_norms, rel_err, tiny_loader
+from helpers import (CountingLoader, Scored, assert_prune_equals_mask, fresh_inputs, randomize_norms, rel_err,
+                     tiny_loader)
 from fairpruner import zoo
 
 
@@ -39,35 +40,15 @@ def make_model(family: str, seed: int = 0) -> nn.Module:
     return randomize_norms(FAMILIES[family][0](), seed).eval()
 
 
-def fresh_inputs(shape, n=3, seed=99):
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
-
-
-
-_SCORES, _CASES = {}, {}
-
-
-def scored(family):
-    if family not in _SCORES:
-        model = make_model(family)
-        _SCORES[family] = (model, fp.score(model, tiny_loader(FAMILIES[family][1]), projections=8))
-    return _SCORES[family]
-
-
-def case(family, target):
-    key = (family, target)
-    if key not in _CASES:
-        model, scores = scored(family)
-        plan = fp.plan(scores, **TARGETS[target])
-        _CASES[key] = (model, scores, plan, fp.prune(model, plan))
-    return _CASES[key]
+scored = Scored(lambda family: (make_model(family), tiny_loader(FAMILIES[family][1]), {}), TARGETS)
+case = scored.case
 
 
 # ---------------------------------------------------------------- the matrix
 
 @pytest.mark.parametrize("family,target", CASES, ids=IDS)
 def test_prune_shrinks_and_keeps_outputs(family, target):
-    model, scores, plan, pruned = case(family, target)
+    model, scores, plan, pruned = case(family, target=target)
     assert plan.units_removed > 0
     assert fp.count_params(pruned) < fp.count_params(model)
     assert fp.count_params(pruned) == plan.predicted["params_after"]
@@ -83,19 +64,17 @@ def test_prune_shrinks_and_keeps_outputs(family, target):
 
 @pytest.mark.parametrize("family,target", CASES, ids=IDS)
 def test_pruned_equals_masked(family, target):
-    model, _, plan, pruned = case(family, target)
-    masked = fp.mask(model, plan)
+    model, _, plan, pruned = case(family, target=target)
     x = fresh_inputs(FAMILIES[family][1])
-    with torch.no_grad():
-        a, b, orig = pruned.eval()(x), masked.eval()(x), model(x)
-    assert rel_err(a, b) <= 1e-5
+    _, masked = assert_prune_equals_mask(model, plan, x, pruned=pruned)
     # Zeroing really changed something (guards against a plan that removes only dead units).
-    assert rel_err(orig, b) > 1e-4
+    with torch.no_grad():
+        assert rel_err(model(x), masked(x)) > 1e-4
 
 
 @pytest.mark.parametrize("family,target", CASES, ids=IDS)
 def test_masked_model_keeps_shapes_and_zeroes_units(family, target):
-    model, _, plan, _ = case(family, target)
+    model, _, plan, _ = case(family, target=target)
     masked = fp.mask(model, plan)
     ref = model.state_dict()
     got = masked.state_dict()
@@ -117,7 +96,7 @@ def test_masked_model_keeps_shapes_and_zeroes_units(family, target):
 
 @pytest.mark.parametrize("family,target", CASES, ids=IDS)
 def test_pruned_model_trains(family, target):
-    _, _, _, pruned = case(family, target)
+    _, _, _, pruned = case(family, target=target)
     net = copy.deepcopy(pruned).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     x = fresh_inputs(FAMILIES[family][1], n=4, seed=5)
@@ -135,14 +114,14 @@ def test_pruned_model_trains(family, target):
 
 @pytest.mark.parametrize("family", ["resnet20", "densenet", "mobilenetv2", "groupnorm_cnn"])
 def test_plan_json_replays_to_the_same_model(family):
-    model, _, plan, pruned = case(family, "alpha")
+    model, _, plan, pruned = case(family, target="alpha")
     again = fp.prune(model, fp.Plan.from_json(plan.to_json()))
     sd1, sd2 = pruned.state_dict(), again.state_dict()
     assert list(sd1) == list(sd2) and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
 
 
 def test_traced_and_exported_pruned_resnet20():
-    _, _, _, pruned = case("resnet20", "alpha")
+    _, _, _, pruned = case("resnet20", target="alpha")
     x = fresh_inputs((3, 32, 32), n=2)
     with torch.no_grad():
         ref = pruned(x)
@@ -158,14 +137,12 @@ def test_traced_and_exported_pruned_resnet20():
 
 
 def test_second_round_prunes_further():
-    model, _, _, pruned = case("resnet20", "alpha")
+    model, _, _, pruned = case("resnet20", target="alpha")
     s2 = fp.score(pruned, tiny_loader((3, 32, 32), seed=1), projections=8)
     p2 = fp.plan(s2, alpha=0.3)
     pruned2 = fp.prune(pruned, p2)
     assert fp.count_params(pruned2) < fp.count_params(pruned)
-    x = fresh_inputs((3, 32, 32))
-    with torch.no_grad():
-        assert rel_err(pruned2(x), fp.mask(pruned, p2)(x)) <= 1e-5
+    assert_prune_equals_mask(pruned, p2, fresh_inputs((3, 32, 32)), pruned=pruned2)
 
 
 # ---------------------------------------------------------------- GroupNorm
@@ -176,7 +153,7 @@ def _gn_sizes(model):
 
 @pytest.mark.parametrize("kwargs", [{"alpha": 0.3}, {"alpha": 1.0}, {"macs": 0.3}, {"params": 0.4, "allocation": "uniform"}])
 def test_groupnorm_removes_whole_groups(kwargs):
-    model, scores = scored("groupnorm_cnn")
+    model, _, scores = scored("groupnorm_cnn")
     plan = fp.plan(scores, **kwargs)
     assert plan.units_removed > 0
     modules = dict(model.named_modules())
@@ -200,16 +177,14 @@ def test_groupnorm_removes_whole_groups(kwargs):
         assert gn.weight.shape == (c1,) and gn.bias.shape == (c1,)
         shrunk += g1 < g0
     assert shrunk > 0
-    x = fresh_inputs((3, 16, 16))
-    with torch.no_grad():
-        assert rel_err(pruned(x), fp.mask(model, plan)(x)) <= 1e-5
+    assert_prune_equals_mask(model, plan, fresh_inputs((3, 16, 16)), pruned=pruned)
 
 
 # ---------------------------------------------------------------- save / load
 
 @pytest.mark.parametrize("family", ["resnet20", "densenet", "groupnorm_cnn", "mlp_bn", "mobilenetv2"])
 def test_save_load_round_trip(family, tmp_path):
-    _, _, plan, pruned = case(family, "macs")
+    _, _, plan, pruned = case(family, target="macs")
     path = tmp_path / "pruned.pt"
     fp.save(path, pruned, plan)
     raw = torch.load(path, weights_only=True)
@@ -225,7 +200,7 @@ def test_save_load_round_trip(family, tmp_path):
 
 
 def test_load_rejects_foreign_files_and_wrong_architecture(tmp_path):
-    _, _, plan, pruned = case("resnet20", "alpha")
+    _, _, plan, pruned = case("resnet20", target="alpha")
     other = tmp_path / "other.pt"
     torch.save({"state_dict": pruned.state_dict()}, other)
     with pytest.raises(fp.FairPrunerError):
@@ -251,7 +226,7 @@ def test_pad_shortcut_refused_before_scoring():
 
 
 class _LSTMNet(nn.Module):
-    """LSTM hidden units are a unit family (tests/test_recurrent.py); with proj_size they stay unsupported."""
+    """LSTM hidden units are a unit family (tests/families/test_recurrent.py); with proj_size they stay unsupported."""
 
     def __init__(self):
         super().__init__()
@@ -309,30 +284,30 @@ def test_functional_parameter_refused():
 
 @pytest.mark.parametrize("apply", [fp.prune, fp.mask])
 def test_plan_for_another_architecture_with_same_names(apply):
-    _, _, plan, _ = case("resnet20", "alpha")
+    _, _, plan, _ = case("resnet20", target="alpha")
     with pytest.raises(fp.PlanError):
         apply(zoo.resnet56().eval(), plan)
 
 
 @pytest.mark.parametrize("apply", [fp.prune, fp.mask])
 def test_plan_for_another_architecture(apply):
-    _, _, plan, _ = case("mlp", "alpha")
+    _, _, plan, _ = case("mlp", target="alpha")
     with pytest.raises(fp.PlanError, match="does not match"):
         apply(zoo.mlp(hidden=(128, 32)).eval(), plan)
-    _, _, plan_r, _ = case("resnet20", "alpha")
+    _, _, plan_r, _ = case("resnet20", target="alpha")
     with pytest.raises(fp.PlanError):
         apply(zoo.vgg(cfg=[8, "M", 16]).eval(), plan_r)
 
 
 @pytest.mark.parametrize("apply", [fp.prune, fp.mask])
 def test_plan_applied_to_already_pruned_model(apply):
-    _, _, plan, pruned = case("resnet20", "alpha")
+    _, _, plan, pruned = case("resnet20", target="alpha")
     with pytest.raises(fp.PlanError, match="already pruned"):
         apply(pruned, plan)
 
 
 def test_wrong_example_inputs():
-    model, _, plan, _ = case("resnet20", "alpha")
+    model, _, plan, _ = case("resnet20", target="alpha")
     bad = torch.randn(2, 5)
     with pytest.raises(fp.UnsupportedModelError, match="example_inputs"):
         fp.score(model, tiny_loader((3, 32, 32)), bad, projections=8)
@@ -343,7 +318,7 @@ def test_wrong_example_inputs():
 
 
 def test_invalid_plan_channels_rejected():
-    model, _, plan, _ = case("mlp", "alpha")
+    model, _, plan, _ = case("mlp", target="alpha")
     bad = fp.Plan.from_json(plan.to_json())
     spec = bad.groups[0]
     spec["removed_channels"] = list(range(spec["channels"]))  # everything
@@ -355,7 +330,7 @@ def test_invalid_plan_channels_rejected():
 
 
 def test_prune_without_recorded_shapes_needs_example_inputs():
-    model, _, plan, pruned = case("mlp", "alpha")
+    model, _, plan, pruned = case("mlp", target="alpha")
     bare = fp.Plan(plan.removed, plan.alpha, plan.groups, plan.settings, plan.predicted, [])
     with pytest.raises(fp.PlanError, match="example_inputs"):
         fp.prune(model, bare)

@@ -1,4 +1,5 @@
-"""Tests for fairpruner.recalibrate: BatchNorm statistics re-estimated from unlabelled data, nothing else."""
+"""Tests for fairpruner._recovery.recalibrate (fp.recalibrate): BatchNorm statistics re-estimated from unlabelled
+data, nothing else."""
 from __future__ import annotations
 
 import copy

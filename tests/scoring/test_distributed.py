@@ -1,4 +1,5 @@
-"""fp.score under torch.distributed (2 CPU processes, gloo) equals a single-process run on the same data."""
+"""Tests for fairpruner._scoring.distributed: fp.score under torch.distributed (2 CPU processes, gloo) equals a
+single-process run on the same data."""
 import socket
 
 import torch

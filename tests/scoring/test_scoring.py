@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fairpruner as fp
-from helpers import randomize_norms, tiny_loader
+from helpers import assert_unchanged, randomize_norms, snapshot, tiny_loader
 from fairpruner import zoo
 
 
@@ -30,29 +30,6 @@ def assert_scores_equal(a, b):
 
 # ---------------------------------------------------------------- the caller's model is never changed
 
-def _snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": [p.grad for p in model.parameters()],
-        "rng": torch.get_rng_state(),
-        "grad_mode": torch.is_grad_enabled(),
-    }
-
-
-def _assert_unchanged(model, snap, step):
-    now = _snapshot(model)
-    assert list(now["state"]) == list(snap["state"]), step
-    for k, v in snap["state"].items():
-        assert torch.equal(now["state"][k], v), f"{step}: {k} changed"
-    assert now["training"] == snap["training"], step
-    assert now["requires_grad"] == snap["requires_grad"], step
-    assert all(g is None for g in now["grads"]), f"{step}: .grad created"
-    assert torch.equal(now["rng"], snap["rng"]), f"{step}: global RNG advanced"
-    assert now["grad_mode"] == snap["grad_mode"], step
-
-
 @pytest.mark.parametrize("family,shape", [("digits_cnn", (1, 8, 8)), ("mobilenetv2", (3, 16, 16))])
 def test_model_never_changed(family, shape):
     torch.manual_seed(0)
@@ -66,16 +43,16 @@ def test_model_never_changed(family, shape):
             p.requires_grad_(False)
     loader = tiny_loader(shape)
     inputs = [x.clone() for x, _ in loader]
-    snap = _snapshot(model)
+    snap = snapshot(model)
     scores = fp.score(model, loader, projections=8)
-    _assert_unchanged(model, snap, "score")
+    assert_unchanged(model, snap, "score")
     assert all(torch.equal(x, x0) for (x, _), x0 in zip(loader, inputs))
     plan = fp.plan(scores, alpha=0.3)
-    _assert_unchanged(model, snap, "plan")
+    assert_unchanged(model, snap, "plan")
     pruned = fp.prune(model, plan)
-    _assert_unchanged(model, snap, "prune")
+    assert_unchanged(model, snap, "prune")
     masked = fp.mask(model, plan)
-    _assert_unchanged(model, snap, "mask")
+    assert_unchanged(model, snap, "mask")
     # The copies keep the caller's frozen/trainable choice and train/eval flags.
     for out in (pruned, masked):
         assert {n: p.requires_grad for n, p in out.named_parameters()} == snap["requires_grad"]
