@@ -188,7 +188,8 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     momenta = [m.momentum for m in norms]
     show = progress if progress is not None else sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None
-    total = min(total, max_batches) if total is not None and max_batches is not None else total or max_batches
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
     with eval_mode(model), torch.no_grad():
         for m in norms:
             m.reset_running_stats()

@@ -172,8 +172,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     elif allocation == "tod" and key == "alpha":
         chosen, counts = value, tod_counts([tod_curve(g.u, g.r) for g in scores.groups], value, weights)
     elif allocation == "tod":
-        counts = _tod_target(scores, weights, key, value, before)
-        chosen = _level_of(scores, counts, weights)
+        curves = [tod_curve(g.u, g.r) for g in scores.groups]
+        counts = _tod_target(scores, curves, weights, key, value, before)
+        chosen = _level_of(curves, counts, weights)
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         _, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,
@@ -206,9 +207,9 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
     return key, value
 
 
-def _tod_target(scores: Scores, weights: List[float], key: str, value: float, before: Dict[str, float]) -> np.ndarray:
+def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
+                before: Dict[str, float]) -> np.ndarray:
     """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`)."""
-    curves = [tod_curve(g.u, g.r) for g in scores.groups]
     order = step_order(curves, weights)
     cost = scores.cost
 
@@ -222,10 +223,10 @@ def _tod_target(scores: Scores, weights: List[float], key: str, value: float, be
     return fill_target(order, len(curves), removed, value)
 
 
-def _level_of(scores: Scores, counts: np.ndarray, weights: List[float]) -> float:
+def _level_of(curves: List[np.ndarray], counts: np.ndarray, weights: List[float]) -> float:
     """The ToD level a target plan reached: the highest (weighted) level any of its removals needed, so that
     ``plan(alpha=level)`` removes at least as many units of every group."""
-    levels = [float(tod_curve(g.u, g.r)[m - 1]) * w for g, m, w in zip(scores.groups, counts, weights) if m > 0]
+    levels = [float(c[m - 1]) * w for c, m, w in zip(curves, counts, weights) if m > 0]
     return max(levels, default=0.0)
 
 
