@@ -24,6 +24,8 @@ FAMILIES = {
     "resnet56": (lambda: zoo.resnet56(), (3, 16, 16)),
     "densenet": (lambda: zoo.densenet(), (3, 32, 32)),
     "mobilenetv2": (lambda: zoo.mobilenetv2(width_mult=0.5), (3, 32, 32)),
+    "resnet50": (lambda: zoo.resnet50(num_classes=10), (3, 32, 32)),
+    "mobilenet_v2": (lambda: zoo.mobilenet_v2(num_classes=10, width_mult=0.5), (3, 32, 32)),
     "mlp": (lambda: zoo.mlp(), (64,)),
     "mlp_bn": (lambda: zoo.mlp(batch_norm=True), (64,)),
     "conv1d_net": (lambda: zoo.conv1d_net(), (1, 64)),
@@ -31,7 +33,7 @@ FAMILIES = {
     "digits_cnn": (lambda: zoo.digits_cnn(), (1, 8, 8)),
 }
 TARGETS = {"alpha": {"alpha": 0.3}, "macs": {"macs": 0.3}}
-CASES = [(f, t) for f in FAMILIES for t in TARGETS if not (f in ("vgg16_bn", "resnet56") and t == "macs")]
+CASES = [(f, t) for f in FAMILIES for t in TARGETS if not (f in ("vgg16_bn", "resnet56", "resnet50", "mobilenet_v2") and t == "macs")]
 IDS = [f"{f}-{t}" for f, t in CASES]
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._densenet import DenseNet, densenet
+from ._imagenet import ImageNetMobileNetV2, ResNet50, mobilenet_v2, resnet50
 from ._mobilenetv2 import MobileNetV2, mobilenetv2
 from ._moe import MoE, MoEClassifier, moe_classifier
 from ._resnet import BasicBlock, CifarResNet, resnet20, resnet32, resnet56, resnet110
@@ -44,9 +45,11 @@ __all__ = [
     "DenseNet",
     "DigitsCNN",
     "GroupNormCNN",
+    "ImageNetMobileNetV2",
     "MLP",
     "MobileNetV2",
     "RecurrentClassifier",
+    "ResNet50",
     "MoE",
     "MoEClassifier",
     "VGG",
@@ -64,12 +67,14 @@ __all__ = [
     "list_models",
     "lstm_classifier",
     "mlp",
+    "mobilenet_v2",
     "mobilenetv2",
     "moe_classifier",
     "resnet20",
     "resnet32",
     "resnet56",
     "resnet110",
+    "resnet50",
     "vgg",
     "vgg11_bn",
     "vgg16_bn",
@@ -99,6 +104,9 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Tuple[int, ...]]] = {
     "vit_tiny_cifar": (vit_tiny_cifar, _CIFAR),
     "convnext_atto": (convnext_atto, _CIFAR),
     "moe_classifier": (moe_classifier, (8, 16)),
+    # ImageNet models with torchvision names; the factories default to 1000 classes, create() to 10.
+    "resnet50": (functools.partial(resnet50, num_classes=10), (3, 224, 224)),
+    "mobilenet_v2": (functools.partial(mobilenet_v2, num_classes=10), (3, 224, 224)),
 }
 
 
