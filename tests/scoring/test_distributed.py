@@ -34,8 +34,8 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         x, y = _data()
         s = fp.score(_model(), _batches(x, y, rank, world), example_inputs=x[:2], samples_per_class=16,
                      projections=16, seed=3)
-        torch.save({"u": [g.u for g in s.groups], "r": [g.r for g in s.groups], "names": s.names},
-                   f"{path}/rank{rank}.pt")
+        torch.save({"u": [g.u for g in s.groups], "r": [g.r for g in s.groups], "names": s.names,
+                    "peak": s.meta["u_store"]["peak_bytes"]}, f"{path}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -58,3 +58,6 @@ def test_two_processes_match_single_process(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for got, want in zip(ranks[0]["r"], [g.r for g in single.groups]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    # Each slice's samples go to one owner rank: a rank never holds the whole store.
+    for r in ranks:
+        assert r["peak"] <= 0.6 * single.meta["u_store"]["peak_bytes"], (r["peak"], single.meta["u_store"])

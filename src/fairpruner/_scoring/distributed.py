@@ -1,29 +1,33 @@
-"""torch.distributed: every rank ends with the same gradient sums and the same kept samples, so the same scores."""
+"""torch.distributed: gradients and sample counts are summed on every rank; each site slice's kept samples go to
+one owner rank (a gather to that rank, not a gather to all), which computes its U; the U vectors are then
+broadcast, so every rank returns the same scores while holding about 1/N of the sample store."""
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import nn
 
+from .budget import StoreMeter
 from .labels import first_per_class
 from .sites import Site
 
-__all__ = ["distributed", "merge_ranks"]
+__all__ = ["distributed", "merge_totals", "to_owners", "share_u"]
 
 
 def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def merge_ranks(work: nn.Module, sites: List[Site], seen: torch.Tensor, n_samples: int, limit: int):
-    """Combines the shards of a torch.distributed run so that every rank holds the same totals.
-
-    Gradients and sample counts are summed; each site's kept samples are gathered in rank order and cut
-    to the first ``limit`` per class, so every rank computes identical scores.
-    """
+def _comm() -> torch.device:
     dist = torch.distributed
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def merge_totals(work: nn.Module, seen: torch.Tensor, n_samples: int) -> tuple:
+    """Sums the gradients, the samples seen per class and in all over the ranks."""
+    dist = torch.distributed
+    comm = _comm()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in work.parameters()]
     flat = torch.cat([g.flatten() for g in grads]).to(comm)
     dist.all_reduce(flat)
@@ -37,30 +41,58 @@ def merge_ranks(work: nn.Module, sites: List[Site], seen: torch.Tensor, n_sample
     dist.all_reduce(seen)
     total = torch.tensor([n_samples], device=comm)
     dist.all_reduce(total)
-    for s in sites:
-        data, labels = _all_gather_rows(torch.cat(s.chunks).to(comm), torch.cat(s.labels).to(comm))
-        keep = first_per_class(labels.cpu(), torch.zeros(int(width), dtype=torch.long), limit)
-        s.chunks, s.labels = [data.cpu()[keep]], [labels.cpu()[keep]]
     return seen.cpu(), int(total)
 
 
-def _all_gather_rows(data: torch.Tensor, labels: torch.Tensor) -> tuple:
-    """all_gather of row blocks whose length differs between ranks (padded, then trimmed)."""
-    dist = torch.distributed
-    world = dist.get_world_size()
-    n = torch.tensor([labels.numel()], device=labels.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    longest = int(max(int(x) for x in sizes))
-    shape = tuple(data.shape[1:]) if data.dim() > 1 else ()
-    pad_d = torch.zeros((longest,) + shape, dtype=data.dtype, device=data.device)
-    pad_d[:data.shape[0]] = data
-    pad_l = torch.zeros(longest, dtype=labels.dtype, device=labels.device)
-    pad_l[:labels.numel()] = labels
-    all_d = [torch.zeros_like(pad_d) for _ in range(world)]
-    all_l = [torch.zeros_like(pad_l) for _ in range(world)]
-    dist.all_gather(all_d, pad_d)
-    dist.all_gather(all_l, pad_l)
-    return (torch.cat([d[:int(k)] for d, k in zip(all_d, sizes)]),
-            torch.cat([l[:int(k)] for l, k in zip(all_l, sizes)]))
+def owner_of(position: int) -> int:
+    return position % torch.distributed.get_world_size()
 
+
+def to_owners(site: Site, position: int, limit: int, meter: StoreMeter) -> bool:
+    """Gathers one slice's kept samples on its owner rank (in rank order, cut to the first ``limit`` of each
+    class, as one process would keep them). Returns True on the owner, which then holds them."""
+    dist = torch.distributed
+    comm, world, rank, owner = _comm(), dist.get_world_size(), dist.get_rank(), owner_of(position)
+    local = torch.cat(site.chunks) if site.chunks else None
+    labels = torch.cat(site.labels) if site.labels else torch.zeros(0, dtype=torch.long)
+    meter.release(sum(c.numel() * c.element_size() for c in site.chunks))
+    site.chunks, site.labels = [], []
+    shape = torch.tensor([labels.numel()] + (list(local.shape[1:]) if local is not None else [-1, -1]), device=comm)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    dims = next(tuple(int(d) for d in s[1:]) for s in shapes if int(s[1]) >= 0)
+    longest = max(rows)
+    pad = torch.zeros((longest,) + dims, dtype=torch.float32, device=comm)
+    pad_l = torch.zeros(longest, dtype=torch.long, device=comm)
+    if local is not None and local.shape[0]:
+        pad[:local.shape[0]] = local.to(comm)
+        pad_l[:labels.numel()] = labels.to(comm)
+    mine = rank == owner
+    got = [torch.zeros_like(pad) for _ in range(world)] if mine else None
+    got_l = [torch.zeros_like(pad_l) for _ in range(world)] if mine else None
+    if mine:
+        meter.add(world * pad.numel() * pad.element_size())
+    dist.gather(pad, got, dst=owner)
+    dist.gather(pad_l, got_l, dst=owner)
+    if not mine:
+        return False
+    data = torch.cat([d[:k] for d, k in zip(got, rows)]).cpu()
+    lab = torch.cat([l[:k] for l, k in zip(got_l, rows)]).cpu()
+    meter.release(world * pad.numel() * pad.element_size())
+    del got, got_l
+    keep = first_per_class(lab, torch.zeros(int(lab.max()) + 1 if lab.numel() else 0, dtype=torch.long), limit)
+    site.chunks, site.labels = [data[keep]], [lab[keep]]
+    meter.add(site.chunks[0].numel() * site.chunks[0].element_size())
+    return True
+
+
+def share_u(members: List[Site], u: Dict[int, torch.Tensor]) -> None:
+    """Every rank receives the U each owner computed."""
+    dist = torch.distributed
+    comm, rank = _comm(), dist.get_rank()
+    for j, s in enumerate(members):
+        owner = owner_of(j)
+        t = u[id(s)].to(comm) if rank == owner else torch.zeros(s.index.numel(), dtype=torch.float32, device=comm)
+        dist.broadcast(t, src=owner)
+        u[id(s)] = t.cpu()

@@ -2,7 +2,7 @@
 R (first-order Taylor terms of the members' parameters) and the weights' L1 norm."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -11,18 +11,11 @@ from .._core.groups import GroupSpec, Member, member_params
 from .._errors import DataError
 from .scores import GroupScores
 from .sites import Site
-from .wasserstein import max_pairwise_w1
 
 __all__ = ["assemble", "U_REDUCTIONS", "R_REDUCTIONS"]
 
 U_REDUCTIONS = ("max", "mean")
 R_REDUCTIONS = ("sum", "max")
-
-
-def _unit_u(site: Site) -> torch.Tensor:
-    chunks, labels = site.chunks, torch.cat(site.labels)
-    site.chunks, site.labels = [], []  # free the samples as soon as they are reduced
-    return max_pairwise_w1(chunks, labels)
 
 
 def _per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
@@ -44,12 +37,14 @@ def _taylor(member: Member, module: nn.Module) -> torch.Tensor:
     return total if torch.is_tensor(total) else torch.zeros(member.index.shape[0])
 
 
-def assemble(groups: List[GroupSpec], sites: List[Site], modules: Dict[str, nn.Module], n_samples: int,
-              u_reduce: str, r_reduce: str) -> List[GroupScores]:
+def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[torch.Tensor]],
+             modules: Dict[str, nn.Module], u_reduce: str, r_reduce: str) -> List[GroupScores]:
+    """Per-group scores from each site's U (None: a tensor another site of the group measured) and the
+    gradients the pass accumulated."""
     by_group: Dict[int, List[torch.Tensor]] = {}
-    for s in sites:
-        if s.chunks:  # a site that only saw tensors already measured by another site adds nothing
-            by_group.setdefault(s.group, []).append(_unit_u(s))
+    for s, u in zip(sites, site_us):
+        if u is not None:
+            by_group.setdefault(s.group, []).append(u)
     out = []
     for gi, g in enumerate(groups):
         us = torch.stack(by_group[gi])

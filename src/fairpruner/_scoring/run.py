@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,14 @@ from .._errors import DataError, FairPrunerError
 from .._graph import build_graph, discover_groups, find_output_layers
 from .._measure.costmodel import CostModel
 from ..families.attention import AttentionOptions
-from .distributed import distributed, merge_ranks
+from .budget import StoreMeter, default_budget, parse_memory
+from .distributed import distributed, merge_totals
+from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
 from .labels import check_classes, first_per_class, labelled_batch, prescan_labels
 from .reduce import R_REDUCTIONS, U_REDUCTIONS, assemble
 from .scores import Scores
 from .sites import U_SITES, Site, attach_sites, pick_sites, probe_batch_dims
+from .wasserstein import PAIR_SEARCH, SEARCH_ABOVE
 
 __all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
 
@@ -51,6 +54,8 @@ def score(
     r_reduce: str = "max",
     attention: str = "heads",
     family_options: Optional[Mapping[str, Any]] = None,
+    max_memory: Union[int, str, None] = None,
+    class_pairs: str = "auto",
 ) -> Scores:
     """Computes U- and R-Scores for every prunable group of ``model`` in one pass over ``loader``.
 
@@ -88,6 +93,15 @@ def score(
         family_options: unit-family name -> its options (a :class:`~fairpruner.families.FamilyOptions`),
             for families registered by you. Recorded in the scores, so plans made from them are applied with
             the same options.
+        max_memory: bound on the U sample store, in bytes or as a string ("8GB", "512MiB"); default: a
+            quarter of the memory available when scoring starts. Half of it holds samples, half is the room
+            in which U is computed. Where the store does not fit, the sites are cut into slices of units
+            measured in further forward passes over the loader (no gradients; the loader must give the same
+            batches again), and maps smaller than ``projections`` are kept unprojected: U stays exact. A
+            budget too small for one unit's samples is refused, naming the smallest that works.
+        class_pairs: how the largest class-pair W1 is found: "all" pairs (exact), "search" (from the two
+            classes of extreme mean, twice to the farthest class: a lower bound, linear in the number of
+            classes), or "auto" (default): all pairs up to 32 classes, search above.
 
     Returns:
         :class:`Scores` with one entry per prunable group.
@@ -97,7 +111,8 @@ def score(
         >>> plan = fp.plan(scores, macs=0.5)
     """
     fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, ignore, attention,
-                          family_options)
+                          family_options, class_pairs)
+    budget = default_budget() if max_memory is None else parse_memory(max_memory)
     loss_fn = loss_fn or F.cross_entropy
     device = device_of(model, device)
     known = prescan_labels(loader)
@@ -111,40 +126,52 @@ def score(
     if example_inputs is None:
         example_inputs = labelled_batch(first)[0]
 
+    show = progress if progress is not None else sys.stderr.isatty()
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         run = _prepare(model, example_inputs, device, fams, ignore, u_at, seed)
         hooks = attach_sites(run.sites, run.modules, run.state, projections)
-        probe_batch_dims(run.work, run.trace, run.sites, run.state)
         try:
-            seen, n_samples = _run_batches(run, _chain(first, iterator), loader, loss_fn, device,
-                                           samples_per_class, progress)
+            sizes = probe_batch_dims(run.work, run.trace, run.sites, run.state, projections)
+            bound = _kept_bound(known, run.num_outputs, samples_per_class)
+            store = plan_store(run.sites, sizes, run.modules, run.state, projections, bound, budget, hooks)
+            check_reiterable(loader, store)
+            seen, n_samples, order = _run_batches(run, _chain(first, iterator), loader, loss_fn, device,
+                                                  samples_per_class, show, len(store.passes))
+            if distributed():
+                seen, n_samples = merge_totals(run.work, seen, n_samples)
+            counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
+            reduce_pass(store, 0, samples_per_class, class_pairs)
+            for k in range(1, len(store.passes)):
+                later_pass(run.work, loader, store, k, order, samples_per_class, device, show)
+                reduce_pass(store, k, samples_per_class, class_pairs)
         finally:
             for h in hooks:
                 h.remove()
-        if distributed():
-            seen, n_samples = merge_ranks(run.work, run.sites, seen, n_samples, samples_per_class)
-        counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
-        result = assemble(run.groups, run.sites, run.modules, n_samples, u_reduce, r_reduce)
+        site_us = [site_u(store, i) for i in range(len(run.sites))]
+        result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce)
+    pairs = class_pairs if class_pairs != "auto" else "all" if len(counts) <= SEARCH_ABOVE else "search"
     meta = {
         "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class,
         "projections": projections, "seed": seed, "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce,
         "ignore": list(ignore), "family_options": _families.options_record(fams),
         "output_layers": run.outputs, "class_counts": {str(k): v for k, v in counts.items()},
         "n_samples": n_samples, "example_inputs": describe_inputs(example_inputs),
+        "u_store": {"max_memory": budget, "passes": len(store.passes), "unprojected_sites": store.raw,
+                    "peak_bytes": store.meter.peak, "class_pairs": pairs},
     }
     return Scores(result, run.cost, meta)
 
 
 def _check_options(model: nn.Module, samples_per_class: int, projections: int, u_at: str, u_reduce: str,
                    r_reduce: str, ignore: Sequence[str], attention: str,
-                   family_options: Optional[Mapping[str, Any]]) -> List[_families.Family]:
+                   family_options: Optional[Mapping[str, Any]], class_pairs: str) -> List[_families.Family]:
     """Refuses bad settings before any compute; returns the unit families, each with its options."""
     if not isinstance(samples_per_class, int) or samples_per_class < 2:
         raise FairPrunerError(f"samples_per_class must be an integer >= 2, got {samples_per_class!r}.")
     if not isinstance(projections, int) or projections < 1:
         raise FairPrunerError(f"projections must be a positive integer, got {projections!r}.")
     for opt, val, allowed in (("u_at", u_at, U_SITES), ("u_reduce", u_reduce, U_REDUCTIONS),
-                              ("r_reduce", r_reduce, R_REDUCTIONS)):
+                              ("r_reduce", r_reduce, R_REDUCTIONS), ("class_pairs", class_pairs, PAIR_SEARCH)):
         if val not in allowed:
             raise FairPrunerError(f"{opt}={val!r} is not one of {allowed}.")
     module_names = dict(model.named_modules())
@@ -192,26 +219,30 @@ def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: 
     cost = CostModel.build(work, trace, groups)
     modules = dict(work.named_modules())
     sites = pick_sites(groups, modules, u_at, seed, work)
-    state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}}
+    state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}, "meter": StoreMeter(),
+                   "forward": 0}
     return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
 
 
 def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callable, device: torch.device,
-                 samples_per_class: int, progress: Optional[bool]) -> tuple:
-    """One forward+backward per batch; returns the samples seen per class and in all."""
+                 samples_per_class: int, show: bool, passes: int) -> tuple:
+    """One forward+backward per batch; returns the samples seen per class and in all, and each batch's labels
+    (later passes check that the loader gives the same batches again)."""
     seen = torch.zeros(0, dtype=torch.long)
     total = len(loader) if hasattr(loader, "__len__") else None
-    show = progress if progress is not None else sys.stderr.isatty()
     n_samples = 0
-    for batch in tqdm(batches, total=total, desc="fairpruner: scoring", disable=not show, leave=False):
+    order, last = [], -1
+    desc = "fairpruner: scoring" + (f" (pass 1/{passes})" if passes > 1 else "")
+    for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False):
         inputs, targets = labelled_batch(batch)
         if int(targets.max()) >= seen.numel():
             seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
         keep = first_per_class(targets, seen, samples_per_class)
         seen += torch.bincount(targets, minlength=seen.numel())
+        order.append(targets)
+        last = len(order) - 1 if keep.numel() else last
         run.state["keep"], run.state["labels"] = keep.to(device), targets[keep]
-        for s in run.sites:
-            s.calls = 0
+        run.state["forward"] += 1
         run.state["measured"] = {}
         out = logits_of(run.work(*as_args(to_device(inputs, device))))
         if int(targets.max()) >= out.shape[-1]:
@@ -223,7 +254,14 @@ def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callab
         # R sums dL_b/dw * w over batches b (the reference's definition): gradients accumulate.
         loss.backward()
         n_samples += targets.numel()
-    return seen, n_samples
+    return seen, n_samples, order[:last + 1]
+
+
+def _kept_bound(known: Optional[torch.Tensor], num_outputs: int, samples_per_class: int) -> int:
+    """Samples the U store will keep: exact where the labels are known up front, else every output class full."""
+    if known is not None and known.numel():
+        return int(torch.bincount(known).clamp(max=samples_per_class).sum())
+    return max(2, num_outputs) * samples_per_class
 
 
 def _chain(first: Any, rest: Iterable) -> Iterable:

@@ -14,6 +14,7 @@ from .._core.inputs import first_sample
 from .._core.layers import CONV_TYPES
 from .._errors import DataError, FairPrunerError
 from ..families.base import USource
+from .budget import SiteSize
 from .wasserstein import random_directions
 
 __all__ = ["Site", "site_seed", "pick_sites", "attach_sites", "probe_batch_dims", "U_SITES"]
@@ -36,8 +37,12 @@ class Site:
     batch_dim: int = 0  # 1 for sequence-first tensors (nn.MultiheadAttention/RNN layers with batch_first=False)
     chunks: List[torch.Tensor] = field(default_factory=list)
     labels: List[torch.Tensor] = field(default_factory=list)
-    calls: int = 0
+    calls: int = -1  # the forward pass (state["forward"]) in which the site last recorded
     source: Optional[USource] = None  # a unit family's observation point (tensor arrives as (B, channels, ...))
+    parent: int = -1  # the site this one is a slice of (its position in pick_sites' list); -1: itself
+    lo: int = 0  # first unit of the slice
+    raw: bool = False  # store maps unprojected (projected when U is computed)
+    active: bool = True  # stores samples in the current pass
 
 
 def site_seed(seed: int, module: str, side: str) -> int:
@@ -77,17 +82,20 @@ def _channel_width(mod: nn.Module, side: str) -> int:
 
 def _site_hook(site: Site, state: dict, projections: int) -> Callable:
     def record(tensor: torch.Tensor) -> None:
-        if state.get("probe") is not None:  # _probe_batch_dims: shapes only
-            state["probe"][id(site)] = tuple(tensor.shape)
+        if state.get("probe") is not None:  # probe_batch_dims: shapes and identities only
+            state["probe"][id(site)] = (tuple(tensor.shape), tensor.data_ptr())
+            state["held"].append(tensor)  # no address is reused within the probe pass
             return
-        site.calls += 1
-        if site.calls > 1:
+        if not site.active:
+            return
+        if site.calls == state["forward"]:
             raise FairPrunerError(f"Module '{site.module}' runs more than once per forward pass; shared modules "
                                   "cannot be scored. Add it to `ignore=`.")
+        site.calls = state["forward"]
         keep = state["keep"]  # may be empty: an empty chunk still records the layout (for torch.distributed)
         # Several consumers of one group often read the very same tensor (a residual stream feeding a
         # block and its shortcut): measure it once.
-        key = (site.group, tensor.data_ptr(), tuple(tensor.shape))
+        key = (site.group, tensor.data_ptr(), tuple(tensor.shape), site.lo)
         if key in state["measured"]:
             return
         state["measured"][key] = tensor  # held until the batch ends, so the address cannot be reused
@@ -110,13 +118,15 @@ def _site_hook(site: Site, state: dict, projections: int) -> Callable:
                 if site.directions is None:
                     g = torch.Generator().manual_seed(site.seed)
                     site.directions = random_directions(flat.shape[-1], projections, g).to(flat.device)
-                proj = flat @ site.directions  # (b, units, P)
+                # Raw: the map itself, projected by the same product when U is computed.
+                proj = flat.contiguous().clone() if site.raw else flat @ site.directions  # (b, units, P|S)
             # NaN/inf anywhere in a kept sample survives the projection and its sum: one cheap reduction.
             if not bool(torch.isfinite(proj.sum())):
                 raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
                                 "model weights and the input normalisation.")
             site.chunks.append(proj.cpu())
             site.labels.append(state["labels"])
+            state["meter"].add(proj.numel() * proj.element_size())
     if site.source is not None:
         return record
     if site.side == "output":
@@ -142,22 +152,49 @@ def attach_sites(sites: List[Site], modules: Dict[str, nn.Module], state: dict, 
     return hooks
 
 
-def probe_batch_dims(model: nn.Module, trace: tuple, sites: List[Site], state: dict) -> None:
+def probe_batch_dims(model: nn.Module, trace: tuple, sites: List[Site], state: dict,
+                     projections: int) -> List[Optional[SiteSize]]:
     """Finds the batch dimension of every measured tensor (sequence-first layers put it second): the one that
     changes between forward passes on one and on two samples. Run with grad enabled, as the scoring passes
-    are (no fused inference paths, such as nested tensors in nn.TransformerEncoder)."""
+    are (no fused inference paths, such as nested tensors in nn.TransformerEncoder).
+
+    Returns:
+        per site, its store per kept sample; None for a site that reads the very tensor an earlier site of
+        its group reads (a residual stream feeding a block and its shortcut): it is measured once.
+    """
     one = first_sample(trace)
     two = tuple(torch.cat([t, t]) if torch.is_tensor(t) and t.dim() > 0 else t for t in one)
     shapes = []
     try:
         for x in (one, two):
-            state["probe"] = {}
+            state["probe"], state["held"] = {}, []
             model(*x)
             shapes.append(state["probe"])
     finally:
-        state["probe"] = None
+        state["probe"], state["held"] = None, []
     for s in sites:
         a, b = shapes[0].get(id(s)), shapes[1].get(id(s))
-        if s.source is None and a is not None and b is not None and len(a) == len(b):
-            s.batch_dim = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), 0)
+        if s.source is None and a is not None and b is not None and len(a[0]) == len(b[0]):
+            s.batch_dim = next((i for i, (p, q) in enumerate(zip(a[0], b[0])) if p != q), 0)
+    seen = set()
+    sizes: List[Optional[SiteSize]] = [None] * len(sites)
+    position = {id(s): i for i, s in enumerate(sites)}
+    for sid, (shape, ptr) in shapes[1].items():  # execution order
+        s = sites[position[sid]]
+        if (s.group, ptr, shape) in seen:
+            continue
+        seen.add((s.group, ptr, shape))
+        sizes[position[sid]] = _site_size(s, shape, projections)
+    return sizes
 
+
+def _site_size(site: Site, shape: tuple, projections: int) -> SiteSize:
+    dims = list(shape)
+    dims.pop(site.batch_dim)
+    if len(dims) == 1:
+        return SiteSize(site.index.numel(), 1, 0)
+    channel = len(dims) - 1 if site.channels_last else 0
+    spatial = 1
+    for i, d in enumerate(dims):
+        spatial *= d if i != channel else 1
+    return SiteSize(site.index.numel(), projections, spatial)

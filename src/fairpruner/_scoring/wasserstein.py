@@ -11,7 +11,12 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1"]
+__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1", "PAIR_SEARCH", "SEARCH_ABOVE"]
+
+PAIR_SEARCH = ("auto", "all", "search")
+# "auto" compares every class pair up to this many classes and searches above: the pairwise work grows with
+# classes^2, the search's with classes (4 rows of distances per unit).
+SEARCH_ABOVE = 32
 
 
 def random_directions(dim: int, projections: int, generator: torch.Generator) -> torch.Tensor:
@@ -60,7 +65,7 @@ def quantile_grid(counts: List[int]) -> tuple:
 
 def max_pairwise_w1(
     data: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor, max_chunk_elems: int = 2 ** 25,
-    device: Optional[torch.device] = None,
+    device: Optional[torch.device] = None, pairs: str = "all", directions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Largest (sliced) W1 between any two classes, per unit.
 
@@ -72,20 +77,30 @@ def max_pairwise_w1(
         max_chunk_elems: bound on the number of elements of the pairwise-distance block held at once, so
             memory stays bounded however many classes there are.
         device: where to compute (defaults to the samples' device).
+        pairs: "all" compares every class pair (exact); "search" follows farthest classes from the two
+            classes of extreme mean, 2 steps each (4 rows of distances per unit instead of classes/2: a lower
+            bound of the maximum, Spearman >= 0.999 against "all" on 100 classes); "auto" searches above
+            ``SEARCH_ABOVE`` classes.
+        directions: (S, P) directions onto which chunks stored unprojected, (N, units, S), are projected
+            chunk by chunk (the same product the scoring hooks compute).
 
     Returns:
         Tensor of shape (units,): max over class pairs of the (sliced) W1 distance.
     """
-    chunks = list(data) if isinstance(data, (list, tuple)) else [data]
+    # A list handed in is consumed: each chunk is released once copied, so the samples are held once.
+    chunks = data if isinstance(data, list) else list(data) if isinstance(data, tuple) else [data]
     n = sum(int(c.shape[0]) for c in chunks)
     if any(c.dim() != 3 for c in chunks) or labels.dim() != 1 or n != labels.shape[0]:
         raise ValueError(f"Expected data (N, units, projections) and labels (N,); got "
                          f"{[tuple(c.shape) for c in chunks]} and {tuple(labels.shape)}.")
+    if pairs not in PAIR_SEARCH:
+        raise ValueError(f"pairs={pairs!r} is not one of {PAIR_SEARCH}.")
     device = device or chunks[0].device
     labels = labels.to(device)
     classes, labels = torch.unique(labels, sorted=True, return_inverse=True)
     counts = torch.bincount(labels, minlength=classes.numel())
-    units, proj = chunks[0].shape[1], chunks[0].shape[2]
+    units = chunks[0].shape[1]
+    proj = chunks[0].shape[2] if directions is None else directions.shape[1]
     k, m = classes.numel(), int(counts.max())
     by_class = torch.argsort(labels, stable=True)
     # Each chunk's samples go straight to their class-sorted row (whole contiguous rows); one transpose then
@@ -94,10 +109,14 @@ def max_pairwise_w1(
     target[by_class] = torch.arange(n, device=device)
     samples = torch.empty(n, units * proj, dtype=chunks[0].dtype, device=device)
     start = 0
-    for c in chunks:
+    while chunks:
+        c = chunks.pop(0).to(device)
+        if directions is not None:
+            c = c @ directions.to(device)
         b = int(c.shape[0])
-        samples.index_copy_(0, target[start:start + b], c.to(device).reshape(b, units * proj))
+        samples.index_copy_(0, target[start:start + b], c.reshape(b, units * proj))
         start += b
+        del c
     rows = samples.t().contiguous()
     del samples
     if bool((counts == m).all()):
@@ -114,7 +133,25 @@ def max_pairwise_w1(
         q = q[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
     # Weighted by interval width, a plain L1 distance between quantile vectors is the W1 integral.
     q *= widths.to(device).view(1, 1, -1)
+    if pairs == "search" or pairs == "auto" and k > SEARCH_ABOVE:
+        return _max_pair_search(q, units, proj)
     return _max_pair_l1(q, units, proj, max_chunk_elems)
+
+
+def _max_pair_search(q: torch.Tensor, units: int, proj: int, steps: int = 2) -> torch.Tensor:
+    """Farthest-class search per unit: from the classes of largest and of smallest mean, step to the class
+    farthest from the current one; the largest distance met is kept (never above the true maximum)."""
+    k = q.shape[1]
+    mean = q.sum(-1).view(units, proj, k).mean(1)
+    best = torch.zeros(units, device=q.device, dtype=q.dtype)
+    rows = torch.arange(units * proj, device=q.device)
+    for current in (mean.argmax(1), mean.argmin(1)):
+        for _ in range(steps):
+            ref = q[rows, current.repeat_interleave(proj)].unsqueeze(1)  # (units*P, 1, G)
+            d = torch.cdist(q, ref, p=1).view(units, proj, k).mean(1)
+            far, current = d.max(1)
+            best = torch.maximum(best, far)
+    return best
 
 
 def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -> torch.Tensor:

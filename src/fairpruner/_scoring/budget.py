@@ -1,0 +1,157 @@
+"""The U sample store within a memory budget: what one kept sample costs per site, and the passes that keep the
+store under the budget (exact: every pass holds whole sites or slices of a site's units, nothing is dropped).
+
+Sizes: a site stores, per kept sample, ``units x width`` float32 values, where width is 1 for scalar unit
+outputs, P (projections) for feature maps, or the map's own size S where S < P and the budget binds (the map
+is kept as it is and projected when U is computed: the same product, so the same values, in less room).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+from .._errors import FairPrunerError
+
+__all__ = ["parse_memory", "default_budget", "SiteSize", "plan_passes", "REDUCE_FACTOR", "format_bytes", "StoreMeter"]
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+# Computing U of a slice holds its samples about three times over (the class-sorted copy, its transpose and
+# the padded quantile grid), so a slice reduced at once is sized to a third of the room left by the store.
+REDUCE_FACTOR = 3
+
+
+def parse_memory(value: Union[int, float, str]) -> int:
+    """Bytes from an int/float or a string such as ``"8GB"``, ``"512 MiB"`` or ``"2e9"``.
+
+    Example:
+        >>> parse_memory("2GB"), parse_memory("1.5 GiB"), parse_memory(4096)
+        (2000000000, 1610612736, 4096)
+    """
+    if isinstance(value, bool):
+        raise FairPrunerError(f"max_memory must be a number of bytes or a string like '8GB', got {value!r}.")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise FairPrunerError(f"max_memory={value!r} is not understood; give bytes or a string like '8GB', "
+                                  "'512MB' or '2GiB'.")
+        n = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(n) or n <= 0:
+        raise FairPrunerError(f"max_memory must be positive, got {value!r}.")
+    return int(n)
+
+
+def available_memory() -> Optional[int]:
+    """Memory available to new allocations now (MemAvailable on Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_budget() -> int:
+    """A quarter of the memory available when scoring starts (8 GB where it cannot be read)."""
+    free = available_memory()
+    return free // 4 if free else 8 * 10 ** 9
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class SiteSize:
+    """One site's store per kept sample: ``units`` units of ``width`` values each (``raw_width``: the
+    unprojected map's size, used instead of the projections where smaller and the budget binds)."""
+
+    units: int
+    width: int
+    raw_width: int
+
+
+Slice = Tuple[int, int, int]  # (site, first unit, end unit)
+
+
+def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budget: int, pieces: int = 1
+                ) -> Tuple[List[List[Slice]], List[bool]]:
+    """Splits the sites into passes whose stores stay within half the budget (the other half is the room in
+    which U is computed).
+
+    Args:
+        sizes: each site's store per kept sample.
+        samples: kept samples (or a bound on them).
+        projections: projections per map.
+        budget: bytes.
+        pieces: cut the store into at least this many slices (under torch.distributed each slice goes to one
+            owner rank, so small slices keep what a rank receives at once small).
+
+    Returns:
+        (passes, raw): per pass the (site, lo, hi) unit slices it stores, and per site whether it is stored
+        unprojected. One pass, nothing raw, and whole sites (unless ``pieces``) where the store fits.
+
+    Raises:
+        FairPrunerError: the budget cannot hold one unit of every site, naming the smallest that can.
+    """
+    room = budget // 2
+    full = [4 * samples * s.units * s.width for s in sizes]
+    binding = sum(full) > room or any(REDUCE_FACTOR * f > room for f in full)
+    raw = [binding and 0 < s.raw_width < s.width for s in sizes]
+    per_unit = [4 * samples * (s.raw_width if r else s.width) for s, r in zip(sizes, raw)]
+    # A slice is computed projected: REDUCE_FACTOR x its projected size must fit in the other half.
+    reduce_unit = [REDUCE_FACTOR * 4 * samples * s.width for s in sizes]
+    if 2 * max(reduce_unit) > budget:
+        raise FairPrunerError(
+            f"max_memory={format_bytes(budget)} cannot hold one unit's samples ({samples} kept samples); the "
+            f"smallest budget that works is {format_bytes(2 * max(reduce_unit))}. Raise max_memory, or lower "
+            "samples_per_class or projections.")
+    total = sum(p * s.units for p, s in zip(per_unit, sizes))
+    if not binding:
+        room = total + 1
+    piece = max(1, total // pieces) if pieces > 1 else room
+    passes: List[List[Slice]] = [[]]
+    used = 0
+    for i, s in enumerate(sizes):
+        lo = 0
+        # Units per slice: bounded by the store's room, the room to compute U of the slice, and the piece.
+        step = max(1, min(room // per_unit[i], budget // 2 // reduce_unit[i], piece // per_unit[i]))
+        while lo < s.units:
+            take = min(s.units - lo, step, max(0, (room - used) // per_unit[i]))
+            if take == 0:
+                passes.append([])
+                used = 0
+                continue
+            passes[-1].append((i, lo, lo + take))
+            used += take * per_unit[i]
+            lo += take
+    return passes, raw
+
+
+class StoreMeter:
+    """Bytes of U samples held now, and the most held at once."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.held += n
+        self.peak = max(self.peak, self.held)
+
+    def release(self, n: int) -> None:
+        self.held -= n

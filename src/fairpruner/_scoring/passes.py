@@ -1,0 +1,142 @@
+"""The U store under a memory budget: sites cut into the slices each pass stores, the extra forward passes
+that re-measure the kept samples, and U computed from each pass's slices as soon as the pass ends."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._core.inputs import as_args, to_device
+from .._errors import DataError, FairPrunerError
+from .budget import SiteSize, StoreMeter, format_bytes, plan_passes
+from .distributed import distributed, share_u, to_owners
+from .labels import first_per_class, labelled_batch
+from .sites import Site, attach_sites
+from .wasserstein import max_pairwise_w1
+
+__all__ = ["Store", "plan_store", "check_reiterable", "later_pass", "reduce_pass", "site_u"]
+
+
+@dataclasses.dataclass
+class Store:
+    """Which sites store samples in which pass; U per original site, filled slice by slice."""
+
+    passes: List[List[Site]]
+    slices: Dict[int, List[Site]]  # original site position -> its slices, by first unit
+    meter: StoreMeter
+    budget: int
+    raw: int  # sites stored unprojected
+    state: dict  # the hooks' shared state
+    u: Dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # id(slice) -> U of its units
+
+
+def plan_store(sites: List[Site], sizes: List[Optional[SiteSize]], modules: Dict[str, nn.Module], state: dict,
+               projections: int, samples: int, budget: int, hooks: list) -> Store:
+    """Cuts the measured sites into passes within ``budget``; slices of a site get hooks of their own."""
+    live = [i for i, s in enumerate(sizes) if s is not None]
+    for i, s in enumerate(sites):
+        s.active = sizes[i] is not None  # a tensor already measured by an earlier site of its group
+    # Under torch.distributed every slice is gathered on one rank: 8 slices per rank bound what arrives at once.
+    pieces = 8 * torch.distributed.get_world_size() if distributed() else 1
+    plan, raw = plan_passes([sizes[i] for i in live], samples, projections, budget, pieces)
+    passes: List[List[Site]] = []
+    slices: Dict[int, List[Site]] = {}
+    for pass_slices in plan:
+        members = []
+        for k, lo, hi in pass_slices:
+            i = live[k]
+            parent = sites[i]
+            if lo == 0 and hi == sizes[i].units and not raw[k]:
+                piece = parent
+            else:
+                piece = _slice(parent, i, lo, hi, raw[k])
+                parent.active = False
+                hooks.extend(attach_sites([piece], modules, state, projections))
+                piece.batch_dim, piece.channels_last = parent.batch_dim, parent.channels_last
+                piece.identity = False
+            members.append(piece)
+            slices.setdefault(i, []).append(piece)
+        passes.append(members)
+    for members in passes[1:]:
+        for s in members:
+            s.active = False
+    return Store(passes, slices, state["meter"], budget, sum(raw), state)
+
+
+def _slice(parent: Site, position: int, lo: int, hi: int, raw: bool) -> Site:
+    return dataclasses.replace(parent, index=parent.index[lo:hi].clone(), chunks=[], labels=[], calls=-1,
+                               parent=position, lo=lo, raw=raw, directions=None, active=True)
+
+
+def check_reiterable(loader: Iterable, store: Store) -> None:
+    """Several passes need a loader that can be iterated again (a list or a DataLoader, not a generator)."""
+    if len(store.passes) > 1 and iter(loader) is loader:
+        raise FairPrunerError(
+            f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the calibration "
+            "data, but the loader is a one-shot iterator. Pass a list or a DataLoader, or raise max_memory.")
+
+
+def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, order: List[torch.Tensor],
+               samples_per_class: int, device: torch.device, progress: bool) -> None:
+    """Forward passes (no gradients) over the batches that hold kept samples, storing this pass's slices."""
+    state = store.state
+    for s in store.passes[number]:
+        s.active = True
+    seen = torch.zeros(0, dtype=torch.long)
+    last = len(order) - 1  # the last batch holding kept samples
+    bar = tqdm(total=last + 1, desc=f"fairpruner: U pass {number + 1}/{len(store.passes)}", disable=not progress,
+               leave=False)
+    with torch.no_grad():
+        for b, batch in enumerate(loader):
+            if b > last:
+                break
+            inputs, targets = labelled_batch(batch)
+            if b >= len(order) or not torch.equal(targets, order[b]):
+                raise DataError(
+                    f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the "
+                    "calibration data, and the loader gave other samples the second time (shuffled?). Use a "
+                    "loader with a fixed order (shuffle=False), or raise max_memory.")
+            if int(targets.max()) >= seen.numel():
+                seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
+            keep = first_per_class(targets, seen, samples_per_class)
+            seen += torch.bincount(targets, minlength=seen.numel())
+            bar.update(1)
+            if keep.numel() == 0:
+                continue
+            state["keep"], state["labels"] = keep.to(device), targets[keep]
+            state["forward"] += 1
+            state["measured"] = {}
+            work(*as_args(to_device(inputs, device)))
+    bar.close()
+    for s in store.passes[number]:
+        s.active = False
+
+
+def reduce_pass(store: Store, number: int, limit: int, pairs: str) -> None:
+    """U of every slice stored in this pass, then its samples go. Under torch.distributed each slice's samples
+    go to one owner rank, which computes its U; the U vectors are then shared, so every rank ends equal."""
+    members = store.passes[number]
+    for j, s in enumerate(members):
+        s.active = False  # its samples are complete
+        if distributed() and not to_owners(s, j, limit, store.meter):
+            continue  # another rank owns it
+        held = sum(c.numel() * c.element_size() for c in s.chunks)
+        labels = torch.cat(s.labels) if s.labels else torch.zeros(0, dtype=torch.long)
+        chunks, s.chunks, s.labels = s.chunks, [], []
+        if labels.numel():
+            store.u[id(s)] = max_pairwise_w1(chunks, labels, pairs=pairs,
+                                             directions=s.directions if s.raw else None)
+        store.meter.release(held)
+    if distributed():
+        share_u(members, store.u)
+
+
+def site_u(store: Store, position: int) -> Optional[torch.Tensor]:
+    """U of every unit of one original site, from its slices; None for a site measured by another."""
+    pieces = store.slices.get(position)
+    if not pieces:
+        return None
+    return torch.cat([store.u[id(p)] for p in sorted(pieces, key=lambda p: p.lo)])
