@@ -118,7 +118,8 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
     if 2 * max(reduce_unit) > budget:
         raise FairPrunerError(
             f"max_memory={format_bytes(budget)} cannot hold one unit's samples ({samples} kept samples); the "
-            f"smallest budget that works is {format_bytes(2 * max(reduce_unit))}. Raise max_memory, or lower "
+            f"smallest budget that works is {2 * max(reduce_unit)} bytes ({format_bytes(2 * max(reduce_unit))}). Raise "
+            "max_memory, or lower "
             "samples_per_class or projections.")
     total = sum(p * s.units for p, s in zip(per_unit, sizes))
     if not binding:

@@ -190,7 +190,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         scores = fp.score(model, loader, samples_per_class=args.samples_per_class, projections=args.projections,
                           seed=args.seed, device=args.device, progress=args.progress and rank == 0,
                           u_at=args.u_at, u_reduce=args.u_reduce, r_reduce=args.r_reduce,
-                          attention=args.attention)
+                          attention=args.attention, max_memory=args.max_memory, class_pairs=args.class_pairs)
         if rank == 0:
             out = _out_path(args.out)
             scores.save(out)
@@ -323,7 +323,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     calib = data.calibration_loader(train, args.samples_per_class, args.batch_size, args.seed,
                                     num_classes=args.num_classes)
     _say(f"scoring on {len(calib.dataset)} calibration samples ...")
-    scores = fp.score(model, calib, seed=args.seed, device=device, progress=args.progress)
+    scores = fp.score(model, calib, seed=args.seed, device=device, progress=args.progress,
+                      max_memory=args.max_memory)
     target = {k: getattr(args, k) for k in ("alpha", "params", "macs") if getattr(args, k) is not None}
     the_plan = _make_plan(scores, args, target or {"macs": 0.5})
     oneshot = fp.prune(model, the_plan)

@@ -154,6 +154,9 @@ def _add_run(subs) -> None:
     p.add_argument("--samples-per-class", type=int, default=32, metavar="N",
                    help="calibration samples per class (default 32)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="bound on the U sample store, e.g. 8GB (default: a quarter of the free memory); a smaller "
+                        "budget scores in more passes over the data, with the same scores")
     p.add_argument("--recalibrate", type=int, default=1000, metavar="N",
                    help="training images that re-estimate BatchNorm statistics (default 1000; 0: skip)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default 0)")
@@ -194,6 +197,12 @@ def _add_score(subs) -> None:
     p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
                    help="attention units: whole heads (default), or one dimension of every head so all heads keep "
                         "the same width")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="bound on the U sample store, e.g. 8GB (default: a quarter of the free memory); a smaller "
+                        "budget scores in more passes over the data, with the same scores")
+    p.add_argument("--class-pairs", default="auto", choices=("auto", "all", "search"),
+                   help="largest class-pair W1 over all pairs, or by a search linear in the classes (default auto: "
+                        "all pairs up to 32 classes)")
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write")
     _progress_flag(p)
 

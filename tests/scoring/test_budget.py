@@ -1,0 +1,137 @@
+"""Tests for fairpruner._scoring.budget and .passes: the U sample store under max_memory (exact passes over slices
+of units, small maps kept unprojected), its refusals, and the class-pair search."""
+import pytest
+import torch
+
+import fairpruner as fp
+from fairpruner import zoo
+from fairpruner._scoring.budget import SiteSize, parse_memory, plan_passes
+from fairpruner._scoring.wasserstein import max_pairwise_w1
+from helpers import randomize_norms
+
+
+def _model():
+    torch.manual_seed(0)
+    return randomize_norms(zoo.resnet20(), 0).eval()
+
+
+def _batches(classes=10, per=6, batch=16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(classes * per, 3, 16, 16, generator=g)
+    y = torch.arange(classes * per) % classes
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+
+@pytest.fixture(scope="module")
+def unbounded():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests run (the autouse fixture comes after module fixtures)
+    try:
+        return fp.score(_model(), _batches(), samples_per_class=6, projections=32, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same(a, b):
+    return all(torch.equal(ga.u, gb.u) and torch.equal(ga.r, gb.r) and torch.equal(ga.l1, gb.l1)
+               for ga, gb in zip(a.groups, b.groups))
+
+
+def test_parse_memory():
+    assert parse_memory("2GB") == 2 * 10 ** 9
+    assert parse_memory("1.5 GiB") == int(1.5 * 2 ** 30)
+    assert parse_memory("512mb") == 512 * 10 ** 6
+    assert parse_memory(4096) == 4096
+    for bad in ("lots", "-1GB", 0, True, "3 parsecs"):
+        with pytest.raises(fp.FairPrunerError, match="max_memory"):
+            parse_memory(bad)
+
+
+def test_a_large_budget_is_one_pass_and_records_it(unbounded):
+    store = unbounded.meta["u_store"]
+    assert store["passes"] == 1 and store["unprojected_sites"] == 0 and store["class_pairs"] == "all"
+    assert store["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("budget", ["200kB", "60kB"])
+def test_a_binding_budget_gives_identical_scores_within_it(unbounded, budget):
+    s = fp.score(_model(), _batches(), samples_per_class=6, projections=32, progress=False, max_memory=budget)
+    store = s.meta["u_store"]
+    assert store["passes"] > 1
+    assert store["unprojected_sites"] > 0  # resnet20's 4x4 maps at 16x16 inputs are smaller than 32 projections
+    assert store["peak_bytes"] <= parse_memory(budget) // 2 < unbounded.meta["u_store"]["peak_bytes"]
+    assert _same(s, unbounded)  # exact: the same products, sorted and compared the same way
+
+
+def test_too_small_a_budget_is_refused_before_the_pass_naming_the_smallest():
+    batches = _batches()
+    with pytest.raises(fp.FairPrunerError, match="smallest budget that works is") as e:
+        fp.score(_model(), batches, samples_per_class=6, projections=32, progress=False, max_memory="1kB")
+    smallest = int(str(e.value).split("works is ")[1].split(" bytes")[0])
+    fp.score(_model(), batches, samples_per_class=6, projections=32, progress=False, max_memory=smallest)
+
+
+def test_several_passes_need_a_loader_that_can_be_read_again():
+    with pytest.raises(fp.FairPrunerError, match="one-shot iterator"):
+        fp.score(_model(), iter(_batches()), samples_per_class=6, projections=32, progress=False,
+                 max_memory="60kB")
+
+
+def test_a_loader_that_changes_between_passes_is_refused():
+    class Reshuffling:
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return len(_batches())
+
+        def __iter__(self):
+            batches = _batches()
+            if self.epoch:
+                batches = [(x.flip(0), y.flip(0)) for x, y in batches]
+            self.epoch += 1
+            return iter(batches)
+
+    with pytest.raises(fp.DataError, match="shuffle=False"):
+        fp.score(_model(), Reshuffling(), samples_per_class=6, projections=32, progress=False,
+                 max_memory="60kB")
+
+
+def test_plan_passes_stays_within_the_room_and_covers_every_unit():
+    sizes = [SiteSize(64, 128, 16), SiteSize(10, 1, 0), SiteSize(300, 128, 256)]
+    passes, raw = plan_passes(sizes, samples=50, projections=128, budget=4_000_000)
+    assert raw == [True, False, False]
+    per_unit = [4 * 50 * 16, 4 * 50 * 1, 4 * 50 * 128]
+    for p in passes:
+        assert sum((hi - lo) * per_unit[i] for i, lo, hi in p) <= 2_000_000
+    covered = {i: [] for i in range(3)}
+    for p in passes:
+        for i, lo, hi in p:
+            covered[i].append((lo, hi))
+    for i, s in enumerate(sizes):
+        spans = sorted(covered[i])
+        assert spans[0][0] == 0 and spans[-1][1] == s.units
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    # Pieces cut even a store that fits (torch.distributed's owners receive one slice at a time).
+    one, _ = plan_passes(sizes, samples=50, projections=128, budget=10 ** 12, pieces=16)
+    assert len(one) == 1 and len(one[0]) >= 16
+
+
+def test_class_pair_search_is_a_close_lower_bound():
+    g = torch.Generator().manual_seed(0)
+    classes, per, units, proj = 60, 8, 40, 16
+    centres = torch.randn(classes, units, proj, generator=g)
+    data = centres.repeat_interleave(per, 0) + torch.randn(classes * per, units, proj, generator=g)
+    labels = torch.arange(classes).repeat_interleave(per)
+    exact = max_pairwise_w1(data, labels, pairs="all")
+    found = max_pairwise_w1(data, labels, pairs="search")
+    assert bool((found <= exact + 1e-5).all())
+    assert float((found / exact).mean()) > 0.97
+    assert torch.equal(max_pairwise_w1(data, labels, pairs="auto"), found)  # 60 classes > 32
+
+
+def test_class_pairs_is_checked_and_recorded():
+    with pytest.raises(fp.FairPrunerError, match="class_pairs"):
+        fp.score(_model(), _batches(), class_pairs="some")
+    s = fp.score(_model(), _batches(), samples_per_class=6, projections=8, progress=False, class_pairs="search")
+    assert s.meta["u_store"]["class_pairs"] == "search"
