@@ -53,13 +53,13 @@ def test_a_large_budget_is_one_pass_and_records_it(unbounded):
     assert store["peak_bytes"] > 0
 
 
-@pytest.mark.parametrize("budget", ["200kB", "60kB"])
+@pytest.mark.parametrize("budget", ["300kB", "100kB"])
 def test_a_binding_budget_gives_identical_scores_within_it(unbounded, budget):
     s = fp.score(_model(), _batches(), samples_per_class=6, projections=32, progress=False, max_memory=budget)
     store = s.meta["u_store"]
     assert store["passes"] > 1
     assert store["unprojected_sites"] > 0  # resnet20's 4x4 maps at 16x16 inputs are smaller than 32 projections
-    assert store["peak_bytes"] <= parse_memory(budget) // 2 < unbounded.meta["u_store"]["peak_bytes"]
+    assert store["peak_bytes"] <= parse_memory(budget) * 3 // 4 < unbounded.meta["u_store"]["peak_bytes"]
     assert _same(s, unbounded)  # exact: the same products, sorted and compared the same way
 
 
@@ -74,7 +74,7 @@ def test_too_small_a_budget_is_refused_before_the_pass_naming_the_smallest():
 def test_several_passes_need_a_loader_that_can_be_read_again():
     with pytest.raises(fp.FairPrunerError, match="one-shot iterator"):
         fp.score(_model(), iter(_batches()), samples_per_class=6, projections=32, progress=False,
-                 max_memory="60kB")
+                 max_memory="100kB")
 
 
 def test_a_loader_that_changes_between_passes_is_refused():
@@ -94,7 +94,7 @@ def test_a_loader_that_changes_between_passes_is_refused():
 
     with pytest.raises(fp.DataError, match="shuffle=False"):
         fp.score(_model(), Reshuffling(), samples_per_class=6, projections=32, progress=False,
-                 max_memory="60kB")
+                 max_memory="100kB")
 
 
 def test_plan_passes_stays_within_the_room_and_covers_every_unit():
@@ -103,7 +103,7 @@ def test_plan_passes_stays_within_the_room_and_covers_every_unit():
     assert raw == [True, False, False]
     per_unit = [4 * 50 * 16, 4 * 50 * 1, 4 * 50 * 128]
     for p in passes:
-        assert sum((hi - lo) * per_unit[i] for i, lo, hi in p) <= 2_000_000
+        assert sum((hi - lo) * per_unit[i] for i, lo, hi in p) <= 3_000_000
     covered = {i: [] for i in range(3)}
     for p in passes:
         for i, lo, hi in p:

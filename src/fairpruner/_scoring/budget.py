@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
+
 from .._errors import FairPrunerError
 
 __all__ = ["parse_memory", "default_budget", "SiteSize", "plan_passes", "REDUCE_FACTOR", "format_bytes", "StoreMeter"]
@@ -62,9 +64,13 @@ def available_memory() -> Optional[int]:
         return None
 
 
-def default_budget() -> int:
-    """A quarter of the memory available when scoring starts (8 GB where it cannot be read)."""
-    free = available_memory()
+def default_budget(device=None) -> int:
+    """A quarter of the memory available when scoring starts (8 GB where it cannot be read); of the GPU's free
+    memory when scoring on a GPU."""
+    if device is not None and getattr(device, "type", None) == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory()
     return free // 4 if free else 8 * 10 ** 9
 
 
@@ -90,8 +96,8 @@ Slice = Tuple[int, int, int]  # (site, first unit, end unit)
 
 def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budget: int, pieces: int = 1
                 ) -> Tuple[List[List[Slice]], List[bool]]:
-    """Splits the sites into passes whose stores stay within half the budget (the other half is the room in
-    which U is computed).
+    """Splits the sites into passes whose stores stay within three quarters of the budget (the last quarter is
+    the room in which U of one slice is computed).
 
     Args:
         sizes: each site's store per kept sample.
@@ -108,29 +114,29 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
     Raises:
         FairPrunerError: the budget cannot hold one unit of every site, naming the smallest that can.
     """
-    room = budget // 2
     full = [4 * samples * s.units * s.width for s in sizes]
-    binding = sum(full) > room or any(REDUCE_FACTOR * f > room for f in full)
+    # Whole sites in one pass where the store and the room to compute U of its largest site fit.
+    binding = sum(full) + REDUCE_FACTOR * max(full, default=0) > budget
     raw = [binding and 0 < s.raw_width < s.width for s in sizes]
     per_unit = [4 * samples * (s.raw_width if r else s.width) for s, r in zip(sizes, raw)]
-    # A slice is computed projected: REDUCE_FACTOR x its projected size must fit in the other half.
+    # A slice is computed projected: REDUCE_FACTOR x its projected size must fit in a quarter of the budget,
+    # beside the store of its pass (the other three quarters).
     reduce_unit = [REDUCE_FACTOR * 4 * samples * s.width for s in sizes]
-    if 2 * max(reduce_unit) > budget:
+    if 4 * max(reduce_unit) > budget:
         raise FairPrunerError(
             f"max_memory={format_bytes(budget)} cannot hold one unit's samples ({samples} kept samples); the "
-            f"smallest budget that works is {2 * max(reduce_unit)} bytes ({format_bytes(2 * max(reduce_unit))}). Raise "
-            "max_memory, or lower "
-            "samples_per_class or projections.")
+            f"smallest budget that works is {4 * max(reduce_unit)} bytes ({format_bytes(4 * max(reduce_unit))}). "
+            "Raise max_memory, or lower samples_per_class or projections.")
     total = sum(p * s.units for p, s in zip(per_unit, sizes))
-    if not binding:
-        room = total + 1
+    room = budget * 3 // 4 if binding else total + 1
     piece = max(1, total // pieces) if pieces > 1 else room
     passes: List[List[Slice]] = [[]]
     used = 0
     for i, s in enumerate(sizes):
         lo = 0
         # Units per slice: bounded by the store's room, the room to compute U of the slice, and the piece.
-        step = max(1, min(room // per_unit[i], budget // 2 // reduce_unit[i], piece // per_unit[i]))
+        reduce_cap = budget // 4 // reduce_unit[i] if binding else s.units
+        step = max(1, min(room // per_unit[i], reduce_cap, piece // per_unit[i]))
         while lo < s.units:
             take = min(s.units - lo, step, max(0, (room - used) // per_unit[i]))
             if take == 0:

@@ -39,8 +39,8 @@ def plan_store(sites: List[Site], sizes: List[Optional[SiteSize]], modules: Dict
     live = [i for i, s in enumerate(sizes) if s is not None]
     for i, s in enumerate(sites):
         s.active = sizes[i] is not None  # a tensor already measured by an earlier site of its group
-    # Under torch.distributed every slice is gathered on one rank: 8 slices per rank bound what arrives at once.
-    pieces = 8 * torch.distributed.get_world_size() if distributed() else 1
+    # Under torch.distributed every slice is gathered on one rank: 32 slices per rank bound what arrives at once.
+    pieces = 32 * torch.distributed.get_world_size() if distributed() else 1
     plan, raw = plan_passes([sizes[i] for i in live], samples, projections, budget, pieces)
     passes: List[List[Site]] = []
     slices: Dict[int, List[Site]] = {}
@@ -115,11 +115,13 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
         s.active = False
 
 
-def reduce_pass(store: Store, number: int, limit: int, pairs: str) -> None:
+def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: bool = False) -> None:
     """U of every slice stored in this pass, then its samples go. Under torch.distributed each slice's samples
     go to one owner rank, which computes its U; the U vectors are then shared, so every rank ends equal."""
     members = store.passes[number]
-    for j, s in enumerate(members):
+    n = len(store.passes)
+    desc = "fairpruner: U" + (f" of pass {number + 1}/{n}" if n > 1 else "")
+    for j, s in enumerate(tqdm(members, desc=desc, disable=not progress, leave=False)):
         s.active = False  # its samples are complete
         if distributed() and not to_owners(s, j, limit, store.meter):
             continue  # another rank owns it

@@ -94,8 +94,9 @@ def score(
             for families registered by you. Recorded in the scores, so plans made from them are applied with
             the same options.
         max_memory: bound on the U sample store, in bytes or as a string ("8GB", "512MiB"); default: a
-            quarter of the memory available when scoring starts. Half of it holds samples, half is the room
-            in which U is computed. Where the store does not fit, the sites are cut into slices of units
+            quarter of the memory available when scoring starts (on a GPU: of its free memory, and the store
+            stays on the GPU). Three quarters of it hold samples, a quarter is the
+            room in which U is computed. Where the store does not fit, the sites are cut into slices of units
             measured in further forward passes over the loader (no gradients; the loader must give the same
             batches again), and maps smaller than ``projections`` are kept unprojected: U stays exact. A
             budget too small for one unit's samples is refused, naming the smallest that works.
@@ -112,9 +113,9 @@ def score(
     """
     fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, ignore, attention,
                           family_options, class_pairs)
-    budget = default_budget() if max_memory is None else parse_memory(max_memory)
-    loss_fn = loss_fn or F.cross_entropy
     device = device_of(model, device)
+    budget = default_budget(device) if max_memory is None else parse_memory(max_memory)
+    loss_fn = loss_fn or F.cross_entropy
     known = prescan_labels(loader)
     if known is not None:
         check_classes(known, None)
@@ -134,16 +135,18 @@ def score(
             sizes = probe_batch_dims(run.work, run.trace, run.sites, run.state, projections)
             bound = _kept_bound(known, run.num_outputs, samples_per_class)
             store = plan_store(run.sites, sizes, run.modules, run.state, projections, bound, budget, hooks)
+            # On a GPU the samples stay there (sorting and distances run there too); the budget is GPU memory.
+            run.state["store_device"] = device if device.type == "cuda" else torch.device("cpu")
             check_reiterable(loader, store)
             seen, n_samples, order = _run_batches(run, _chain(first, iterator), loader, loss_fn, device,
                                                   samples_per_class, show, len(store.passes))
             if distributed():
                 seen, n_samples = merge_totals(run.work, seen, n_samples)
             counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
-            reduce_pass(store, 0, samples_per_class, class_pairs)
+            reduce_pass(store, 0, samples_per_class, class_pairs, show)
             for k in range(1, len(store.passes)):
                 later_pass(run.work, loader, store, k, order, samples_per_class, device, show)
-                reduce_pass(store, k, samples_per_class, class_pairs)
+                reduce_pass(store, k, samples_per_class, class_pairs, show)
         finally:
             for h in hooks:
                 h.remove()
@@ -220,7 +223,7 @@ def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: 
     modules = dict(work.named_modules())
     sites = pick_sites(groups, modules, u_at, seed, work)
     state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}, "meter": StoreMeter(),
-                   "forward": 0}
+                   "forward": 0, "store_device": torch.device("cpu")}
     return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
 
 

@@ -124,7 +124,7 @@ def _site_hook(site: Site, state: dict, projections: int) -> Callable:
             if not bool(torch.isfinite(proj.sum())):
                 raise DataError(f"Non-finite values (NaN/inf) in the {site.side} of '{site.module}'. Check the "
                                 "model weights and the input normalisation.")
-            site.chunks.append(proj.cpu())
+            site.chunks.append(proj.to(state["store_device"]))
             site.labels.append(state["labels"])
             state["meter"].add(proj.numel() * proj.element_size())
     if site.source is not None:
