@@ -141,7 +141,7 @@ def worker_dist(cfg: dict) -> dict:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    batches = _batches(cfg["classes"], cfg["per_class"], 32)
+    batches = _batches(cfg["classes"], cfg["per_class"], 32, batch=32)
     torch.manual_seed(0)
     model = zoo.resnet20(num_classes=cfg["classes"]).eval()
     s = fp.score(model, batches[rank::world], samples_per_class=cfg["per_class"], progress=False)
@@ -156,7 +156,7 @@ def worker_single(cfg: dict) -> dict:
     import fairpruner as fp
     from fairpruner import zoo
     torch.set_num_threads(1)
-    batches = _batches(cfg["classes"], cfg["per_class"], 32)
+    batches = _batches(cfg["classes"], cfg["per_class"], 32, batch=32)
     torch.manual_seed(0)
     model = zoo.resnet20(num_classes=cfg["classes"]).eval()
     s = fp.score(model, batches, samples_per_class=cfg["per_class"], progress=False)
@@ -238,7 +238,7 @@ def section_dist(args) -> list:
     dr = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(ranks[0]["r"], one["r"]))
     same = all(torch.equal(a, b) for a, b in zip(ranks[0]["u"] + ranks[0]["r"], ranks[1]["u"] + ranks[1]["r"]))
     peaks = [r["peak"] / one["peak"] for r in ranks]
-    return ["## torchrun, 2 ranks (gloo, CPU; ResNet-20, CIFAR-10, 10 classes x 32)", "",
+    return ["## torchrun, 2 ranks (gloo, CPU; ResNet-20, CIFAR-10, 10 classes x 32; 10 batches, 5 per rank)", "",
             f"- Both ranks return identical scores: {same}. Against one process: largest relative difference "
             f"U {du:.1e}, R {dr:.1e} (the samples meet in another order; R sums gradients over ranks).",
             f"- Sample store per rank at its largest: {', '.join(f'{p:.2f}x' for p in peaks)} of one process's "

@@ -106,3 +106,18 @@ def test_family_contract(family, case, build, target):
     assert fp.count_macs(model, example) == plan.predicted["macs_before"]
     assert [p.shape for p in masked.parameters()] == [p.shape for p in model.parameters()]
     assert_unchanged(model, before, "prune, mask and count")
+
+
+@pytest.mark.parametrize("family,case,build,target", CASES, ids=[f"{f}-{c}" for f, c, _, _ in CASES])
+def test_family_scores_within_a_memory_budget(family, case, build, target):
+    """A budget below the whole store: family sites are cut into slices measured over several passes, with
+    the same scores."""
+    model, x, score_kwargs = build()
+    batches = [(x[i:i + 8], torch.arange(8) % CLASSES) for i in range(0, len(x), 8)]
+    free = fp.score(model, batches, projections=8, **score_kwargs)
+    budget = free.meta["u_store"]["peak_bytes"]
+    tight = fp.score(model, batches, projections=8, max_memory=budget, **score_kwargs)
+    assert tight.meta["u_store"]["passes"] > 1
+    assert tight.meta["u_store"]["peak_bytes"] <= budget * 3 // 4
+    for a, b in zip(free.groups, tight.groups):
+        assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name

@@ -81,7 +81,9 @@ def check_reiterable(loader: Iterable, store: Store) -> None:
 
 def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, order: List[torch.Tensor],
                samples_per_class: int, device: torch.device, progress: bool) -> None:
-    """Forward passes (no gradients) over the batches that hold kept samples, storing this pass's slices."""
+    """Forward passes over the batches that hold kept samples, storing this pass's slices. Gradients stay on
+    (no backward runs): some layers take other kernels without them (LSTM on the CPU), and the samples must
+    be the very values of the first pass."""
     state = store.state
     for s in store.passes[number]:
         s.active = True
@@ -89,7 +91,7 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
     last = len(order) - 1  # the last batch holding kept samples
     bar = tqdm(total=last + 1, desc=f"fairpruner: U pass {number + 1}/{len(store.passes)}", disable=not progress,
                leave=False)
-    with torch.no_grad():
+    with torch.enable_grad():
         for b, batch in enumerate(loader):
             if b > last:
                 break

@@ -97,7 +97,7 @@ def score(
             quarter of the memory available when scoring starts (on a GPU: of its free memory, and the store
             stays on the GPU). Three quarters of it hold samples, a quarter is the
             room in which U is computed. Where the store does not fit, the sites are cut into slices of units
-            measured in further forward passes over the loader (no gradients; the loader must give the same
+            measured in further forward passes over the loader (no backward; the loader must give the same
             batches again), and maps smaller than ``projections`` are kept unprojected: U stays exact. A
             budget too small for one unit's samples is refused, naming the smallest that works.
         class_pairs: how the largest class-pair W1 is found: "all" pairs (exact), "search" (from the two

@@ -159,11 +159,30 @@ def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -
     # Blocks of classes bound the memory; blocks no larger than ~K/8 also keep the wasted lower triangle
     # of the diagonal blocks small (~K*block/2 pairs on top of the K^2/2 needed).
     block = max(1, min(int((max_chunk_elems / max(1, units * proj)) ** 0.5), max(8, -(-num_classes // 8))))
+    spans = [(i, j) for i in range(0, num_classes, block) for j in range(i, num_classes, block)]
+    if num_classes * num_classes * proj <= max_chunk_elems:
+        # Every pair of a block of units in one call: several times faster than one call per block of
+        # classes, and the same distances (each is the same in-order sum). The mean over projections is then
+        # taken per block of classes, as below, so the result is the same to the bit.
+        step = max(1, max_chunk_elems // (num_classes * num_classes * proj))
+        out = []
+        for u0 in range(0, units, step):
+            rows = q[u0 * proj:(u0 + step) * proj]
+            d = torch.cdist(rows, rows, p=1)  # (block*P, K, K)
+            out.append(_max_over_blocks(d, spans, block, proj))
+        return torch.cat(out)
     best = torch.zeros(units, device=q.device, dtype=q.dtype)
-    for i in range(0, num_classes, block):
-        a = q[:, i:i + block]
-        for j in range(i, num_classes, block):
-            d = torch.cdist(a, q[:, j:j + block], p=1)  # (units*P, bi, bj)
-            d = d.view(units, proj, d.shape[1], d.shape[2]).mean(dim=1)
-            best = torch.maximum(best, d.flatten(1).amax(dim=1))
+    for i, j in spans:
+        d = torch.cdist(q[:, i:i + block], q[:, j:j + block], p=1)  # (units*P, bi, bj)
+        d = d.view(units, proj, d.shape[1], d.shape[2]).mean(dim=1)
+        best = torch.maximum(best, d.flatten(1).amax(dim=1))
+    return best
+
+
+def _max_over_blocks(d: torch.Tensor, spans: List[tuple], block: int, proj: int) -> torch.Tensor:
+    best = None
+    for i, j in spans:
+        part = d[:, i:i + block, j:j + block].contiguous()
+        part = part.view(-1, proj, part.shape[1], part.shape[2]).mean(dim=1).flatten(1).amax(dim=1)
+        best = part if best is None else torch.maximum(best, part)
     return best
