@@ -254,7 +254,8 @@ def _make_plan(scores: Scores, counts: np.ndarray, signal: Signal, seed: int, al
 
 def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: float, before: Dict[str, float],
             limit_text: str):
-    """Smallest candidate whose plan removes at least ``target`` of ``key`` (removal is monotone)."""
+    """The candidate whose plan removes closest to ``target`` of ``key``: the smallest that removes at least
+    the target (removal is monotone), or the one below it where that is closer."""
     def removed_frac(c):
         return 1.0 - cost.evaluate(counts_of(c))[key] / max(before[key], 1.0)
     lo, hi = 0, len(cands) - 1
@@ -268,6 +269,8 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
             hi = mid
         else:
             lo = mid + 1
+    if lo > 0 and target - removed_frac(cands[lo - 1]) < removed_frac(cands[lo]) - target:
+        lo -= 1
     return float(cands[lo]), counts_of(cands[lo])
 
 
