@@ -7,7 +7,10 @@ torch-pruning itself takes ``customized_pruners``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import os
+import signal
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
@@ -17,13 +20,55 @@ from ._core.groups import GroupSpec, Member, member_kind
 from ._core.inputs import as_args
 from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES)
 from ._core.state import preserved_state
-from ._errors import UnsupportedModelError
+from ._errors import FairPrunerError, UnsupportedModelError
 
 # The unit families handed in are ``fairpruner.families.Family`` instances. This module does not import that
 # package: the families build on this adapter, not the other way round.
 Families = Sequence[Any]
 
-__all__ = ["build_graph", "discover_groups", "find_output_layers", "group_slots", "family_layout"]
+__all__ = ["build_graph", "discover_groups", "find_output_layers", "group_slots", "family_layout",
+           "GRAPH_SECONDS", "SECONDS_ENV"]
+
+# torch-pruning explores the whole graph, which takes minutes or never ends on some models (a Llama decoder's
+# attention): a refusal after a bounded time is better than a hang.
+GRAPH_SECONDS = 120.0
+SECONDS_ENV = "FAIRPRUNER_GRAPH_SECONDS"
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _torch_pruning(what: str, model: nn.Module) -> Iterator[None]:
+    """Runs a torch-pruning step under a time bound (main thread, where SIGALRM can be used) and turns its
+    failures into a clear refusal: nothing from inside the dependency reaches the user as a crash."""
+    seconds = float(os.environ.get(SECONDS_ENV, GRAPH_SECONDS))
+    timed = seconds > 0 and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    previous = None
+    if timed:
+        def alarm(signum, frame):
+            raise _OutOfTime()
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _OutOfTime:
+        raise UnsupportedModelError(
+            f"{what} of {type(model).__name__} did not finish in {seconds:g} s: torch-pruning explores the "
+            "whole graph, and this model's is beyond it. Prune a part of the model that has a plain structure, "
+            f"or allow more time with the environment variable {SECONDS_ENV}=<seconds>.") from None
+    except FairPrunerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside the dependency becomes a refusal
+        raise UnsupportedModelError(
+            f"{what} of {type(model).__name__} failed inside torch-pruning ({type(e).__name__}: {e}). If the "
+            "model returns more than its logits (a Hugging Face model with use_cache=True returns its cache), "
+            "make it return the logits alone; otherwise add the layer involved to `ignore=`.") from e
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 def family_layout(families: Families, module: nn.Module,
                   side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
@@ -126,7 +171,7 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
         loose = [p for m in model.modules() if _unknown_to_tp(m)
                  and not isinstance(m, tuple(t for t in custom if isinstance(t, type)))
                  for p in m.parameters(recurse=False) if max(p.shape, default=1) > 1]
-        with contextlib.ExitStack() as tracing:
+        with contextlib.ExitStack() as tracing, _torch_pruning("Tracing the dependency graph", model):
             for fam in families:
                 tracing.enter_context(fam.tracing(model))
             graph = tp.DependencyGraph().build_dependency(
@@ -245,8 +290,10 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Famil
     names = {m: n for n, m in modules.items()}
     owned = [n for fam in families for n in fam.owned(model)]
     ignored = [modules[n] for n in list(ignore) + owned]
+    with _torch_pruning("Finding the coupled groups", model):
+        found = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=list(WEIGHT_TYPES)))
     groups = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(WEIGHT_TYPES)):
+    for group in found:
         root = group[0].dep.target.module
         channels = graph.get_out_channels(root)
         if channels is None or channels < 2:
