@@ -46,3 +46,13 @@ def test_the_bound_leaves_the_alarm_as_it_was(monkeypatch):
     build_graph(zoo.resnet20().eval(), torch.randn(2, 3, 32, 32))
     assert signal.getsignal(signal.SIGALRM) == before
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_model_of_unknown_weight_layers_is_refused_naming_them():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    with pytest.raises(fp.FairPrunerError, match="kinds fairpruner does not prune.*Conv1D"):
+        fp.score(model, _batch(), samples_per_class=4, progress=False)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import families as _families
 from .._core.groups import GroupSpec
 from .._core.inputs import as_args, describe_inputs, device_of, logits_of, to_device
+from .._core.layers import SUPPORTED_TYPES
 from .._core.state import model_signature
 from .._errors import DataError, FairPrunerError
 from .._graph import build_graph, discover_groups, find_output_layers
@@ -218,13 +219,21 @@ def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: 
     groups = discover_groups(graph, work, fams, ignore=tuple(ignore) + tuple(outputs), example_inputs=trace)
     del graph
     if not groups:
-        raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output).")
+        raise FairPrunerError("No prunable groups were found (every layer is ignored or feeds the output)"
+                              + _unknown_layers(work) + ".")
     cost = CostModel.build(work, trace, groups)
     modules = dict(work.named_modules())
     sites = pick_sites(groups, modules, u_at, seed, work)
     state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}, "meter": StoreMeter(),
                    "forward": 0, "store_device": torch.device("cpu")}
     return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
+
+
+def _unknown_layers(model: nn.Module) -> str:
+    """Names the kinds of weight-holding layers no group can be rooted at (e.g. transformers' Conv1D)."""
+    kinds = sorted({type(m).__name__ for m in model.modules() if not isinstance(m, SUPPORTED_TYPES)
+                    and any(p.dim() > 1 for p in m.parameters(recurse=False))})
+    return (f"; its weights sit in layers of kinds fairpruner does not prune: {kinds}" if kinds else "")
 
 
 def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callable, device: torch.device,
