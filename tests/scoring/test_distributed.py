@@ -1,6 +1,7 @@
 """Tests for fairpruner._scoring.distributed: fp.score under torch.distributed (2 CPU processes, gloo) equals a
 single-process run on the same data."""
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -61,3 +62,32 @@ def test_two_processes_match_single_process(tmp_path):
     # Each slice's samples go to one owner rank: a rank never holds the whole store.
     for r in ranks:
         assert r["peak"] <= 0.6 * single.meta["u_store"]["peak_bytes"], (r["peak"], single.meta["u_store"])
+
+
+def _failing_worker(rank: int, world: int, port: int, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        x, y = _data()
+        if rank == 1:
+            x = x.clone()
+            x[10] = float("nan")  # batch 1: only this rank's shard holds a broken sample
+        try:
+            fp.score(_model(), _batches(x, y, rank, world), example_inputs=x[:2], samples_per_class=16,
+                     projections=16, seed=3)
+            message = "no error"
+        except fp.FairPrunerError as e:
+            message = str(e)
+        with open(f"{path}/rank{rank}.txt", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
+    context = mp.spawn(_failing_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        assert time.monotonic() < deadline, "a rank is still waiting: scoring hung"
+    assert "NaN" in (tmp_path / "rank1.txt").read_text()
+    assert "another rank" in (tmp_path / "rank0.txt").read_text()

@@ -3,16 +3,17 @@ one owner rank (a gather to that rank, not a gather to all), which computes its 
 broadcast, so every rank returns the same scores while holding about 1/N of the sample store."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
 
+from .._errors import FairPrunerError
 from .budget import StoreMeter
 from .labels import first_per_class
 from .sites import Site
 
-__all__ = ["distributed", "merge_totals", "to_owners", "share_u"]
+__all__ = ["distributed", "merge_totals", "to_owners", "share_u", "agreed"]
 
 
 def distributed() -> bool:
@@ -22,6 +23,25 @@ def distributed() -> bool:
 def _comm() -> torch.device:
     dist = torch.distributed
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agreed(step: Callable[[], Any]) -> Any:
+    """Runs ``step`` on every rank; if it fails on any rank, every rank raises (the failing one its own error),
+    so that no rank waits forever in the collectives that follow."""
+    if not distributed():
+        return step()
+    error, result = None, None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    flag = torch.tensor([0 if error is None else 1], device=_comm())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(flag):
+        raise FairPrunerError("Scoring failed on another rank (see its error); every rank stops.")
+    return result
 
 
 def merge_totals(work: nn.Module, seen: torch.Tensor, n_samples: int) -> tuple:

@@ -27,7 +27,7 @@ from .._graph import build_graph, discover_groups, find_output_layers
 from .._measure.costmodel import CostModel
 from ..families.attention import AttentionOptions
 from .budget import StoreMeter, default_budget, parse_memory
-from .distributed import distributed, merge_totals
+from .distributed import agreed, distributed, merge_totals
 from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
 from .labels import check_classes, first_per_class, labelled_batch, prescan_labels
 from .reduce import R_REDUCTIONS, U_REDUCTIONS, assemble
@@ -135,18 +135,19 @@ def score(
         try:
             sizes = probe_batch_dims(run.work, run.trace, run.sites, run.state, projections)
             bound = _kept_bound(known, run.num_outputs, samples_per_class)
-            store = plan_store(run.sites, sizes, run.modules, run.state, projections, bound, budget, hooks)
+            store = agreed(lambda: plan_store(run.sites, sizes, run.modules, run.state, projections, bound, budget,
+                                              hooks))
             # On a GPU the samples stay there (sorting and distances run there too); the budget is GPU memory.
             run.state["store_device"] = device if device.type == "cuda" else torch.device("cpu")
             check_reiterable(loader, store)
-            seen, n_samples, order = _run_batches(run, _chain(first, iterator), loader, loss_fn, device,
-                                                  samples_per_class, show, len(store.passes))
+            seen, n_samples, order = agreed(lambda: _run_batches(run, _chain(first, iterator), loader, loss_fn,
+                                                                 device, samples_per_class, show, len(store.passes)))
             if distributed():
                 seen, n_samples = merge_totals(run.work, seen, n_samples)
             counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
             reduce_pass(store, 0, samples_per_class, class_pairs, show)
             for k in range(1, len(store.passes)):
-                later_pass(run.work, loader, store, k, order, samples_per_class, device, show)
+                agreed(lambda: later_pass(run.work, loader, store, k, order, samples_per_class, device, show))
                 reduce_pass(store, k, samples_per_class, class_pairs, show)
         finally:
             for h in hooks:
