@@ -272,3 +272,26 @@ def test_plan_warns_when_the_target_is_missed_and_sweeps_targets(workdir, capsys
     assert main(["plan", "--scores", "s.pt", "--sweep", "macs", "--targets", "0.2,0.4"]) == 0
     out = capsys.readouterr().out
     assert "asked (MACs)" in out and "20.0%" in out and "40.0%" in out
+
+
+def test_hugging_face_directory_spec(workdir, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    model.save_pretrained(workdir / "vit")
+    common = ["--model", "hf:vit", "--no-progress"]
+    assert main(["score", *common, "--data", "digits", "--samples-per-class", "4", "--projections", "4",
+                 "--out", "s.pt"]) == 0
+    assert main(["plan", "--scores", "s.pt", "--alpha", "0.3", "--out", "p.json"]) == 0
+    assert main(["prune", "--model", "hf:vit", "--plan", "p.json", "--out", "pruned.pt"]) == 0
+    fresh = transformers.ViTForImageClassification.from_pretrained(workdir / "vit")
+    pruned = fp.load(workdir / "pruned.pt", fresh).eval()
+    masked = fp.mask(model, fp.Plan.from_json((workdir / "p.json").read_text()))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x).logits, masked(x).logits, rtol=1e-4, atol=1e-5)
+    assert fp.count_params(pruned) < fp.count_params(model)
+    assert main(["score", "--model", "hf:nowhere", "--data", "digits", "--out", "s2.pt"]) != 0
+    assert "save_pretrained" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def _build_model(spec: str, num_classes: Optional[int]) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if where == "zoo":
         return zoo.create(name, **kwargs)
+    if where == "hf":
+        return _hugging_face(name, num_classes)
     # A console script does not put the working directory on sys.path; users expect their local module.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -63,6 +65,27 @@ def _build_model(spec: str, num_classes: Optional[int]) -> nn.Module:
     return model
 
 
+def _hugging_face(directory: str, num_classes: Optional[int]) -> nn.Module:
+    """A model written by transformers' ``save_pretrained``, built offline from its own directory: the class
+    its config names (``architectures``), with its weights."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise CliError(f"hf:{directory} needs a directory written by save_pretrained (no {config_file} there)")
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError:
+        raise CliError("hf: models need the transformers package: pip install 'fairpruner[hf]'") from None
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise CliError(f"the config in {directory} names no model class transformers knows ({names or 'none'})")
+    if num_classes is not None and getattr(config, "num_labels", num_classes) != num_classes:
+        raise CliError(f"hf:{directory} has {config.num_labels} labels, not {num_classes} (drop --num-classes, or "
+                       "give data with as many classes)")
+    return cls.from_pretrained(directory, local_files_only=True)
+
+
 def _torch_load(path: str) -> Any:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -78,7 +101,8 @@ def _load_model(args: argparse.Namespace, num_classes: Optional[int] = None) -> 
     n = args.num_classes if args.num_classes is not None else num_classes
     model = _build_model(args.model, n)
     if not getattr(args, "weights", None):
-        print("note: no --weights given; using the model as its factory builds it", file=sys.stderr)
+        if not args.model.startswith("hf:"):  # hf: directories hold their weights
+            print("note: no --weights given; using the model as its factory builds it", file=sys.stderr)
     else:
         state = _torch_load(args.weights)
         if isinstance(state, dict) and state.get("format") == "fairpruner.model":

@@ -9,8 +9,9 @@ from .commands import COMMANDS
 
 __all__ = ["build_parser", "MODEL_HELP", "DATA_HELP", "DEFAULT_ALPHAS"]
 
-MODEL_HELP = ("zoo:NAME (see fairpruner.zoo.list_models()) or package.module:factory (imported from the current "
-              "directory or the Python path; called with num_classes= when it accepts it)")
+MODEL_HELP = ("zoo:NAME (see fairpruner.zoo.list_models()), hf:DIR (a Hugging Face model written by save_pretrained, "
+              "loaded offline with its weights) or package.module:factory (imported from the current directory or the "
+              "Python path; called with num_classes= when it accepts it)")
 DATA_HELP = ("'digits' (scikit-learn digits), 'cifar10:PATH' or a .tar.gz with train/ and test/ class folders, "
              "or an image-folder directory")
 DEFAULT_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
