@@ -75,7 +75,7 @@ def to_owners(site: Site, position: int, limit: int, meter: StoreMeter) -> bool:
     comm, world, rank, owner = _comm(), dist.get_world_size(), dist.get_rank(), owner_of(position)
     local = torch.cat(site.chunks) if site.chunks else None
     labels = torch.cat(site.labels) if site.labels else torch.zeros(0, dtype=torch.long)
-    meter.release(sum(c.numel() * c.element_size() for c in site.chunks))
+    meter.release(site.stored_bytes)
     site.chunks, site.labels = [], []
     shape = torch.tensor([labels.numel()] + (list(local.shape[1:]) if local is not None else [-1, -1]), device=comm)
     shapes = [torch.zeros_like(shape) for _ in range(world)]

@@ -8,7 +8,7 @@ import torch
 from .._core.inputs import split_batch
 from .._errors import DataError
 
-__all__ = ["labelled_batch", "prescan_labels", "check_classes", "first_per_class"]
+__all__ = ["labelled_batch", "prescan_labels", "check_classes", "first_per_class", "next_kept"]
 
 
 def labelled_batch(batch: Any) -> tuple:
@@ -68,3 +68,11 @@ def first_per_class(targets: torch.Tensor, seen: torch.Tensor, limit: int) -> to
     rank[order] = seen[sorted_t] + torch.arange(targets.numel()) - start
     return (rank < limit).nonzero().flatten()
 
+
+
+def next_kept(targets: torch.Tensor, seen: torch.Tensor, limit: int) -> tuple:
+    """The batch positions kept for U (:func:`first_per_class`) and the samples seen per class after the batch."""
+    if int(targets.max()) >= seen.numel():
+        seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
+    keep = first_per_class(targets, seen, limit)
+    return keep, seen + torch.bincount(targets, minlength=seen.numel())

@@ -13,8 +13,8 @@ from .._core.inputs import as_args, to_device
 from .._errors import DataError, FairPrunerError
 from .budget import SiteSize, StoreMeter, format_bytes, plan_passes
 from .distributed import distributed, share_u, to_owners
-from .labels import first_per_class, labelled_batch
-from .sites import Site, attach_sites
+from .labels import labelled_batch, next_kept
+from .sites import Site, attach_sites, begin_forward
 from .wasserstein import max_pairwise_w1
 
 __all__ = ["Store", "plan_store", "check_reiterable", "later_pass", "reduce_pass", "site_u"]
@@ -26,11 +26,15 @@ class Store:
 
     passes: List[List[Site]]
     slices: Dict[int, List[Site]]  # original site position -> its slices, by first unit
-    meter: StoreMeter
     budget: int
     raw: int  # sites stored unprojected
     state: dict  # the hooks' shared state
     u: Dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # id(slice) -> U of its units
+
+    @property
+    def meter(self) -> StoreMeter:
+        """What the hooks hold now and at most (kept in their shared state)."""
+        return self.state["meter"]
 
 
 def plan_store(sites: List[Site], sizes: List[Optional[SiteSize]], modules: Dict[str, nn.Module], state: dict,
@@ -63,7 +67,7 @@ def plan_store(sites: List[Site], sizes: List[Optional[SiteSize]], modules: Dict
     for members in passes[1:]:
         for s in members:
             s.active = False
-    return Store(passes, slices, state["meter"], budget, sum(raw), state)
+    return Store(passes, slices, budget, sum(raw), state)
 
 
 def _slice(parent: Site, position: int, lo: int, hi: int, raw: bool) -> Site:
@@ -101,16 +105,11 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
                     f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the "
                     "calibration data, and the loader gave other samples the second time (shuffled?). Use a "
                     "loader with a fixed order (shuffle=False), or raise max_memory.")
-            if int(targets.max()) >= seen.numel():
-                seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
-            keep = first_per_class(targets, seen, samples_per_class)
-            seen += torch.bincount(targets, minlength=seen.numel())
+            keep, seen = next_kept(targets, seen, samples_per_class)
             bar.update(1)
             if keep.numel() == 0:
                 continue
-            state["keep"], state["labels"] = keep.to(device), targets[keep]
-            state["forward"] += 1
-            state["measured"] = {}
+            begin_forward(state, keep.to(device), targets[keep])
             work(*as_args(to_device(inputs, device)))
     bar.close()
     for s in store.passes[number]:
@@ -127,7 +126,7 @@ def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: boo
         s.active = False  # its samples are complete
         if distributed() and not to_owners(s, j, limit, store.meter):
             continue  # another rank owns it
-        held = sum(c.numel() * c.element_size() for c in s.chunks)
+        held = s.stored_bytes
         labels = torch.cat(s.labels) if s.labels else torch.zeros(0, dtype=torch.long)
         chunks, s.chunks, s.labels = s.chunks, [], []
         if labels.numel():

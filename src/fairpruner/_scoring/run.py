@@ -29,11 +29,11 @@ from ..families.attention import AttentionOptions
 from .budget import StoreMeter, default_budget, parse_memory
 from .distributed import agreed, distributed, merge_totals
 from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
-from .labels import check_classes, first_per_class, labelled_batch, prescan_labels
+from .labels import check_classes, labelled_batch, next_kept, prescan_labels
 from .reduce import R_REDUCTIONS, U_REDUCTIONS, assemble
 from .scores import Scores
-from .sites import U_SITES, Site, attach_sites, pick_sites, probe_batch_dims
-from .wasserstein import PAIR_SEARCH, SEARCH_ABOVE
+from .sites import U_SITES, Site, attach_sites, begin_forward, pick_sites, probe_batch_dims
+from .wasserstein import PAIR_SEARCH, pair_rule
 
 __all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
 
@@ -145,16 +145,16 @@ def score(
             if distributed():
                 seen, n_samples = merge_totals(run.work, seen, n_samples)
             counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
-            reduce_pass(store, 0, samples_per_class, class_pairs, show)
+            pairs = pair_rule(class_pairs, len(counts))
+            reduce_pass(store, 0, samples_per_class, pairs, show)
             for k in range(1, len(store.passes)):
                 agreed(lambda: later_pass(run.work, loader, store, k, order, samples_per_class, device, show))
-                reduce_pass(store, k, samples_per_class, class_pairs, show)
+                reduce_pass(store, k, samples_per_class, pairs, show)
         finally:
             for h in hooks:
                 h.remove()
         site_us = [site_u(store, i) for i in range(len(run.sites))]
         result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce)
-    pairs = class_pairs if class_pairs != "auto" else "all" if len(counts) <= SEARCH_ABOVE else "search"
     meta = {
         "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class,
         "projections": projections, "seed": seed, "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce,
@@ -225,7 +225,7 @@ def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: 
     cost = CostModel.build(work, trace, groups)
     modules = dict(work.named_modules())
     sites = pick_sites(groups, modules, u_at, seed, work)
-    state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "measured": {}, "meter": StoreMeter(),
+    state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "meter": StoreMeter(),
                    "forward": 0, "store_device": torch.device("cpu")}
     return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
 
@@ -248,15 +248,10 @@ def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callab
     desc = "fairpruner: scoring" + (f" (pass 1/{passes})" if passes > 1 else "")
     for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False):
         inputs, targets = labelled_batch(batch)
-        if int(targets.max()) >= seen.numel():
-            seen = torch.cat([seen, torch.zeros(int(targets.max()) + 1 - seen.numel(), dtype=torch.long)])
-        keep = first_per_class(targets, seen, samples_per_class)
-        seen += torch.bincount(targets, minlength=seen.numel())
+        keep, seen = next_kept(targets, seen, samples_per_class)
         order.append(targets)
         last = len(order) - 1 if keep.numel() else last
-        run.state["keep"], run.state["labels"] = keep.to(device), targets[keep]
-        run.state["forward"] += 1
-        run.state["measured"] = {}
+        begin_forward(run.state, keep.to(device), targets[keep])
         out = logits_of(run.work(*as_args(to_device(inputs, device))))
         if int(targets.max()) >= out.shape[-1]:
             raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "

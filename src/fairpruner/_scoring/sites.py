@@ -17,7 +17,7 @@ from ..families.base import USource
 from .budget import SiteSize
 from .wasserstein import random_directions
 
-__all__ = ["Site", "site_seed", "pick_sites", "attach_sites", "probe_batch_dims", "U_SITES"]
+__all__ = ["Site", "site_seed", "pick_sites", "attach_sites", "probe_batch_dims", "begin_forward", "U_SITES"]
 
 U_SITES = ("output", "norm", "input")
 
@@ -43,6 +43,10 @@ class Site:
     lo: int = 0  # first unit of the slice
     raw: bool = False  # store maps unprojected (projected when U is computed)
     active: bool = True  # stores samples in the current pass
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.chunks)
 
 
 def site_seed(seed: int, module: str, side: str) -> int:
@@ -92,13 +96,9 @@ def _site_hook(site: Site, state: dict, projections: int) -> Callable:
             raise FairPrunerError(f"Module '{site.module}' runs more than once per forward pass; shared modules "
                                   "cannot be scored. Add it to `ignore=`.")
         site.calls = state["forward"]
+        # A tensor several sites of a group read is measured by the first only: probe_batch_dims makes the
+        # others inactive.
         keep = state["keep"]  # may be empty: an empty chunk still records the layout (for torch.distributed)
-        # Several consumers of one group often read the very same tensor (a residual stream feeding a
-        # block and its shortcut): measure it once.
-        key = (site.group, tensor.data_ptr(), tuple(tensor.shape), site.lo)
-        if key in state["measured"]:
-            return
-        state["measured"][key] = tensor  # held until the batch ends, so the address cannot be reused
         with torch.no_grad():
             x = tensor.detach()
             if site.batch_dim:
@@ -132,6 +132,12 @@ def _site_hook(site: Site, state: dict, projections: int) -> Callable:
     if site.side == "output":
         return lambda mod, inp, out: record(out)
     return lambda mod, inp: record(inp[0])
+
+
+def begin_forward(state: dict, keep: torch.Tensor, labels: torch.Tensor) -> None:
+    """Tells the hooks which samples of the coming forward pass to keep, and their labels."""
+    state["keep"], state["labels"] = keep, labels
+    state["forward"] += 1
 
 
 def attach_sites(sites: List[Site], modules: Dict[str, nn.Module], state: dict, projections: int) -> list:

@@ -11,12 +11,20 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1", "PAIR_SEARCH", "SEARCH_ABOVE"]
+__all__ = ["random_directions", "quantile_grid", "sort_last", "max_pairwise_w1", "PAIR_SEARCH", "SEARCH_ABOVE",
+           "pair_rule"]
 
 PAIR_SEARCH = ("auto", "all", "search")
 # "auto" compares every class pair up to this many classes and searches above: the pairwise work grows with
 # classes^2, the search's with classes (4 rows of distances per unit).
 SEARCH_ABOVE = 32
+
+
+def pair_rule(pairs: str, classes: int) -> str:
+    """"all" or "search": what ``pairs`` means for this many classes ("auto" searches above SEARCH_ABOVE)."""
+    if pairs not in PAIR_SEARCH:
+        raise ValueError(f"pairs={pairs!r} is not one of {PAIR_SEARCH}.")
+    return pairs if pairs != "auto" else "all" if classes <= SEARCH_ABOVE else "search"
 
 
 def random_directions(dim: int, projections: int, generator: torch.Generator) -> torch.Tensor:
@@ -93,8 +101,7 @@ def max_pairwise_w1(
     if any(c.dim() != 3 for c in chunks) or labels.dim() != 1 or n != labels.shape[0]:
         raise ValueError(f"Expected data (N, units, projections) and labels (N,); got "
                          f"{[tuple(c.shape) for c in chunks]} and {tuple(labels.shape)}.")
-    if pairs not in PAIR_SEARCH:
-        raise ValueError(f"pairs={pairs!r} is not one of {PAIR_SEARCH}.")
+    pair_rule(pairs, 0)  # checked before any work
     device = device or chunks[0].device
     labels = labels.to(device)
     classes, labels = torch.unique(labels, sorted=True, return_inverse=True)
@@ -133,7 +140,7 @@ def max_pairwise_w1(
         q = q[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
     # Weighted by interval width, a plain L1 distance between quantile vectors is the W1 integral.
     q *= widths.to(device).view(1, 1, -1)
-    if pairs == "search" or pairs == "auto" and k > SEARCH_ABOVE:
+    if pair_rule(pairs, k) == "search":
         return _max_pair_search(q, units, proj)
     return _max_pair_l1(q, units, proj, max_chunk_elems)
 
@@ -173,16 +180,18 @@ def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -
         return torch.cat(out)
     best = torch.zeros(units, device=q.device, dtype=q.dtype)
     for i, j in spans:
-        d = torch.cdist(q[:, i:i + block], q[:, j:j + block], p=1)  # (units*P, bi, bj)
-        d = d.view(units, proj, d.shape[1], d.shape[2]).mean(dim=1)
-        best = torch.maximum(best, d.flatten(1).amax(dim=1))
+        best = torch.maximum(best, _block_max(torch.cdist(q[:, i:i + block], q[:, j:j + block], p=1), proj))
     return best
+
+
+def _block_max(d: torch.Tensor, proj: int) -> torch.Tensor:
+    """Per unit, the largest projection-averaged distance of one (units*P, bi, bj) block of class pairs."""
+    return d.view(-1, proj, d.shape[1], d.shape[2]).mean(dim=1).flatten(1).amax(dim=1)
 
 
 def _max_over_blocks(d: torch.Tensor, spans: List[tuple], block: int, proj: int) -> torch.Tensor:
     best = None
     for i, j in spans:
-        part = d[:, i:i + block, j:j + block].contiguous()
-        part = part.view(-1, proj, part.shape[1], part.shape[2]).mean(dim=1).flatten(1).amax(dim=1)
+        part = _block_max(d[:, i:i + block, j:j + block].contiguous(), proj)
         best = part if best is None else torch.maximum(best, part)
     return best

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import List
+
 import torch.nn as nn
 
-__all__ = ["init_weights", "make_divisible"]
+__all__ = ["conv_bn_relu6", "init_weights", "make_divisible"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
@@ -43,3 +45,12 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if new_value < 0.9 * value:
         new_value += divisor
     return new_value
+
+
+def conv_bn_relu6(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> List[nn.Module]:
+    """Conv (no bias, "same" padding for odd kernels) -> BatchNorm -> ReLU6, as MobileNetV2 builds them."""
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU6(inplace=True),
+    ]

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from ._common import make_divisible
+from ._common import conv_bn_relu6, make_divisible
 
 __all__ = ["Bottleneck", "ResNet50", "resnet50", "ImageNetMobileNetV2", "mobilenet_v2"]
 
@@ -94,8 +94,7 @@ class ResNet50(nn.Module):
 
 def _conv_bn_relu6(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     # A Sequential (not a list) so the names are features.N.0 / .1 as torchvision's Conv2dNormActivation.
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(out_ch), nn.ReLU6(inplace=True))
+    return nn.Sequential(*conv_bn_relu6(in_ch, out_ch, kernel, stride, groups))
 
 
 class _InvertedResidual(nn.Module):

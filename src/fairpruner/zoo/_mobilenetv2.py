@@ -11,7 +11,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from ._common import init_weights, make_divisible
+from ._common import conv_bn_relu6, init_weights, make_divisible
 
 __all__ = ["MobileNetV2", "InvertedResidual", "mobilenetv2"]
 
@@ -25,14 +25,6 @@ CIFAR_SETTINGS = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-
-
-def _conv_bn_relu6(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> List[nn.Module]:
-    return [
-        nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU6(inplace=True),
-    ]
 
 
 class InvertedResidual(nn.Module):
@@ -51,8 +43,8 @@ class InvertedResidual(nn.Module):
         self.use_residual = stride == 1 and in_ch == out_ch
         layers: List[nn.Module] = []
         if expand_ratio != 1:
-            layers += _conv_bn_relu6(in_ch, hidden, 1)
-        layers += _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden)
+            layers += conv_bn_relu6(in_ch, hidden, 1)
+        layers += conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden)
         # Linear bottleneck: no activation after the projection.
         layers += [nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
         self.conv = nn.Sequential(*layers)
@@ -86,13 +78,13 @@ class MobileNetV2(nn.Module):
         in_ch = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(1280 * width_mult)
 
-        layers: List[nn.Module] = _conv_bn_relu6(in_channels, in_ch, 3, stride=1)
+        layers: List[nn.Module] = conv_bn_relu6(in_channels, in_ch, 3, stride=1)
         for t, c, n, s in CIFAR_SETTINGS:
             out_ch = make_divisible(c * width_mult)
             for i in range(n):
                 layers.append(InvertedResidual(in_ch, out_ch, s if i == 0 else 1, t))
                 in_ch = out_ch
-        layers += _conv_bn_relu6(in_ch, self.last_channel, 1)
+        layers += conv_bn_relu6(in_ch, self.last_channel, 1)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
