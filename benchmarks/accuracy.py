@@ -42,13 +42,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 RESULTS = HERE / "results"
-PAPER_DEFAULTS = {"u_reduce": "max", "r_reduce": "sum"}  # this library's defaults before the validation study
+# this library's defaults before the validation studies
+PAPER_DEFAULTS = {"u_reduce": "max", "r_reduce": "sum", "u_consumer_power": 0, "u_at": "input"}
 
+IN = {"u_at": "input"}
+PLAIN = {"u_consumer_power": 0, **IN}
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR default (U + ToD)": ({}, {}),
-    "FAIR, previous defaults (U max, R sum, streams like any layer)": (PAPER_DEFAULTS, {"stream_weight": 1}),
-    "FAIR, U on the layer output": ({"u_at": "output"}, {}),
+    "FAIR, previous defaults (U max, R sum, streams like any layer)": (PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share"}),
+    "FAIR, plain U at the input, equal shares of the floor (defaults before the last study)": (
+        PLAIN, {"ties": "share"}),
+    "FAIR, U x consumer norm at the next layer's input (u_at=input)": (IN, {}),
     "U + uniform": ({}, {"allocation": "uniform"}),
     "L1 + ToD": ({}, {"signal": "l1"}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
@@ -60,19 +65,22 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
 }
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
 
-# The validation study: how a coupled group combines U and R, how deep residual streams are cut, where U is
-# measured. Label -> (score settings, plan settings).
+# The validation study: where U is measured and how it is weighted, how a coupled group combines U and R, how
+# deep residual streams are cut, how a target orders ToD's equal-level steps. Label -> (score, plan settings).
+SW4 = {"stream_weight": 4}
 VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    "U max, R sum, stream weight 1 (previous default)": ({"u_reduce": "max", "r_reduce": "sum"}, {"stream_weight": 1}),
-    "U mean, R sum, stream weight 1": ({"u_reduce": "mean", "r_reduce": "sum"}, {"stream_weight": 1}),
-    "U mean, R sum, stream weight 4": ({"u_reduce": "mean", "r_reduce": "sum"}, {"stream_weight": 4}),
-    "U mean, R max, stream weight 1": ({"u_reduce": "mean", "r_reduce": "max"}, {"stream_weight": 1}),
-    "U mean, R max, stream weight 4 (default)": ({}, {}),
-    "U mean, R max, stream weight 8": ({}, {"stream_weight": 8}),
-    "U max, R max, stream weight 4": ({"u_reduce": "max"}, {}),
-    "U on the layer output (u_at=output)": ({"u_at": "output"}, {}),
-    "U after the normalisation (u_at=norm)": ({"u_at": "norm"}, {}),
+    "plain U at the input, equal shares of the floor (previous default)": (PLAIN, {"ties": "share", **SW4}),
+    "plain U at the input, cost-ordered ties": (PLAIN, SW4),
+    "U x consumer norm at the input, equal shares of the floor": (IN, {"ties": "share", **SW4}),
+    "U x consumer norm at the input, cost-ordered ties": (IN, SW4),
+    "U x consumer norm^2 at the input, cost-ordered ties": ({"u_consumer_power": 2, **IN}, SW4),
+    "U x consumer norm at the input, stream weight 1": (IN, {"stream_weight": 1}),
+    "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8}),
+    "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, SW4),
+    "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, SW4),
+    "U x consumer norm on the layer output (u_at=output; default)": ({}, {}),
 }
+SELECTED = "U x consumer norm on the layer output (u_at=output; default)"
 
 
 def log(msg: str) -> None:
@@ -233,7 +241,7 @@ def table(grid: Dict[str, Any], key: str, best_of: Optional[List[str]] = None) -
             cell = _stat(rows[L], key)
             off = np.mean([r["macs_removed"] for r in rows[L]]) - float(L)
             cells.append(cell + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else ""))
-        name = f"**{label}**" if label in (DEFAULT, "U mean, R max, stream weight 4 (default)") else label
+        name = f"**{label}**" if label in (DEFAULT, SELECTED) else label
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

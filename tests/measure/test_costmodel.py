@@ -68,6 +68,23 @@ def test_cost_of_zero_removal_is_the_model():
     assert before == {"params": float(fp.count_params(model)), "macs": float(fp.count_macs(model, x))}
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "densenet"])
+def test_unit_cost_is_the_cost_of_removing_one_unit(name):
+    """Per group, what one unit holds: the drop of evaluate() for one unit, up to the second-order term of
+    axes both sides of a term cut (a depthwise weight's in and out channels)."""
+    _, _, scores = _example(name)
+    cost, n = scores.cost, len(scores.groups)
+    before, per_unit = cost.evaluate(np.zeros(n)), cost.unit_cost()
+    for i in range(n):
+        one = np.zeros(n)
+        one[i] = 1
+        after = cost.evaluate(one)
+        for key in ("params", "macs"):
+            drop = before[key] - after[key]
+            assert per_unit[key][i] >= drop - 0.5
+            assert per_unit[key][i] == pytest.approx(drop, rel=0.02, abs=1.0)
+
+
 def test_cost_monotone_in_removed_units():
     _, _, scores = _example("resnet20")
     cost = scores.cost

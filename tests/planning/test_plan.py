@@ -188,6 +188,39 @@ def test_stream_weight_protects_residual_streams(resnet_scores):
         fp.plan(resnet_scores, alpha=0.3, stream_weight=0.5)
 
 
+def test_ties_reorder_only_within_a_level(resnet_scores):
+    """Both tie rules give plan(alpha=level) wherever a level ends, and every target plan keeps within what
+    its level allows; they differ only below the floor, in which units of which groups go first."""
+    for ties in ("cost", "share"):
+        for t in (0.1, 0.3, 0.5):
+            p = fp.plan(resnet_scores, macs=t, ties=ties)
+            at_level = fp.plan(resnet_scores, alpha=p.alpha)
+            for g in resnet_scores.groups:
+                assert len(p.removed[g.name]) <= len(at_level.removed[g.name])
+    floor = _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=0.0), "macs")
+    cost, share = (fp.plan(resnet_scores, macs=floor / 2, ties=t) for t in ("cost", "share"))
+    assert cost.removed != share.removed
+    assert cost.settings["ties"] == "cost" and share.settings["ties"] == "share"
+    with pytest.raises(fp.PlanError, match="ties"):
+        fp.plan(resnet_scores, macs=0.3, ties="equal")
+
+
+def test_cost_ties_take_the_lowest_relative_u_per_mac_first(synthetic_scores):
+    """Below the floor the first step is the one whose unit has the lowest U / mean U of its group per MAC of
+    one unit (streams weighted)."""
+    from fairpruner._planning.allocation import step_order, tie_keys
+    groups = synthetic_scores.groups
+    curves = [tod_curve(g.u, g.r) for g in groups]
+    weights = [STREAM_WEIGHT if g.is_stream else 1.0 for g in groups]
+    macs = synthetic_scores.cost.unit_cost()["macs"]
+    keys = tie_keys([g.u.numpy() for g in groups], curves, weights, macs)
+    for k in keys:
+        assert np.all(np.diff(k) >= 0)  # a group's steps keep their order
+    first = [(g.u.min().item() / g.u.mean().item() * w / c, i)
+             for i, (g, w, c, cv) in enumerate(zip(groups, weights, macs, curves)) if len(cv) and cv[0] == 0]
+    assert step_order(curves, weights, keys)[0] == min(first)[1]
+
+
 # ---------------------------------------------------------------- removal signals
 
 @pytest.mark.parametrize("signal,attr", [("u", "u"), ("l1", "l1"), ("taylor", "r")])

@@ -126,9 +126,9 @@ def test_nothing_written_to_disk(tmp_path, monkeypatch):
 def test_same_seed_same_scores_and_plan_different_seed_different_u():
     model = randomize_norms(zoo.digits_cnn()).eval()
     loader = tiny_loader((1, 8, 8))
-    a = fp.score(model, loader, projections=8, seed=1)
-    b = fp.score(model, loader, projections=8, seed=1)
-    c = fp.score(model, loader, projections=8, seed=2)
+    a = fp.score(model, loader, projections=8, seed=1, u_at="input")
+    b = fp.score(model, loader, projections=8, seed=1, u_at="input")
+    c = fp.score(model, loader, projections=8, seed=2, u_at="input")
     assert_scores_equal(a, b)
     assert fp.plan(a, alpha=0.3).removed == fp.plan(b, alpha=0.3).removed
     for ga, gc in zip(a.groups, c.groups):
@@ -305,6 +305,27 @@ def test_shared_module_refused():
         fp.score(Shared().eval(), tiny_loader((16,)), projections=8)
 
 
+def test_layer_applied_twice_is_measured_where_its_output_is_read():
+    """U at a layer's output is ambiguous when the layer runs twice per forward; its group is measured at the
+    next kind of site (its consumers' inputs), as with u_at="input"."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Linear(16, 8)
+            self.mid = nn.Linear(16, 8)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.p(x))
+            return self.out(torch.cat([torch.relu(self.mid(torch.cat([h, h], 1))), self.p(x)], 1))
+
+    model, loader = Twice().eval(), tiny_loader((16,))
+    out = fp.score(model, loader, projections=8, u_at="output")
+    inp = fp.score(model, loader, projections=8, u_at="input")
+    torch.testing.assert_close(out["p"].u, inp["p"].u)
+    assert not torch.allclose(out["mid"].u, inp["mid"].u)  # mid runs once: measured at its own output
+
+
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
 def test_score_inside_no_grad_context(ctx):
     model = zoo.mlp(in_features=16, hidden=(12, 10), num_classes=4).eval()
@@ -449,16 +470,49 @@ def _mlp_case():
 def test_linear_u_equals_scipy_w1():
     """The stored U of a single-site group is the max class-pair W1 of METHOD.md §1 (exact 1-D case)."""
     model, loader = _mlp_case()
-    scores = fp.score(model, loader, projections=8, u_at="output", samples_per_class=3)
+    scores = fp.score(model, loader, projections=8, u_at="output", samples_per_class=3, u_consumer_power=0)
     assert scores.meta["class_counts"] == {"0": 5, "1": 4, "2": 4, "3": 4}
     for layer in ("features.1", "features.3"):
         naive = _naive_linear_u(model, loader, layer, 3)
         torch.testing.assert_close(scores[layer].u.double(), naive, rtol=1e-4, atol=1e-6)
     # samples_per_class matters: with all samples the U values change.
-    s_all = fp.score(model, loader, projections=8, u_at="output", samples_per_class=32)
+    s_all = fp.score(model, loader, projections=8, u_at="output", samples_per_class=32, u_consumer_power=0)
     naive_all = _naive_linear_u(model, loader, "features.1", 32)
     torch.testing.assert_close(s_all["features.1"].u.double(), naive_all, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(s_all["features.1"].u, scores["features.1"].u)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+def test_u_times_consumer_norm(power):
+    """U with ``u_consumer_power`` p is the plain U times, per unit, the L2 norm of the next layer's input
+    columns (and the bias-free slices only) to the power p."""
+    model, loader = _mlp_case()
+    plain = fp.score(model, loader, projections=8, u_at="output", samples_per_class=3, u_consumer_power=0)
+    scaled = fp.score(model, loader, projections=8, u_at="output", samples_per_class=3, u_consumer_power=power)
+    assert scaled.meta["u_consumer_power"] == power
+    mods = dict(model.named_modules())
+    for layer, consumer in (("features.1", "features.3"), ("features.3", "classifier")):
+        norm = mods[consumer].weight.detach().double().norm(dim=0)
+        torch.testing.assert_close(scaled[layer].u.double(), plain[layer].u.double() * norm ** power,
+                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(scaled[layer].r, plain[layer].r)
+
+
+def test_consumer_norm_sums_every_reader_of_a_stream():
+    """A residual stream's channel is read by several convolutions: the norm covers all of them."""
+    from fairpruner._scoring.reduce import consumer_norms
+    from fairpruner._graph import build_graph, discover_groups
+    model = zoo.create("resnet20", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    groups = discover_groups(graph, model)
+    mods = dict(model.named_modules())
+    stream = next(g for g in groups if g.name == "conv1")  # stage 1: stem, three blocks' conv1 and conv2
+    readers = [m.module for m in stream.members if m.side == "in" and m.kind == "weight"]
+    assert {"layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1",
+            "layer2.0.shortcut.0"} <= set(readers)
+    expected = sum(mods[r].weight.detach().double().square().sum((0, 2, 3)) for r in readers).sqrt()
+    torch.testing.assert_close(consumer_norms(stream, mods), expected)
 
 
 def test_u_site_matters_with_batchnorm():
@@ -527,7 +581,7 @@ def test_sliced_u_equals_naive_loop_with_the_same_directions():
     model = _plain_conv_chain()
     loader = tiny_loader((3, 8, 8), per=5, batch=7)
     proj = 6
-    scores = fp.score(model, loader, projections=proj, seed=11, u_at="output")
+    scores = fp.score(model, loader, projections=proj, seed=11, u_at="output", u_consumer_power=0)
     out, lab = _layer_outputs(model, loader, "features.0")
     dirs = random_directions(out.shape[2] * out.shape[3], proj,
                              torch.Generator().manual_seed(site_seed(11, "features.0", "output"))).double()

@@ -58,6 +58,16 @@ class CostModel:
         params = scaled[is_macs == 0].sum() + self.const_params
         return {"params": float(round(params)), "macs": float(round(macs))}
 
+    def unit_cost(self) -> Dict[str, np.ndarray]:
+        """Params and MACs one unit of each group holds, at the unpruned model (the cost's derivative): a
+        term ``count * keep[a0] * keep[a1]`` loses ``count * (d0 + d1)`` per unit, ``d`` the unit's share of
+        each axis."""
+        share = self.axis_per_unit / np.maximum(self.axis_total, 1.0)[:, None]  # (A, G)
+        share = np.vstack([share, np.zeros((1, share.shape[1]))])  # index -1: untouched axis
+        count, a0, a1, is_macs = self.terms.T
+        per_term = count[:, None] * (share[a0.astype(int)] + share[a1.astype(int)])  # (T, G)
+        return {"params": per_term[is_macs == 0].sum(0), "macs": per_term[is_macs == 1].sum(0)}
+
     def to_dict(self) -> Dict[str, torch.Tensor]:
         return {"axis_total": torch.from_numpy(self.axis_total), "axis_per_unit": torch.from_numpy(self.axis_per_unit),
                 "terms": torch.from_numpy(self.terms),

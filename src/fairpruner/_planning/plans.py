@@ -12,7 +12,7 @@ import torch
 
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
-from .allocation import fill_target, step_order
+from .allocation import fill_target, step_order, tie_keys
 from .tod import max_fraction, rank_ascending, tod_counts, tod_curve
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS"]
@@ -24,6 +24,9 @@ SIGNALS = ("u", "l1", "taylor", "random")
 STREAM_WEIGHT = 4.0
 MISS_WARNING = 0.01  # a plan more than this far from its target says so
 ALLOCATIONS = ("tod", "uniform")
+# How a params/MACs target orders ToD's steps of equal price: "cost" (relative U per unit of cost, chosen on
+# the validation split) or "share" (an equal share of every group's alpha=0 count: the previous rule).
+TIES = ("cost", "share")
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 
@@ -125,7 +128,7 @@ def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
 
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
-         stream_weight: float = STREAM_WEIGHT) -> Plan:
+         stream_weight: float = STREAM_WEIGHT, ties: str = "cost") -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -135,9 +138,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         alpha: ToD level in [0, 1]: per group, the largest m <= floor(0.99 n) whose m lowest-U units share
             at most a fraction alpha with the m highest-R units.
         params: fraction of the whole model's parameters to remove, any value in [0, 1) up to what one round
-            can remove. ToD's steps are taken in order of the level each needs (no re-scoring); below what
-            ``alpha=0`` removes, every group gives the same share of its alpha=0 count. The plan lands within
-            0.4 pt of the target where the units' sizes allow, and warns when it misses by more than 1 pt.
+            can remove. ToD's steps are taken in order of the level each needs (no re-scoring), so the plan
+            is ``plan(alpha=a)`` wherever a level ends; steps of the same level (all of those below what
+            ``alpha=0`` removes) go in the order ``ties`` gives. The plan lands within 0.4 pt of the target
+            where the units' sizes allow, and warns when it misses by more than 1 pt.
         macs: the same for multiply-accumulates.
         signal: which units go once the count is fixed: "u" (lowest U-Score, the default), "l1" (lowest
             weight L1 norm), "taylor" (lowest R-Score), "random" (seeded), or a callable mapping a
@@ -147,6 +151,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         seed: seeds the "random" signal.
         stream_weight: residual streams (groups several layers add into) are cut at ``alpha /
             stream_weight``: every block reads them. 1 treats them like any group.
+        ties: for params/MACs targets, the order among ToD steps of equal level: "cost" (default) takes
+            first the unit whose U, relative to its group's mean U, is lowest per param or MAC it holds;
+            "share" gives every group the same share of its alpha=0 count.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -162,6 +169,8 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         ({'macs': 0.5}, {'params': 0.41..., 'macs': 0.50...})
     """
     key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight)
+    if ties not in TIES:
+        raise PlanError(f"ties={ties!r} is not one of {TIES}.")
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
@@ -173,14 +182,15 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         chosen, counts = value, tod_counts([tod_curve(g.u, g.r) for g in scores.groups], value, weights)
     elif allocation == "tod":
         curves = [tod_curve(g.u, g.r) for g in scores.groups]
-        counts = _tod_target(scores, curves, weights, key, value, before)
+        counts = _tod_target(scores, curves, weights, key, value, before, ties)
         chosen = _level_of(curves, counts, weights)
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         _, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,
                             "removing 99% of every group")
     result = _make_plan(scores, counts, signal, seed, chosen, before,
-                        {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight})
+                        {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
+                         "ties": ties})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "units' sizes allow no closer plan.", stacklevel=2)
@@ -208,10 +218,12 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
 
 
 def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
-                before: Dict[str, float]) -> np.ndarray:
+                before: Dict[str, float], ties: str = "cost") -> np.ndarray:
     """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`)."""
-    order = step_order(curves, weights)
     cost = scores.cost
+    keys = tie_keys([g.u.numpy() for g in scores.groups], curves, weights, cost.unit_cost()[key]) \
+        if ties == "cost" else None
+    order = step_order(curves, weights, keys)
 
     def removed(counts: np.ndarray) -> float:
         return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)

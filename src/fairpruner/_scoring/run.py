@@ -30,7 +30,7 @@ from .budget import StoreMeter, default_budget, parse_memory
 from .distributed import agreed, distributed, merge_totals
 from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
 from .labels import check_classes, labelled_batch, next_kept, prescan_labels
-from .reduce import R_REDUCTIONS, U_REDUCTIONS, assemble
+from .reduce import R_REDUCTIONS, U_CONSUMER_POWER, U_REDUCTIONS, assemble
 from .scores import Scores
 from .sites import U_SITES, Site, attach_sites, begin_forward, pick_sites, probe_batch_dims
 from .wasserstein import PAIR_SEARCH, pair_rule
@@ -50,9 +50,10 @@ def score(
     ignore: Sequence[str] = (),
     device: Optional[Any] = None,
     progress: Optional[bool] = None,
-    u_at: str = "input",
+    u_at: str = "output",
     u_reduce: str = "mean",
     r_reduce: str = "max",
+    u_consumer_power: float = U_CONSUMER_POWER,
     attention: str = "heads",
     family_options: Optional[Mapping[str, Any]] = None,
     max_memory: Union[int, str, None] = None,
@@ -77,10 +78,11 @@ def score(
             is found and excluded automatically).
         device: where to run; defaults to the model's device.
         progress: show a progress bar; by default only when stderr is a terminal.
-        u_at: where U is measured: "input" (default: the tensor the next layer consumes, after
-            normalisation, activation and residual addition), "norm" (after the normalisation layer that
-            follows) or "output" (the producing Conv/Linear's raw output, as the reference does). Falls back
-            to the next available site (input -> norm -> output) where a group has none.
+        u_at: where U is measured: "output" (default: the producing Conv/Linear's raw output, the paper's
+            definition), "norm" (after the normalisation layer that follows) or "input" (the tensor the next
+            layer consumes, after normalisation, activation and residual addition). Falls back to the next
+            kind (output -> norm -> input; input -> norm -> output) where a group has none, or where the
+            layer runs more than once per forward pass.
         u_reduce: how a group with several measured tensors combines them: "mean" (default) or "max" of the
             per-site U, each first divided by its mean so that differently scaled tensors weigh alike.
         r_reduce: how a group of coupled layers combines their R: "max" (default), the largest member |Taylor
@@ -88,6 +90,11 @@ def score(
             the coupled unit everywhere at once). Unit-family groups always sum (their members are parts of
             one unit). The defaults
             were chosen on a validation split of CIFAR-10 training images (see the README).
+        u_consumer_power: each unit's U is multiplied by the L2 norm of the consumer weights that read it
+            (every Conv/Linear input slice of the unit) to this power: a linear consumer passes the unit's
+            class separation on scaled by that norm, so U measures what the network receives from the unit.
+            0 turns it off (the paper's U); unit families and groups read only by depthwise or grouped
+            convolutions keep their plain U.
         attention: the units of attention layers: "heads" (whole heads) or "head_dims" (one dimension of
             every head at once, so all heads keep the same width; the softmax scale stays the original).
             Shorthand for :class:`~fairpruner.families.AttentionOptions` of the attention families.
@@ -114,6 +121,9 @@ def score(
     """
     fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, ignore, attention,
                           family_options, class_pairs)
+    if isinstance(u_consumer_power, bool) or not isinstance(u_consumer_power, (int, float)) or \
+            not 0 <= u_consumer_power <= 4:
+        raise FairPrunerError(f"u_consumer_power must be a number in [0, 4], got {u_consumer_power!r}.")
     device = device_of(model, device)
     budget = default_budget(device) if max_memory is None else parse_memory(max_memory)
     loss_fn = loss_fn or F.cross_entropy
@@ -154,11 +164,11 @@ def score(
             for h in hooks:
                 h.remove()
         site_us = [site_u(store, i) for i in range(len(run.sites))]
-        result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce)
+        result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce, u_consumer_power)
     meta = {
         "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class,
         "projections": projections, "seed": seed, "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce,
-        "ignore": list(ignore), "family_options": _families.options_record(fams),
+        "u_consumer_power": u_consumer_power, "ignore": list(ignore), "family_options": _families.options_record(fams),
         "output_layers": run.outputs, "class_counts": {str(k): v for k, v in counts.items()},
         "n_samples": n_samples, "example_inputs": describe_inputs(example_inputs),
         "u_store": {"max_memory": budget, "passes": len(store.passes), "unprojected_sites": store.raw,
@@ -224,10 +234,23 @@ def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: 
                               + _unknown_layers(work) + ".")
     cost = CostModel.build(work, trace, groups)
     modules = dict(work.named_modules())
-    sites = pick_sites(groups, modules, u_at, seed, work)
+    sites = pick_sites(groups, modules, u_at, seed, work, _called_twice(work, trace))
     state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "meter": StoreMeter(),
                    "forward": 0, "store_device": torch.device("cpu")}
     return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
+
+
+def _called_twice(model: nn.Module, trace: tuple) -> set:
+    """Names of the modules that run more than once in one forward pass (a layer applied twice)."""
+    calls: Dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+             for n, m in model.named_modules() if not list(m.children())]
+    try:
+        model(*trace)  # as the scoring passes run it (grad on: no fused paths that skip submodules)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n for n, k in calls.items() if k > 1}
 
 
 def _unknown_layers(model: nn.Module) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -55,7 +55,11 @@ def site_seed(seed: int, module: str, side: str) -> int:
 
 
 def pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str, seed: int,
-                model: nn.Module) -> List[Site]:
+               model: nn.Module, shared: Sequence[str] = ()) -> List[Site]:
+    """The tensors U is measured on: per group, those of ``u_at``; where a group has none, or one of them
+    belongs to a module in ``shared`` (run more than once per forward, so its tensor is ambiguous), the next
+    kind in order (input -> norm -> output; output -> norm -> input). A group left with only shared modules
+    keeps them, and scoring refuses it with a clear error."""
     sites = []
     for gi, g in enumerate(groups):
         if g.family is not None:
@@ -67,8 +71,10 @@ def pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str
         norms = [m for m in g.members if m.side == "out" and m.kind == "norm"]
         consumers = [m for m in g.members if m.side == "in" and m.kind == "weight" and m.index.shape[1] == 1
                      and not (isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1)]
-        chosen = {"output": [producers], "norm": [norms, producers], "input": [consumers, norms, producers]}[u_at]
-        members: List[Member] = next((c for c in chosen if c), producers)
+        chosen = {"output": [producers, norms, consumers], "norm": [norms, producers],
+                  "input": [consumers, norms, producers]}[u_at]
+        members: List[Member] = next((c for c in chosen if c and not any(m.module in shared for m in c)),
+                                     next((c for c in chosen if c), producers))
         for m in members:
             side = "input" if m.side == "in" else "output"
             sites.append(Site(gi, m.module, side, m.index[:, 0].clone(), site_seed(seed, m.module, side)))

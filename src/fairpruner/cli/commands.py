@@ -214,6 +214,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         scores = fp.score(model, loader, samples_per_class=args.samples_per_class, projections=args.projections,
                           seed=args.seed, device=args.device, progress=args.progress and rank == 0,
                           u_at=args.u_at, u_reduce=args.u_reduce, r_reduce=args.r_reduce,
+                          u_consumer_power=args.u_consumer_power,
                           attention=args.attention, max_memory=args.max_memory, class_pairs=args.class_pairs)
         if rank == 0:
             out = _out_path(args.out)
@@ -259,7 +260,7 @@ def _make_plan(scores: fp.Scores, args: argparse.Namespace, target: dict) -> fp.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said below, in the command's own words
         the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed,
-                           stream_weight=args.stream_weight, **target)
+                           stream_weight=args.stream_weight, ties=args.ties, **target)
     for key, asked in the_plan.requested.items():
         if key == "alpha":
             continue

@@ -5,6 +5,7 @@ import argparse
 import textwrap
 
 from .._planning.plans import STREAM_WEIGHT
+from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
 
 __all__ = ["build_parser", "MODEL_HELP", "DATA_HELP", "DEFAULT_ALPHAS"]
@@ -144,6 +145,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="per-group counts by ToD (default) or the same fraction everywhere")
     p.add_argument("--stream-weight", type=float, default=STREAM_WEIGHT, metavar="W",
                    help=f"residual streams are cut at alpha/W (default {STREAM_WEIGHT:g}; 1: like any layer)")
+    p.add_argument("--ties", default="cost", choices=("cost", "share"),
+                   help="for --params/--macs, the order of ToD steps of one level: lowest relative U per MAC or "
+                        "parameter first (default cost), or an equal share of every layer's alpha=0 count")
 
 
 def _add_run(subs) -> None:
@@ -189,10 +193,14 @@ def _add_score(subs) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the calibration draw and directions (default 0)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--u-at", default="input", choices=("output", "norm", "input"),
-                   help="where U is measured: the next layer's input (default), after normalisation, or the raw layer output")
+    p.add_argument("--u-at", default="output", choices=("output", "norm", "input"),
+                   help="where U is measured: the raw layer output (default), after normalisation, or the next "
+                        "layer's input")
     p.add_argument("--u-reduce", default="mean", choices=("max", "mean"),
                    help="how a coupled group combines the U of its members (default mean)")
+    p.add_argument("--u-consumer-power", type=float, default=U_CONSUMER_POWER, metavar="P",
+                   help="U is multiplied by the norm of the weights that read the unit to this power, so it "
+                        f"measures what the next layer receives (default {U_CONSUMER_POWER:g}; 0: the paper's U)")
     p.add_argument("--r-reduce", default="max", choices=("sum", "max"),
                    help="how a coupled group combines the Taylor terms of its members (default max)")
     p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
