@@ -189,14 +189,22 @@ def test_stream_weight_protects_residual_streams(resnet_scores):
 
 
 def test_ties_reorder_only_within_a_level(resnet_scores):
-    """Both tie rules give plan(alpha=level) wherever a level ends, and every target plan keeps within what
-    its level allows; they differ only below the floor, in which units of which groups go first."""
+    """With either tie rule, the steps up to the end of any level are exactly plan(alpha=level)'s counts."""
+    from fairpruner._planning.allocation import counts_of_prefix, step_order, tie_keys
+    groups = resnet_scores.groups
+    curves = [tod_curve(g.u, g.r) for g in groups]
+    weights = [STREAM_WEIGHT if g.is_stream else 1.0 for g in groups]
+    macs = resnet_scores.cost.unit_cost()["macs"]
+    prices = np.sort(np.concatenate([c * w for c, w in zip(curves, weights)]))
+    prices = prices[prices <= 1 + 1e-12]
+    levels = np.unique(np.round(prices, 12))
+    assert len(levels) > 5
     for ties in ("cost", "share"):
-        for t in (0.1, 0.3, 0.5):
-            p = fp.plan(resnet_scores, macs=t, ties=ties)
-            at_level = fp.plan(resnet_scores, alpha=p.alpha)
-            for g in resnet_scores.groups:
-                assert len(p.removed[g.name]) <= len(at_level.removed[g.name])
+        keys = tie_keys([g.u.numpy() for g in groups], curves, weights, macs) if ties == "cost" else None
+        order = step_order(curves, weights, keys, macs if ties == "cost" else None)
+        for a in levels:
+            k = int((prices <= a + 1e-12).sum())
+            assert np.array_equal(counts_of_prefix(order, k, len(groups)), tod_counts(curves, a, weights))
     floor = _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=0.0), "macs")
     cost, share = (fp.plan(resnet_scores, macs=floor / 2, ties=t) for t in ("cost", "share"))
     assert cost.removed != share.removed

@@ -130,6 +130,7 @@ def test_same_seed_same_scores_and_plan_different_seed_different_u():
     b = fp.score(model, loader, projections=8, seed=1, u_at="input")
     c = fp.score(model, loader, projections=8, seed=2, u_at="input")
     assert_scores_equal(a, b)
+    assert_scores_equal(fp.score(model, loader, projections=8, seed=1), fp.score(model, loader, projections=8, seed=1))
     assert fp.plan(a, alpha=0.3).removed == fp.plan(b, alpha=0.3).removed
     for ga, gc in zip(a.groups, c.groups):
         if ga.name == "features.7":  # feeds the classifier through global pooling: exact 1-D U, no directions

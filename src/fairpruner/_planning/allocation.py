@@ -42,7 +42,7 @@ def tie_keys(us: Sequence[np.ndarray], curves: Sequence[np.ndarray], weights: Se
 
 
 def step_order(curves: Sequence[np.ndarray], weights: Sequence[float],
-               ties: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+               ties: Optional[Sequence[np.ndarray]] = None, unit_cost: Optional[np.ndarray] = None) -> np.ndarray:
     """Every removal step ``(group, m)`` as an array of group indices, cheapest first.
 
     Args:
@@ -50,12 +50,14 @@ def step_order(curves: Sequence[np.ndarray], weights: Sequence[float],
         weights: per group, the factor on its ToD levels (1; ``stream_weight`` for residual streams).
         ties: per group, a key (non-decreasing in m) ordering steps of equal price (see :func:`tie_keys`);
             None: free steps in proportion to each group's floor, the rest by relative depth.
+        unit_cost: per group, the params or MACs one unit holds: among equal keys the largest (over the
+            group's weight) goes first.
 
     Returns:
         Group index of each step priced at most 1 (what ``alpha = 1`` allows), in order; the first ``k`` steps give counts ``bincount(order[:k])``. Within a
         group steps stay in order of ``m`` (prices are non-decreasing), so every prefix is a valid plan.
     """
-    price, tie, group = [], [], []
+    price, tie, group, cost = [], [], [], []
     for g, (c, w) in enumerate(zip(curves, weights)):
         if not len(c):
             continue
@@ -66,12 +68,15 @@ def step_order(curves: Sequence[np.ndarray], weights: Sequence[float],
         # relative depth.
         tie.append(np.where(c <= 1e-12, m / floor * w, m / len(c)) if ties is None else ties[g])
         group.append(np.full(len(c), g))
+        cost.append(np.full(len(c), 0.0 if unit_cost is None else -unit_cost[g] / w))
     if not price:
         return np.zeros(0, dtype=np.int64)
-    price, tie, group = np.concatenate(price), np.concatenate(tie), np.concatenate(group)
+    price, tie, group, cost = (np.concatenate(v) for v in (price, tie, group, cost))
     keep = price <= 1 + 1e-12  # one round: what some alpha <= 1 allows
-    price, tie, group = price[keep], tie[keep], group[keep]
-    return group[np.lexsort((group, tie, np.round(price, 12)))]
+    price, tie, group, cost = price[keep], tie[keep], group[keep], cost[keep]
+    # Equal keys (units with U = 0, e.g. already zeroed) go cheapest group first; the sort is stable, so a
+    # group's own steps keep their order.
+    return group[np.lexsort((group, cost, tie, np.round(price, 12)))]
 
 
 def counts_of_prefix(order: np.ndarray, k: int, n_groups: int) -> np.ndarray:

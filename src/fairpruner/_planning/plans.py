@@ -151,9 +151,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         seed: seeds the "random" signal.
         stream_weight: residual streams (groups several layers add into) are cut at ``alpha /
             stream_weight``: every block reads them. 1 treats them like any group.
-        ties: for params/MACs targets, the order among ToD steps of equal level: "cost" (default) takes
-            first the unit whose U, relative to its group's mean U, is lowest per param or MAC it holds;
-            "share" gives every group the same share of its alpha=0 count.
+        ties: for params/MACs targets with ToD allocation (no effect otherwise), the order among ToD steps
+            of equal level: "cost" (default) takes first the step whose unit has the lowest U, relative to
+            its group's mean U, per param or MAC one unit holds (U decides this whatever ``signal`` picks the
+            units); "share" gives every group the same share of its alpha=0 count.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -166,7 +167,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         >>> scores = fp.score(model, calib)
         >>> p = fp.plan(scores, macs=0.5)            # or alpha=0.05, or params=0.3
         >>> p.requested, p.achieved
-        ({'macs': 0.5}, {'params': 0.41..., 'macs': 0.50...})
+        ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
     key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight)
     if ties not in TIES:
@@ -221,9 +222,9 @@ def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], 
                 before: Dict[str, float], ties: str = "cost") -> np.ndarray:
     """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`)."""
     cost = scores.cost
-    keys = tie_keys([g.u.numpy() for g in scores.groups], curves, weights, cost.unit_cost()[key]) \
-        if ties == "cost" else None
-    order = step_order(curves, weights, keys)
+    per_unit = cost.unit_cost()[key]
+    keys = tie_keys([g.u.numpy() for g in scores.groups], curves, weights, per_unit) if ties == "cost" else None
+    order = step_order(curves, weights, keys, per_unit if ties == "cost" else None)
 
     def removed(counts: np.ndarray) -> float:
         return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
@@ -288,7 +289,7 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
 
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
-          stream_weight: float = STREAM_WEIGHT) -> List[Dict[str, float]]:
+          stream_weight: float = STREAM_WEIGHT, ties: str = "cost") -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
 
@@ -299,6 +300,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
             plan removes.
         macs: the same for MACs.
         stream_weight: as in :func:`plan`.
+        ties: as in :func:`plan` (targets only).
 
     Example:
         >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.1, 0.2, 0.35, 0.5])))
@@ -307,7 +309,8 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         raise PlanError("Give params= or macs= targets to sweep, not both.")
     if params is not None or macs is not None:
         key, values = ("params", params) if params is not None else ("macs", macs)
-        return [_target_row(scores, plan(scores, stream_weight=stream_weight, **{key: _fraction(key, v)}), key)
+        return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties,
+                                         **{key: _fraction(key, v)}), key)
                 for v in values]
     curves = [tod_curve(g.u, g.r) for g in scores.groups]
     weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]

@@ -42,9 +42,11 @@ def _taylor(member: Member, module: nn.Module) -> torch.Tensor:
 
 
 def consumer_norms(g: GroupSpec, modules: Dict[str, nn.Module]) -> Optional[torch.Tensor]:
-    """Per root channel, the L2 norm of every consumer weight that reads it (Conv/Linear input slices,
-    all consumers together); None where the group has no such consumer (a unit family, or only depthwise
-    or grouped readers, whose input slices are not laid out per channel)."""
+    """Per root channel, the L2 norm of every Conv/Linear weight that reads it (their input slices, all
+    readers together); None where the group has none (a unit family, or only depthwise, grouped or
+    recurrent readers, whose input slices are not laid out like a Conv/Linear's)."""
+    if g.family is not None:
+        return None
     sq, found = torch.zeros(g.channels, dtype=torch.float64), False
     for m in g.members:
         mod = modules[m.module]
@@ -52,9 +54,9 @@ def consumer_norms(g: GroupSpec, modules: Dict[str, nn.Module]) -> Optional[torc
             continue
         for p, dim in member_params(m, mod):
             if p.dim() > 1:
-                sq += _per_channel(p.detach().double().square(), dim, m).cpu()
+                sq += _per_channel(p.detach().float().square(), dim, m).cpu().double()
                 found = True
-    return sq.sqrt() if found and g.family is None else None
+    return sq.sqrt() if found else None
 
 
 def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[torch.Tensor]],
@@ -63,10 +65,11 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
     """Per-group scores from each site's U (None: a tensor another site of the group measured) and the
     gradients the pass accumulated.
 
-    With ``consumer_power`` p > 0, a unit's U is multiplied by ``consumer_norms ** p``: for a consumer that
-    reads the unit linearly, the sliced W1 of the unit's contribution to the consumer's output is the unit's
-    W1 times the L2 norm of the weights that read it (p = 1), so U measures the class separation the unit
-    passes on, not only the one it carries.
+    With ``consumer_power`` p > 0, a unit's U is multiplied by ``consumer_norms ** p``: where a Linear or
+    1x1 conv reads the measured tensor directly, the sliced W1 of the unit's contribution to its output is
+    the unit's W1 times the L2 norm of the weights that read it (p = 1); elsewhere (a k x k conv, or a
+    normalisation and activation in between) the norm is a proxy for it. U then measures the class
+    separation the unit passes on, not only the one it carries.
     """
     by_group: Dict[int, List[torch.Tensor]] = {}
     for s, u in zip(sites, site_us):

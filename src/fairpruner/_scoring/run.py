@@ -8,6 +8,7 @@ computed for all units and class pairs at once (:mod:`.wasserstein`), then combi
 from __future__ import annotations
 
 import copy
+import numbers
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -81,8 +82,8 @@ def score(
         u_at: where U is measured: "output" (default: the producing Conv/Linear's raw output, the paper's
             definition), "norm" (after the normalisation layer that follows) or "input" (the tensor the next
             layer consumes, after normalisation, activation and residual addition). Falls back to the next
-            kind (output -> norm -> input; input -> norm -> output) where a group has none, or where the
-            layer runs more than once per forward pass.
+            kind (output -> norm -> input; norm -> output; input -> norm -> output) where a group has
+            none, or where the layer runs more than once per forward pass.
         u_reduce: how a group with several measured tensors combines them: "mean" (default) or "max" of the
             per-site U, each first divided by its mean so that differently scaled tensors weigh alike.
         r_reduce: how a group of coupled layers combines their R: "max" (default), the largest member |Taylor
@@ -91,10 +92,11 @@ def score(
             one unit). The defaults
             were chosen on a validation split of CIFAR-10 training images (see the README).
         u_consumer_power: each unit's U is multiplied by the L2 norm of the consumer weights that read it
-            (every Conv/Linear input slice of the unit) to this power: a linear consumer passes the unit's
-            class separation on scaled by that norm, so U measures what the network receives from the unit.
-            0 turns it off (the paper's U); unit families and groups read only by depthwise or grouped
-            convolutions keep their plain U.
+            (every Conv/Linear input slice of the unit) to this power: a Linear or 1x1 conv reading the
+            measured tensor passes the unit's class separation on scaled by exactly that norm (a proxy
+            elsewhere), so U measures what the network receives from the unit.
+            0 turns it off (the paper's U); unit families and groups read only by depthwise, grouped or
+            recurrent layers keep their plain U.
         attention: the units of attention layers: "heads" (whole heads) or "head_dims" (one dimension of
             every head at once, so all heads keep the same width; the softmax scale stays the original).
             Shorthand for :class:`~fairpruner.families.AttentionOptions` of the attention families.
@@ -121,7 +123,7 @@ def score(
     """
     fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, ignore, attention,
                           family_options, class_pairs)
-    if isinstance(u_consumer_power, bool) or not isinstance(u_consumer_power, (int, float)) or \
+    if isinstance(u_consumer_power, bool) or not isinstance(u_consumer_power, numbers.Real) or \
             not 0 <= u_consumer_power <= 4:
         raise FairPrunerError(f"u_consumer_power must be a number in [0, 4], got {u_consumer_power!r}.")
     device = device_of(model, device)
@@ -234,17 +236,19 @@ def _prepare(model: nn.Module, example_inputs: Any, device: torch.device, fams: 
                               + _unknown_layers(work) + ".")
     cost = CostModel.build(work, trace, groups)
     modules = dict(work.named_modules())
-    sites = pick_sites(groups, modules, u_at, seed, work, _called_twice(work, trace))
+    sites = pick_sites(groups, modules, u_at, seed, work, _called_twice(work, trace, groups))
     state: dict = {"keep": torch.empty(0, dtype=torch.long), "labels": None, "meter": StoreMeter(),
                    "forward": 0, "store_device": torch.device("cpu")}
     return _Run(work, trace, groups, cost, modules, sites, outputs, num_outputs, state)
 
 
-def _called_twice(model: nn.Module, trace: tuple) -> set:
-    """Names of the modules that run more than once in one forward pass (a layer applied twice)."""
+def _called_twice(model: nn.Module, trace: tuple, groups: List[GroupSpec]) -> set:
+    """Names of the groups' member modules that run more than once in one forward pass (a layer applied
+    twice)."""
+    members = {m.module for g in groups for m in g.members}
     calls: Dict[str, int] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-             for n, m in model.named_modules() if not list(m.children())]
+             for n, m in model.named_modules() if n in members]
     try:
         model(*trace)  # as the scoring passes run it (grad on: no fused paths that skip submodules)
     finally:

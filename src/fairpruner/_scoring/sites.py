@@ -58,8 +58,8 @@ def pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str
                model: nn.Module, shared: Sequence[str] = ()) -> List[Site]:
     """The tensors U is measured on: per group, those of ``u_at``; where a group has none, or one of them
     belongs to a module in ``shared`` (run more than once per forward, so its tensor is ambiguous), the next
-    kind in order (input -> norm -> output; output -> norm -> input). A group left with only shared modules
-    keeps them, and scoring refuses it with a clear error."""
+    kind in order (input -> norm -> output; output -> norm -> input; norm -> output). A group left with only
+    shared modules keeps them, and scoring refuses it with a clear error."""
     sites = []
     for gi, g in enumerate(groups):
         if g.family is not None:

@@ -240,7 +240,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif args.sweep:
         _say(f"{args.sweep} targets (asked, and what each plan removes):")
         targets = {args.sweep: _alphas(args.targets, "--targets")}
-        _say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, **targets)))
+        _say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, ties=args.ties, **targets)))
     if target:
         if args.sweep:
             _say()
