@@ -17,7 +17,7 @@ from torch import nn
 
 from .layers import CONV_TYPES, NORM_TYPES, WEIGHT_TYPES
 
-__all__ = ["Member", "GroupSpec", "MacsTerm", "member_params", "member_kind", "zero_members_"]
+__all__ = ["Member", "GroupSpec", "MacsTerm", "member_params", "member_kind", "dense_reader", "zero_members_"]
 
 # (macs, axis key, axis key): MACs of one sample that scale with the kept fraction of up to two axes. An axis
 # key is ``(module, param, dim)`` for members with explicit params, else ``(module, 0 | 1)`` (out | in).
@@ -84,6 +84,13 @@ def member_kind(module: nn.Module) -> str:
     if isinstance(module, NORM_TYPES):
         return "norm"
     return "other"
+
+
+def dense_reader(member: Member, module: nn.Module) -> bool:
+    """True for a Conv/Linear reading the group's channels through input slices of its own weight (not a
+    depthwise or grouped conv, whose input channels are laid out per group of its outputs)."""
+    return member.side == "in" and member.kind == "weight" and \
+        not (isinstance(module, CONV_TYPES) and module.groups > 1)
 
 
 def member_params(member: Member, module: nn.Module) -> List[tuple]:

@@ -169,9 +169,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         >>> p.requested, p.achieved
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
-    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight)
-    if ties not in TIES:
-        raise PlanError(f"ties={ties!r} is not one of {TIES}.")
+    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
@@ -199,7 +197,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
 
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
-                allocation: str, stream_weight: float) -> tuple:
+                allocation: str, stream_weight: float, ties: str) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
@@ -208,6 +206,8 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
     value = _fraction(key, value)
     if allocation not in ALLOCATIONS:
         raise PlanError(f"allocation={allocation!r} is not one of {ALLOCATIONS}.")
+    if ties not in TIES:
+        raise PlanError(f"ties={ties!r} is not one of {TIES}.")
     if not callable(signal) and signal not in SIGNALS:
         raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
     if allocation == "uniform" and key == "alpha":
@@ -222,9 +222,12 @@ def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], 
                 before: Dict[str, float], ties: str = "cost") -> np.ndarray:
     """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`)."""
     cost = scores.cost
-    per_unit = cost.unit_cost()[key]
-    keys = tie_keys([g.u.numpy() for g in scores.groups], curves, weights, per_unit) if ties == "cost" else None
-    order = step_order(curves, weights, keys, per_unit if ties == "cost" else None)
+    if ties == "cost":
+        per_unit = cost.unit_cost()[key]
+        order = step_order(curves, weights, tie_keys([g.u.numpy() for g in scores.groups], curves, weights,
+                                                     per_unit), per_unit)
+    else:
+        order = step_order(curves, weights)
 
     def removed(counts: np.ndarray) -> float:
         return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)

@@ -7,8 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec, Member, member_params
-from .._core.layers import CONV_TYPES
+from .._core.groups import GroupSpec, Member, dense_reader, member_params
 from .._errors import DataError
 from .scores import GroupScores
 from .sites import Site
@@ -50,7 +49,7 @@ def consumer_norms(g: GroupSpec, modules: Dict[str, nn.Module]) -> Optional[torc
     sq, found = torch.zeros(g.channels, dtype=torch.float64), False
     for m in g.members:
         mod = modules[m.module]
-        if m.side != "in" or m.kind != "weight" or (isinstance(mod, CONV_TYPES) and mod.groups > 1):
+        if not dense_reader(m, mod):
             continue
         for p, dim in member_params(m, mod):
             if p.dim() > 1:

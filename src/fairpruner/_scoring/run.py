@@ -121,11 +121,8 @@ def score(
         >>> scores = fp.score(model, fairpruner.data.calibration_loader(train, samples_per_class=32))
         >>> plan = fp.plan(scores, macs=0.5)
     """
-    fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, ignore, attention,
-                          family_options, class_pairs)
-    if isinstance(u_consumer_power, bool) or not isinstance(u_consumer_power, numbers.Real) or \
-            not 0 <= u_consumer_power <= 4:
-        raise FairPrunerError(f"u_consumer_power must be a number in [0, 4], got {u_consumer_power!r}.")
+    fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, u_consumer_power,
+                          ignore, attention, family_options, class_pairs)
     device = device_of(model, device)
     budget = default_budget(device) if max_memory is None else parse_memory(max_memory)
     loss_fn = loss_fn or F.cross_entropy
@@ -180,13 +177,16 @@ def score(
 
 
 def _check_options(model: nn.Module, samples_per_class: int, projections: int, u_at: str, u_reduce: str,
-                   r_reduce: str, ignore: Sequence[str], attention: str,
+                   r_reduce: str, u_consumer_power: float, ignore: Sequence[str], attention: str,
                    family_options: Optional[Mapping[str, Any]], class_pairs: str) -> List[_families.Family]:
     """Refuses bad settings before any compute; returns the unit families, each with its options."""
     if not isinstance(samples_per_class, int) or samples_per_class < 2:
         raise FairPrunerError(f"samples_per_class must be an integer >= 2, got {samples_per_class!r}.")
     if not isinstance(projections, int) or projections < 1:
         raise FairPrunerError(f"projections must be a positive integer, got {projections!r}.")
+    if isinstance(u_consumer_power, bool) or not isinstance(u_consumer_power, numbers.Real) or \
+            not 0 <= u_consumer_power <= 4:
+        raise FairPrunerError(f"u_consumer_power must be a number in [0, 4], got {u_consumer_power!r}.")
     for opt, val, allowed in (("u_at", u_at, U_SITES), ("u_reduce", u_reduce, U_REDUCTIONS),
                               ("r_reduce", r_reduce, R_REDUCTIONS), ("class_pairs", class_pairs, PAIR_SEARCH)):
         if val not in allowed:

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec, Member
+from .._core.groups import GroupSpec, Member, dense_reader
 from .._core.inputs import first_sample
 from .._core.layers import CONV_TYPES
 from .._errors import DataError, FairPrunerError
@@ -69,8 +69,7 @@ def pick_sites(groups: List[GroupSpec], modules: Dict[str, nn.Module], u_at: str
             continue
         producers = [m for m in g.members if m.side == "out" and m.kind == "weight"]
         norms = [m for m in g.members if m.side == "out" and m.kind == "norm"]
-        consumers = [m for m in g.members if m.side == "in" and m.kind == "weight" and m.index.shape[1] == 1
-                     and not (isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1)]
+        consumers = [m for m in g.members if dense_reader(m, modules[m.module]) and m.index.shape[1] == 1]
         chosen = {"output": [producers, norms, consumers], "norm": [norms, producers],
                   "input": [consumers, norms, producers]}[u_at]
         members: List[Member] = next((c for c in chosen if c and not any(m.module in shared for m in c)),
