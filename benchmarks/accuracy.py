@@ -11,11 +11,14 @@ seeds. The data never overlap:
 
     python benchmarks/accuracy.py --part select                # FAIR variants on validation (~8 min, ResNet-20)
     python benchmarks/accuracy.py --part test                  # all methods on test (~30 min)
+    python benchmarks/accuracy.py --part test --model resnet56 --methods core   # default, uniform, Torch-Pruning
+    python benchmarks/accuracy.py --part ablation --model vgg16_bn   # the paper's ToD/uniform ablations (params)
+    python benchmarks/accuracy.py --part targets --model resnet56    # plan(macs=t)/plan(params=t), t=0.05..0.95
     python benchmarks/accuracy.py --part finetune --epochs 3   # headline: FAIR vs Torch-Pruning, fine-tuned
-    python benchmarks/accuracy.py --part readme                # README section from the results
+    python benchmarks/accuracy.py --part readme                # README section from every model's results
 
 Raw results go to ``benchmarks/results/accuracy_<model>.json`` (each part adds its own key), the tables to
-``benchmarks/results/accuracy.md`` and the plot to ``benchmarks/results/accuracy_<model>.png``.
+``benchmarks/results/accuracy_<model>.md`` and the plot to ``benchmarks/results/accuracy_<model>.png``.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fairpruner as fp
+import accuracy_report as report
 from fairpruner import data, zoo
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +68,12 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "Torch-Pruning global Taylor": (None, {"importance": "taylor"}),
 }
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
+# --methods core: the default against every uniform baseline and both Torch-Pruning methods (bigger models)
+CORE = [DEFAULT, "U + uniform", "L1 + uniform", "Taylor + uniform", TP_L1, "Torch-Pruning global Taylor"]
+# The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
+# random scores.
+ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
+MODELS = ("resnet20", "resnet56", "vgg16_bn")  # the README's order
 
 # The validation study: where U is measured and how it is weighted, how a coupled group combines U and R, how
 # deep residual streams are cut, how a target orders ToD's equal-level steps. Label -> (score, plan settings).
@@ -98,6 +108,7 @@ class Bench:
         self.model.eval()
         self.example = zoo.example_input(name, batch_size=1)
         self.macs0 = fp.count_macs(self.model, self.example)
+        self.params0 = fp.count_params(self.model)
         self.train = data.cifar10(args.data, "train")
         self.test_loader = DataLoader(data.cifar10(args.data, "test"), batch_size=1000)
         labels = torch.tensor(self.train.targets)
@@ -133,10 +144,10 @@ class Bench:
     def removed(self, model: nn.Module) -> float:
         return 1 - fp.count_macs(model, self.example) / self.macs0
 
-    def fair(self, seed: int, level: float, score_kw: dict, plan_kw: dict) -> nn.Module:
+    def fair(self, seed: int, level: float, score_kw: dict, plan_kw: dict, unit: str = "macs") -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missed target shows in the measured MACs column
-            p = fp.plan(self.scored(seed, score_kw), macs=level, seed=seed, **plan_kw)
+            p = fp.plan(self.scored(seed, score_kw), seed=seed, **{unit: level}, **plan_kw)
         return fp.prune(self.model, p, verify=False)
 
     def torch_pruning(self, seed: int, level: float, importance: str) -> nn.Module:
@@ -174,14 +185,15 @@ class Bench:
             lo, hi = (mid, hi) if r < level else (lo, mid)
         return best[1]
 
-    def build(self, method: Tuple[Optional[dict], Optional[dict]], seed: int, level: float) -> nn.Module:
+    def build(self, method: Tuple[Optional[dict], Optional[dict]], seed: int, level: float,
+              unit: str = "macs") -> nn.Module:
         score_kw, plan_kw = method
         if score_kw is None:
             return self.torch_pruning(seed, level, plan_kw["importance"])
-        return self.fair(seed, level, score_kw, plan_kw)
+        return self.fair(seed, level, score_kw, plan_kw, unit)
 
     def measure(self, pruned: nn.Module, seed: int, loader: DataLoader, one_shot: bool = True) -> dict:
-        rec = {"macs_removed": self.removed(pruned)}
+        rec = {"macs_removed": self.removed(pruned), "params_removed": 1 - fp.count_params(pruned) / self.params0}
         if one_shot:
             rec["one_shot"] = fp.evaluate(pruned, loader)
         fp.recalibrate(pruned, self.split(seed)[1])
@@ -189,13 +201,14 @@ class Bench:
         return rec
 
 
-def run_grid(b: Bench, methods: Dict[str, tuple], loader: DataLoader, one_shot: bool) -> Dict[str, Any]:
+def run_grid(b: Bench, methods: Dict[str, tuple], loader: DataLoader, one_shot: bool,
+             levels: Optional[List[float]] = None, unit: str = "macs") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for label, method in methods.items():
         t0 = time.perf_counter()
         rows = {}
-        for level in b.args.levels:
-            recs = [b.measure(b.build(method, s, level), s, loader, one_shot) for s in b.args.seeds]
+        for level in levels or b.args.levels:
+            recs = [b.measure(b.build(method, s, level, unit), s, loader, one_shot) for s in b.args.seeds]
             rows[f"{level:g}"] = recs
         out[label] = rows
         log(f"  {label}: " + "  ".join(
@@ -224,95 +237,48 @@ def run_finetune(b: Bench) -> Dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ output
-
-def _stat(recs: List[dict], key: str) -> str:
-    v = [100 * r[key] for r in recs]
-    return f"{np.mean(v):.2f} ± {np.std(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-
-
-def table(grid: Dict[str, Any], key: str, best_of: Optional[List[str]] = None) -> List[str]:
-    levels = list(next(iter(grid.values())))
-    lines = ["| method | " + " | ".join(f"{float(L):.0%}" for L in levels) + " |",
-             "|---|" + "---|" * len(levels)]
-    for label, rows in grid.items():
-        cells = []
-        for L in levels:
-            cell = _stat(rows[L], key)
-            off = np.mean([r["macs_removed"] for r in rows[L]]) - float(L)
-            cells.append(cell + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else ""))
-        name = f"**{label}**" if label in (DEFAULT, SELECTED) else label
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot(grid: Dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for label, rows in grid.items():
-        kept = [100 * (1 - np.mean([r["macs_removed"] for r in rs])) for rs in rows.values()]
-        acc = [100 * np.mean([r["recalibrated"] for r in rs]) for rs in rows.values()]
-        err = [100 * np.std([r["recalibrated"] for r in rs]) for rs in rows.values()]
-        style = {"lw": 2.6, "color": "black"} if label == DEFAULT else \
-            {"lw": 2.0, "ls": "--"} if label.startswith("Torch") else {"lw": 1.0, "alpha": 0.8}
-        ax.errorbar(kept, acc, yerr=err, marker="o", ms=3, capsize=2, label=label, **style)
-    ax.set_xlabel("MACs kept (%)")
-    ax.set_ylabel("top-1 (%), one-shot + BatchNorm recalibration")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def write_markdown(results: Dict[str, Any], name: str) -> str:
-    lines = [f"# CIFAR-10 accuracy at matched MACs ({name})", "",
-             "Written by `python benchmarks/accuracy.py`; every figure measured in the runs recorded in "
-             f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
-             f"{results.get('seeds')}; the header is the fraction of MACs removed; † marks a measured removal more "
-             "than 1 pt from the level (its offset in pt).", ""]
-    if "select" in results:
-        lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate)",
-                  "", "One-shot + BatchNorm recalibration.", ""] + table(results["select"], "recalibrated") + [""]
-    if "test" in results:
-        lines += ["## All methods on the 10,000 test images", "", "### One-shot + BatchNorm recalibration", ""]
-        lines += table(results["test"], "recalibrated") + ["", "### One-shot (no recalibration)", ""]
-        lines += table(results["test"], "one_shot") + ["", f"![top-1 against MACs kept](accuracy_{name}.png)", ""]
-    if "finetune" in results:
-        ft = results["finetune"]
-        lines += [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
-                  f"lr {ft['lr']}, cosine; unpruned {100 * ft['unpruned']:.2f} %)", "",
-                  "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
-        for label in (DEFAULT, TP_L1):
-            r = ft[label]
-            lines.append(f"| {label} | {100 * r['macs_removed']:.1f} % | {100 * r['recalibrated']:.2f} | "
-                         f"{100 * r['finetuned']:.2f} | {100 * (r['finetuned'] - ft['unpruned']):+.2f} pt |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def update_readme(md_path: Path) -> None:
-    """Puts the results file's test tables into the README, between its accuracy markers."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-    if begin not in text:
-        raise SystemExit("README.md has no accuracy markers")
-    body = md_path.read_text().split("\n", 2)[2].replace("](accuracy_", "](benchmarks/results/accuracy_")
-    body = body.replace("\n## ", "\n#### ").replace("\n### ", "\n##### ")
-    head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
+def run_targets(b: Bench) -> Dict[str, Any]:
+    """Every MACs and params target t = 0.05 ... 0.95: the plan's measured removal after real surgery."""
+    sc = b.scored(0, {})
+    out: Dict[str, Any] = {}
+    for unit in ("macs", "params"):
+        rows = []
+        for t in [round(0.05 * i, 2) for i in range(1, 20)]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    p = fp.plan(sc, **{unit: t})
+                except fp.PlanError as e:
+                    rows.append({"target": t, "refused": str(e)})
+                    continue
+            m = fp.prune(b.model, p, verify=False)
+            done = b.removed(m) if unit == "macs" else 1 - fp.count_params(m) / b.params0
+            rows.append({"target": t, "achieved": done, "warned": any("asked" in str(w.message) for w in caught)})
+        out[unit] = rows
+        worst = max(abs(r["achieved"] - r["target"]) for r in rows if "achieved" in r)
+        log(f"  {unit}: {sum('achieved' in r for r in rows)} of {len(rows)} targets planned, worst miss "
+            f"{100 * worst:.2f} pt, {sum(r.get('warned', False) for r in rows)} warned")
+    try:
+        fp.plan(sc, macs=0.999)
+        out["unreachable"] = "planned without error"
+    except fp.PlanError as e:
+        out["unreachable"] = str(e)
+    log(f"  macs=0.999: {out['unreachable']}")
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", required=True, choices=("select", "test", "finetune", "readme"))
+    ap.add_argument("--part", required=True,
+                    choices=("select", "test", "ablation", "targets", "finetune", "readme"))
     ap.add_argument("--model", default="resnet20", help="a zoo model with benchmarks/checkpoints/cifar10_<model>.pt")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
+    ap.add_argument("--methods", default="all", choices=("all", "core"),
+                    help="--part test: every method, or the default, the uniform baselines and Torch-Pruning")
+    ap.add_argument("--ablation-levels", default="0.678,0.354",
+                    help="fractions of parameters removed by --part ablation (the paper's VGG-16 figures)")
     ap.add_argument("--headline", type=float, default=0.5, help="MACs level of --part finetune")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of --part finetune")
     ap.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -320,13 +286,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.levels = [float(x) for x in args.levels.split(",")]
+    args.ablation_levels = [float(x) for x in args.ablation_levels.split(",")]
     torch.set_num_threads(args.threads)
+    if args.part == "readme":  # every model's tables are rewritten from its results file, then the README
+        for name in MODELS:
+            if (RESULTS / f"accuracy_{name}.json").is_file():
+                res = json.loads((RESULTS / f"accuracy_{name}.json").read_text())
+                (RESULTS / f"accuracy_{name}.md").write_text(
+                    report.write_markdown(res, name, (DEFAULT, SELECTED), TP_L1))
+        report.update_readme(ROOT / "README.md", RESULTS, MODELS)
+        return
     raw = RESULTS / f"accuracy_{args.model}.json"
     results = json.loads(raw.read_text()) if raw.is_file() else {}
-    md = RESULTS / "accuracy.md"
-    if args.part == "readme":
-        update_readme(md)
-        return
     b = Bench(args, args.model)
     t0 = time.perf_counter()
     if args.part == "select":
@@ -334,16 +305,26 @@ def main(argv: Optional[List[str]] = None) -> None:
         results["select"] = run_grid(b, VARIANTS, b.val_loader, one_shot=False)
     elif args.part == "test":
         log(f"{args.model}: all methods on test, seeds {args.seeds}")
-        results["test"] = run_grid(b, METHODS, b.test_loader, one_shot=True)
-        plot(results["test"], RESULTS / f"accuracy_{args.model}.png",
-             f"{args.model}, CIFAR-10 test: one-shot + BatchNorm recalibration (mean ± std, {len(args.seeds)} seeds)")
+        methods = METHODS if args.methods == "all" else {k: METHODS[k] for k in CORE}
+        results["test"] = run_grid(b, methods, b.test_loader, one_shot=True)
+        report.plot(results["test"], RESULTS / f"accuracy_{args.model}.png",
+                    f"{args.model}, CIFAR-10 test: one-shot + BatchNorm recalibration "
+                    f"(mean ± std, {len(args.seeds)} seeds)", DEFAULT)
+    elif args.part == "ablation":
+        log(f"{args.model}: ToD against uniform depths at {args.ablation_levels} of the parameters, seeds {args.seeds}")
+        results["ablation"] = run_grid(b, {k: METHODS[k] for k in ABLATION}, b.test_loader, one_shot=True,
+                                       levels=args.ablation_levels, unit="params")
+    elif args.part == "targets":
+        log(f"{args.model}: plan(macs=t) and plan(params=t), t = 0.05 ... 0.95, measured after surgery")
+        results["targets"] = run_targets(b)
     else:
         log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
         results["finetune"] = run_finetune(b)
     results["seeds"] = args.seeds
     RESULTS.mkdir(exist_ok=True)
     raw.write_text(json.dumps(results, indent=1))
-    md.write_text(write_markdown(results, args.model))
+    md = RESULTS / f"accuracy_{args.model}.md"
+    md.write_text(report.write_markdown(results, args.model, (DEFAULT, SELECTED), TP_L1))
     log(f"wrote {raw} and {md} in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -10,12 +10,17 @@ channels-last memory format (about 1.4 min per ResNet-20 epoch on 2 CPU cores).
 The checkpoint loads with ``model.load_state_dict(torch.load(path, weights_only=True))``; the log (one JSON
 line per epoch) is written next to it as ``<name>.log``. After every epoch the whole training state (model,
 optimizer, schedule, RNG) is saved as ``<name>.state``; ``--resume`` continues from it, so a long run survives
-interruptions. ``--half`` stores the final weights as float16 (half the file; load with ``.float()``).
+interruptions; SIGTERM or SIGINT (``kill PID``, Ctrl-C) ends the run after the current epoch is saved, so it can
+be resumed with other settings (``OMP_NUM_THREADS``, device) without losing work. ``--half`` stores the final weights as float16 (half the file; load with ``.float()``).
+``--bf16`` trains under bfloat16 autocast (weights, optimizer and BatchNorm stay float32): 2-2.6x faster on a CPU
+with AMX or AVX512-BF16 (VGG-16-BN 3.2 instead of 6.3 min per epoch on 2 cores), and on recent GPUs. Test accuracy is
+always measured in float32.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="checkpoint path (default benchmarks/checkpoints/cifar10_<model>.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state, written after every epoch")
     ap.add_argument("--half", action="store_true", help="store the final state_dict as float16")
+    ap.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (mixed precision)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -78,7 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log_path.write_text("")
     gen = train_loader.generator
+    stop = []  # a signal ends the run at the next epoch boundary, after the state is saved
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
     start = time.perf_counter()
+    if args.bf16 and device.type == "cpu" and not torch.backends.mkldnn.is_available():
+        raise SystemExit("--bf16 on the CPU needs PyTorch built with oneDNN; drop --bf16")
     for epoch in range(first, args.epochs + 1):
         gen.manual_seed(args.seed * 1000 + epoch)  # the shuffle of each epoch, the same after a resume
         model.train()
@@ -86,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         for x, y in train_loader:
             x = x.to(device, memory_format=torch.channels_last)
             y = y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -105,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "rng": torch.get_rng_state(), "epoch": epoch}, state_path.with_suffix(".state-tmp"))
         state_path.with_suffix(".state-tmp").replace(state_path)
+        if stop and epoch < args.epochs:
+            print(f"stopped after epoch {epoch}; continue with --resume", flush=True)
+            return
     final = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if args.half:
         final = {k: v.half() if v.is_floating_point() else v for k, v in final.items()}

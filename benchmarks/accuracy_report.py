@@ -1,0 +1,125 @@
+"""Tables, plot and README section of ``benchmarks/accuracy.py``, written from its results files only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+
+
+def _stat(recs: List[dict], key: str) -> str:
+    v = [100 * r[key] for r in recs]
+    return f"{np.mean(v):.2f} ± {np.std(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
+    """One row per method, one column per level; † marks a measured removal more than 1 pt off the level."""
+    levels = list(next(iter(grid.values())))
+    lines = ["| method | " + " | ".join(f"{float(L):.1%}".replace(".0%", "%") for L in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for label, rows in grid.items():
+        cells = []
+        for L in levels:
+            off = np.mean([r[removed] for r in rows[L]]) - float(L)
+            cells.append(_stat(rows[L], key) + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else ""))
+        name = f"**{label}**" if label in bold else label
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(grid: Dict[str, Any], path: Path, title: str, default: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for label, rows in grid.items():
+        kept = [100 * (1 - np.mean([r["macs_removed"] for r in rs])) for rs in rows.values()]
+        acc = [100 * np.mean([r["recalibrated"] for r in rs]) for rs in rows.values()]
+        err = [100 * np.std([r["recalibrated"] for r in rs]) for rs in rows.values()]
+        style = {"lw": 2.6, "color": "black"} if label == default else \
+            {"lw": 2.0, "ls": "--"} if label.startswith("Torch") else {"lw": 1.0, "alpha": 0.8}
+        ax.errorbar(kept, acc, yerr=err, marker="o", ms=3, capsize=2, label=label, **style)
+    ax.set_xlabel("MACs kept (%)")
+    ax.set_ylabel("top-1 (%), one-shot + BatchNorm recalibration")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def checkpoint_accuracy(name: str) -> str:
+    """The last test accuracy in the checkpoint's training log, with its epoch."""
+    log = CHECKPOINTS / f"cifar10_{name}.log"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    rows = [r for r in rows if "test_acc" in r]
+    return f"{100 * rows[-1]['test_acc']:.2f} % after {rows[-1]['epoch']} epochs" if rows else "no training log"
+
+
+def _targets(t: Dict[str, Any]) -> List[str]:
+    lines = ["| target t | " + " | ".join(f"{r['target']:.2f}" for r in t["macs"]) + " |",
+             "|---|" + "---|" * len(t["macs"])]
+    for unit in ("macs", "params"):
+        cells = [f"{100 * r['achieved']:.1f}" if "achieved" in r else "refused" for r in t[unit]]
+        lines.append(f"| {unit} removed (%) | " + " | ".join(cells) + " |")
+    worst = {u: max(abs(r["achieved"] - r["target"]) for r in t[u] if "achieved" in r) for u in ("macs", "params")}
+    return lines + ["", f"Worst miss: {100 * worst['macs']:.2f} pt (MACs), {100 * worst['params']:.2f} pt (params). "
+                        f"`plan(macs=0.999)`: {t['unreachable']}"]
+
+
+def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l1: str) -> str:
+    lines = [f"# CIFAR-10 accuracy at matched size ({name}, checkpoint {checkpoint_accuracy(name)})", "",
+             "Written by `python benchmarks/accuracy.py`; every figure measured in the runs recorded in "
+             f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
+             f"{results.get('seeds')}; the header is the fraction removed; † marks a measured removal more "
+             "than 1 pt from the level (its offset in pt).", ""]
+    if "select" in results:
+        lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate)",
+                  "", "One-shot + BatchNorm recalibration; MACs removed.", ""]
+        lines += table(results["select"], "recalibrated", bold) + [""]
+    if "test" in results:
+        lines += ["## MACs removed, on the 10,000 test images", "", "### One-shot + BatchNorm recalibration", ""]
+        lines += table(results["test"], "recalibrated", bold) + ["", "### One-shot (no recalibration)", ""]
+        lines += table(results["test"], "one_shot", bold) + ["", f"![top-1 against MACs kept](accuracy_{name}.png)", ""]
+    if "ablation" in results:
+        lines += ["## The paper's ablations: parameters removed, ToD against uniform depths (test)", "",
+                  "### One-shot (no recalibration)", ""]
+        lines += table(results["ablation"], "one_shot", bold, "params_removed")
+        lines += ["", "### One-shot + BatchNorm recalibration", ""]
+        lines += table(results["ablation"], "recalibrated", bold, "params_removed") + [""]
+    if "targets" in results:
+        lines += ["## Targets: `plan(macs=t)` and `plan(params=t)`, measured after surgery (seed 0)", ""]
+        lines += _targets(results["targets"]) + [""]
+    if "finetune" in results:
+        ft = results["finetune"]
+        lines += [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
+                  f"lr {ft['lr']}, cosine; unpruned {100 * ft['unpruned']:.2f} %)", "",
+                  "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
+        for label in (bold[0], tp_l1):
+            r = ft[label]
+            lines.append(f"| {label} | {100 * r['macs_removed']:.1f} % | {100 * r['recalibrated']:.2f} | "
+                         f"{100 * r['finetuned']:.2f} | {100 * (r['finetuned'] - ft['unpruned']):+.2f} pt |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> None:
+    """Puts every model's results file, in ``models`` order, into the README between its accuracy markers."""
+    text = readme.read_text()
+    if BEGIN not in text:
+        raise SystemExit(f"{readme} has no accuracy markers")
+    parts = []
+    for name in models:
+        md = results_dir / f"accuracy_{name}.md"
+        if not md.is_file():
+            continue
+        body = md.read_text().replace("](accuracy_", "](benchmarks/results/accuracy_")
+        body = body.replace("\n## ", "\n##### ").replace("\n### ", "\n###### ").replace("# ", "#### ", 1)
+        parts.append(body.strip())
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + "\n\n".join(parts) + "\n" + END + rest.split(END, 1)[1])
