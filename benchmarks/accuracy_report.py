@@ -19,7 +19,9 @@ def _stat(recs: List[dict], key: str) -> str:
 def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
     """One row per method, one column per level; † marks a measured removal more than 1 pt off the level."""
     levels = list(next(iter(grid.values())))
-    lines = ["| method | " + " | ".join(f"{float(L):.1%}".replace(".0%", "%") for L in levels) + " |",
+    seeds = {len(recs) for rows in grid.values() for recs in rows.values()}
+    lines = [f"Calibration seeds per cell: {', '.join(map(str, sorted(seeds)))}.", "",
+             "| method | " + " | ".join(f"{float(L):.1%}".replace(".0%", "%") for L in levels) + " |",
              "|---|" + "---|" * len(levels)]
     for label, rows in grid.items():
         cells = []
@@ -53,6 +55,10 @@ def plot(grid: Dict[str, Any], path: Path, title: str, default: str) -> None:
     plt.close(fig)
 
 
+def _has(grid: Dict[str, Any], key: str) -> bool:
+    return all(key in r for rows in grid.values() for recs in rows.values() for r in recs)
+
+
 def checkpoint_accuracy(name: str) -> str:
     """The last test accuracy in the checkpoint's training log, with its epoch."""
     log = CHECKPOINTS / f"cifar10_{name}.log"
@@ -76,21 +82,25 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     lines = [f"# CIFAR-10 accuracy at matched size ({name}, checkpoint {checkpoint_accuracy(name)})", "",
              "Written by `python benchmarks/accuracy.py`; every figure measured in the runs recorded in "
              f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
-             f"{results.get('seeds')}; the header is the fraction removed; † marks a measured removal more "
+             "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; † marks a measured removal more "
              "than 1 pt from the level (its offset in pt).", ""]
     if "select" in results:
-        lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate)",
+        lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate; "
+                  "the checkpoint was trained on them, so its accuracy there is higher than on test)",
                   "", "One-shot + BatchNorm recalibration; MACs removed.", ""]
         lines += table(results["select"], "recalibrated", bold) + [""]
     if "test" in results:
         lines += ["## MACs removed, on the 10,000 test images", "", "### One-shot + BatchNorm recalibration", ""]
-        lines += table(results["test"], "recalibrated", bold) + ["", "### One-shot (no recalibration)", ""]
-        lines += table(results["test"], "one_shot", bold) + ["", f"![top-1 against MACs kept](accuracy_{name}.png)", ""]
+        lines += table(results["test"], "recalibrated", bold) + [""]
+        if _has(results["test"], "one_shot"):
+            lines += ["### One-shot (no recalibration)", ""] + table(results["test"], "one_shot", bold) + [""]
+        lines += [f"![top-1 against MACs kept](accuracy_{name}.png)", ""]
     if "ablation" in results:
-        lines += ["## The paper's ablations: parameters removed, ToD against uniform depths (test)", "",
-                  "### One-shot (no recalibration)", ""]
-        lines += table(results["ablation"], "one_shot", bold, "params_removed")
-        lines += ["", "### One-shot + BatchNorm recalibration", ""]
+        lines += ["## The paper's ablations: parameters removed, ToD against uniform depths (test)", ""]
+        if _has(results["ablation"], "one_shot"):
+            lines += ["### One-shot (no recalibration)", ""]
+            lines += table(results["ablation"], "one_shot", bold, "params_removed") + [""]
+        lines += ["### One-shot + BatchNorm recalibration", ""]
         lines += table(results["ablation"], "recalibrated", bold, "params_removed") + [""]
     if "targets" in results:
         lines += ["## Targets: `plan(macs=t)` and `plan(params=t)`, measured after surgery (seed 0)", ""]

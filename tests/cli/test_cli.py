@@ -116,7 +116,7 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
     assert "wrote out/pruned.pt" in capsys.readouterr().out
 
     assert main(["finetune", *common, "--pruned", "out/pruned.pt", "--data", "digits", "--max-steps", "3",
-                 "--lr", "0.01", "--out", "out/ft.pt"]) == 0
+                 "--lr", "0.01", "--bf16", "--out", "out/ft.pt"]) == 0
     assert "after fine-tuning" in capsys.readouterr().out
 
     assert main(["report", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--pruned", "out/ft.pt",

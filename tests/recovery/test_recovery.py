@@ -77,6 +77,18 @@ def test_finetune_is_deterministic():
         assert torch.equal(pa, pb)
 
 
+def test_finetune_under_bfloat16_autocast_learns_and_keeps_float32_weights():
+    model = _mlp()
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    fp.finetune(model, _loader(), epochs=3, lr=0.05, progress=False, autocast=torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}  # the layers did run in bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert fp.evaluate(model, DataLoader(_blobs(seed=1), batch_size=64)) > 0.95
+    with pytest.raises(FairPrunerError, match="autocast must be"):
+        fp.finetune(_mlp(), _loader(), autocast=torch.float64)
+
+
 def test_max_steps_limits_the_number_of_batches():
     seen = []
 

@@ -330,7 +330,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # augmentation draws from the global RNG
         finetune(pruned, loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                 weight_decay=args.weight_decay, device=device, progress=args.progress, max_steps=args.max_steps)
+                 weight_decay=args.weight_decay, device=device, progress=args.progress, max_steps=args.max_steps,
+                 autocast=torch.bfloat16 if args.bf16 else None)
     after = evaluate(pruned, test_loader)
     out = _out_path(args.out)
     fp.save(out, pruned.cpu(), the_plan)
@@ -369,7 +370,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # augmentation draws from the global RNG
             fp.finetune(pruned, loader, epochs=args.finetune_epochs, lr=args.lr, device=device,
-                        progress=args.progress)
+                        progress=args.progress, autocast=torch.bfloat16 if args.bf16 else None)
     if final == "one-shot":
         stages = {}
     example = next(iter(test_loader))[0][:64].to(device)
