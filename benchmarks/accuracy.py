@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -142,7 +141,10 @@ class Bench:
             self.scores[key] = fp.score(self.model, self.split(seed)[0], seed=seed, progress=False, **settings)
         return self.scores[key]
 
-    def removed(self, model: nn.Module) -> float:
+    def removed(self, model: nn.Module, unit: str = "macs") -> float:
+        """The fraction of the checkpoint's MACs (or params) that ``model`` no longer has."""
+        if unit == "params":
+            return 1 - fp.count_params(model) / self.params0
         return 1 - fp.count_macs(model, self.example) / self.macs0
 
     def fair(self, seed: int, level: float, score_kw: dict, plan_kw: dict, unit: str = "macs") -> nn.Module:
@@ -194,7 +196,7 @@ class Bench:
         return self.fair(seed, level, score_kw, plan_kw, unit)
 
     def measure(self, pruned: nn.Module, seed: int, loader: DataLoader, one_shot: bool = True) -> dict:
-        rec = {"macs_removed": self.removed(pruned), "params_removed": 1 - fp.count_params(pruned) / self.params0}
+        rec = {"macs_removed": self.removed(pruned), "params_removed": self.removed(pruned, "params")}
         if one_shot:
             rec["one_shot"] = fp.evaluate(pruned, loader)
         fp.recalibrate(pruned, self.split(seed)[1])
@@ -253,8 +255,7 @@ def run_targets(b: Bench) -> Dict[str, Any]:
                 except fp.PlanError as e:
                     rows.append({"target": t, "refused": str(e)})
                     continue
-            m = fp.prune(b.model, p, verify=False)
-            done = b.removed(m) if unit == "macs" else 1 - fp.count_params(m) / b.params0
+            done = b.removed(fp.prune(b.model, p, verify=False), unit)
             rows.append({"target": t, "achieved": done, "warned": any("asked" in str(w.message) for w in caught)})
         out[unit] = rows
         worst = max(abs(r["achieved"] - r["target"]) for r in rows if "achieved" in r)
@@ -267,6 +268,13 @@ def run_targets(b: Bench) -> Dict[str, Any]:
         out["unreachable"] = str(e)
     log(f"  macs=0.999: {out['unreachable']}")
     return out
+
+
+def write_page(name: str, results: Dict[str, Any]) -> Path:
+    """``results/accuracy_<name>.md`` from that model's results."""
+    md = RESULTS / f"accuracy_{name}.md"
+    md.write_text(report.write_markdown(results, name, (DEFAULT, SELECTED), TP_L1))
+    return md
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -296,9 +304,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.part == "readme":  # every model's tables are rewritten from its results file, then the README
         for name in MODELS:
             if (RESULTS / f"accuracy_{name}.json").is_file():
-                res = json.loads((RESULTS / f"accuracy_{name}.json").read_text())
-                (RESULTS / f"accuracy_{name}.md").write_text(
-                    report.write_markdown(res, name, (DEFAULT, SELECTED), TP_L1))
+                write_page(name, json.loads((RESULTS / f"accuracy_{name}.json").read_text()))
         report.update_readme(ROOT / "README.md", RESULTS, MODELS)
         return
     raw = RESULTS / f"accuracy_{args.model}.json"
@@ -329,8 +335,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     results["seeds"] = args.seeds
     RESULTS.mkdir(exist_ok=True)
     raw.write_text(json.dumps(results, indent=1))
-    md = RESULTS / f"accuracy_{args.model}.md"
-    md.write_text(report.write_markdown(results, args.model, (DEFAULT, SELECTED), TP_L1))
+    md = write_page(args.model, results)
     log(f"wrote {raw} and {md} in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

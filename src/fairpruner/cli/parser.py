@@ -15,6 +15,8 @@ MODEL_HELP = ("zoo:NAME (see fairpruner.zoo.list_models()), hf:DIR (a Hugging Fa
               "Python path; called with num_classes= when it accepts it)")
 DATA_HELP = ("'digits' (scikit-learn digits), 'cifar10:PATH' or a .tar.gz with train/ and test/ class folders, "
              "or an image-folder directory")
+BF16_HELP = ("fine-tune under bfloat16 autocast (mixed precision): faster on CPUs with AMX or AVX512-BF16 and on "
+             "recent GPUs; evaluation stays float32")
 DEFAULT_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
@@ -166,9 +168,7 @@ def _add_run(subs) -> None:
                    help="training images that re-estimate BatchNorm statistics (default 1000; 0: skip)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default 0)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
-    p.add_argument("--bf16", action="store_true",
-                   help="fine-tune under bfloat16 autocast: 2-2.6x faster on CPUs with AMX/AVX512-BF16 and on "
-                        "recent GPUs; evaluation stays float32")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--latency-repeats", type=int, default=10, metavar="N",
                    help="timed forward passes per model (default 10; 0 skips latency)")
     p.add_argument("--seed", type=int, default=0, help="seeds calibration, recalibration and fine-tuning (default 0)")
@@ -269,9 +269,7 @@ def _add_finetune(subs) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="training batch size (default 64)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     p.add_argument("--no-augment", action="store_true", help="no random crop/flip on image data")
-    p.add_argument("--bf16", action="store_true",
-                   help="fine-tune under bfloat16 autocast: 2-2.6x faster on CPUs with AMX/AVX512-BF16 and on "
-                        "recent GPUs; evaluation stays float32")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--seed", type=int, default=0, help="seeds shuffling and augmentation (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", required=True, metavar="FILE", help="fine-tuned model file to write")
