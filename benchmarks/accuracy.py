@@ -50,13 +50,17 @@ PAPER_DEFAULTS = {"u_reduce": "max", "r_reduce": "sum", "u_consumer_power": 0, "
 
 IN = {"u_at": "input"}
 PLAIN = {"u_consumer_power": 0, **IN}
+# Residual streams as the defaults before the stream study cut them: weight 4, the whole alpha=0 count free.
+FREE4 = {"stream_weight": 4, "stream_floor": "free"}
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR default (U + ToD)": ({}, {}),
-    "FAIR, previous defaults (U max, R sum, streams like any layer)": (PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share"}),
-    "FAIR, plain U at the input, equal shares of the floor (defaults before the last study)": (
-        PLAIN, {"ties": "share"}),
-    "FAIR, U x consumer norm at the next layer's input (u_at=input)": (IN, {}),
+    "FAIR, first defaults (U max, R sum, streams like any layer)": (
+        PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share", "stream_floor": "free"}),
+    "FAIR, plain U at the input, equal shares of the floor (defaults before the last two studies)": (
+        PLAIN, {"ties": "share", **FREE4}),
+    "FAIR, U x consumer norm at the next layer's input (u_at=input), streams' floor free": (IN, FREE4),
+    "FAIR, streams lose their whole alpha=0 count (previous default)": ({}, FREE4),
     "U + uniform": ({}, {"allocation": "uniform"}),
     "L1 + ToD": ({}, {"signal": "l1"}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
@@ -70,6 +74,7 @@ DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
+PREVIOUS = "FAIR, streams lose their whole alpha=0 count (previous default)"
 # The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
 # random scores.
 ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
@@ -77,9 +82,9 @@ MODELS = ("resnet20", "resnet56", "vgg16_bn")  # the README's order
 
 # The validation study: where U is measured and how it is weighted, how a coupled group combines U and R, how
 # deep residual streams are cut, how a target orders ToD's equal-level steps. Label -> (score, plan settings).
-SW4 = {"stream_weight": 4}
+SW4 = FREE4
 VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    "plain U at the input, equal shares of the floor (previous default)": (PLAIN, {"ties": "share", **SW4}),
+    "plain U at the input, equal shares of the floor (default before the last two studies)": (PLAIN, {"ties": "share", **SW4}),
     "plain U at the input, cost-ordered ties": (PLAIN, SW4),
     "U x consumer norm at the input, equal shares of the floor": (IN, {"ties": "share", **SW4}),
     "U x consumer norm at the input, cost-ordered ties": (IN, SW4),
@@ -88,9 +93,15 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8}),
     "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, SW4),
     "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, SW4),
-    "U x consumer norm on the layer output (u_at=output; default)": ({}, {}),
+    "U x consumer norm on the layer output (u_at=output), streams' whole floor free, weight 4": ({}, FREE4),
+    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default)":
+        ({}, {}),
+    "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
+        {}, {"stream_floor": "none"}),
 }
-SELECTED = "U x consumer norm on the layer output (u_at=output; default)"
+SELECTED = "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default)"
+# --part select --methods core: the stream study alone (ResNet-56 and ResNet-20).
+STREAM_STUDY = list(VARIANTS)[-3:]
 
 
 def log(msg: str) -> None:
@@ -285,8 +296,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
-    ap.add_argument("--methods", default="all", choices=("all", "core"),
-                    help="--part test: every method, or the default, the uniform baselines and Torch-Pruning")
+    ap.add_argument("--methods", default="all", choices=("all", "core", "default"),
+                    help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
+                         "(core), or the default alone; --part select: every variant or the stream study (core). "
+                         "Rows measured before for other methods are kept")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
     ap.add_argument("--ablation-levels", default="0.678,0.354",
@@ -308,31 +321,39 @@ def main(argv: Optional[List[str]] = None) -> None:
         report.update_readme(ROOT / "README.md", RESULTS, MODELS)
         return
     raw = RESULTS / f"accuracy_{args.model}.json"
-    results = json.loads(raw.read_text()) if raw.is_file() else {}
     b = Bench(args, args.model)
     t0 = time.perf_counter()
     if args.part == "select":
         log(f"{args.model}: FAIR variants on validation, seeds {args.seeds}")
-        results["select"] = run_grid(b, VARIANTS, b.val_loader, one_shot=False)
+        variants = VARIANTS if args.methods == "all" else {k: VARIANTS[k] for k in STREAM_STUDY}
+        part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":
         log(f"{args.model}: all methods on test, seeds {args.seeds}")
-        methods = METHODS if args.methods == "all" else {k: METHODS[k] for k in CORE}
-        results["test"] = run_grid(b, methods, b.test_loader, one_shot=not args.skip_one_shot)
+        names = {"all": list(METHODS), "core": CORE, "default": [DEFAULT]}[args.methods]
+        part = ("test", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
+                                 one_shot=not args.skip_one_shot))
+    elif args.part == "ablation":
+        log(f"{args.model}: ToD against uniform depths at {args.ablation_levels} of the parameters, seeds {args.seeds}")
+        part = ("ablation", run_grid(b, {k: METHODS[k] for k in ABLATION}, b.test_loader,
+                                       one_shot=not args.skip_one_shot,
+                                       levels=args.ablation_levels, unit="params"))
+    elif args.part == "targets":
+        log(f"{args.model}: plan(macs=t) and plan(params=t), t = 0.05 ... 0.95, measured after surgery")
+        part = ("targets", run_targets(b))
+    else:
+        log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
+        part = ("finetune", run_finetune(b))
+    # Read at the end, so that runs of other parts for the same model in the meantime are kept.
+    results = json.loads(raw.read_text()) if raw.is_file() else {}
+    if part[0] in ("select", "test"):  # rows of methods not run this time stay
+        results[part[0]] = {**results.get(part[0], {}), **part[1]}
+    else:
+        results[part[0]] = part[1]
+    results["seeds"] = args.seeds
+    if part[0] == "test":
         report.plot(results["test"], RESULTS / f"accuracy_{args.model}.png",
                     f"{args.model}, CIFAR-10 test: one-shot + BatchNorm recalibration "
                     f"(mean ± std, {len(args.seeds)} seeds)", DEFAULT)
-    elif args.part == "ablation":
-        log(f"{args.model}: ToD against uniform depths at {args.ablation_levels} of the parameters, seeds {args.seeds}")
-        results["ablation"] = run_grid(b, {k: METHODS[k] for k in ABLATION}, b.test_loader,
-                                       one_shot=not args.skip_one_shot,
-                                       levels=args.ablation_levels, unit="params")
-    elif args.part == "targets":
-        log(f"{args.model}: plan(macs=t) and plan(params=t), t = 0.05 ... 0.95, measured after surgery")
-        results["targets"] = run_targets(b)
-    else:
-        log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
-        results["finetune"] = run_finetune(b)
-    results["seeds"] = args.seeds
     RESULTS.mkdir(exist_ok=True)
     raw.write_text(json.dumps(results, indent=1))
     md = write_page(args.model, results)

@@ -110,7 +110,7 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
         lines += [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
                   f"lr {ft['lr']}, cosine; unpruned {100 * ft['unpruned']:.2f} %)", "",
                   "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
-        for label in (bold[0], tp_l1):
+        for label in [k for k, v in ft.items() if isinstance(v, dict)]:  # the methods fine-tuned
             r = ft[label]
             lines.append(f"| {label} | {100 * r['macs_removed']:.1f} % | {100 * r['recalibrated']:.2f} | "
                          f"{100 * r['finetuned']:.2f} | {100 * (r['finetuned'] - ft['unpruned']):+.2f} pt |")

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairpruner._planning.tod import candidate_alphas, max_fraction, rank_ascending, tod_counts, tod_curve
+from fairpruner._planning.tod import (candidate_alphas, cap_floor, max_fraction, rank_ascending, tod_counts,
+                                     tod_curve)
 
 ALPHAS = [0.0, 0.005, 0.01, 0.015, 0.05, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.9, 0.99, 1.0]
 
@@ -203,6 +204,15 @@ def test_single_unit_group_never_pruned():
     curve = tod_curve(torch.tensor([1.0]), torch.tensor([2.0]))
     assert curve.size == 0
     assert tod_counts([curve], 1.0).tolist() == [0]
+
+
+def test_cap_floor_prices_the_floor_beyond_free_at_the_first_positive_level():
+    curve = np.array([0.0, 0.0, 0.0, 0.0, 0.2, 0.25, 0.3])
+    assert cap_floor(curve, 2).tolist() == [0.0, 0.0, 0.2, 0.2, 0.2, 0.25, 0.3]
+    assert cap_floor(curve, 0).tolist() == [0.2, 0.2, 0.2, 0.2, 0.2, 0.25, 0.3]
+    assert cap_floor(curve, 4) is curve and cap_floor(curve, 9) is curve  # nothing beyond the cap
+    assert cap_floor(np.zeros(4), 1).tolist() == [0.0, 1.0, 1.0, 1.0]  # no positive level: priced at 1
+    assert curve.tolist()[:4] == [0.0] * 4  # the input is not changed
 
 
 def test_empty_curve_list():

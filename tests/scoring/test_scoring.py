@@ -611,4 +611,5 @@ def test_scores_written_before_writers_were_recorded_still_load(tmp_path):
     torch.save(d, path)
     old = fp.Scores.load(path)
     assert [g.writers for g in old.groups] == [1] * len(old.groups)
-    assert fp.plan(old, alpha=0.1).removed == fp.plan(scores, alpha=0.1, stream_weight=1).removed
+    assert fp.plan(old, alpha=0.1).removed == fp.plan(scores, alpha=0.1, stream_weight=1,
+                                                 stream_floor="free").removed

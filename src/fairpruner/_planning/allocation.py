@@ -7,7 +7,8 @@ at a proportionally higher level). Taking the steps in price order reproduces ``
 every ``a > 0`` (a group's count is the number of its steps priced at most ``a``), and it makes every target
 reachable:
 
-* steps of equal price (every step below what ``alpha = 0`` removes, the *floor*, costs 0; many more share
+* steps of equal price (every step below what ``alpha = 0`` removes, the *floor*, costs 0, except most of a
+  residual stream's, which :func:`fairpruner.plan` prices at the stream's first positive level; many share
   a level, since levels are ratios k/m) are taken cheapest in accuracy per unit of cost first: by the
   U-Score of the unit the step removes, relative to its group's mean U (U's scale differs from layer to
   layer), times the group's weight, divided by the params or MACs one unit of the group holds. A light

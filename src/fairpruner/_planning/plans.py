@@ -13,20 +13,25 @@ import torch
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, step_order, tie_keys
-from .tod import max_fraction, rank_ascending, tod_counts, tod_curve
+from .tod import max_fraction, rank_ascending, cap_floor, tod_counts, tod_curve
 
-__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS"]
+__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "STREAM_FLOORS"]
 
 PLAN_VERSION = 1
 SIGNALS = ("u", "l1", "taylor", "random")
-# ToD levels of residual-stream groups are multiplied by this (chosen on a validation split of CIFAR-10
-# training images, ResNet-20, 3 calibration seeds: see the README's accuracy section).
-STREAM_WEIGHT = 4.0
+# ToD levels of residual-stream groups are multiplied by this, and a stream loses no units at alpha=0 (both
+# chosen on a validation split of CIFAR-10 training images, ResNet-20 and ResNet-56, 3 calibration seeds:
+# see the README's accuracy section).
+STREAM_WEIGHT = 8.0
 MISS_WARNING = 0.01  # a plan more than this far from its target says so
 ALLOCATIONS = ("tod", "uniform")
 # How a params/MACs target orders ToD's steps of equal price: "cost" (relative U per unit of cost, chosen on
 # the validation split) or "share" (an equal share of every group's alpha=0 count: the previous rule).
 TIES = ("cost", "share")
+# How much of a residual stream's alpha=0 count is free: "capped" (at most floor(sqrt(n)) units, what two
+# independent rankings give by chance; chosen on the validation split), "free" (all of it: the paper's ToD),
+# "none" (a stream loses units only at positive levels).
+STREAM_FLOORS = ("capped", "free", "none")
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 
@@ -128,7 +133,7 @@ def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
 
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
-         stream_weight: float = STREAM_WEIGHT, ties: str = "cost") -> Plan:
+         stream_weight: float = STREAM_WEIGHT, ties: str = "cost", stream_floor: str = "capped") -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -155,6 +160,11 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             of equal level: "cost" (default) takes first the step whose unit has the lowest U, relative to
             its group's mean U, per param or MAC one unit holds (U decides this whatever ``signal`` picks the
             units); "share" gives every group the same share of its alpha=0 count.
+        stream_floor: how much of a residual stream's alpha=0 count is free. That count is a first-collision
+            statistic that swings with the calibration sample, and every block reads a stream's units.
+            "capped" (default): at most floor(sqrt(n)) of its n units, what two independent rankings give by
+            chance; the rest at the stream's first positive level. "free": all of it (the paper's ToD).
+            "none": a stream loses units only at positive levels.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -170,6 +180,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
     key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties)
+    _check_floor(stream_floor)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
@@ -178,9 +189,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     if key != "alpha" and value == 0:
         counts = np.zeros(len(units), dtype=np.int64)
     elif allocation == "tod" and key == "alpha":
-        chosen, counts = value, tod_counts([tod_curve(g.u, g.r) for g in scores.groups], value, weights)
+        chosen, counts = value, tod_counts(_curves(scores, stream_floor), value, weights)
     elif allocation == "tod":
-        curves = [tod_curve(g.u, g.r) for g in scores.groups]
+        curves = _curves(scores, stream_floor)
         counts = _tod_target(scores, curves, weights, key, value, before, ties)
         chosen = _level_of(curves, counts, weights)
     else:
@@ -189,11 +200,25 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
                             "removing 99% of every group")
     result = _make_plan(scores, counts, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
-                         "ties": ties})
+                         "ties": ties, "stream_floor": stream_floor})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "units' sizes allow no closer plan.", stacklevel=2)
     return result
+
+
+def _curves(scores: Scores, stream_floor: str) -> List[np.ndarray]:
+    """Every group's ToD curve, a residual stream's free alpha=0 count limited as ``stream_floor`` says."""
+    curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    if stream_floor == "free":
+        return curves
+    return [cap_floor(c, 0 if stream_floor == "none" else math.isqrt(g.n_units)) if g.is_stream else c
+            for g, c in zip(scores.groups, curves)]
+
+
+def _check_floor(stream_floor: Any) -> None:
+    if stream_floor not in STREAM_FLOORS:
+        raise PlanError(f"stream_floor={stream_floor!r} is not one of {STREAM_FLOORS}.")
 
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
@@ -292,7 +317,8 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
 
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
-          stream_weight: float = STREAM_WEIGHT, ties: str = "cost") -> List[Dict[str, float]]:
+          stream_weight: float = STREAM_WEIGHT, ties: str = "cost",
+          stream_floor: str = "capped") -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
 
@@ -304,6 +330,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         macs: the same for MACs.
         stream_weight: as in :func:`plan`.
         ties: as in :func:`plan` (targets only).
+        stream_floor: as in :func:`plan`.
 
     Example:
         >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.1, 0.2, 0.35, 0.5])))
@@ -313,9 +340,10 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
     if params is not None or macs is not None:
         key, values = ("params", params) if params is not None else ("macs", macs)
         return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties,
-                                         **{key: _fraction(key, v)}), key)
+                                         stream_floor=stream_floor, **{key: _fraction(key, v)}), key)
                 for v in values]
-    curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    _check_floor(stream_floor)
+    curves = _curves(scores, stream_floor)
     weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)

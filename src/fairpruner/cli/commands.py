@@ -236,11 +236,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise CliError("give a target (--alpha, --params or --macs) or --sweep")
     if args.sweep == "alpha":
         _say("alpha sweep (predicted fractions removed):")
-        _say(format_sweep(fp.sweep(scores, _alphas(args.alphas), stream_weight=args.stream_weight)))
+        _say(format_sweep(fp.sweep(scores, _alphas(args.alphas), stream_weight=args.stream_weight,
+                                     stream_floor=args.stream_floor)))
     elif args.sweep:
         _say(f"{args.sweep} targets (asked, and what each plan removes):")
         targets = {args.sweep: _alphas(args.targets, "--targets")}
-        _say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, ties=args.ties, **targets)))
+        _say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, ties=args.ties,
+                                     stream_floor=args.stream_floor, **targets)))
     if target:
         if args.sweep:
             _say()
@@ -260,7 +262,8 @@ def _make_plan(scores: fp.Scores, args: argparse.Namespace, target: dict) -> fp.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said below, in the command's own words
         the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed,
-                           stream_weight=args.stream_weight, ties=args.ties, **target)
+                           stream_weight=args.stream_weight, ties=args.ties,
+                           stream_floor=args.stream_floor, **target)
     for key, asked in the_plan.requested.items():
         if key == "alpha":
             continue
