@@ -13,15 +13,15 @@ import torch
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, step_order, tie_keys
-from .tod import max_fraction, rank_ascending, cap_floor, tod_counts, tod_curve
+from .tod import cap_floor, max_fraction, rank_ascending, tod_counts, tod_curve
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "STREAM_FLOORS"]
 
 PLAN_VERSION = 1
 SIGNALS = ("u", "l1", "taylor", "random")
-# ToD levels of residual-stream groups are multiplied by this, and a stream loses no units at alpha=0 (both
-# chosen on a validation split of CIFAR-10 training images, ResNet-20 and ResNet-56, 3 calibration seeds:
-# see the README's accuracy section).
+# ToD levels of residual-stream groups are multiplied by this (with STREAM_FLOORS' "capped", chosen on a
+# validation split of CIFAR-10 training images, ResNet-20 and ResNet-56, 3 calibration seeds: see the README's
+# accuracy section).
 STREAM_WEIGHT = 8.0
 MISS_WARNING = 0.01  # a plan more than this far from its target says so
 ALLOCATIONS = ("tod", "uniform")
