@@ -52,6 +52,7 @@ IN = {"u_at": "input"}
 PLAIN = {"u_consumer_power": 0, **IN}
 # Residual streams as the defaults before the stream study cut them: weight 4, the whole alpha=0 count free.
 FREE4 = {"stream_weight": 4, "stream_floor": "free"}
+PREVIOUS = "FAIR, streams lose their whole alpha=0 count (previous default)"
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR default (U + ToD)": ({}, {}),
@@ -60,7 +61,7 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR, plain U at the input, equal shares of the floor (defaults before the last two studies)": (
         PLAIN, {"ties": "share", **FREE4}),
     "FAIR, U x consumer norm at the next layer's input (u_at=input), streams' floor free": (IN, FREE4),
-    "FAIR, streams lose their whole alpha=0 count (previous default)": ({}, FREE4),
+    PREVIOUS: ({}, FREE4),
     "U + uniform": ({}, {"allocation": "uniform"}),
     "L1 + ToD": ({}, {"signal": "l1"}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
@@ -74,7 +75,9 @@ DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
-PREVIOUS = "FAIR, streams lose their whole alpha=0 count (previous default)"
+# --methods tod: the methods whose plans follow the default residual-stream rule (re-run when it changes).
+TOD = [k for k, (score_kw, plan_kw) in METHODS.items()
+       if score_kw is not None and plan_kw.get("allocation", "tod") == "tod" and "stream_floor" not in plan_kw]
 # The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
 # random scores.
 ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
@@ -82,17 +85,17 @@ MODELS = ("resnet20", "resnet56", "vgg16_bn")  # the README's order
 
 # The validation study: where U is measured and how it is weighted, how a coupled group combines U and R, how
 # deep residual streams are cut, how a target orders ToD's equal-level steps. Label -> (score, plan settings).
-SW4 = FREE4
 VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    "plain U at the input, equal shares of the floor (default before the last two studies)": (PLAIN, {"ties": "share", **SW4}),
-    "plain U at the input, cost-ordered ties": (PLAIN, SW4),
-    "U x consumer norm at the input, equal shares of the floor": (IN, {"ties": "share", **SW4}),
-    "U x consumer norm at the input, cost-ordered ties": (IN, SW4),
-    "U x consumer norm^2 at the input, cost-ordered ties": ({"u_consumer_power": 2, **IN}, SW4),
-    "U x consumer norm at the input, stream weight 1": (IN, {"stream_weight": 1}),
-    "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8}),
-    "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, SW4),
-    "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, SW4),
+    "plain U at the input, equal shares of the floor (default before the last two studies)": (
+        PLAIN, {"ties": "share", **FREE4}),
+    "plain U at the input, cost-ordered ties": (PLAIN, FREE4),
+    "U x consumer norm at the input, equal shares of the floor": (IN, {"ties": "share", **FREE4}),
+    "U x consumer norm at the input, cost-ordered ties": (IN, FREE4),
+    "U x consumer norm^2 at the input, cost-ordered ties": ({"u_consumer_power": 2, **IN}, FREE4),
+    "U x consumer norm at the input, stream weight 1": (IN, {"stream_weight": 1, "stream_floor": "free"}),
+    "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8, "stream_floor": "free"}),
+    "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, FREE4),
+    "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, FREE4),
     "U x consumer norm on the layer output (u_at=output), streams' whole floor free, weight 4": ({}, FREE4),
     "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default)":
         ({}, {}),
@@ -296,9 +299,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
-    ap.add_argument("--methods", default="all", choices=("all", "core", "default"),
+    ap.add_argument("--methods", default="all", choices=("all", "core", "default", "tod"),
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
-                         "(core), or the default alone; --part select: every variant or the stream study (core). "
+                         "(core), the default alone, or every method that follows the default stream rule (tod); "
+                         "--part select: every variant or the stream study (core). "
                          "Rows measured before for other methods are kept")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
@@ -329,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":
         log(f"{args.model}: all methods on test, seeds {args.seeds}")
-        names = {"all": list(METHODS), "core": CORE, "default": [DEFAULT]}[args.methods]
+        names = {"all": list(METHODS), "core": CORE, "default": [DEFAULT], "tod": TOD}[args.methods]
         part = ("test", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
                                  one_shot=not args.skip_one_shot))
     elif args.part == "ablation":

@@ -80,8 +80,8 @@ def finetune(
         max_steps: stop after this many optimizer steps in total (the schedule is fitted to it).
         autocast: run forward and loss under ``torch.autocast`` with this dtype (mixed precision; weights,
             gradients and the optimizer stay in their own dtype). ``torch.bfloat16`` is faster on CPUs with
-            AMX or AVX512-BF16 (1.8x per ResNet-56 CIFAR-10 epoch on 2 cores) and on recent GPUs; ``torch.float16`` is for CUDA (no loss scaling
-            here, so prefer bfloat16).
+            AMX or AVX512-BF16 (1.8x per ResNet-56 CIFAR-10 epoch on 2 cores) and on recent GPUs;
+            ``torch.float16`` is for CUDA (no loss scaling here, so prefer bfloat16).
 
     Returns:
         The same model, trained, in eval mode.

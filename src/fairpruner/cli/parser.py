@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .._planning.plans import STREAM_WEIGHT
+from .._planning.plans import STREAM_FLOORS, STREAM_WEIGHT
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
 
@@ -150,7 +150,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ties", default="cost", choices=("cost", "share"),
                    help="for --params/--macs, the order of ToD steps of one level: lowest relative U per MAC or "
                         "parameter first (default cost), or an equal share of every layer's alpha=0 count")
-    p.add_argument("--stream-floor", default="capped", choices=("capped", "free", "none"),
+    p.add_argument("--stream-floor", default="capped", choices=STREAM_FLOORS,
                    help="how much of a residual stream's alpha=0 ToD count it loses for free: at most sqrt(width) "
                         "units (default capped: the count swings between calibration samples), all of it "
                         "(free: the paper's ToD) or none")
