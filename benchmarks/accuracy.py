@@ -52,7 +52,10 @@ IN = {"u_at": "input"}
 PLAIN = {"u_consumer_power": 0, **IN}
 # Residual streams as the defaults before the stream study cut them: weight 4, the whole alpha=0 count free.
 FREE4 = {"stream_weight": 4, "stream_floor": "free"}
-PREVIOUS = "FAIR, streams lose their whole alpha=0 count (previous default)"
+EARLIER = "FAIR, streams lose their whole alpha=0 count (default before the stream study)"
+# The default before the output layer's stream was spared: every stream's free floor capped at sqrt(width).
+SQRT = {"stream_floor": "sqrt"}
+PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (previous default)"
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR default (U + ToD)": ({}, {}),
@@ -61,7 +64,8 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR, plain U at the input, equal shares of the floor (defaults before the last two studies)": (
         PLAIN, {"ties": "share", **FREE4}),
     "FAIR, U x consumer norm at the next layer's input (u_at=input), streams' floor free": (IN, FREE4),
-    PREVIOUS: ({}, FREE4),
+    EARLIER: ({}, FREE4),
+    PREVIOUS: ({}, SQRT),
     "U + uniform": ({}, {"allocation": "uniform"}),
     "L1 + ToD": ({}, {"signal": "l1"}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
@@ -97,14 +101,17 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, FREE4),
     "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, FREE4),
     "U x consumer norm on the layer output (u_at=output), streams' whole floor free, weight 4": ({}, FREE4),
-    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default)":
-        ({}, {}),
+    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (previous default)":
+        ({}, SQRT),
+    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
+    "layer's stream, weight 8 (default)": ({}, {}),
     "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
         {}, {"stream_floor": "none"}),
 }
-SELECTED = "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default)"
+SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
+            "layer's stream, weight 8 (default)")
 # --part select --methods core: the stream study alone (ResNet-56 and ResNet-20).
-STREAM_STUDY = list(VARIANTS)[-3:]
+STREAM_STUDY = list(VARIANTS)[-4:]
 
 
 def log(msg: str) -> None:
@@ -302,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--methods", default="all", choices=("all", "core", "default", "tod"),
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
                          "(core), the default alone, or every method that follows the default stream rule (tod); "
-                         "--part select: every variant or the stream study (core). "
+                         "--part select: every variant, the stream study (core) or the default alone. "
                          "Rows measured before for other methods are kept")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
@@ -329,7 +336,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     t0 = time.perf_counter()
     if args.part == "select":
         log(f"{args.model}: FAIR variants on validation, seeds {args.seeds}")
-        variants = VARIANTS if args.methods == "all" else {k: VARIANTS[k] for k in STREAM_STUDY}
+        names = {"all": list(VARIANTS), "core": STREAM_STUDY, "default": [SELECTED], "tod": [SELECTED]}[args.methods]
+        variants = {k: VARIANTS[k] for k in names}
         part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":
         log(f"{args.model}: all methods on test, seeds {args.seeds}")
@@ -349,8 +357,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         part = ("finetune", run_finetune(b))
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
     results = json.loads(raw.read_text()) if raw.is_file() else {}
-    if part[0] in ("select", "test"):  # rows of methods not run this time stay
-        results[part[0]] = {**results.get(part[0], {}), **part[1]}
+    if part[0] in ("select", "test"):  # rows of methods not run this time stay, in the order of the study
+        rows = {**results.get(part[0], {}), **part[1]}
+        order = list(VARIANTS if part[0] == "select" else METHODS)
+        results[part[0]] = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                       else len(order)))
     else:
         results[part[0]] = part[1]
     results["seeds"] = args.seeds

@@ -109,7 +109,8 @@ def test_alpha_plan_uses_tod_counts(synthetic_scores):
         assert p.alpha == alpha
         for g in synthetic_scores.groups:
             w = STREAM_WEIGHT if g.is_stream else 1.0
-            curve = cap_floor(tod_curve(g.u, g.r), math.isqrt(g.n_units)) if g.is_stream else tod_curve(g.u, g.r)
+            free = 0 if g.feeds_output else math.isqrt(g.n_units)
+            curve = cap_floor(tod_curve(g.u, g.r), free) if g.is_stream else tod_curve(g.u, g.r)
             expected = int(tod_counts([curve], alpha, [w])[0])
             assert len(p.removed[g.name]) == expected
         assert p.units_total == sum(g.n_units for g in synthetic_scores.groups)
@@ -187,28 +188,33 @@ def test_stream_weight_protects_residual_streams(resnet_scores):
             assert heavy.removed[g.name] == plain.removed[g.name]
     with pytest.raises(fp.PlanError, match="stream_weight"):
         fp.plan(resnet_scores, alpha=0.3, stream_weight=0.5)
+    with pytest.raises(fp.PlanError, match="stream_weight"):
+        fp.sweep(resnet_scores, alphas=[0.1], stream_weight=float("nan"))
 
 
 def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
     """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(n)) of it ("capped", the
-    default) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
+    default; nothing where the output layer reads the stream) or nothing ("none"); other groups are
+    unaffected, and targets stay reachable."""
     # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream.
     synthetic_scores = fp.Scores(
         [dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0) if g.is_stream
          else g for g in synthetic_scores.groups], synthetic_scores.cost, dict(synthetic_scores.meta))
-    plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f) for f in ("free", "capped", "none")}
+    plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f) for f in ("free", "capped", "sqrt", "none")}
     assert fp.plan(synthetic_scores, alpha=0.0).removed == plans["capped"].removed
-    capped_somewhere = False
+    capped_somewhere = head_spared = False
     for g in synthetic_scores.groups:
         floor = int((tod_curve(g.u, g.r) <= 1e-12).sum())
         got = {f: len(p.removed[g.name]) for f, p in plans.items()}
         if g.is_stream:
-            assert got == {"free": floor, "capped": min(floor, math.isqrt(g.n_units)), "none": 0}
-            capped_somewhere |= floor > math.isqrt(g.n_units)
+            capped = 0 if g.feeds_output else min(floor, math.isqrt(g.n_units))
+            assert got == {"free": floor, "capped": capped, "sqrt": min(floor, math.isqrt(g.n_units)), "none": 0}
+            capped_somewhere |= floor > math.isqrt(g.n_units) and not g.feeds_output
+            head_spared |= g.feeds_output and floor > 0
         else:
-            assert got == {"free": floor, "capped": floor, "none": floor}
-    assert capped_somewhere  # the seeded scores exercise the cap
-    for f in ("free", "capped", "none"):
+            assert got == {"free": floor, "capped": floor, "sqrt": floor, "none": floor}
+    assert capped_somewhere and head_spared  # the seeded scores exercise the cap and the head's stream
+    for f in ("free", "capped", "sqrt", "none"):
         p = fp.plan(synthetic_scores, macs=0.3, stream_floor=f)
         assert abs(p.achieved["macs"] - 0.3) <= 0.005 and p.settings["stream_floor"] == f
     with pytest.raises(fp.PlanError, match="stream_floor"):

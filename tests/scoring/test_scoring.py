@@ -607,9 +607,24 @@ def test_scores_written_before_writers_were_recorded_still_load(tmp_path):
     scores.save(path)
     d = torch.load(path, weights_only=True)
     for g in d["groups"]:
-        del g["writers"]  # the format as version 1 files without it hold it
+        del g["writers"], g["feeds_output"]  # the format as version 1 files without them hold it
     torch.save(d, path)
     old = fp.Scores.load(path)
     assert [g.writers for g in old.groups] == [1] * len(old.groups)
+    assert not any(g.feeds_output for g in old.groups)
     assert fp.plan(old, alpha=0.1).removed == fp.plan(scores, alpha=0.1, stream_weight=1,
                                                  stream_floor="free").removed
+
+
+def test_the_group_the_output_layer_reads_is_marked(tmp_path):
+    """ResNet-20: the last stage's stream (rooted at its projection shortcut) is the head's input; a plain
+    CNN: its last conv. The mark survives save and load."""
+    torch.manual_seed(0)
+    scores = fp.score(zoo.resnet20().eval(), tiny_loader((3, 16, 16)), projections=4)
+    assert [g.name for g in scores.groups if g.feeds_output] == ["layer3.0.shortcut.0"]
+    scores.save(tmp_path / "s.pt")
+    assert [g.feeds_output for g in fp.Scores.load(tmp_path / "s.pt").groups] == [g.feeds_output for g in scores.groups]
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+    marked = fp.score(cnn, tiny_loader((3, 16, 16), classes=4), projections=4)
+    assert [g.name for g in marked.groups if g.feeds_output] == ["3"]

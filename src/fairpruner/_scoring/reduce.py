@@ -2,7 +2,7 @@
 R (first-order Taylor terms of the members' parameters) and the weights' L1 norm."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -60,9 +60,10 @@ def consumer_norms(g: GroupSpec, modules: Dict[str, nn.Module]) -> Optional[torc
 
 def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[torch.Tensor]],
              modules: Dict[str, nn.Module], u_reduce: str, r_reduce: str,
-             consumer_power: float = 0.0) -> List[GroupScores]:
+             consumer_power: float = 0.0, outputs: Sequence[str] = ()) -> List[GroupScores]:
     """Per-group scores from each site's U (None: a tensor another site of the group measured) and the
-    gradients the pass accumulated.
+    gradients the pass accumulated. ``outputs`` names the model's output layers (a group they read feeds the
+    head).
 
     With ``consumer_power`` p > 0, a unit's U is multiplied by ``consumer_norms ** p``: where a Linear or
     1x1 conv reads the measured tensor directly, the sliced W1 of the unit's contribution to its output is
@@ -103,6 +104,7 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
         writers = 1 if g.family is not None else \
             sum(1 for m in g.members if m.side == "out" and m.kind == "weight")
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
-                               l1[uc].sum(1).float(), g.channels, uc.clone(), max(writers, 1)))
+                               l1[uc].sum(1).float(), g.channels, uc.clone(), max(writers, 1),
+                               any(m.module in outputs for m in g.members)))
     return out
 

@@ -163,7 +163,8 @@ def score(
             for h in hooks:
                 h.remove()
         site_us = [site_u(store, i) for i in range(len(run.sites))]
-        result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce, u_consumer_power)
+        result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce, u_consumer_power,
+                          run.outputs)
     meta = {
         "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class,
         "projections": projections, "seed": seed, "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce,

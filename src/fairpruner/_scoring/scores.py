@@ -30,6 +30,7 @@ class GroupScores:
         unit_channels: (units, unit_size) root channels of each unit.
         writers: Conv/Linear layers writing the group's channels: more than one where they are added (a
             residual stream, which every block reads), 1 otherwise (unit families count as 1).
+        feeds_output: the model's output layer reads the group's channels (they are the head's features).
     """
 
     name: str
@@ -39,6 +40,7 @@ class GroupScores:
     channels: int
     unit_channels: torch.Tensor
     writers: int = 1
+    feeds_output: bool = False
 
     @property
     def is_stream(self) -> bool:
@@ -73,7 +75,8 @@ class Scores:
         torch.save({
             "format": "fairpruner.scores", "version": FORMAT_VERSION, "meta": json.dumps(self.meta),
             "groups": [{"name": g.name, "u": g.u, "r": g.r, "l1": g.l1, "channels": g.channels,
-                        "unit_channels": g.unit_channels, "writers": g.writers} for g in self.groups],
+                        "unit_channels": g.unit_channels, "writers": g.writers,
+                        "feeds_output": g.feeds_output} for g in self.groups],
             "cost": self.cost.to_dict(),
         }, path)
 
@@ -84,6 +87,6 @@ class Scores:
         if d["version"] > FORMAT_VERSION:
             raise FairPrunerError(f"{path} was written by a newer fairpruner (format {d['version']}); upgrade.")
         groups = [GroupScores(g["name"], g["u"], g["r"], g["l1"], int(g["channels"]), g["unit_channels"],
-                              int(g.get("writers", 1)))
+                              int(g.get("writers", 1)), bool(g.get("feeds_output", False)))
                   for g in d["groups"]]
         return cls(groups, CostModel.from_dict(d["cost"]), json.loads(d["meta"]))

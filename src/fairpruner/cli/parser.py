@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .._planning.plans import STREAM_FLOORS, STREAM_WEIGHT
+from .._planning.plans import STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
 
@@ -147,12 +147,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="per-group counts by ToD (default) or the same fraction everywhere")
     p.add_argument("--stream-weight", type=float, default=STREAM_WEIGHT, metavar="W",
                    help=f"residual streams are cut at alpha/W (default {STREAM_WEIGHT:g}; 1: like any layer)")
-    p.add_argument("--ties", default="cost", choices=("cost", "share"),
+    p.add_argument("--ties", default="cost", choices=TIES,
                    help="for --params/--macs, the order of ToD steps of one level: lowest relative U per MAC or "
                         "parameter first (default cost), or an equal share of every layer's alpha=0 count")
     p.add_argument("--stream-floor", default="capped", choices=STREAM_FLOORS,
                    help="how much of a residual stream's alpha=0 ToD count it loses for free: at most sqrt(width) "
-                        "units (default capped: the count swings between calibration samples), all of it "
+                        "units, none of the stream the output layer reads (default capped: the count swings "
+                        "between calibration samples), at most sqrt(width) of every stream (sqrt), all of it "
                         "(free: the paper's ToD) or none")
 
 
