@@ -246,7 +246,7 @@ def run_finetune(b: Bench) -> Dict[str, Any]:
     a = b.args
     train_aug = data.cifar10(a.data, "train", augment=True)
     out = {"level": a.headline, "epochs": a.epochs, "lr": a.lr, "bf16": a.bf16, "unpruned": fp.evaluate(b.model, b.test_loader)}
-    for label in (DEFAULT, TP_L1):
+    for label in (DEFAULT,) if a.methods == "default" else (DEFAULT, TP_L1):
         pruned = b.build(METHODS[label], 0, a.headline)
         rec = b.measure(pruned, 0, b.test_loader)
         loader = DataLoader(train_aug, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -309,7 +309,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--methods", default="all", choices=("all", "core", "default", "tod"),
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
                          "(core), the default alone, or every method that follows the default stream rule (tod); "
-                         "--part select: every variant, the stream study (core) or the default alone. "
+                         "--part select: every variant, the stream study (core) or the default alone; "
+                         "--part finetune: the default and Torch-Pruning, or the default alone (default). "
                          "Rows measured before for other methods are kept")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
@@ -357,7 +358,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         part = ("finetune", run_finetune(b))
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
     results = json.loads(raw.read_text()) if raw.is_file() else {}
-    if part[0] in ("select", "test"):  # rows of methods not run this time stay, in the order of the study
+    old = results.get("finetune", {})
+    if part[0] == "finetune" and all(old.get(k) == part[1][k] for k in ("level", "epochs", "lr", "bf16")):
+        merged, order = {**old, **part[1]}, list(METHODS)  # the same recipe: methods not re-run stay
+        results["finetune"] = dict(sorted(merged.items(), key=lambda kv: -1 if not isinstance(kv[1], dict)
+                                          else order.index(kv[0]) if kv[0] in order else len(order)))
+    elif part[0] in ("select", "test"):  # rows of methods not run this time stay, in the order of the study
         rows = {**results.get(part[0], {}), **part[1]}
         order = list(VARIANTS if part[0] == "select" else METHODS)
         results[part[0]] = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
