@@ -298,6 +298,13 @@ def write_page(name: str, results: Dict[str, Any]) -> Path:
     return md
 
 
+def _in_study_order(rows: Dict[str, Any], study: Dict[str, Any]) -> Dict[str, Any]:
+    """``rows`` with settings (non-dict values) first, then methods in the study's order, unknown labels last."""
+    order = list(study)
+    return dict(sorted(rows.items(), key=lambda kv: -1 if not isinstance(kv[1], dict)
+                       else order.index(kv[0]) if kv[0] in order else len(order)))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True,
@@ -358,16 +365,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         part = ("finetune", run_finetune(b))
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
     results = json.loads(raw.read_text()) if raw.is_file() else {}
-    old = results.get("finetune", {})
-    if part[0] == "finetune" and all(old.get(k) == part[1][k] for k in ("level", "epochs", "lr", "bf16")):
-        merged, order = {**old, **part[1]}, list(METHODS)  # the same recipe: methods not re-run stay
-        results["finetune"] = dict(sorted(merged.items(), key=lambda kv: -1 if not isinstance(kv[1], dict)
-                                          else order.index(kv[0]) if kv[0] in order else len(order)))
-    elif part[0] in ("select", "test"):  # rows of methods not run this time stay, in the order of the study
-        rows = {**results.get(part[0], {}), **part[1]}
-        order = list(VARIANTS if part[0] == "select" else METHODS)
-        results[part[0]] = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
-                                       else len(order)))
+    old = results.get(part[0], {})
+    recipe = ("level", "epochs", "lr", "bf16")
+    if part[0] in ("select", "test") or \
+            (part[0] == "finetune" and all(old.get(k) == part[1][k] for k in recipe)):
+        # Rows of methods not run this time stay (fine-tuned ones only under the same recipe).
+        results[part[0]] = _in_study_order({**old, **part[1]}, VARIANTS if part[0] == "select" else METHODS)
     else:
         results[part[0]] = part[1]
     results["seeds"] = args.seeds

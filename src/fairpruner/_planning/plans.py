@@ -15,7 +15,7 @@ from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, step_order, tie_keys
 from .tod import cap_floor, max_fraction, rank_ascending, tod_counts, tod_curve
 
-__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "STREAM_FLOORS"]
+__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS"]
 
 PLAN_VERSION = 1
 SIGNALS = ("u", "l1", "taylor", "random")
@@ -166,8 +166,8 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             "capped" (default): at most floor(sqrt(n)) of its n units, what two independent rankings give by
             chance, and none of the stream the output layer reads (the head's features); the rest at the
             stream's first positive level. "sqrt": at most floor(sqrt(n)) of every stream (the previous
-            default). "free": all of it (the paper's ToD).
-            "none": a stream loses units only at positive levels.
+            default). "free": all of it (the paper's ToD). "none": a stream loses units only at positive
+            levels.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -182,12 +182,11 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         >>> p.requested, p.achieved
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
-    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties)
-    _check_floor(stream_floor)
+    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
-    weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]
+    weights = _weights(scores, stream_weight)
     chosen: Optional[float] = None
     if key != "alpha" and value == 0:
         counts = np.zeros(len(units), dtype=np.int64)
@@ -227,13 +226,21 @@ def _free_floor(g: GroupScores, stream_floor: str) -> int:
     return math.isqrt(g.n_units)
 
 
-def _check_floor(stream_floor: Any) -> None:
+def _weights(scores: Scores, stream_weight: float) -> List[float]:
+    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere."""
+    return [stream_weight if g.is_stream else 1.0 for g in scores.groups]
+
+
+def _check_streams(stream_weight: Any, stream_floor: Any) -> None:
+    if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
+            not math.isfinite(stream_weight) or stream_weight < 1:
+        raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
     if stream_floor not in STREAM_FLOORS:
         raise PlanError(f"stream_floor={stream_floor!r} is not one of {STREAM_FLOORS}.")
 
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
-                allocation: str, stream_weight: float, ties: str) -> tuple:
+                allocation: str, stream_weight: float, ties: str, stream_floor: str) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
@@ -248,14 +255,8 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
         raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
     if allocation == "uniform" and key == "alpha":
         raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
-    _check_weight(stream_weight)
+    _check_streams(stream_weight, stream_floor)
     return key, value
-
-
-def _check_weight(stream_weight: Any) -> None:
-    if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
-            not math.isfinite(stream_weight) or stream_weight < 1:
-        raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
 
 
 def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
@@ -357,10 +358,9 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties,
                                          stream_floor=stream_floor, **{key: _fraction(key, v)}), key)
                 for v in values]
-    _check_floor(stream_floor)
-    _check_weight(stream_weight)
+    _check_streams(stream_weight, stream_floor)
     curves = _curves(scores, stream_floor)
-    weights = [stream_weight if g.is_stream else 1.0 for g in scores.groups]
+    weights = _weights(scores, stream_weight)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []
