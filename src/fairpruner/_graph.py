@@ -29,7 +29,7 @@ Families = Sequence[Any]
 __all__ = ["build_graph", "discover_groups", "find_output_layers", "group_slots", "family_layout",
            "GRAPH_SECONDS", "SECONDS_ENV"]
 
-# torch-pruning explores the whole graph, which takes minutes or never ends on some models (a Llama decoder's
+# torch-pruning explores the whole graph, which takes minutes or never ends on some models (a decoder's
 # attention): a refusal after a bounded time is better than a hang.
 GRAPH_SECONDS = 120.0
 SECONDS_ENV = "FAIRPRUNER_GRAPH_SECONDS"

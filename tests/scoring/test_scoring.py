@@ -628,3 +628,28 @@ def test_the_group_the_output_layer_reads_is_marked(tmp_path):
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
     marked = fp.score(cnn, tiny_loader((3, 16, 16), classes=4), projections=4)
     assert [g.name for g in marked.groups if g.feeds_output] == ["3"]
+
+
+def test_streams_are_groups_several_layers_write_and_several_read():
+    """ResNet-20: the stem's and the two projection shortcuts' streams. MobileNetV2: only the projection convs
+    whose outputs are added (not the expansion conv a depthwise conv follows). A gated MLP (gate * up -> down):
+    two writers, one reader, not a stream."""
+    torch.manual_seed(0)
+    resnet = fp.score(zoo.resnet20().eval(), tiny_loader((3, 16, 16)), projections=4)
+    assert sorted(g.name for g in resnet.groups if g.is_stream) == ["conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0"]
+    mobile = fp.score(zoo.mobilenetv2(num_classes=4).eval(), tiny_loader((3, 16, 16)), projections=4)
+    streams = sorted(g.name for g in mobile.groups if g.is_stream)
+    assert streams and all(n.endswith("conv.6") for n in streams)  # the blocks' projection convs
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down, self.head = nn.Linear(6, 12), nn.Linear(6, 12), nn.Linear(12, 6), \
+                nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.head(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+    gated = fp.score(Gated().eval(), tiny_loader((6,), classes=4), projections=4)
+    mlp = [g for g in gated.groups if g.channels == 12]
+    assert len(mlp) == 1 and not mlp[0].is_stream

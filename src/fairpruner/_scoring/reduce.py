@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member, dense_reader, member_params
+from .._core.layers import CONV_TYPES
 from .._errors import DataError
 from .scores import GroupScores
 from .sites import Site
@@ -101,10 +102,21 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
                     if p.dim() > 1:  # weights, not biases or norm scales
                         l1 += _per_channel(p.detach().abs(), dim, m).cpu().double()
         uc = g.unit_channels
-        writers = 1 if g.family is not None else \
-            sum(1 for m in g.members if m.side == "out" and m.kind == "weight")
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
-                               l1[uc].sum(1).float(), g.channels, uc.clone(), max(writers, 1),
+                               l1[uc].sum(1).float(), g.channels, uc.clone(), _writers(g, modules),
                                any(m.module in outputs for m in g.members)))
     return out
 
+
+
+def _writers(g: GroupSpec, modules: Dict[str, nn.Module]) -> int:
+    """How many layers write a group's channels into a residual stream: the Conv/Linear layers producing them
+    (a depthwise conv only rescales its input channels) when at least two layers read them; 1 otherwise. A
+    gated MLP's gate and up projections write one product that one layer reads: not a stream."""
+    if g.family is not None:
+        return 1
+    mixing = [m for m in g.members if m.kind == "weight"
+              and not (isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1)]
+    writers = sum(1 for m in mixing if m.side == "out")
+    readers = sum(1 for m in mixing if m.side == "in")
+    return writers if writers > 1 and readers > 1 else 1

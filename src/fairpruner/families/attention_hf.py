@@ -5,26 +5,34 @@ Two self-attention layouts are recognised (by their attributes, on classes defin
 * BERT style (``BertSelfAttention``, RoBERTa, transformers 4's ``ViTSelfAttention``): ``query``/``key``/``value``
   Linear layers, ``num_attention_heads``, ``attention_head_size``, ``all_head_size``; the output projection is
   ``<parent>.output.dense``.
-* Llama style (transformers 5's ``ViTAttention``): ``q_proj``/``k_proj``/``v_proj``/``o_proj`` Linear layers,
-  ``num_attention_heads`` (or ``num_heads``) and ``head_dim``.
+* Llama style (Llama, Qwen2, Mistral, transformers 5's ``ViTAttention``): ``q_proj``/``k_proj``/``v_proj``/
+  ``o_proj`` Linear layers and ``head_dim``; the head count is ``num_attention_heads`` (or ``num_heads``) where
+  the module keeps one, else the query width over ``head_dim`` (decoders reshape with -1 heads).
 
-Grouped-query attention (fewer key/value heads) and other transformers attention modules with a head count
-(DistilBERT's ``q_lin``/``out_lin``, T5) are protected: their projections are kept whole, since torch-pruning
-alone would cut single head dimensions and break the head reshape. Units are whole heads only
-(``attention="head_dims"`` is refused).
+The unit is one key/value head with the query heads that read it (``heads / kv_heads`` of them, consecutive,
+as ``repeat_kv`` expands them): its ``head_dim`` rows of ``k_proj`` and ``v_proj``, its query heads' rows of
+``q_proj`` and the same columns of ``o_proj``. Without grouped-query attention that is one head. Whole groups
+keep ``num_key_value_groups`` and the rotary embedding (which acts within a head) unchanged, so the module runs
+as before, ``generate()`` and its key/value cache included; cutting query heads inside groups would need every
+group to lose the same number, and a head's U would then be compared across groups it does not share. Other
+transformers attention modules with a head count (DistilBERT's ``q_lin``/``out_lin``, T5) are protected: their
+projections are kept whole, since torch-pruning alone would cut single head dimensions and break the head
+reshape. Units are whole heads or key/value groups only (``attention="head_dims"`` is refused).
 
-A head's members are its ``head_dim`` rows of the query, key and value projections (weights and biases) and
-the same columns of the output projection. Removing a head leaves ``head_dim`` and the softmax scale
-``head_dim ** -0.5`` unchanged (stored as ``scaling`` by transformers 5, recomputed from
-``attention_head_size`` by transformers 4), so the eager and the SDPA paths compute what the masked model does
-(a zeroed value row gives the head a zero output, whatever its attention pattern). The surgery writes back the
-module's head count and width, and records the removed heads (original numbering) in
-``config.pruned_heads`` as transformers 4 did; ``config.num_attention_heads`` keeps describing the unpruned
-architecture, which is what :func:`fairpruner.load` rebuilds from. (``save_pretrained``/``from_pretrained``
-cannot restore a pruned model: the config has no per-layer feed-forward widths. Use :func:`fairpruner.save`.)
+Removing a unit leaves ``head_dim`` and the softmax scale ``head_dim ** -0.5`` unchanged (stored as ``scaling``
+by transformers 5, recomputed from ``attention_head_size`` by transformers 4), so the eager and the SDPA paths
+compute what the masked model does (a zeroed value row gives the head a zero output, whatever its attention
+pattern). The surgery writes back the module's head counts and width where it keeps them, and records the
+removed query heads (original numbering) in ``config.pruned_heads`` as transformers 4 did;
+``config.num_attention_heads`` keeps describing the unpruned architecture, which is what
+:func:`fairpruner.load` rebuilds from. (``save_pretrained``/``from_pretrained`` cannot restore a pruned model:
+the config has no per-layer widths. Use :func:`fairpruner.save`.)
 
 The feed-forward (intermediate) units are ordinary torch-pruning groups (``intermediate.dense`` ->
-``output.dense``, ``mlp.fc1`` -> ``mlp.fc2``); the hidden size is coupled to every LayerNorm and stays.
+``output.dense``, ``mlp.fc1`` -> ``mlp.fc2``, a gated MLP's ``gate_proj`` and ``up_proj`` -> ``down_proj``);
+the hidden size is coupled to every LayerNorm or RMSNorm and stays. Because this family owns the attention
+projections, torch-pruning never explores the attention's reshapes and rotary slices (where its search did
+not end on a Llama decoder).
 The parameters a ViT's embeddings module uses directly (class token, position table) sit on that residual
 stream, which the core accepts for exactly that reason.
 
@@ -67,8 +75,14 @@ class _Attention:
     out: str        # the output projection, reading the concatenated heads
     heads: int
     head_dim: int
-    prunable: bool  # False: grouped-query or unknown attention, owned (kept from torch-pruning), never cut
+    prunable: bool  # False: an unknown attention layout, owned (kept from torch-pruning), never cut
     protected: Tuple[str, ...] = ()  # Linear layers of an unknown attention layout, kept whole
+    kv_heads: int = 0  # key/value heads; fewer than ``heads`` under grouped-query attention
+
+    @property
+    def per_kv(self) -> int:
+        """Query heads that share one key/value head (1 without grouped-query attention)."""
+        return self.heads // self.kv_heads if self.kv_heads else 1
 
     @property
     def linears(self) -> Tuple[str, ...]:
@@ -108,14 +122,19 @@ def _layout(modules: Dict[str, nn.Module], name: str, m: nn.Module) -> Optional[
 
 def find_attention(model: nn.Module) -> List[_Attention]:
     """The Hugging Face self-attention modules of ``model``: those whose heads can be cut, and those whose
-    projections must be kept whole (grouped-query attention, layouts this module does not know)."""
+    projections must be kept whole (layouts this module does not know)."""
     modules = dict(model.named_modules())
     found = []
     for name, m in modules.items():
-        heads = _heads_of(m) if _from_transformers(m) else None
-        if heads is None:
+        if not _from_transformers(m):
             continue
         layout = _layout(modules, name, m)
+        heads = _heads_of(m)
+        if heads is None and layout is not None:
+            # Llama-style decoders keep no head count on the module: their forward reshapes with -1 heads.
+            heads = modules[layout[0][0]].out_features // layout[2]
+        if heads is None:
+            continue
         if layout is None:
             # An unknown layout (DistilBERT's q_lin/out_lin, ALBERT, T5): torch-pruning alone would cut single
             # head dimensions and break the head reshape, so its projections are kept whole.
@@ -124,9 +143,12 @@ def find_attention(model: nn.Module) -> List[_Attention]:
                 found.append(_Attention(name, (), "", heads, 0, False, linears))
             continue
         qkv, out, head_dim = layout
-        width = heads * head_dim
-        prunable = all(modules[n].out_features == width for n in qkv) and modules[out].in_features == width
-        found.append(_Attention(name, qkv, out, heads, head_dim, prunable))
+        q, k, v = (modules[n] for n in qkv)
+        kv_heads = k.out_features // head_dim if head_dim else 0
+        prunable = (q.out_features == heads * head_dim and modules[out].in_features == heads * head_dim
+                    and k.out_features == v.out_features == kv_heads * head_dim and kv_heads > 0
+                    and heads % kv_heads == 0)
+        found.append(_Attention(name, qkv, out, heads, head_dim, prunable, kv_heads=kv_heads))
     return found
 
 
@@ -153,11 +175,15 @@ class HFAttentionHeads(Family):
                 raise UnsupportedModelError(
                     f"attention={mode!r}: Hugging Face attention ('{a.name}') is pruned in whole heads only; score "
                     "with attention='heads' (the default).")
-            if not a.prunable or a.heads < 2 or any(n in ignore for n in (a.name,) + a.linears):
+            if not a.prunable or a.kv_heads < 2 or any(n in ignore for n in (a.name,) + a.linears):
                 continue
-            index = torch.arange(a.heads * a.head_dim).view(a.heads, a.head_dim)
-            members = [Member(q, "out", index, "weight") for q in a.qkv] + [Member(a.out, "in", index, "weight")]
-            groups.append(GroupSpec(a.group_name, a.heads, torch.arange(a.heads).view(-1, 1), members,
+            # One unit per key/value head: its rows of k_proj and v_proj, the rows of the query heads that read
+            # it (heads i * per_kv ... in the order repeat_kv expands them) and the same columns of o_proj.
+            query = torch.arange(a.heads * a.head_dim).view(a.kv_heads, a.per_kv * a.head_dim)
+            kv = torch.arange(a.kv_heads * a.head_dim).view(a.kv_heads, a.head_dim)
+            members = [Member(n, "out", query if i == 0 else kv, "weight") for i, n in enumerate(a.qkv)]
+            members.append(Member(a.out, "in", query, "weight"))
+            groups.append(GroupSpec(a.group_name, a.kv_heads, torch.arange(a.kv_heads).view(-1, 1), members,
                                     family=self))
         return groups
 
@@ -190,26 +216,26 @@ class HFAttentionHeads(Family):
     def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         modules = dict(model.named_modules())
         name = group.name[: -len(":heads")]
-        attn = modules[name]
-        heads = _heads_of(attn)
-        if heads != group.channels:
-            raise PlanError(f"'{name}' has {heads} attention heads, the plan expects {group.channels}. Apply a plan "
-                            "to an unpruned instance of the architecture it was made for.")
+        attn = next((a for a in find_attention(model) if a.name == name), None)
+        if attn is None or not attn.prunable or attn.kv_heads != group.channels:
+            found = "no attention it can cut" if attn is None or not attn.prunable else f"{attn.kv_heads} key/value heads"
+            raise PlanError(f"'{name}' has {found}, the plan expects {group.channels}. Apply a plan to an unpruned "
+                            "instance of the architecture it was made for.")
         drop = sorted(set(int(c) for c in channels))
-        keep_heads = [h for h in range(heads) if h not in drop]
-        index = group.members[0].index
-        rows = index[torch.tensor(keep_heads, dtype=torch.long)].flatten()
+        keep = torch.tensor([h for h in range(attn.kv_heads) if h not in drop], dtype=torch.long)
         for mem in group.members:
-            slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, rows)
-        _record_pruned_heads(modules, name, getattr(model, "config", None) or getattr(attn, "config", None),
-                             heads, drop)
-        # head_dim (and with it the softmax scale) is unchanged; the forward reshapes with -1 heads, but
-        # transformers 4 reads the head count and width attributes.
-        for attr in ("num_attention_heads", "num_heads"):
-            if isinstance(getattr(attn, attr, None), int):
-                setattr(attn, attr, len(keep_heads))
-        if isinstance(getattr(attn, "all_head_size", None), int):
-            attn.all_head_size = len(keep_heads) * int(index.shape[1])
+            slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, mem.index[keep].flatten())
+        module = modules[name]
+        per = attn.per_kv
+        _record_pruned_heads(modules, name, getattr(model, "config", None) or getattr(module, "config", None),
+                             attn.heads, [h * per + j for h in drop for j in range(per)])
+        # head_dim, the softmax scale and the query heads per key/value head are unchanged; the forward reshapes
+        # with -1 heads, but transformers 4 reads the head count and width attributes.
+        for attr, value in (("num_attention_heads", len(keep) * per), ("num_heads", len(keep) * per),
+                            ("num_key_value_heads", len(keep)),
+                            ("all_head_size", len(keep) * per * attn.head_dim)):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, value)
 
 
 def _layer_index(name: str) -> Optional[int]:

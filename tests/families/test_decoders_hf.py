@@ -1,0 +1,114 @@
+"""Tests for fairpruner.families.attention_hf on Hugging Face decoders (Llama, Qwen2, Mistral; built from small
+configs, no downloads): grouped-query attention pruned by key/value group, the gated MLP as one group, prune ==
+mask, predicted == counted params/MACs, generate() after pruning, the caller's model untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fairpruner as fp
+from helpers import assert_prune_equals_mask, rel_err
+from fairpruner.families.attention_hf import find_attention
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, LAYERS, INTER, VOCAB, SEQ, CLASSES = 64, 8, 2, 96, 100, 12, 3
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+
+
+def decoder(kind="llama", head="ForSequenceClassification", kv_heads=2, impl="eager", seed=0):
+    config = getattr(transformers, FAMILIES[kind] + "Config")(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64, pad_token_id=0,
+        num_labels=CLASSES, attn_implementation=impl, use_cache=False)
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[kind] + head)(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-trivial norms and biases, so that every head and unit matters
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else
+                    torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def last_token_loss(logits, targets):
+    """A causal LM scored on a task's classes: the class is read from the last position's first logits."""
+    return F.cross_entropy(logits[:, -1, :CLASSES], targets)
+
+
+def loader(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, VOCAB, (n, SEQ), generator=g)
+    y = torch.arange(n) % CLASSES
+    return [(x[i:i + 8], y[i:i + 8]) for i in range(0, n, 8)]
+
+
+def fresh(n=3, seed=7):
+    return torch.randint(1, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [("llama", "ForSequenceClassification", 2, "eager"), ("llama", "ForCausalLM", 2, "sdpa"),
+         ("qwen2", "ForCausalLM", 4, "eager"), ("mistral", "ForSequenceClassification", 8, "sdpa")]
+IDS = [f"{k}-{h[3:]}-kv{kv}-{impl}" for k, h, kv, impl in CASES]
+
+
+@pytest.mark.parametrize("kind,head,kv,impl", CASES, ids=IDS)
+def test_decoder_prunes_by_key_value_group_and_equals_mask(kind, head, kv, impl):
+    model = decoder(kind, head, kv, impl)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {"loss_fn": last_token_loss} if head == "ForCausalLM" else {}
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, **kw)
+    groups = {g.name: g for g in scores.groups}
+    # One attention group per layer, one unit per key/value head; one gated-MLP group per layer, not a stream.
+    for a in find_attention(model):
+        assert a.prunable and (a.heads, a.kv_heads, a.per_kv) == (HEADS, kv, HEADS // kv)
+        assert groups[f"{a.name}:heads"].n_units == kv
+    mlp = [g for n, g in groups.items() if n.endswith("mlp.up_proj")]
+    assert len(mlp) == LAYERS and all(g.n_units == INTER and not g.is_stream for g in mlp)
+    assert len(groups) == 2 * LAYERS  # the hidden size (RMSNorm, embeddings, residual stream) is kept
+
+    plan = fp.plan(scores, macs=0.45)
+    heads_gone = [g for g in plan.groups if g["name"].endswith(":heads") and g["removed_channels"]]
+    assert heads_gone, "the plan should remove a key/value group"
+    pruned = fp.prune(model, plan)
+    x = fresh()
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    out = (lambda m: m(x).logits)
+    assert rel_err(out(pruned), out(model)) > 1e-3
+    assert fp.count_params(pruned) == plan.predicted["params_after"]
+    assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
+
+    # Key/value groups go whole: every kept query head still finds its key/value head.
+    modules = dict(pruned.named_modules())
+    for g in heads_gone:
+        attn = modules[g["name"][:-len(":heads")]]
+        kept = kv - len(g["removed_channels"])
+        assert attn.k_proj.out_features == attn.v_proj.out_features == kept * attn.head_dim
+        assert attn.q_proj.out_features == attn.o_proj.in_features == kept * (HEADS // kv) * attn.head_dim
+        assert attn.num_key_value_groups == HEADS // kv
+    # The caller's model is untouched.
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(a.kv_heads == kv for a in find_attention(model))
+
+
+def test_pruned_causal_lm_generates_what_the_masked_one_does():
+    model = decoder("llama", "ForCausalLM", 2, "sdpa")
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, loss_fn=last_token_loss)
+    plan = fp.plan(scores, macs=0.45)
+    pruned, masked = fp.prune(model, plan), fp.mask(model, plan)
+    prompt = fresh(2, seed=3)[:, :5]
+    runs = []
+    for m in (pruned, masked):
+        m.config.use_cache = True  # generate() with its key/value cache, shaped by the kept heads
+        runs.append(m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
+
+
+def test_mha_decoder_units_are_single_heads():
+    """Without grouped-query attention (as many key/value heads as heads) a unit is one head."""
+    model = decoder("llama", kv_heads=HEADS)
+    a = find_attention(model)[0]
+    assert (a.kv_heads, a.per_kv) == (HEADS, 1)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
+    assert scores[f"{a.name}:heads"].n_units == HEADS
