@@ -18,7 +18,8 @@ from torch import nn
 
 from ._core.groups import GroupSpec, Member, member_kind
 from ._core.inputs import as_args
-from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES)
+from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES,
+                           freezes)
 from ._core.state import preserved_state
 from ._errors import FairPrunerError, UnsupportedModelError
 
@@ -118,7 +119,7 @@ def _on_frozen_stream(graph: tp.DependencyGraph, param: nn.Parameter) -> bool:
                                         list(range(graph.get_out_channels(param))))
     except Exception:  # noqa: BLE001 - a coupling the library cannot follow is refused
         return False
-    return any(isinstance(item.dep.target.module, FROZEN_TYPES) for item in group)
+    return any(freezes(item.dep.target.module) for item in group)
 
 
 def _check_channel_padding(output: Any) -> None:
@@ -180,6 +181,8 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
     # A family that claims a module cuts its parameters itself (they are members of the family's groups).
     claimed = {id(p) for m in model.modules() if any(f.claims(m) for f in families)
                for p in m.parameters(recurse=False)}
+    # A norm's own scale (an RMSNorm outside torch's layer types) is never cut: the norm couples every channel.
+    claimed |= {id(p) for m in model.modules() if freezes(m) for p in m.parameters(recurse=False)}
     unwrapped = [p for p, _ in graph.unwrapped_parameters
                  if id(p) not in claimed and not _on_frozen_stream(graph, p)]
     if unwrapped:
@@ -299,7 +302,7 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Famil
         if channels is None or channels < 2:
             continue
         merged = group_slots(graph, group, names.get)
-        if any(isinstance(modules[mname], FROZEN_TYPES) for mname, _ in merged):
+        if any(freezes(modules[mname]) for mname, _ in merged):
             continue
         members = []
         for (mname, side), mapping in merged.items():

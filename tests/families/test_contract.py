@@ -52,6 +52,25 @@ def _bert():
     return model, torch.randint(0, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
 
 
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      num_labels=CLASSES, pad_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                     num_labels=CLASSES, pad_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+
+
 # family name -> [(case id, builder returning (model, inputs, fp.score keyword arguments), fp.plan arguments)]
 EXAMPLES = {
     "recurrent": [("lstm_classifier", lambda: _rnn("lstm_classifier"), {"macs": 0.3}),
@@ -61,7 +80,9 @@ EXAMPLES = {
                 ("moe_classifier-hidden", lambda: _moe("hidden"), {"macs": 0.3})],
     "attention_heads": [("nn.TransformerEncoder", _encoder, {"params": 0.4, "allocation": "uniform"}),
                         ("vit_tiny_cifar", _vit, {"macs": 0.3})],
-    "hf_attention_heads": [("BertForSequenceClassification", _bert, {"params": 0.4, "allocation": "uniform"})],
+    "hf_attention_heads": [("BertForSequenceClassification", _bert, {"params": 0.4, "allocation": "uniform"}),
+                           ("LlamaForSequenceClassification", _llama, {"params": 0.4, "allocation": "uniform"})],
+    "conv1d_blocks": [("GPT2ForSequenceClassification", _gpt2, {"macs": 0.3})],
 }
 CASES = [(cls.name, case, build, target) for cls in families.registered()
          for case, build, target in EXAMPLES.get(cls.name, [])]

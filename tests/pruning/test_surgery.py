@@ -185,6 +185,32 @@ def test_groupnorm_removes_whole_groups(kwargs):
     assert_prune_equals_mask(model, plan, fresh_inputs((3, 16, 16)), pruned=pruned)
 
 
+def test_one_group_groupnorm_stream_keeps_its_layer_scale():
+    """A PoolFormer-style block: GroupNorm(1, C) normalises the stream over all its channels (a LayerNorm), so the
+    stream is never cut and a layer-scale parameter on it is accepted; the MLP's hidden channels are pruned."""
+    class Block(nn.Module):
+        def __init__(self, c=8, hidden=16):
+            super().__init__()
+            self.stem, self.norm = nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(1, c)
+            self.fc1, self.fc2 = nn.Conv2d(c, hidden, 1), nn.Conv2d(hidden, c, 1)
+            self.scale = nn.Parameter(torch.full((c, 1, 1), 0.7))
+            self.head = nn.Linear(c, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.scale * self.fc2(F.gelu(self.fc1(self.norm(x))))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    scores = fp.score(model, tiny_loader((3, 8, 8)), projections=8)
+    assert [g.name for g in scores.groups] == ["fc1"]
+    plan = fp.plan(scores, alpha=0.5)
+    pruned = fp.prune(model, plan)
+    assert pruned.fc1.out_channels < 16 and pruned.scale.shape == (8, 1, 1)
+    assert_prune_equals_mask(model, plan, fresh_inputs((3, 8, 8)), pruned=pruned)
+
+
 # ---------------------------------------------------------------- save / load
 
 @pytest.mark.parametrize("family", ["resnet20", "densenet", "groupnorm_cnn", "mlp_bn", "mobilenetv2"])

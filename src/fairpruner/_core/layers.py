@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CONV_TYPES", "WEIGHT_TYPES", "NORM_TYPES", "FROZEN_TYPES", "SUPPORTED_TYPES", "UNSUPPORTED_HINTS",
+__all__ = ["CONV_TYPES", "WEIGHT_TYPES", "NORM_TYPES", "FROZEN_TYPES", "freezes", "SUPPORTED_TYPES", "UNSUPPORTED_HINTS",
            "qualname", "kept", "slice_linear_", "replace_module"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -20,6 +20,14 @@ UNSUPPORTED_HINTS = {
 # Modules allowed in a model whose channels are never pruned: a group that reaches them is dropped, because
 # removing a channel they normalise over (or look up) changes the result for every other channel.
 FROZEN_TYPES = (nn.LayerNorm, nn.Embedding)
+
+
+def freezes(module: nn.Module) -> bool:
+    """True for a layer whose channels are never pruned: a FROZEN_TYPES layer, an RMSNorm (torch's or a model
+    library's ``*RMSNorm``: it normalises over every channel, like a LayerNorm), or a GroupNorm with one group
+    (a LayerNorm over channels and space, as PoolFormer uses)."""
+    return isinstance(module, FROZEN_TYPES) or type(module).__name__.endswith("RMSNorm") or \
+        (isinstance(module, nn.GroupNorm) and module.num_groups == 1)
 
 
 def qualname(prefix: str, name: str) -> str:

@@ -40,7 +40,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..._core.groups import GroupSpec, Member
-from ..._core.layers import CONV_TYPES, FROZEN_TYPES, WEIGHT_TYPES, replace_module
+from ..._core.layers import CONV_TYPES, WEIGHT_TYPES, freezes, replace_module
 from ..._errors import FairPrunerError, UnsupportedModelError
 from ..base import Family, USource, register
 from .layers import (GATES, RNN_TYPES, RecurrentStack, cut_hidden_, cut_input_, directions, input_width,
@@ -188,7 +188,7 @@ class RecurrentFamily(Family):
         for key, units in decoded.items():
             layers = {int(u) // h for u in units[units >= 0].unique()}
             reader = modules.get(key)
-            if key == "" or isinstance(reader, FROZEN_TYPES):
+            if key == "" or (reader is not None and freezes(reader)):
                 drop |= layers  # units that reach the output, or a LayerNorm/embedding, stay
                 continue
             if isinstance(reader, CONV_TYPES) and reader.groups != 1 or \
