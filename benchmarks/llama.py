@@ -1,4 +1,4 @@
-"""A 1.1 B-parameter Llama on CPU: group discovery, scoring, planning and pruning against one forward+backward.
+"""A Llama of TinyLlama's shape (1.1 B parameters with its LM head) on CPU: group discovery, scoring, planning and pruning against one forward+backward.
 
 TinyLlama's shape (hidden 2048, 22 layers, 32 heads over 4 key/value heads, intermediate 5632, vocabulary 32,000),
 random weights, as ``LlamaForSequenceClassification`` with 4 classes; 64 sequences of 128 random tokens in batches
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     if args.layers != 22:
         return
     RESULTS.write_text(
-        "# A 1.1 B-parameter Llama on CPU\n\n"
+        "# A Llama of TinyLlama's shape (1.1 B with its LM head; a classifier here) on CPU\n\n"
         f"Written by `python benchmarks/llama.py` on {datetime.date.today()} ({args.threads} threads, torch "
         f"{torch.__version__}, transformers {transformers.__version__}); one run.\n\n| | |\n|---|---|\n"
         + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n")
