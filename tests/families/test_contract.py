@@ -71,6 +71,20 @@ def _gpt2():
     return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
 
 
+def _mixtral():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
+                                        num_experts_per_tok=2, max_position_embeddings=16, num_labels=CLASSES,
+                                        pad_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.MixtralForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # routers with real preferences
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+
+
 # family name -> [(case id, builder returning (model, inputs, fp.score keyword arguments), fp.plan arguments)]
 EXAMPLES = {
     "recurrent": [("lstm_classifier", lambda: _rnn("lstm_classifier"), {"macs": 0.3}),
@@ -83,6 +97,7 @@ EXAMPLES = {
     "hf_attention_heads": [("BertForSequenceClassification", _bert, {"params": 0.4, "allocation": "uniform"}),
                            ("LlamaForSequenceClassification", _llama, {"params": 0.4, "allocation": "uniform"})],
     "conv1d_blocks": [("GPT2ForSequenceClassification", _gpt2, {"macs": 0.3})],
+    "stacked_experts": [("MixtralForSequenceClassification", _mixtral, {"params": 0.3})],
 }
 CASES = [(cls.name, case, build, target) for cls in families.registered()
          for case, build, target in EXAMPLES.get(cls.name, [])]

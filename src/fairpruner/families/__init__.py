@@ -6,8 +6,8 @@ cost model and the pruned == masked check then handle it like every built-in. Se
 worked example and ``docs/architecture.md`` for where it plugs into the data path.
 
 The built-in families, registered in this order (the first explicit parameter layout wins):
-recurrent hidden units, mixture-of-experts experts, attention heads, Hugging Face attention heads, GPT-2-style
-Conv1D blocks.
+recurrent hidden units, mixture-of-experts experts, stacked experts (transformers 5's Mixtral, Qwen2-MoE),
+attention heads, Hugging Face attention heads, GPT-2-style Conv1D blocks.
 """
 from .._core.groups import GroupSpec, MacsTerm, Member, member_params, zero_members_
 from .._core.layers import kept, replace_module, slice_linear_
@@ -15,6 +15,7 @@ from .base import (Family, FamilyOptions, USource, build, hook_source, options_r
                    unregister)
 from .recurrent import RecurrentFamily, RecurrentStack
 from .experts import Experts, moe_routers
+from .experts_fused import StackedExperts
 from .attention_hf import HFAttentionHeads
 from .conv1d_hf import Conv1DBlocks
 from .attention import ATTENTION_UNITS, AttentionHeads, AttentionOptions
@@ -24,6 +25,6 @@ __all__ = [
     "Family", "FamilyOptions", "USource", "MacsTerm", "GroupSpec", "Member", "register", "unregister",
     "registered", "build", "options_record", "hook_source", "member_params", "zero_members_",
     "kept", "replace_module", "slice_linear_",
-    "RecurrentFamily", "RecurrentStack", "Experts", "moe_routers", "HFAttentionHeads", "Conv1DBlocks", "AttentionHeads",
+    "RecurrentFamily", "RecurrentStack", "Experts", "StackedExperts", "moe_routers", "HFAttentionHeads", "Conv1DBlocks", "AttentionHeads",
     "AttentionOptions", "ATTENTION_UNITS", "PrunedMultiheadAttention",
 ]
