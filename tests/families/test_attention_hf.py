@@ -267,3 +267,26 @@ def test_unknown_attention_layout_is_protected():
     x = inputs("bert", 3, seed=2)
     assert_prune_equals_mask(model, plan, x, pruned=pruned)
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"] < plan.predicted["macs_before"]
+
+
+def test_swin_heads_take_their_relative_position_bias_columns():
+    """Swin's per-head relative position bias table loses the columns of the removed heads."""
+    config = transformers.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
+                                     num_heads=[4, 4], window_size=4, num_labels=CLASSES)
+    torch.manual_seed(0)
+    model = _randomize(transformers.SwinForImageClassification(config))
+    scores = fp.score(model, loader("vit"), samples_per_class=4, projections=8, progress=False)
+    heads = [g for g in scores.groups if g.name.endswith(":heads")]
+    assert len(heads) == 2 and all(g.n_units == 4 for g in heads)
+    plan = fp.plan(scores, params=0.5, allocation="uniform")
+    pruned = fp.prune(model, plan)
+    x = inputs("vit", 3, seed=2)
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    assert fp.count_params(pruned) == plan.predicted["params_after"]
+    assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
+    for g in plan.groups:
+        if g["name"].endswith(":heads"):
+            attn = pruned.get_submodule(g["name"][:-len(":heads")])
+            kept = 4 - len(g["removed_channels"])
+            assert kept < 4 and attn.relative_position_bias.relative_position_bias_table.shape[1] == kept
+            assert attn.num_attention_heads == kept

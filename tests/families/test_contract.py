@@ -85,6 +85,16 @@ def _mixtral():
     return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
 
 
+def _phi3():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Phi3Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                     num_labels=CLASSES, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForSequenceClassification(config).eval()
+    return model, torch.randint(3, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+
+
 # family name -> [(case id, builder returning (model, inputs, fp.score keyword arguments), fp.plan arguments)]
 EXAMPLES = {
     "recurrent": [("lstm_classifier", lambda: _rnn("lstm_classifier"), {"macs": 0.3}),
@@ -98,6 +108,7 @@ EXAMPLES = {
                            ("LlamaForSequenceClassification", _llama, {"params": 0.4, "allocation": "uniform"})],
     "conv1d_blocks": [("GPT2ForSequenceClassification", _gpt2, {"macs": 0.3})],
     "stacked_experts": [("MixtralForSequenceClassification", _mixtral, {"params": 0.3})],
+    "fused_gated_mlp": [("Phi3ForSequenceClassification", _phi3, {"macs": 0.3})],
 }
 CASES = [(cls.name, case, build, target) for cls in families.registered()
          for case, build, target in EXAMPLES.get(cls.name, [])]

@@ -15,9 +15,14 @@ as ``repeat_kv`` expands them): its ``head_dim`` rows of ``k_proj`` and ``v_proj
 keep ``num_key_value_groups`` and the rotary embedding (which acts within a head) unchanged, so the module runs
 as before, ``generate()`` and its key/value cache included; cutting query heads inside groups would need every
 group to lose the same number, and a head's U would then be compared across groups it does not share. Other
-transformers attention modules with a head count (DistilBERT's ``q_lin``/``out_lin``, T5) are protected: their
+transformers attention modules with a head count or a ``head_dim`` (DistilBERT's ``q_lin``/``out_lin``, T5,
+Phi-3's fused ``qkv_proj``, which reads the query width from the shared config) are protected: their
 projections are kept whole, since torch-pruning alone would cut single head dimensions and break the head
 reshape. Units are whole heads or key/value groups only (``attention="head_dims"`` is refused).
+
+A per-head relative position bias table (Swin's ``relative_position_bias_table``, ``(positions, heads)``, on
+the attention or its ``relative_position_bias`` child, read with a -1 head dimension) loses the columns of the
+removed heads.
 
 Removing a unit leaves ``head_dim`` and the softmax scale ``head_dim ** -0.5`` unchanged (stored as ``scaling``
 by transformers 5, recomputed from ``attention_head_size`` by transformers 4), so the eager and the SDPA paths
@@ -60,6 +65,7 @@ __all__ = ["HFAttentionHeads"]
 
 _BERT_STYLE = ("query", "key", "value")
 _PROJ_STYLE = ("q_proj", "k_proj", "v_proj")
+TABLE = "relative_position_bias_table"
 
 
 def _from_transformers(module: nn.Module) -> bool:
@@ -133,6 +139,8 @@ def find_attention(model: nn.Module) -> List[_Attention]:
         if heads is None and layout is not None:
             # Llama-style decoders keep no head count on the module: their forward reshapes with -1 heads.
             heads = modules[layout[0][0]].out_features // layout[2]
+        if heads is None and isinstance(getattr(m, "head_dim", None), int):
+            heads = 0  # an attention of unknown layout without a head count (Phi-3's fused qkv_proj)
         if heads is None:
             continue
         if layout is None:
@@ -163,6 +171,11 @@ class HFAttentionHeads(Family):
         super().__init__(options)
         self._macs_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
+    def claims(self, module: nn.Module) -> bool:
+        # A per-head table is cut with its heads (discover); on heads that stay whole it is never cut.
+        t = getattr(module, TABLE, None)
+        return isinstance(t, nn.Parameter) and t.dim() == 2
+
     def owned(self, model: nn.Module) -> List[str]:
         return [n for a in find_attention(model) for n in a.linears]
 
@@ -183,6 +196,10 @@ class HFAttentionHeads(Family):
             kv = torch.arange(a.kv_heads * a.head_dim).view(a.kv_heads, a.head_dim)
             members = [Member(n, "out", query if i == 0 else kv, "weight") for i, n in enumerate(a.qkv)]
             members.append(Member(a.out, "in", query, "weight"))
+            table = _bias_table(model, a)
+            if table is not None:  # one column per query head (Swin's relative position bias)
+                heads = torch.arange(a.heads).view(a.kv_heads, a.per_kv)
+                members.append(Member(table, "out", heads, "other", ((TABLE, 1),)))
             groups.append(GroupSpec(a.group_name, a.kv_heads, torch.arange(a.kv_heads).view(-1, 1), members,
                                     family=self))
         return groups
@@ -224,6 +241,12 @@ class HFAttentionHeads(Family):
         drop = sorted(set(int(c) for c in channels))
         keep = torch.tensor([h for h in range(attn.kv_heads) if h not in drop], dtype=torch.long)
         for mem in group.members:
+            if mem.params == ((TABLE, 1),):
+                table = modules[mem.module]
+                t = getattr(table, TABLE)
+                setattr(table, TABLE, nn.Parameter(t.detach()[:, mem.index[keep].flatten()].clone(),
+                                                   requires_grad=t.requires_grad))
+                continue
             slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, mem.index[keep].flatten())
         module = modules[name]
         per = attn.per_kv
@@ -236,6 +259,19 @@ class HFAttentionHeads(Family):
                             ("all_head_size", len(keep) * per * attn.head_dim)):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, value)
+
+
+def _bias_table(model: nn.Module, a: _Attention) -> Optional[str]:
+    """The module holding ``a``'s per-head relative position bias table (``(positions, heads)``): the attention
+    itself or its ``relative_position_bias`` child; None if it has none."""
+    for name in (a.name, f"{a.name}.relative_position_bias"):
+        try:
+            t = getattr(model.get_submodule(name), TABLE, None)
+        except AttributeError:
+            continue
+        if isinstance(t, nn.Parameter) and t.dim() == 2 and t.shape[1] == a.heads:
+            return name
+    return None
 
 
 def _layer_index(name: str) -> Optional[int]:
