@@ -653,3 +653,28 @@ def test_streams_are_groups_several_layers_write_and_several_read():
     gated = fp.score(Gated().eval(), tiny_loader((6,), classes=4), projections=4)
     mlp = [g for g in gated.groups if g.channels == 12]
     assert len(mlp) == 1 and not mlp[0].is_stream
+
+
+def test_scoring_in_place_leaves_grads_flags_and_requires_grad_as_they_were():
+    """Scoring runs on the caller's model itself (no copy of its size) and restores it: existing .grad tensors
+    (same objects, same values), requires_grad, mixed train/eval flags; the scores equal those of a fresh copy."""
+    torch.manual_seed(0)
+    model = zoo.resnet20().eval()
+    randomize_norms(model)
+    fresh = copy.deepcopy(model)
+    x = torch.randn(4, 3, 16, 16)
+    F.cross_entropy(model(x), torch.arange(4) % 2).backward()  # the caller's gradients, mid-training
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    values = {n: g.clone() for n, g in grads.items()}
+    model.layer1.requires_grad_(False)
+    model.layer2.train()
+    bn_state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = fp.score(model, tiny_loader((3, 16, 16)), projections=4)
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n] and torch.equal(p.grad, values[n]), n
+        assert p.requires_grad == (not n.startswith("layer1.")), n
+    assert all(m.training == n.startswith("layer2") for n, m in model.named_modules() if n), "flags restored"
+    assert all(torch.equal(v, bn_state[k]) for k, v in model.state_dict().items())
+    again = fp.score(fresh, tiny_loader((3, 16, 16)), projections=4)
+    for a, b in zip(scores.groups, again.groups):
+        assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name
