@@ -90,11 +90,6 @@ def _check_layers(model: nn.Module, families: Families) -> None:
                 raise UnsupportedModelError(
                     f"Layer '{name}' ({type(module).__name__}): {what} are not supported by this version's "
                     "channel surgery. Prune a model without it, or wrap the rest of the network and prune that.")
-        if isinstance(module, CONV_TYPES) and module.groups not in (1, module.in_channels):
-            raise UnsupportedModelError(
-                f"Layer '{name}' is a grouped convolution (groups={module.groups}); only ordinary and depthwise "
-                "convolutions can be pruned exactly. Pass it in `ignore=` together with its neighbours, or use "
-                "groups=1/depthwise.")
         own = [p for p in module.parameters(recurse=False)]
         # torch-pruning has no pruner for an unknown module type: its parameters reach the graph as "unwrapped"
         # parameters, which build_graph accepts only where they can never be pruned (a transformer's class token).
@@ -235,25 +230,30 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str]
 
 
 def _unit_blocks(name: str, channels: int, members: List[Member], modules: Dict[str, nn.Module]) -> torch.Tensor:
-    """Partition of root channels into units: whole GroupNorm groups where GroupNorm couples them."""
-    label = torch.arange(channels)
+    """Partition of root channels into units: whole GroupNorm groups where GroupNorm couples them; where a
+    grouped convolution reads or writes them, one channel of every convolution group (the same position in each),
+    so that every group keeps the same width."""
+    label, kind = torch.arange(channels), None
     for mem in members:
-        gn = modules[mem.module]
-        if not isinstance(gn, nn.GroupNorm) or gn.num_groups == gn.num_channels:
+        m = modules[mem.module]
+        if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
+            lab, what = mem.index[:, 0] // (m.num_channels // m.num_groups), "groupnorm"
+        elif isinstance(m, CONV_TYPES) and 1 < m.groups != m.in_channels:
+            width = (m.out_channels if mem.side == "out" else m.in_channels) // m.groups
+            lab, what = mem.index[:, 0] % width, "grouped"
+        else:
             continue
-        per = gn.num_channels // gn.num_groups
-        lab = mem.index[:, 0] // per
-        if torch.equal(label, torch.arange(channels)):
-            label = lab
+        if kind is None:
+            label, kind = lab, what
         elif not torch.equal(label, lab):
             raise UnsupportedModelError(
-                f"Group '{name}' is coupled to GroupNorm layers with different channel groupings; "
-                "add one of them to `ignore=`.")
+                f"Group '{name}' is coupled to GroupNorm layers or grouped convolutions with different channel "
+                f"groupings (at '{mem.module}'); add one of them to `ignore=`.")
     order = torch.argsort(label * channels + torch.arange(channels))
     sizes = torch.bincount(label)
     sizes = sizes[sizes > 0]
     if not bool((sizes == sizes[0]).all()):
-        raise UnsupportedModelError(f"Group '{name}': GroupNorm groups of unequal size cannot be pruned.")
+        raise UnsupportedModelError(f"Group '{name}': channel groups of unequal size cannot be pruned.")
     return order.view(-1, int(sizes[0]))
 
 

@@ -211,6 +211,52 @@ def test_one_group_groupnorm_stream_keeps_its_layer_scale():
     assert_prune_equals_mask(model, plan, fresh_inputs((3, 8, 8)), pruned=pruned)
 
 
+class _ResNeXtBlock(nn.Module):
+    """A ResNeXt/RegNet-style bottleneck: 1x1 -> grouped 3x3 (4 groups) -> squeeze-excitation -> 1x1, residual."""
+
+    def __init__(self, c=16, width=32, groups=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, 8, 1), nn.ReLU(), nn.Conv2d(8, width, 1),
+                                nn.Sigmoid())
+        self.c = nn.Sequential(nn.Conv2d(width, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.b(self.a(x))
+        return self.head(F.relu(x + self.c(h * self.se(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": 0.5}, {"macs": 0.4}, {"params": 0.5, "allocation": "uniform"}])
+def test_grouped_convolution_keeps_its_groups_balanced(kwargs):
+    """Around a grouped conv a unit is one channel of every conv group (the same position in each), so every
+    group keeps the same width; pruned == masked, predicted == counted."""
+    torch.manual_seed(0)
+    model = randomize_norms(_ResNeXtBlock().eval())
+    scores = fp.score(model, tiny_loader((3, 8, 8)), projections=8)
+    # The grouped conv's input channels (rooted at a.0) and its output channels (coupled by the product to the SE
+    # expansion conv, where the group is rooted): 32 channels in 4 conv groups, 8 units of 4, one per conv group.
+    grouped = {g.name: g for g in scores.groups if g.unit_channels.shape[1] > 1}
+    assert set(grouped) == {"a.0", "se.3"}
+    for g in grouped.values():
+        assert g.n_units == 8 and g.unit_channels.shape == (8, 4)
+        assert all(sorted(int(c) % 8 for c in unit) == [int(unit[0]) % 8] * 4 for unit in g.unit_channels)
+    plan = fp.plan(scores, **kwargs)
+    assert any(plan.removed[n] for n in grouped)
+    pruned = fp.prune(model, plan)
+    conv = pruned.b[0]
+    assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
+    assert conv.weight.shape[1] == conv.in_channels // 4
+    x = fresh_inputs((3, 8, 8))
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    assert fp.count_params(pruned) == plan.predicted["params_after"]
+    assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
+
+
 # ---------------------------------------------------------------- save / load
 
 @pytest.mark.parametrize("family", ["resnet20", "densenet", "groupnorm_cnn", "mlp_bn", "mobilenetv2"])

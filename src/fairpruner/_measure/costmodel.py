@@ -92,7 +92,7 @@ class _Axes:
         for g_idx, g in enumerate(groups):
             for mem in g.members:
                 m = modules[mem.module]
-                if mem.side == "in" and isinstance(m, CONV_TYPES) and m.groups > 1:
+                if mem.side == "in" and isinstance(m, CONV_TYPES) and m.groups == m.in_channels > 1:
                     continue  # depthwise: its input axis is its output axis, counted once
                 if mem.owner is not None:
                     # A module owned by one unit (an expert's layer): its parameters scale with the kept units.
