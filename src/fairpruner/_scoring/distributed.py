@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List
 
 import torch
-from torch import nn
 
 from .._errors import FairPrunerError
 from .budget import StoreMeter
@@ -44,17 +43,19 @@ def agreed(step: Callable[[], Any]) -> Any:
     return result
 
 
-def merge_totals(work: nn.Module, seen: torch.Tensor, n_samples: int) -> tuple:
-    """Sums the gradients, the samples seen per class and in all over the ranks."""
+def merge_totals(taylor: Any, seen: torch.Tensor, n_samples: int) -> tuple:
+    """Sums the Taylor terms (a :class:`~fairpruner._scoring.taylor.TaylorTerms`), the samples seen per class and
+    in all over the ranks."""
     dist = torch.distributed
     comm = _comm()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in work.parameters()]
-    flat = torch.cat([g.flatten() for g in grads]).to(comm)
+    keys = taylor.keys()  # every rank has the same groups, so the same keys in the same order
+    terms = [taylor.term(k) for k in keys]
+    flat = torch.cat([t.flatten() for t in terms]).to(comm)
     dist.all_reduce(flat)
     offset = 0
-    for p, g in zip(work.parameters(), grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).to(p.device)
-        offset += g.numel()
+    for k, t in zip(keys, terms):
+        taylor.terms[k] = flat[offset:offset + t.numel()].cpu()
+        offset += t.numel()
     width = torch.tensor([seen.numel()], device=comm)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     seen = torch.cat([seen, torch.zeros(int(width) - seen.numel(), dtype=torch.long)]).to(comm)

@@ -11,6 +11,7 @@ from .._core.groups import GroupSpec, Member, dense_reader, member_params
 from .._core.layers import CONV_TYPES
 from .._errors import DataError
 from .scores import GroupScores
+from .taylor import TaylorTerms, per_channel
 from .sites import Site
 
 __all__ = ["assemble", "consumer_norms", "U_REDUCTIONS", "R_REDUCTIONS", "U_CONSUMER_POWER"]
@@ -20,25 +21,6 @@ R_REDUCTIONS = ("sum", "max")
 # Exponent on the consumers' weight norm U is multiplied by (chosen on a validation split of CIFAR-10
 # training images, ResNet-20, 3 calibration seeds: see the README's accuracy section).
 U_CONSUMER_POWER = 1.0
-
-
-def _per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
-    """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
-    if member.owner is not None:  # the whole tensor belongs to one root channel (an expert's layer)
-        out = t.new_zeros(member.index.shape[0])
-        out[member.owner] = t.sum()
-        return out
-    t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
-    return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
-
-
-def _taylor(member: Member, module: nn.Module) -> torch.Tensor:
-    """Signed Taylor term per root channel of one member's output-side parameters."""
-    total = 0.0
-    for p, dim in member_params(member, module):
-        if p.grad is not None:
-            total = total + _per_channel(p.grad * p.detach(), dim, member)
-    return total if torch.is_tensor(total) else torch.zeros(member.index.shape[0])
 
 
 def consumer_norms(g: GroupSpec, modules: Dict[str, nn.Module]) -> Optional[torch.Tensor]:
@@ -54,16 +36,16 @@ def consumer_norms(g: GroupSpec, modules: Dict[str, nn.Module]) -> Optional[torc
             continue
         for p, dim in member_params(m, mod):
             if p.dim() > 1:
-                sq += _per_channel(p.detach().float().square(), dim, m).cpu().double()
+                sq += per_channel(p.detach().float().square(), dim, m).cpu().double()
                 found = True
     return sq.sqrt() if found else None
 
 
 def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[torch.Tensor]],
-             modules: Dict[str, nn.Module], u_reduce: str, r_reduce: str,
+             modules: Dict[str, nn.Module], taylor: TaylorTerms, u_reduce: str, r_reduce: str,
              consumer_power: float = 0.0, outputs: Sequence[str] = ()) -> List[GroupScores]:
     """Per-group scores from each site's U (None: a tensor another site of the group measured) and the
-    gradients the pass accumulated. ``outputs`` names the model's output layers (a group they read feeds the
+    Taylor terms the pass accumulated. ``outputs`` names the model's output layers (a group they read feeds the
     head).
 
     With ``consumer_power`` p > 0, a unit's U is multiplied by ``consumer_norms ** p``: where a Linear or
@@ -87,8 +69,7 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
         norms = consumer_norms(g, modules) if consumer_power else None
         if norms is not None:
             u = u.double() * norms.to(u.device).pow(consumer_power)
-        terms = [_taylor(m, modules[m.module]).cpu().double()
-                 for m in g.members if m.side == "out" and member_params(m, modules[m.module])]
+        terms = [taylor.term((gi, mi)) for mi, m in enumerate(g.members) if (gi, mi) in taylor.channels]
         if not bool(torch.stack([t.isfinite().all() for t in terms]).all()):
             raise DataError(f"Non-finite gradients in group '{g.name}'; check the loss and the model.")
         t = torch.stack(terms)
@@ -100,7 +81,7 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
             if m.side == "out" and m.kind == "weight":
                 for p, dim in member_params(m, modules[m.module]):
                     if p.dim() > 1:  # weights, not biases or norm scales
-                        l1 += _per_channel(p.detach().abs(), dim, m).cpu().double()
+                        l1 += per_channel(p.detach().abs(), dim, m).cpu().double()
         uc = g.unit_channels
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
                                l1[uc].sum(1).float(), g.channels, uc.clone(), _writers(g, modules),

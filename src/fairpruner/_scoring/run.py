@@ -34,6 +34,7 @@ from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_
 from .labels import check_classes, labelled_batch, next_kept, prescan_labels
 from .reduce import R_REDUCTIONS, U_CONSUMER_POWER, U_REDUCTIONS, assemble
 from .scores import Scores
+from .taylor import TaylorTerms
 from .sites import U_SITES, Site, attach_sites, begin_forward, pick_sites, probe_batch_dims
 from .wasserstein import PAIR_SEARCH, pair_rule
 
@@ -142,7 +143,8 @@ def score(
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(), \
             _working_model(model, device) as work:
         run = _prepare(work, example_inputs, device, fams, ignore, u_at, seed)
-        hooks = attach_sites(run.sites, run.modules, run.state, projections)
+        taylor = TaylorTerms(run.groups, run.modules)
+        hooks = attach_sites(run.sites, run.modules, run.state, projections) + taylor.attach(run.work)
         try:
             sizes = probe_batch_dims(run.work, run.trace, run.sites, run.state, projections)
             bound = _kept_bound(known, run.num_outputs, samples_per_class)
@@ -154,7 +156,7 @@ def score(
             seen, n_samples, order = agreed(lambda: _run_batches(run, _chain(first, iterator), loader, loss_fn,
                                                                  device, samples_per_class, show, len(store.passes)))
             if distributed():
-                seen, n_samples = merge_totals(run.work, seen, n_samples)
+                seen, n_samples = merge_totals(taylor, seen, n_samples)
             counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
             pairs = pair_rule(class_pairs, len(counts))
             reduce_pass(store, 0, samples_per_class, pairs, show)
@@ -165,8 +167,8 @@ def score(
             for h in hooks:
                 h.remove()
         site_us = [site_u(store, i) for i in range(len(run.sites))]
-        result = assemble(run.groups, run.sites, site_us, run.modules, u_reduce, r_reduce, u_consumer_power,
-                          run.outputs)
+        result = assemble(run.groups, run.sites, site_us, run.modules, taylor, u_reduce, r_reduce,
+                          u_consumer_power, run.outputs)
     meta = {
         "version": 1, "model_signature": model_signature(model), "samples_per_class": samples_per_class,
         "projections": projections, "seed": seed, "u_at": u_at, "u_reduce": u_reduce, "r_reduce": r_reduce,
@@ -313,7 +315,8 @@ def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callab
         loss = loss_fn(out, targets.to(device))
         if not bool(torch.isfinite(loss)):
             raise DataError("The loss is NaN/inf on a calibration batch; check the model and the labels.")
-        # R sums dL_b/dw * w over batches b (the reference's definition): gradients accumulate.
+        # R sums dL_b/dw * w over batches b (the reference's definition): each gradient is reduced to its
+        # per-channel terms as it arrives and freed (TaylorTerms).
         loss.backward()
         n_samples += targets.numel()
     return seen, n_samples, order[:last + 1]
