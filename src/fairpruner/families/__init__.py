@@ -7,7 +7,8 @@ worked example and ``docs/architecture.md`` for where it plugs into the data pat
 
 The built-in families, registered in this order (the first explicit parameter layout wins):
 recurrent hidden units, mixture-of-experts experts, stacked experts (transformers 5's Mixtral, Qwen2-MoE),
-attention heads, Hugging Face attention heads, GPT-2-style Conv1D blocks, fused gated MLPs (Phi-3).
+attention heads, Hugging Face attention heads, GPT-2-style Conv1D blocks, fused gated MLPs (Phi-3),
+LeViT heads.
 """
 from .._core.groups import GroupSpec, MacsTerm, Member, member_params, zero_members_
 from .._core.layers import kept, replace_module, slice_linear_
@@ -19,6 +20,7 @@ from .experts_fused import StackedExperts
 from .attention_hf import HFAttentionHeads
 from .conv1d_hf import Conv1DBlocks
 from .mlp_fused import FusedGatedMLP
+from .attention_levit import LevitHeads
 from .attention import ATTENTION_UNITS, AttentionHeads, AttentionOptions
 from .pruned_mha import PrunedMultiheadAttention
 
@@ -26,6 +28,6 @@ __all__ = [
     "Family", "FamilyOptions", "USource", "MacsTerm", "GroupSpec", "Member", "register", "unregister",
     "registered", "build", "options_record", "hook_source", "member_params", "zero_members_",
     "kept", "replace_module", "slice_linear_",
-    "RecurrentFamily", "RecurrentStack", "Experts", "StackedExperts", "moe_routers", "HFAttentionHeads", "Conv1DBlocks", "FusedGatedMLP", "AttentionHeads",
+    "RecurrentFamily", "RecurrentStack", "Experts", "StackedExperts", "moe_routers", "HFAttentionHeads", "Conv1DBlocks", "FusedGatedMLP", "LevitHeads", "AttentionHeads",
     "AttentionOptions", "ATTENTION_UNITS", "PrunedMultiheadAttention",
 ]
