@@ -178,3 +178,21 @@ def test_family_scores_within_a_memory_budget(family, case, build, target):
     assert tight.meta["u_store"]["peak_bytes"] <= budget * 3 // 4
     for a, b in zip(free.groups, tight.groups):
         assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name
+
+
+HF_CASES = [("llama", _llama), ("gpt2", _gpt2), ("mixtral", _mixtral), ("phi3", _phi3), ("levit", _levit)]
+
+
+@pytest.mark.parametrize("case,build", HF_CASES, ids=[c for c, _ in HF_CASES])
+def test_pruned_hugging_face_model_saves_and_reloads(case, build, tmp_path):
+    """fp.save, then fp.load onto a model freshly built from the same config: the same outputs."""
+    model, x, score_kwargs = build()
+    batches = [(x[i:i + 8], torch.arange(8) % CLASSES) for i in range(0, len(x), 8)]
+    plan = fp.plan(fp.score(model, batches, projections=8, **score_kwargs), params=0.3, allocation="uniform")
+    pruned = fp.prune(model, plan)
+    fp.save(tmp_path / "pruned.pt", pruned, plan)
+    fresh, _, _ = build()
+    loaded = fp.load(tmp_path / "pruned.pt", fresh).eval()
+    with torch.no_grad():
+        a, b = pruned(x[:3]).logits, loaded(x[:3]).logits
+    assert torch.allclose(a, b, atol=1e-6), case
