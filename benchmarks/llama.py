@@ -81,7 +81,8 @@ def main(argv=None) -> None:
         F.cross_entropy(model(xb).logits, yb).backward()
     model.zero_grad(set_to_none=True)
     floor_s = time.perf_counter() - t
-    print(f"forward+backward: {floor_s:.0f} s", flush=True)
+    floor_peak = peak_gb()  # the floor's own peak: the model, all its gradients and one batch's activations
+    print(f"forward+backward: {floor_s:.0f} s (peak so far {floor_peak:.1f} GB)", flush=True)
 
     t = time.perf_counter()
     scores = fp.score(model, batches, samples_per_class=16, progress=True)
@@ -106,7 +107,11 @@ def main(argv=None) -> None:
                             f"{100 * plan.achieved['params']:.1f} % params"),
         ("prune", f"{prune_s:.1f} s"),
         ("score + plan + prune", f"{total:.0f} s = {total / floor_s:.2f}x the forward+backward (goal <= 2x)"),
-        ("peak resident memory", f"{peak:.1f} GB = {peak / size_gb:.2f}x the model (goal <= 3x)"),
+        ("peak resident memory", f"{peak:.1f} GB = {peak / size_gb:.2f}x the model (goal <= 3x); "
+                                 f"{floor_peak:.1f} GB after the forward+backward alone"),
+        ("U sample store", f"{scores.meta['u_store']['passes']} passes, at most "
+                           f"{scores.meta['u_store']['peak_bytes'] / 1e9:.2f} GB (budget "
+                           f"{scores.meta['u_store']['max_memory'] / 1e9:.2f} GB)"),
         ("pruned model runs", f"logits {tuple(out.shape)}, finite: {bool(torch.isfinite(out).all())}"),
     ]
     for k, v in rows:
