@@ -60,3 +60,15 @@ def test_heads_prune_equals_mask_and_attributes():
         assert m.projection.linear.in_features == m.out_dim_projection
     assert cut > 0
     assert_unchanged(model, snap, "prune")
+
+
+def test_scoring_in_several_passes_leaves_no_bias_cache():
+    """Forward-only passes stop at their last site; the caller's module keeps no cached biases from them."""
+    model = levit()
+    free = fp.score(model, loader(), samples_per_class=4, projections=8)
+    tight = fp.score(model, loader(), samples_per_class=4, projections=8,
+                     max_memory=free.meta["u_store"]["peak_bytes"] // 12)
+    assert tight.meta["u_store"]["passes"] > 1
+    for a, b in zip(free.groups, tight.groups):
+        assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name
+    assert all(not m.attention_bias_cache for _, m in levit_attention(model))

@@ -7,7 +7,7 @@ import fairpruner as fp
 from fairpruner import zoo
 from fairpruner._scoring.budget import SiteSize, parse_memory, plan_passes
 from fairpruner._scoring.wasserstein import max_pairwise_w1
-from helpers import randomize_norms
+from helpers import randomize_norms, tiny_loader
 
 
 def _model():
@@ -135,3 +135,21 @@ def test_class_pairs_is_checked_and_recorded():
         fp.score(_model(), _batches(), class_pairs="some")
     s = fp.score(_model(), _batches(), samples_per_class=6, projections=8, progress=False, class_pairs="search")
     assert s.meta["u_store"]["class_pairs"] == "search"
+
+
+def test_forward_only_passes_stop_at_their_last_site():
+    """Later passes run no backward, so their forward ends once the pass's last site has its samples: the
+    classifier, after every site, runs no more often under a tight budget than in one pass; scores equal."""
+    torch.manual_seed(0)
+    model = zoo.resnet20().eval()
+    calls = []
+    model.fc.register_forward_hook(lambda *a: calls.append(1))
+    loader = tiny_loader((3, 16, 16), classes=4, per=6, batch=8)
+    free = fp.score(model, loader, projections=8)
+    one_pass = len(calls)
+    calls.clear()
+    tight = fp.score(model, loader, projections=8, max_memory=free.meta["u_store"]["peak_bytes"] // 3)
+    assert tight.meta["u_store"]["passes"] > 1
+    assert len(calls) == one_pass
+    for a, b in zip(free.groups, tight.groups):
+        assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name

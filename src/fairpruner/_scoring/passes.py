@@ -14,7 +14,7 @@ from .._errors import DataError, FairPrunerError
 from .budget import SiteSize, StoreMeter, format_bytes, plan_passes
 from .distributed import distributed, share_u, to_owners
 from .labels import labelled_batch, next_kept
-from .sites import Site, attach_sites, begin_forward
+from .sites import Site, StopForward, attach_sites, begin_forward
 from .wasserstein import max_pairwise_w1
 
 __all__ = ["Store", "plan_store", "check_reiterable", "later_pass", "reduce_pass", "site_u"]
@@ -110,7 +110,14 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
             if keep.numel() == 0:
                 continue
             begin_forward(state, keep.to(device), targets[keep])
-            work(*as_args(to_device(inputs, device)))
+            # No backward follows: the forward ends where the last of this pass's sites has recorded.
+            state["waiting"] = len(store.passes[number])
+            try:
+                work(*as_args(to_device(inputs, device)))
+            except StopForward:
+                pass
+            finally:
+                state["waiting"] = None
     bar.close()
     for s in store.passes[number]:
         s.active = False

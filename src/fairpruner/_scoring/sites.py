@@ -17,7 +17,13 @@ from ..families.base import USource
 from .budget import SiteSize
 from .wasserstein import random_directions
 
-__all__ = ["Site", "site_seed", "pick_sites", "attach_sites", "probe_batch_dims", "begin_forward", "U_SITES"]
+__all__ = ["Site", "site_seed", "pick_sites", "attach_sites", "probe_batch_dims", "begin_forward", "U_SITES",
+           "StopForward"]
+
+
+class StopForward(BaseException):
+    """Raised by the last site a forward-only pass waits for: nothing after it is needed. A BaseException, so
+    that a model's own ``except Exception`` fallbacks never catch it."""
 
 U_SITES = ("output", "norm", "input")
 
@@ -132,6 +138,10 @@ def _site_hook(site: Site, state: dict, projections: int) -> Callable:
             site.chunks.append(proj.to(state["store_device"]))
             site.labels.append(state["labels"])
             state["meter"].add(proj.numel() * proj.element_size())
+        if state.get("waiting") is not None:  # a forward-only pass: stop once its last site has its samples
+            state["waiting"] -= 1
+            if state["waiting"] == 0:
+                raise StopForward
     if site.source is not None:
         return record
     if site.side == "output":

@@ -67,6 +67,16 @@ def _slice_bn_(bn: nn.BatchNorm1d, keep: torch.Tensor) -> None:
     bn.num_features = len(keep)
 
 
+class _OnRemove:
+    """A hook handle whose removal runs ``fn`` (a forward cut short by the scoring passes skips post-hooks)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remove(self) -> None:
+        self.fn()
+
+
 @register
 class LevitHeads(Family):
     """Heads of LeViT attention modules (see the module docstring)."""
@@ -114,7 +124,7 @@ class LevitHeads(Family):
             def clear(*_: Any) -> None:
                 modules[name].attention_bias_cache = {}
             return source.attach(modules, emit) + [modules[name].register_forward_pre_hook(clear),
-                                                   modules[name].register_forward_hook(clear)]
+                                                   modules[name].register_forward_hook(clear), _OnRemove(clear)]
         return [USource(source.name, attach)]
 
     def macs_terms(self, model: nn.Module, example_inputs: tuple, group: GroupSpec) -> List[MacsTerm]:
