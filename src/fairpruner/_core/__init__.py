@@ -4,7 +4,7 @@ from .groups import GroupSpec, MacsTerm, Member, member_kind, member_params, zer
 from .inputs import (as_args, describe_inputs, device_of, first_sample, forward_logits, logits_of, split_batch,
                      synthetic_inputs, to_device)
 from .layers import (CONV_TYPES, FROZEN_TYPES, NORM_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES,
-                     freezes, kept, qualname, replace_module, slice_linear_)
+                     freezes, kept, qualname, replace_module, slice_linear_, slice_param_)
 from .state import eval_mode, model_signature, preserved_modes, preserved_state
 
 __all__ = [
@@ -12,6 +12,6 @@ __all__ = [
     "as_args", "describe_inputs", "device_of", "first_sample", "forward_logits", "logits_of", "split_batch",
     "synthetic_inputs", "to_device",
     "CONV_TYPES", "FROZEN_TYPES", "NORM_TYPES", "SUPPORTED_TYPES", "UNSUPPORTED_HINTS", "WEIGHT_TYPES",
-    "freezes", "kept", "qualname", "replace_module", "slice_linear_",
+    "freezes", "kept", "qualname", "replace_module", "slice_linear_", "slice_param_",
     "eval_mode", "model_signature", "preserved_modes", "preserved_state",
 ]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 __all__ = ["CONV_TYPES", "WEIGHT_TYPES", "NORM_TYPES", "FROZEN_TYPES", "freezes", "SUPPORTED_TYPES", "UNSUPPORTED_HINTS",
-           "qualname", "kept", "slice_linear_", "replace_module"]
+           "qualname", "kept", "slice_param_", "slice_linear_", "replace_module"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 WEIGHT_TYPES = CONV_TYPES + (nn.Linear,)
@@ -42,16 +42,21 @@ def kept(n: int, removed: torch.Tensor) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
+def slice_param_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    """Keeps positions ``keep`` of ``module``'s parameter ``name`` along ``dim``, in place; the new parameter keeps
+    ``requires_grad``."""
+    p = getattr(module, name)
+    with torch.no_grad():
+        setattr(module, name, nn.Parameter(p.index_select(dim, keep.to(p.device)).clone(),
+                                           requires_grad=p.requires_grad))
+
+
 def slice_linear_(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:
     """Keeps rows (``dim`` 0: output features, with the bias) or columns (``dim`` 1) ``keep`` of a Linear layer,
     in place; the new parameters keep ``requires_grad``."""
-    keep = keep.to(linear.weight.device)
-    with torch.no_grad():
-        w = linear.weight
-        linear.weight = nn.Parameter(w.index_select(dim, keep).clone(), requires_grad=w.requires_grad)
-        if dim == 0 and linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.index_select(0, keep).clone(),
-                                       requires_grad=linear.bias.requires_grad)
+    slice_param_(linear, "weight", dim, keep)
+    if dim == 0 and linear.bias is not None:
+        slice_param_(linear, "bias", 0, keep)
     if dim == 0:
         linear.out_features = int(keep.numel())
     else:

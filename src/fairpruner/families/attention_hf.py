@@ -55,7 +55,7 @@ from torch import nn
 
 from .._core.groups import GroupSpec, Member
 from .._core.inputs import first_sample
-from .._core.layers import slice_linear_
+from .._core.layers import slice_linear_, slice_param_
 from .._errors import PlanError, UnsupportedModelError
 from .._measure.counting import attention_macs
 from .attention import AttentionOptions
@@ -242,10 +242,7 @@ class HFAttentionHeads(Family):
         keep = torch.tensor([h for h in range(attn.kv_heads) if h not in drop], dtype=torch.long)
         for mem in group.members:
             if mem.params == ((TABLE, 1),):
-                table = modules[mem.module]
-                t = getattr(table, TABLE)
-                setattr(table, TABLE, nn.Parameter(t.detach()[:, mem.index[keep].flatten()].clone(),
-                                                   requires_grad=t.requires_grad))
+                slice_param_(modules[mem.module], TABLE, 1, mem.index[keep].flatten())
                 continue
             slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, mem.index[keep].flatten())
         module = modules[name]

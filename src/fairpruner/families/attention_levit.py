@@ -23,7 +23,7 @@ from torch import nn
 
 from .._core.groups import GroupSpec, Member
 from .._core.inputs import first_sample
-from .._core.layers import slice_linear_
+from .._core.layers import slice_linear_, slice_param_
 from .._errors import PlanError
 from .._measure.counting import attention_macs
 from .base import Family, MacsTerm, USource, hook_source, register
@@ -54,16 +54,13 @@ def _projections(name: str, m: nn.Module) -> List[Tuple[str, int]]:
 
 
 def _slice_bn_(bn: nn.BatchNorm1d, keep: torch.Tensor) -> None:
-    keep = keep.to(bn.weight.device if bn.weight is not None else bn.running_mean.device)
-    with torch.no_grad():
-        for attr in ("weight", "bias"):
-            p = getattr(bn, attr)
-            if p is not None:
-                setattr(bn, attr, nn.Parameter(p.index_select(0, keep).clone(), requires_grad=p.requires_grad))
-        for attr in ("running_mean", "running_var"):
-            buf = getattr(bn, attr)
-            if buf is not None:
-                setattr(bn, attr, buf.index_select(0, keep).clone())
+    for attr in ("weight", "bias"):
+        if getattr(bn, attr) is not None:
+            slice_param_(bn, attr, 0, keep)
+    for attr in ("running_mean", "running_var"):
+        buf = getattr(bn, attr)
+        if buf is not None:
+            setattr(bn, attr, buf.index_select(0, keep.to(buf.device)).clone())
     bn.num_features = len(keep)
 
 
@@ -145,8 +142,7 @@ class LevitHeads(Family):
             module = model.get_submodule(mem.module)
             rows = mem.index[keep].flatten()
             if mem.params is not None:
-                b = getattr(module, BIASES)
-                setattr(module, BIASES, nn.Parameter(b.detach()[rows].clone(), requires_grad=b.requires_grad))
+                slice_param_(module, BIASES, 0, rows)
             elif isinstance(module, nn.Linear):
                 slice_linear_(module, 0 if mem.side == "out" else 1, rows)
             else:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .._core.groups import GroupSpec, Member
 from .._core.inputs import first_sample
+from .._core.layers import slice_param_
 from .._core.state import eval_mode
 from .._errors import PlanError
 from .._measure.counting import attention_macs
@@ -171,16 +172,11 @@ class Conv1DBlocks(Family):
 
 def _slice_conv1d_(layer: nn.Module, side: str, keep: torch.Tensor) -> None:
     """Keeps output features (``side="out"``: weight columns and bias) or input features (weight rows)."""
-    keep = keep.to(layer.weight.device)
-    with torch.no_grad():
-        if side == "out":
-            layer.weight = nn.Parameter(layer.weight.index_select(1, keep).clone(),
-                                        requires_grad=layer.weight.requires_grad)
-            if getattr(layer, "bias", None) is not None:
-                layer.bias = nn.Parameter(layer.bias.index_select(0, keep).clone(),
-                                          requires_grad=layer.bias.requires_grad)
-            layer.nf = len(keep)
-        else:
-            layer.weight = nn.Parameter(layer.weight.index_select(0, keep).clone(),
-                                        requires_grad=layer.weight.requires_grad)
-            layer.nx = len(keep)
+    if side == "out":
+        slice_param_(layer, "weight", 1, keep)
+        if getattr(layer, "bias", None) is not None:
+            slice_param_(layer, "bias", 0, keep)
+        layer.nf = len(keep)
+    else:
+        slice_param_(layer, "weight", 0, keep)
+        layer.nx = len(keep)

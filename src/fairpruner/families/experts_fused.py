@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._core.groups import GroupSpec, Member, zero_members_
 from .._core.inputs import first_sample
-from .._core.layers import qualname
+from .._core.layers import qualname, slice_param_
 from .._errors import PlanError
 from .base import Family, MacsTerm, USource, register
 
@@ -218,9 +218,8 @@ class StackedExperts(Family):
         drop = set(int(c) for c in channels)
         keep = torch.tensor([e for e in range(b.n) if e not in drop], dtype=torch.long)
         for module in (b.module.gate, b.module.experts):
-            for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(p.detach().index_select(0, keep.to(p.device)).clone(),
-                                                   requires_grad=p.requires_grad))
+            for name, _ in list(module.named_parameters(recurse=False)):
+                slice_param_(module, name, 0, keep)
         for owner in (b.module.gate, b.module.experts, b.module):
             if isinstance(getattr(owner, "num_experts", None), int):
                 owner.num_experts = len(keep)
