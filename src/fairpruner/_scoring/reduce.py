@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec, Member, dense_reader, member_params
+from .._core.groups import GroupSpec, dense_reader, member_params
 from .._core.layers import CONV_TYPES
 from .._errors import DataError
 from .scores import GroupScores

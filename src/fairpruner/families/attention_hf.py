@@ -46,7 +46,6 @@ This module never imports ``transformers``: it only reads module attributes.
 from __future__ import annotations
 
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -54,12 +53,11 @@ import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.inputs import first_sample
 from .._core.layers import slice_linear_, slice_param_
 from .._errors import PlanError, UnsupportedModelError
 from .._measure.counting import attention_macs
 from .attention import AttentionOptions
-from .base import Family, MacsTerm, USource, hook_source, register
+from .base import Family, MacsTerm, PerModel, USource, hook_source, register
 
 __all__ = ["HFAttentionHeads"]
 
@@ -169,7 +167,10 @@ class HFAttentionHeads(Family):
 
     def __init__(self, options: Optional[AttentionOptions] = None) -> None:
         super().__init__(options)
-        self._macs_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+        # Functional MACs counted inside each attention module (as fairpruner.count_macs counts them) for one
+        # sample; one forward pass serves every group.
+        self._attention_macs = PerModel(
+            lambda model, x: attention_macs(model, x, functional={a.name for a in find_attention(model)}))
 
     def claims(self, module: nn.Module) -> bool:
         # A per-head table is cut with its heads (discover); on heads that stay whole it is never cut.
@@ -215,20 +216,6 @@ class HFAttentionHeads(Family):
         macs = self._attention_macs(model, example_inputs).get(name, 0)
         query = next(m.module for m in group.members if m.side == "out")
         return [(float(macs), (query, 0), None)] if macs else []
-
-    def _attention_macs(self, model: nn.Module, example_inputs: tuple) -> Dict[str, int]:
-        """Functional MACs counted inside each attention module (as :func:`fairpruner.count_macs` counts them)
-        for one sample; one forward pass serves every group."""
-        attention = {a.name for a in find_attention(model)}
-        x = first_sample(example_inputs)
-        key = (tuple((tuple(t.shape), t.dtype) if torch.is_tensor(t) else repr(t) for t in x),
-               tuple(int(p.shape[0]) for n, p in model.named_parameters() if n.endswith("weight")))
-        cached = self._macs_cache.get(model)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        per = attention_macs(model, x, functional=attention)
-        self._macs_cache[model] = (key, per)
-        return per
 
     def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         modules = dict(model.named_modules())

@@ -16,17 +16,16 @@ the rows with their BatchNorm scale and shift, so the head's values, and with th
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.inputs import first_sample
 from .._core.layers import slice_linear_, slice_param_
 from .._errors import PlanError
 from .._measure.counting import attention_macs
-from .base import Family, MacsTerm, USource, hook_source, register
+from .base import Family, MacsTerm, PerModel, USource, hook_source, register
 
 __all__ = ["LevitHeads", "levit_attention"]
 
@@ -80,6 +79,12 @@ class LevitHeads(Family):
 
     name = "levit_heads"
 
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        # One forward pass counts the products inside every LeViT attention module.
+        self._attention_macs = PerModel(
+            lambda model, x: attention_macs(model, x, functional=[n for n, _ in levit_attention(model)]))
+
     def claims(self, module: nn.Module) -> bool:
         return _is_levit(module)
 
@@ -127,7 +132,7 @@ class LevitHeads(Family):
     def macs_terms(self, model: nn.Module, example_inputs: tuple, group: GroupSpec) -> List[MacsTerm]:
         # q k^T and attention x v run as matrix products inside the module; they scale with the heads.
         name = group.name[: -len(":heads")]
-        macs = attention_macs(model, first_sample(example_inputs), functional=[name]).get(name, 0)
+        macs = self._attention_macs(model, example_inputs).get(name, 0)
         return [(float(macs), (group.members[0].module, 0), None)] if macs else []
 
     def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:

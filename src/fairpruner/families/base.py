@@ -14,16 +14,18 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import weakref
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, MacsTerm, zero_members_
+from .._core.inputs import first_sample
 from .._errors import FairPrunerError
 
 __all__ = ["Family", "FamilyOptions", "USource", "MacsTerm", "register", "unregister", "registered", "build",
-           "options_record", "hook_source"]
+           "options_record", "hook_source", "PerModel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,3 +267,28 @@ def hook_source(name: str, module: str, *, side: str = "output", item: Optional[
             return [mod.register_forward_hook(lambda m, i, o: take(o))]
         return [mod.register_forward_pre_hook(lambda m, i: take(i[0]))]
     return USource(name, attach)
+
+
+class PerModel:
+    """A value computed once per model and example-input shapes, for every group of a family: e.g. the counts of
+    one forward pass that all of a family's MACs terms read. ``compute(model, x)`` gets the first sample's
+    arguments; the value is recomputed when the inputs' or the parameters' shapes change (a pruned model).
+
+    Example:
+        >>> self._counts = PerModel(lambda model, x: attention_macs(model, x, functional=names(model)))
+        >>> macs = self._counts(model, example_inputs)[name]
+    """
+
+    def __init__(self, compute: Callable[[nn.Module, tuple], Any]) -> None:
+        self.compute = compute
+        self._cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+    def __call__(self, model: nn.Module, example_inputs: tuple) -> Any:
+        x = first_sample(example_inputs)
+        key = (tuple((tuple(t.shape), t.dtype) if torch.is_tensor(t) else repr(t) for t in x),
+               tuple(tuple(p.shape) for p in model.parameters()))
+        cached = self._cache.get(model)
+        if cached is None or cached[0] != key:
+            cached = (key, self.compute(model, x))
+            self._cache[model] = cached
+        return cached[1]

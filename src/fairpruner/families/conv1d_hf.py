@@ -17,19 +17,17 @@ agree. This module never imports ``transformers``: it only reads module attribut
 """
 from __future__ import annotations
 
-import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.inputs import first_sample
 from .._core.layers import slice_param_
 from .._core.state import eval_mode
 from .._errors import PlanError
 from .._measure.counting import attention_macs
-from .base import Family, MacsTerm, USource, hook_source, register
+from .base import Family, MacsTerm, PerModel, USource, hook_source, register
 
 __all__ = ["Conv1DBlocks", "is_conv1d"]
 
@@ -72,7 +70,7 @@ class Conv1DBlocks(Family):
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
-        self._cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+        self._counts = PerModel(_counts)
 
     def claims(self, module: nn.Module) -> bool:
         return is_conv1d(module)
@@ -127,28 +125,6 @@ class Conv1DBlocks(Family):
                 terms.append((float(products), (group.members[0].module, "weight", 1), None))
         return terms
 
-    def _counts(self, model: nn.Module, example_inputs: tuple) -> Tuple[Dict[str, int], Dict[str, int]]:
-        """Rows each Conv1D multiplies for one sample, and the MACs counted inside each attention block; one
-        pair of forward passes serves every group."""
-        x = first_sample(example_inputs)
-        key = (tuple((tuple(t.shape), t.dtype) if torch.is_tensor(t) else repr(t) for t in x),
-               tuple(tuple(p.shape) for p in model.parameters()))
-        cached = self._cache.get(model)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        rows: Dict[str, int] = {}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: rows.__setitem__(
-            n, rows.get(n, 0) + inp[0].numel() // mod.nx)) for n, m in model.named_modules() if is_conv1d(m)]
-        try:
-            with eval_mode(model), torch.no_grad():
-                model(*x)
-        finally:
-            for h in hooks:
-                h.remove()
-        inside = attention_macs(model, x, functional=[n for k, n, _ in _blocks(model) if k == "attn"])
-        self._cache[model] = (key, (rows, inside))
-        return rows, inside
-
     def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         modules = dict(model.named_modules())
         block = modules[group.name.rpartition(":")[0]]
@@ -180,3 +156,17 @@ def _slice_conv1d_(layer: nn.Module, side: str, keep: torch.Tensor) -> None:
     else:
         slice_param_(layer, "weight", 0, keep)
         layer.nx = len(keep)
+
+
+def _counts(model: nn.Module, x: tuple) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Rows each Conv1D multiplies for one sample, and the MACs counted inside each attention block."""
+    rows: Dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: rows.__setitem__(
+        n, rows.get(n, 0) + inp[0].numel() // mod.nx)) for n, m in model.named_modules() if is_conv1d(m)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows, attention_macs(model, x, functional=[n for k, n, _ in _blocks(model) if k == "attn"])

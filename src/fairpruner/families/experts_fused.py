@@ -33,10 +33,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .._core.groups import GroupSpec, Member, zero_members_
-from .._core.inputs import first_sample
 from .._core.layers import qualname, slice_param_
 from .._errors import PlanError
-from .base import Family, MacsTerm, USource, register
+from .base import Family, MacsTerm, PerModel, USource, register
 
 __all__ = ["StackedExperts", "stacked_moe_blocks"]
 
@@ -160,6 +159,10 @@ class StackedExperts(Family):
 
     name = "stacked_experts"
 
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self._routed = PerModel(_routed_tokens)  # one forward pass serves every block's router term
+
     def claims(self, module: nn.Module) -> bool:
         return _is_router(module) or _is_stacked(module)
 
@@ -194,15 +197,9 @@ class StackedExperts(Family):
 
     def macs_terms(self, model: nn.Module, example_inputs: tuple, group: GroupSpec) -> List[MacsTerm]:
         b = self._block(model, group)
-        rows = []
-        hook = b.module.gate.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].numel() // inp[0].shape[-1]))
-        try:
-            with torch.no_grad():
-                model(*first_sample(example_inputs))
-        finally:
-            hook.remove()
         w = b.module.gate.weight
-        return [(float(sum(rows) * w.shape[0] * w.shape[1]), (b.router, "weight", 0), None)]
+        return [(float(self._routed(model, example_inputs).get(b.router, 0) * w.shape[0] * w.shape[1]),
+                 (b.router, "weight", 0), None)]
 
     @staticmethod
     def _check_top_k(b: StackedBlock, channels: List[int]) -> None:
@@ -231,3 +228,18 @@ class StackedExperts(Family):
         masked = _MaskedRouter(b.module.gate, sorted(set(int(c) for c in channels)))
         b.module.gate.register_forward_pre_hook(masked.enter)
         b.module.gate.register_forward_hook(masked.leave)
+
+
+def _routed_tokens(model: nn.Module, x: tuple) -> Dict[str, int]:
+    """Tokens each stacked-experts router scores for one sample, by router name."""
+    rows: Dict[str, int] = {}
+    hooks = [model.get_submodule(b.router).register_forward_hook(
+        lambda mod, inp, out, n=b.router: rows.__setitem__(n, rows.get(n, 0) + inp[0].numel() // inp[0].shape[-1]))
+        for b in stacked_moe_blocks(model)]
+    try:
+        with torch.no_grad():
+            model(*x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
