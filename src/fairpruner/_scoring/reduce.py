@@ -89,15 +89,13 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
     return out
 
 
-
 def _writers(g: GroupSpec, modules: Dict[str, nn.Module]) -> int:
     """How many layers write a group's channels into a residual stream: the Conv/Linear layers producing them
     (a depthwise conv only rescales its input channels) when at least two layers read them; 1 otherwise. A
     gated MLP's gate and up projections write one product that one layer reads: not a stream."""
     if g.family is not None:
         return 1
-    mixing = [m for m in g.members if m.kind == "weight"
-              and not (isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1)]
-    writers = sum(1 for m in mixing if m.side == "out")
-    readers = sum(1 for m in mixing if m.side == "in")
+    writers = sum(1 for m in g.members if m.side == "out" and m.kind == "weight"
+                  and not (isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1))
+    readers = sum(1 for m in g.members if dense_reader(m, modules[m.module]))
     return writers if writers > 1 and readers > 1 else 1

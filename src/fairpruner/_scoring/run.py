@@ -229,25 +229,20 @@ def _working_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
     flag, each parameter's ``requires_grad`` and ``.grad``): a copy would double the memory, which decides whether
     a large model can be scored at all (a 1 B-parameter Llama: 3.9 GB). On another device, a copy there.
     """
-    if device_of(model) != device:
-        work = copy.deepcopy(model).to(device)
-        work.eval()
-        for p in work.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        yield work
-        return
-    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    with eval_mode(model):
+    copied = device_of(model) != device
+    work = copy.deepcopy(model).to(device) if copied else model
+    saved = [(p, p.requires_grad, p.grad) for p in work.parameters()]
+    with eval_mode(work):
         try:
             for p, _, _ in saved:
                 p.requires_grad_(True)
                 p.grad = None
-            yield model
+            yield work
         finally:
-            for p, trainable, grad in saved:
-                p.grad = grad
-                p.requires_grad_(trainable)
+            if not copied:  # a copy is discarded; the caller's own model goes back as it was
+                for p, trainable, grad in saved:
+                    p.grad = grad
+                    p.requires_grad_(trainable)
 
 
 def _prepare(work: nn.Module, example_inputs: Any, device: torch.device, fams: List[_families.Family],
