@@ -154,3 +154,18 @@ class CountingLoader:
         for b in self.batches:
             self.drawn += 1
             yield b
+
+
+def last_token_loss(classes: int):
+    """A causal LM scored on a task's classes: the class is read from the last position's first logits."""
+    return lambda logits, targets: torch.nn.functional.cross_entropy(logits[:, -1, :classes], targets)
+
+
+def generated_pruned_and_masked(model: nn.Module, plan, prompt: torch.Tensor, new_tokens: int) -> list:
+    """Greedy ``generate()`` of the pruned and of the masked causal LM, each with its key/value cache (shaped,
+    in the pruned model, by the kept units)."""
+    runs = []
+    for m in (fp.prune(model, plan), fp.mask(model, plan)):
+        m.config.use_cache = True
+        runs.append(m.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
+    return runs

@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fairpruner as fp
-from helpers import assert_prune_equals_mask, rel_err
+from helpers import assert_prune_equals_mask, generated_pruned_and_masked, last_token_loss, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,12 +109,7 @@ def test_pruned_equals_an_independent_oracle(scored):
 def test_causal_lm_generates_after_pruning_with_sdpa():
     model = gpt2("GPT2LMHeadModel", impl="sdpa")
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      loss_fn=lambda logits, y: F.cross_entropy(logits[:, -1, :CLASSES], y))
+                      loss_fn=last_token_loss(CLASSES))
     plan = fp.plan(scores, macs=0.4)
-    pruned, masked = fp.prune(model, plan), fp.mask(model, plan)
-    prompt = fresh(2, seed=5)[:, :5]
-    runs = []
-    for m in (pruned, masked):
-        m.config.use_cache = True
-        runs.append(m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    runs = generated_pruned_and_masked(model, plan, fresh(2, seed=5)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fairpruner as fp
-from helpers import assert_prune_equals_mask, rel_err
+from helpers import assert_prune_equals_mask, generated_pruned_and_masked, last_token_loss, rel_err
 from fairpruner.families.attention_hf import find_attention
 
 transformers = pytest.importorskip("transformers")
@@ -32,11 +31,6 @@ def decoder(kind="llama", head="ForSequenceClassification", kv_heads=2, impl="ea
     return model
 
 
-def last_token_loss(logits, targets):
-    """A causal LM scored on a task's classes: the class is read from the last position's first logits."""
-    return F.cross_entropy(logits[:, -1, :CLASSES], targets)
-
-
 def loader(n=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(1, VOCAB, (n, SEQ), generator=g)
@@ -57,7 +51,7 @@ IDS = [f"{k}-{h[3:]}-kv{kv}-{impl}" for k, h, kv, impl in CASES]
 def test_decoder_prunes_by_key_value_group_and_equals_mask(kind, head, kv, impl):
     model = decoder(kind, head, kv, impl)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    kw = {"loss_fn": last_token_loss} if head == "ForCausalLM" else {}
+    kw = {"loss_fn": last_token_loss(CLASSES)} if head == "ForCausalLM" else {}
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, **kw)
     groups = {g.name: g for g in scores.groups}
     # One attention group per layer, one unit per key/value head; one gated-MLP group per layer, not a stream.
@@ -94,14 +88,10 @@ def test_decoder_prunes_by_key_value_group_and_equals_mask(kind, head, kv, impl)
 
 def test_pruned_causal_lm_generates_what_the_masked_one_does():
     model = decoder("llama", "ForCausalLM", 2, "sdpa")
-    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, loss_fn=last_token_loss)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      loss_fn=last_token_loss(CLASSES))
     plan = fp.plan(scores, macs=0.45)
-    pruned, masked = fp.prune(model, plan), fp.mask(model, plan)
-    prompt = fresh(2, seed=3)[:, :5]
-    runs = []
-    for m in (pruned, masked):
-        m.config.use_cache = True  # generate() with its key/value cache, shaped by the kept heads
-        runs.append(m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fairpruner as fp
-from helpers import assert_prune_equals_mask, rel_err
+from helpers import assert_prune_equals_mask, generated_pruned_and_masked, last_token_loss, rel_err
 from fairpruner.families.experts_fused import stacked_moe_blocks
 
 transformers = pytest.importorskip("transformers")
@@ -85,12 +84,7 @@ def test_a_plan_must_leave_top_k_experts():
 def test_pruned_mixtral_generates_what_the_masked_one_does():
     model = moe("Mixtral", "ForCausalLM")
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      loss_fn=lambda logits, y: F.cross_entropy(logits[:, -1, :CLASSES], y))
+                      loss_fn=last_token_loss(CLASSES))
     plan = fp.plan(scores, params=0.25)
-    pruned, masked = fp.prune(model, plan), fp.mask(model, plan)
-    prompt = fresh(2, seed=3)[:, :4]
-    runs = []
-    for m in (pruned, masked):
-        m.config.use_cache = True
-        runs.append(m.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0))
+    runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :4], 5)
     assert torch.equal(runs[0], runs[1])

@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fairpruner as fp
-from helpers import assert_prune_equals_mask, rel_err
+from helpers import assert_prune_equals_mask, generated_pruned_and_masked, last_token_loss, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,10 +69,7 @@ def test_units_prune_equals_mask_and_an_oracle():
 def test_pruned_phi3_generates_what_the_masked_one_does():
     model = phi3("ForCausalLM")
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      loss_fn=lambda logits, y: F.cross_entropy(logits[:, -1, :CLASSES], y))
+                      loss_fn=last_token_loss(CLASSES))
     plan = fp.plan(scores, macs=0.3)
-    runs = []
-    for m in (fp.prune(model, plan), fp.mask(model, plan)):
-        m.config.use_cache = True
-        runs.append(m.generate(fresh(2, seed=3)[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0))
+    runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :4], 5)
     assert torch.equal(runs[0], runs[1])
