@@ -43,65 +43,50 @@ def _vit():
     return model, torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)), {}
 
 
-def _bert():
+def _hf(kind: str, head: str = "ForSequenceClassification", low: int = 1, **config):
+    """A Hugging Face model from a small config of ``kind`` (random weights) and 24 inputs: token ids in
+    [low, 50) for a text model, 32 x 32 images for an image classifier."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=CLASSES)
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
-    return model, torch.randint(0, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+    model = getattr(transformers, kind + head)(getattr(transformers, kind + "Config")(num_labels=CLASSES, **config))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 32, 32, generator=g) if head == "ForImageClassification" else \
+        torch.randint(low, 50, (24, 10), generator=g)
+    return model.eval(), x, {}
+
+
+DECODER = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=16, pad_token_id=0, use_cache=False)
+
+
+def _bert():
+    return _hf("Bert", low=0, vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=16)
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                      num_labels=CLASSES, pad_token_id=0, use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForSequenceClassification(config).eval()
-    return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+    return _hf("Llama", intermediate_size=64, **DECODER)
 
 
 def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16,
-                                     num_labels=CLASSES, pad_token_id=0, use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.GPT2ForSequenceClassification(config).eval()
-    return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+    return _hf("GPT2", vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, pad_token_id=0, use_cache=False)
 
 
 def _mixtral():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
-                                        num_experts_per_tok=2, max_position_embeddings=16, num_labels=CLASSES,
-                                        pad_token_id=0, use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.MixtralForSequenceClassification(config).eval()
+    model, x, kw = _hf("Mixtral", intermediate_size=48, num_local_experts=6, num_experts_per_tok=2, **DECODER)
     with torch.no_grad():
         for layer in model.model.layers:  # routers with real preferences
             layer.mlp.gate.weight.normal_(0, 0.5)
-    return model, torch.randint(1, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+    return model, x, kw
 
 
 def _phi3():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Phi3Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                     num_labels=CLASSES, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.Phi3ForSequenceClassification(config).eval()
-    return model, torch.randint(3, 50, (24, 10), generator=torch.Generator().manual_seed(0)), {}
+    return _hf("Phi3", low=3, intermediate_size=48, bos_token_id=1, eos_token_id=2, **DECODER)
 
 
 def _levit():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LevitConfig(image_size=32, num_labels=CLASSES, hidden_sizes=[32, 48, 64],
-                                      num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8])
-    torch.manual_seed(0)
-    model = transformers.LevitForImageClassification(config).eval()
-    return model, torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)), {}
+    return _hf("Levit", "ForImageClassification", image_size=32, hidden_sizes=[32, 48, 64],
+               num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8])
 
 
 # family name -> [(case id, builder returning (model, inputs, fp.score keyword arguments), fp.plan arguments)]
