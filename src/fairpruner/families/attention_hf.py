@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.layers import slice_linear_, slice_param_
+from .._core.layers import kept, slice_linear_, slice_param_
 from .._errors import PlanError, UnsupportedModelError
 from .._measure.counting import attention_macs
 from .attention import AttentionOptions
@@ -226,7 +226,7 @@ class HFAttentionHeads(Family):
             raise PlanError(f"'{name}' has {found}, the plan expects {group.channels}. Apply a plan to an unpruned "
                             "instance of the architecture it was made for.")
         drop = sorted(set(int(c) for c in channels))
-        keep = torch.tensor([h for h in range(attn.kv_heads) if h not in drop], dtype=torch.long)
+        keep = kept(attn.kv_heads, torch.tensor(drop, dtype=torch.long))
         for mem in group.members:
             if mem.params == ((TABLE, 1),):
                 slice_param_(modules[mem.module], TABLE, 1, mem.index[keep].flatten())

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.layers import slice_linear_, slice_param_
+from .._core.layers import kept, slice_linear_, slice_param_
 from .._errors import PlanError
 from .._measure.counting import attention_macs
 from .base import Family, MacsTerm, PerModel, USource, hook_source, register
@@ -141,8 +141,7 @@ class LevitHeads(Family):
         if m.num_attention_heads != group.channels:
             raise PlanError(f"'{name}' has {m.num_attention_heads} heads, the plan expects {group.channels}. Apply "
                             "a plan to an unpruned instance of the architecture it was made for.")
-        drop = set(int(c) for c in channels)
-        keep = torch.tensor([h for h in range(group.channels) if h not in drop], dtype=torch.long)
+        keep = kept(group.channels, torch.tensor(channels, dtype=torch.long))
         for mem in group.members:
             module = model.get_submodule(mem.module)
             rows = mem.index[keep].flatten()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.layers import slice_param_
+from .._core.layers import kept, slice_param_
 from .._core.state import eval_mode
 from .._errors import PlanError
 from .._measure.counting import attention_macs
@@ -134,8 +134,7 @@ class Conv1DBlocks(Family):
         if expected // per != group.channels:
             raise PlanError(f"'{group.name}' has {expected // per} units, the plan expects {group.channels}. Apply "
                             "a plan to an unpruned instance of the architecture it was made for.")
-        drop = set(int(c) for c in channels)
-        keep = torch.tensor([u for u in range(group.channels) if u not in drop], dtype=torch.long)
+        keep = kept(group.channels, torch.tensor(channels, dtype=torch.long))
         for mem in group.members:
             cols = mem.index[keep]
             if group.name.endswith(":heads") and mem.side == "out":

@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .._core.groups import GroupSpec, Member, zero_members_
-from .._core.layers import qualname, slice_param_
+from .._core.layers import kept, qualname, slice_param_
 from .._errors import PlanError
 from .base import Family, MacsTerm, PerModel, USource, register
 
@@ -212,8 +212,7 @@ class StackedExperts(Family):
     def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         b = self._block(model, group)
         self._check_top_k(b, channels)
-        drop = set(int(c) for c in channels)
-        keep = torch.tensor([e for e in range(b.n) if e not in drop], dtype=torch.long)
+        keep = kept(b.n, torch.tensor(channels, dtype=torch.long))
         for module in (b.module.gate, b.module.experts):
             for name, _ in list(module.named_parameters(recurse=False)):
                 slice_param_(module, name, 0, keep)

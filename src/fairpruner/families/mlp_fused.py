@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._core.groups import GroupSpec, Member
-from .._core.layers import qualname, slice_linear_
+from .._core.layers import kept, qualname, slice_linear_
 from .._errors import PlanError
 from .base import Family, USource, hook_source, register
 
@@ -65,7 +65,6 @@ class FusedGatedMLP(Family):
         if down.in_features != group.channels:
             raise PlanError(f"'{group.name}' has {down.in_features} units, the plan expects {group.channels}. Apply "
                             "a plan to an unpruned instance of the architecture it was made for.")
-        drop = set(int(c) for c in channels)
-        keep = torch.tensor([j for j in range(group.channels) if j not in drop], dtype=torch.long)
+        keep = kept(group.channels, torch.tensor(channels, dtype=torch.long))
         slice_linear_(up, 0, torch.cat([keep, keep + group.channels]))  # [gate kept | up kept]
         slice_linear_(down, 1, keep)
