@@ -140,8 +140,8 @@ class _BlockLogits(TorchFunctionMode):
 class _MaskedRouter:
     """Forward pre/post hooks that run a router under :class:`_BlockLogits`."""
 
-    def __init__(self, router: nn.Module, channels: List[int]) -> None:
-        self.router, self.channels, self.mode = router, channels, None
+    def __init__(self, channels: List[int]) -> None:
+        self.channels, self.mode = channels, None
 
     def enter(self, module: nn.Module, args: tuple) -> None:
         self.mode = _BlockLogits(module.weight, self.channels)
@@ -224,7 +224,7 @@ class StackedExperts(Family):
         b = self._block(model, group)
         self._check_top_k(b, channels)
         zero_members_(model, group, channels)
-        masked = _MaskedRouter(b.module.gate, sorted(set(int(c) for c in channels)))
+        masked = _MaskedRouter(sorted(set(int(c) for c in channels)))
         b.module.gate.register_forward_pre_hook(masked.enter)
         b.module.gate.register_forward_hook(masked.leave)
 
