@@ -154,7 +154,7 @@ class LevitHeads(Family):
         kd, r, h = m.key_dim, m.attention_ratio, len(keep)
         m.num_attention_heads = h
         m.out_dim_projection = r * kd * h
-        m.out_dim_keys_values = (2 * kd + r * kd) * h if hasattr(m, "queries_keys_values") else (kd + r * kd) * h
+        m.out_dim_keys_values = _projections(name, m)[0][1] * h  # the fused keys(-queries)-values block per head
         m.attention_bias_cache = {}  # eval-mode cache of the (heads, points, points) biases
 
     def mask_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
