@@ -21,11 +21,12 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 import fairpruner as fp
+from fairpruner._graph import SECONDS_ENV
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.md"
@@ -159,10 +160,10 @@ def table(rows: List[Dict[str, object]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = (lambda k: f"{100 * r[k]:.1f} %" if k in r else "")
-        lines.append(f"| {r['model']} | {r['status']} | {r.get('groups', '')} | {r.get('units', '')} | "
-                     f"{pct('params_removed')} | {pct('macs_removed')} | "
-                     f"{r['seconds']:.1f} | {str(r.get('reason', '')).replace('|', '/')} |"
-                     if "seconds" in r else f"| {r['model']} | {r['status']} | | | | | | {r.get('reason', '')} |")
+        cells = [r["model"], r["status"], r.get("groups", ""), r.get("units", ""), pct("params_removed"),
+                 pct("macs_removed"), f"{r['seconds']:.1f}" if "seconds" in r else "",
+                 str(r.get("reason", "")).replace("|", "/")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,8 +176,7 @@ def main(argv: List[str] = None) -> None:
         import transformers
     except ImportError:
         sys.exit("benchmarks/zoo.py needs transformers: pip install -e '.[hf]'")
-    os.environ.setdefault(fp.GRAPH_SECONDS_ENV if hasattr(fp, "GRAPH_SECONDS_ENV") else "FAIRPRUNER_GRAPH_SECONDS",
-                          "60")
+    os.environ.setdefault(SECONDS_ENV, "60")  # graph exploration bounded: no model can hang the run
     torch.set_num_threads(min(2, torch.get_num_threads()))
     names = args.only or list(CONFIGS)
     unknown = sorted(set(names) - set(CONFIGS))
