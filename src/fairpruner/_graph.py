@@ -20,7 +20,7 @@ from ._core.groups import GroupSpec, Member, member_kind
 from ._core.inputs import as_args
 from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES,
                            freezes)
-from ._core.state import preserved_state
+from ._core.state import keeping_no_saved_tensors, preserved_state
 from ._errors import FairPrunerError, UnsupportedModelError
 
 # The unit families handed in are ``fairpruner.families.Family`` instances. This module does not import that
@@ -167,7 +167,10 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
         loose = [p for m in model.modules() if _unknown_to_tp(m)
                  and not isinstance(m, tuple(t for t in custom if isinstance(t, type)))
                  for p in m.parameters(recurse=False) if max(p.shape, default=1) > 1]
-        with contextlib.ExitStack() as tracing, _torch_pruning("Tracing the dependency graph", model):
+        # torch-pruning walks the traced graph and reads only sizes from it: keeping its saved tensors would
+        # hold the original weights alive while pruning replaces them (3x the model at the peak).
+        with contextlib.ExitStack() as tracing, _torch_pruning("Tracing the dependency graph", model), \
+                keeping_no_saved_tensors():
             for fam in families:
                 tracing.enter_context(fam.tracing(model))
             graph = tp.DependencyGraph().build_dependency(

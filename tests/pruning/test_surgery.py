@@ -150,6 +150,29 @@ def test_second_round_prunes_further():
     assert_prune_equals_mask(pruned, p2, fresh_inputs((3, 32, 32)), pruned=pruned2)
 
 
+def test_surgery_frees_each_parameter_it_replaces(monkeypatch):
+    """The copy's replaced parameters give back their memory as the surgery goes (the traced graph holds the
+    parameter objects until it is collected): a large model's peak is two models, not three."""
+    import fairpruner._pruning.surgery as surgery
+    model, _, plan, _ = case("resnet20", target="alpha")
+    started = []  # the parameters of the copy the surgery works on, as it starts
+    original = copy.deepcopy
+
+    def deepcopy(obj, *memo):
+        work = original(obj, *memo)
+        if obj is model:  # the surgery's own copy, not the objects inside it
+            started.extend(work.parameters())
+        return work
+
+    monkeypatch.setattr(surgery.copy, "deepcopy", deepcopy)
+    pruned = fp.prune(model, plan, verify=False)
+    live = {id(p) for p in pruned.parameters()}
+    replaced = [p for p in started if id(p) not in live]
+    assert replaced and all(p.numel() == 0 for p in replaced)
+    assert all(p.numel() > 0 for p in pruned.parameters())
+    assert_prune_equals_mask(model, plan, fresh_inputs((3, 32, 32)), pruned=pruned)
+
+
 # ---------------------------------------------------------------- GroupNorm
 
 def _gn_sizes(model):

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["preserved_modes", "eval_mode", "preserved_state", "model_signature"]
+__all__ = ["preserved_modes", "eval_mode", "preserved_state", "keeping_no_saved_tensors", "model_signature"]
 
 
 @contextlib.contextmanager
@@ -40,6 +40,18 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     move); every submodule's flag and the grad mode are restored afterwards."""
     with eval_mode(model), torch.enable_grad():
         yield
+
+
+def keeping_no_saved_tensors() -> contextlib.AbstractContextManager:
+    """Forwards in the body build their autograd graph (its structure, its grad_fn nodes), but keep none of the
+    tensors a backward would need: for graphs that are walked, never differentiated. Without it a traced graph
+    holds the batch's activations, and the very weight tensors a pruning step replaces (so the old ones stay
+    alive beside the new)."""
+    return torch.autograd.graph.saved_tensors_hooks(_drop, _drop)
+
+
+def _drop(_: object) -> None:
+    return None
 
 
 def model_signature(model: nn.Module) -> str:

@@ -114,13 +114,17 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
         graph = build_graph(work, x, fams)
         modules = dict(work.named_modules())
         custom = _family_specs(plan, work, graph, x, fams)
+        release = _Releaser(work)
         # Fetch each group right before pruning it: concatenation offsets shift after every prune.
         for _, group in _groups_to_apply(plan, graph, modules, skip=[g.name for _, g, _ in custom]):
             group.prune()
+            release()
         # Unit families cut their own modules (heads, gate blocks, experts), after torch-pruning's groups.
         for fam, g, chans in custom:
             if chans:
                 fam.prune_(work, g, chans)
+                release()
+    del graph, custom, release
     for name, m in work.named_modules():
         if name in gn_sizes and m.num_channels % gn_sizes[name] == 0:
             m.num_groups = m.num_channels // gn_sizes[name]
@@ -132,6 +136,22 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
     # Every round's plan travels with the model, so save/load can rebuild a model pruned several times.
     work._fairpruner_history = list(getattr(model, "_fairpruner_history", [])) + [plan.to_json()]
     return work
+
+
+class _Releaser:
+    """Frees the storage of every parameter the surgery has replaced. The traced graph's nodes hold the old
+    parameter objects until it is collected, so without this a large model's peak is the original, its copy
+    and the pruned copy at once; the tracing kept no other use of their values (``keeping_no_saved_tensors``)."""
+
+    def __init__(self, work: nn.Module) -> None:
+        self.work = work
+        self.old = {id(p): p for p in work.parameters()}
+
+    def __call__(self) -> None:
+        live = {id(p) for p in self.work.parameters()}
+        for key in [k for k in self.old if k not in live]:
+            old = self.old.pop(key)
+            old.data = torch.empty(0, dtype=old.dtype, device=old.device)
 
 
 def _zero_(module: nn.Module, side: str, idxs: List[int], fams: List[_families.Family]) -> None:

@@ -108,8 +108,8 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
             owner rank, so small slices keep what a rank receives at once small).
 
     Returns:
-        (passes, raw): per pass the (site, lo, hi) unit slices it stores, and per site whether it is stored
-        unprojected. One pass, nothing raw, and whole sites (unless ``pieces``) where the store fits.
+        (passes, raw): per pass the (site, lo, hi) unit slices it stores (the smallest pass first), and per
+        site whether it is stored unprojected. One pass, nothing raw, and whole sites (unless ``pieces``) where the store fits.
 
     Raises:
         FairPrunerError: the budget cannot hold one unit of every site, naming the smallest that can.
@@ -146,7 +146,9 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
             passes[-1].append((i, lo, lo + take))
             used += take * per_unit[i]
             lo += take
-    return passes, raw
+    # The first pass also holds the backward's activations, so it takes the smallest store: the last pass,
+    # the only one not filled to the room. Which pass measures a slice does not change its samples.
+    return passes[-1:] + passes[:-1], raw
 
 
 class StoreMeter:

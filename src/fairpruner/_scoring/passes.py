@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._core.inputs import as_args, to_device
+from .._core.state import keeping_no_saved_tensors
 from .._errors import DataError, FairPrunerError
 from .budget import SiteSize, StoreMeter, format_bytes, plan_passes
 from .distributed import distributed, share_u, to_owners
@@ -87,7 +88,8 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
                samples_per_class: int, device: torch.device, progress: bool) -> None:
     """Forward passes over the batches that hold kept samples, storing this pass's slices. Gradients stay on
     (no backward runs): some layers take other kernels without them (LSTM on the CPU), and the samples must
-    be the very values of the first pass."""
+    be the very values of the first pass. Autograd keeps none of the tensors it saves for a backward: the
+    pass would otherwise hold a batch's activations beside its store."""
     state = store.state
     for s in store.passes[number]:
         s.active = True
@@ -113,7 +115,8 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
             # No backward follows: the forward ends where the last of this pass's sites has recorded.
             state["waiting"] = len(store.passes[number])
             try:
-                work(*as_args(to_device(inputs, device)))
+                with keeping_no_saved_tensors():
+                    work(*as_args(to_device(inputs, device)))
             except StopForward:
                 pass
             finally:
