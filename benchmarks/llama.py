@@ -2,13 +2,13 @@
 
 TinyLlama's shape (hidden 2048, 22 layers, 32 heads over 4 key/value heads, intermediate 5632, vocabulary 32,000),
 random weights, as ``LlamaForSequenceClassification`` with 4 classes; 64 sequences of 128 random tokens in batches
-of 8. Measured in one process, under the same load: building the model, group discovery (torch-pruning's graph
+of 4 (`--batch`). Measured in one process, under the same load: building the model, group discovery (torch-pruning's graph
 and the families' groups), one forward+backward over the same batches (the floor scoring cannot beat), then
 ``fp.score`` (samples_per_class 16), ``fp.plan(macs=0.3)`` and ``fp.prune`` (without the pruned == masked check,
 which the tests run on small configs); the peak resident memory of score + plan + prune (the window starts after
 the forward+backward, whose own peak is reported beside it) against the model's size.
 
-    python benchmarks/llama.py                  # the 1.1 B model -> benchmarks/results/llama.md (about 30 min on 2 cores)
+    python benchmarks/llama.py                  # the 1.1 B model -> benchmarks/results/llama.md (about 10 min on 2 cores)
     python benchmarks/llama.py --layers 2       # the same widths, 2 layers (a few minutes), printed only
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=22, help="decoder layers (22: TinyLlama's 1.1 B)")
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     try:
