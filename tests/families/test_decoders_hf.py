@@ -102,3 +102,57 @@ def test_mha_decoder_units_are_single_heads():
     assert (a.kv_heads, a.per_kv) == (HEADS, 1)
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
     assert scores[f"{a.name}:heads"].n_units == HEADS
+
+
+def phi3(head="ForSequenceClassification", kv_heads=2, seed=0):
+    """Phi-3: one fused qkv_proj, and the query width read from the config shared by every layer."""
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, num_labels=CLASSES, use_cache=False)
+    torch.manual_seed(seed)
+    model = getattr(transformers, "Phi3" + head)(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else
+                    torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def test_phi3_fused_attention_prunes_by_key_value_group():
+    """A unit is a key/value head's rows of the fused projection (its query heads, its key head, its value head);
+    the kept rows stay in [queries | keys | values] order, and each pruned layer reads its own head counts."""
+    model = phi3(kv_heads=4)
+    a = find_attention(model)[0]
+    assert a.prunable and (a.heads, a.kv_heads, a.qkv) == (HEADS, 4, (f"{a.name}.qkv_proj",))
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
+    assert scores[f"{a.name}:heads"].n_units == 4
+    plan = fp.plan(scores, macs=0.45)
+    gone = {g["name"][:-len(":heads")]: len(g["removed_channels"]) for g in plan.groups
+            if g["name"].endswith(":heads") and g["removed_channels"]}
+    assert gone, "the plan should remove a key/value group"
+    pruned = fp.prune(model, plan)
+    x = fresh()
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    assert fp.count_params(pruned) == plan.predicted["params_after"]
+    assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
+    modules = dict(pruned.named_modules())
+    d = a.head_dim
+    for name, n in gone.items():
+        attn, kv = modules[name], 4 - n
+        assert attn.qkv_proj.out_features == (kv * 2 + 2 * kv) * d and attn.o_proj.in_features == kv * 2 * d
+        assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == \
+            (2 * kv, kv, kv)
+        assert attn.config is not pruned.config and pruned.config.num_attention_heads == HEADS
+    assert model.config.num_attention_heads == HEADS and all(a.kv_heads == 4 for a in find_attention(model))
+
+
+def test_pruned_phi3_generates_what_the_masked_one_does():
+    model = phi3("ForCausalLM", kv_heads=4)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      loss_fn=last_token_loss(CLASSES))
+    plan = fp.plan(scores, macs=0.45)
+    assert any(g["name"].endswith(":heads") and g["removed_channels"] for g in plan.groups)
+    runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 6)
+    assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])

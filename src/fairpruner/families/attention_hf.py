@@ -8,15 +8,20 @@ Two self-attention layouts are recognised (by their attributes, on classes defin
 * Llama style (Llama, Qwen2, Mistral, transformers 5's ``ViTAttention``): ``q_proj``/``k_proj``/``v_proj``/
   ``o_proj`` Linear layers and ``head_dim``; the head count is ``num_attention_heads`` (or ``num_heads``) where
   the module keeps one, else the query width over ``head_dim`` (decoders reshape with -1 heads).
+* Fused (Phi-3): one ``qkv_proj`` whose rows are every query head, then every key head, then every value head,
+  ``o_proj``, ``head_dim`` and ``num_key_value_heads``. Its forward reads the query width from
+  ``config.num_attention_heads``, and the config is shared by every layer: a pruned layer gets its own shallow
+  copy of the config with its head counts (``model.config`` keeps describing the unpruned architecture).
 
 The unit is one key/value head with the query heads that read it (``heads / kv_heads`` of them, consecutive,
 as ``repeat_kv`` expands them): its ``head_dim`` rows of ``k_proj`` and ``v_proj``, its query heads' rows of
-``q_proj`` and the same columns of ``o_proj``. Without grouped-query attention that is one head. Whole groups
+``q_proj`` (of a fused projection: those three sets of rows, kept in their order) and the same columns of
+``o_proj``. Without grouped-query attention that is one head. Whole groups
 keep ``num_key_value_groups`` and the rotary embedding (which acts within a head) unchanged, so the module runs
 as before, ``generate()`` and its key/value cache included; cutting query heads inside groups would need every
 group to lose the same number, and a head's U would then be compared across groups it does not share. Other
-transformers attention modules with a head count or a ``head_dim`` (DistilBERT's ``q_lin``/``out_lin``, T5,
-Phi-3's fused ``qkv_proj``, which reads the query width from the shared config) are protected: their
+transformers attention modules with a head count or a ``head_dim`` (DistilBERT's ``q_lin``/``out_lin``, T5)
+are protected: their
 projections are kept whole, since torch-pruning alone would cut single head dimensions and break the head
 reshape. Units are whole heads or key/value groups only (``attention="head_dims"`` is refused).
 
@@ -45,6 +50,7 @@ This module never imports ``transformers``: it only reads module attributes.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -63,6 +69,7 @@ __all__ = ["HFAttentionHeads"]
 
 _BERT_STYLE = ("query", "key", "value")
 _PROJ_STYLE = ("q_proj", "k_proj", "v_proj")
+_FUSED = "qkv_proj"  # Phi-3: the rows of every query head, then of every key head, then of every value head
 TABLE = "relative_position_bias_table"
 
 
@@ -121,6 +128,9 @@ def _layout(modules: Dict[str, nn.Module], name: str, m: nn.Module) -> Optional[
             return tuple(f"{name}.{a}" for a in _BERT_STYLE), f"{parent_name}.output.dense", m.attention_head_size
     if all(_linear(m, a) for a in _PROJ_STYLE + ("o_proj",)) and isinstance(getattr(m, "head_dim", None), int):
         return tuple(f"{name}.{a}" for a in _PROJ_STYLE), f"{name}.o_proj", m.head_dim
+    if all(_linear(m, a) for a in (_FUSED, "o_proj")) and isinstance(getattr(m, "head_dim", None), int) and \
+            isinstance(getattr(m, "num_key_value_heads", None), int):
+        return (f"{name}.{_FUSED}",), f"{name}.o_proj", m.head_dim
     return None
 
 
@@ -136,9 +146,9 @@ def find_attention(model: nn.Module) -> List[_Attention]:
         heads = _heads_of(m)
         if heads is None and layout is not None:
             # Llama-style decoders keep no head count on the module: their forward reshapes with -1 heads.
-            heads = modules[layout[0][0]].out_features // layout[2]
+            heads = modules[layout[1]].in_features // layout[2]
         if heads is None and isinstance(getattr(m, "head_dim", None), int):
-            heads = 0  # an attention of unknown layout without a head count (Phi-3's fused qkv_proj)
+            heads = 0  # an attention of unknown layout without a head count
         if heads is None:
             continue
         if layout is None:
@@ -149,10 +159,15 @@ def find_attention(model: nn.Module) -> List[_Attention]:
                 found.append(_Attention(name, (), "", heads, 0, False, linears))
             continue
         qkv, out, head_dim = layout
-        q, k, v = (modules[n] for n in qkv)
-        kv_heads = k.out_features // head_dim if head_dim else 0
-        prunable = (q.out_features == heads * head_dim and modules[out].in_features == heads * head_dim
-                    and k.out_features == v.out_features == kv_heads * head_dim and kv_heads > 0
+        if len(qkv) == 1:  # fused
+            kv_heads = m.num_key_value_heads
+            widths = (modules[qkv[0]].out_features, (heads + 2 * kv_heads) * head_dim)
+        else:
+            q, k, v = (modules[n] for n in qkv)
+            kv_heads = k.out_features // head_dim if head_dim else 0
+            widths = ((q.out_features, k.out_features, v.out_features),
+                      (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))
+        prunable = (widths[0] == widths[1] and modules[out].in_features == heads * head_dim and kv_heads > 0
                     and heads % kv_heads == 0)
         found.append(_Attention(name, qkv, out, heads, head_dim, prunable, kv_heads=kv_heads))
     return found
@@ -195,7 +210,12 @@ class HFAttentionHeads(Family):
             # it (heads i * per_kv ... in the order repeat_kv expands them) and the same columns of o_proj.
             query = torch.arange(a.heads * a.head_dim).view(a.kv_heads, a.per_kv * a.head_dim)
             kv = torch.arange(a.kv_heads * a.head_dim).view(a.kv_heads, a.head_dim)
-            members = [Member(n, "out", query if i == 0 else kv, "weight") for i, n in enumerate(a.qkv)]
+            if len(a.qkv) == 1:  # fused: a unit's query, key and value rows of the one projection
+                q_rows, kv_rows = a.heads * a.head_dim, a.kv_heads * a.head_dim
+                members = [Member(a.qkv[0], "out", torch.cat([query, kv + q_rows, kv + q_rows + kv_rows], 1),
+                                  "weight")]
+            else:
+                members = [Member(n, "out", query if i == 0 else kv, "weight") for i, n in enumerate(a.qkv)]
             members.append(Member(a.out, "in", query, "weight"))
             table = _bias_table(model, a)
             if table is not None:  # one column per query head (Swin's relative position bias)
@@ -231,7 +251,8 @@ class HFAttentionHeads(Family):
             if mem.params == ((TABLE, 1),):
                 slice_param_(modules[mem.module], TABLE, 1, mem.index[keep].flatten())
                 continue
-            slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, mem.index[keep].flatten())
+            # Sorted: a fused projection keeps its [queries | keys | values] order.
+            slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, mem.index[keep].flatten().sort().values)
         module = modules[name]
         per = attn.per_kv
         _record_pruned_heads(modules, name, getattr(model, "config", None) or getattr(module, "config", None),
@@ -243,6 +264,11 @@ class HFAttentionHeads(Family):
                             ("all_head_size", len(keep) * per * attn.head_dim)):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, value)
+        if attn.qkv == (f"{name}.{_FUSED}",):
+            # Phi-3 reads the query width from its config, shared by every layer: this layer gets its own copy.
+            config = copy.copy(module.config)
+            config.num_attention_heads, config.num_key_value_heads = len(keep) * per, len(keep)
+            module.config = config
 
 
 def _bias_table(model: nn.Module, a: _Attention) -> Optional[str]:
