@@ -125,7 +125,6 @@ def worker_exact(cfg: dict) -> dict:
 
 
 def _spearman(a, b) -> float:
-    import torch
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(ra.norm() * rb.norm())
