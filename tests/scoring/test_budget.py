@@ -1,9 +1,12 @@
 """Tests for fairpruner._scoring.budget and .passes: the U sample store under max_memory (exact passes over slices
 of units, small maps kept unprojected), its refusals, and the class-pair search."""
+import os
+
 import pytest
 import torch
 
 import fairpruner as fp
+from fairpruner._scoring import budget as budget_module
 from fairpruner import zoo
 from fairpruner._scoring.budget import SiteSize, parse_memory, plan_passes
 from fairpruner._scoring.wasserstein import max_pairwise_w1
@@ -179,3 +182,23 @@ def test_forward_only_passes_keep_no_activations_for_a_backward():
     tight = fp.score(model, loader, projections=8, max_memory=free.meta["u_store"]["peak_bytes"] // 3)
     assert tight.meta["u_store"]["passes"] > 1
     assert saved.count(True) >= len(loader) and saved.count(False) >= len(loader)
+
+
+@pytest.mark.skipif(budget_module._LIBC is None, reason="malloc_trim is glibc's")
+def test_trim_heap_gives_freed_small_blocks_back():
+    """Batch-sized tensors freed among live ones stay resident until the heap is trimmed between passes."""
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    big = torch.ones(2 ** 22)  # freeing a 16 MB block raises glibc's memory-map threshold above 1 MB,
+    del big  # as the activations of a real model do
+    blocks, keep = [], []
+    for _ in range(200):  # 1 MB blocks, now on the heap, with small live ones between
+        blocks.append(torch.ones(2 ** 18))
+        keep.append(torch.ones(2 ** 10))
+    del blocks
+    freed = resident()
+    budget_module.trim_heap()
+    assert resident() < freed - 100 * 2 ** 20
+    assert all(bool((t == 1).all()) for t in keep)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .._core.inputs import as_args, to_device
 from .._core.state import keeping_no_saved_tensors
 from .._errors import DataError, FairPrunerError
-from .budget import SiteSize, StoreMeter, format_bytes, plan_passes
+from .budget import SiteSize, StoreMeter, format_bytes, plan_passes, trim_heap
 from .distributed import distributed, share_u, to_owners
 from .labels import labelled_batch, next_kept
 from .sites import Site, StopForward, attach_sites, begin_forward
@@ -143,6 +143,7 @@ def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: boo
             store.u[id(s)] = max_pairwise_w1(chunks, labels, pairs=pairs,
                                              directions=s.directions if s.raw else None)
         store.meter.release(held)
+    trim_heap()
     if distributed():
         share_u(members, store.u)
 
