@@ -1,4 +1,4 @@
-"""Tests for fairpruner.families.attention_hf on Hugging Face decoders (Llama, Qwen2, Mistral; built from small
+"""Tests for fairpruner.families.attention_hf on Hugging Face decoders (Llama, Qwen2, Mistral, Phi-3; built from small
 configs, no downloads): grouped-query attention pruned by key/value group, the gated MLP as one group, prune ==
 mask, predicted == counted params/MACs, generate() after pruning, the caller's model untouched."""
 from __future__ import annotations
@@ -13,14 +13,16 @@ from fairpruner.families.attention_hf import find_attention
 transformers = pytest.importorskip("transformers")
 
 HIDDEN, HEADS, LAYERS, INTER, VOCAB, SEQ, CLASSES = 64, 8, 2, 96, 100, 12, 3
-FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "phi3": "Phi3"}
+# Phi-3's default special tokens lie outside the small vocabulary.
+EXTRA = {"phi3": dict(bos_token_id=1, eos_token_id=2)}
 
 
 def decoder(kind="llama", head="ForSequenceClassification", kv_heads=2, impl="eager", seed=0):
     config = getattr(transformers, FAMILIES[kind] + "Config")(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64, pad_token_id=0,
-        num_labels=CLASSES, attn_implementation=impl, use_cache=False)
+        num_labels=CLASSES, attn_implementation=impl, use_cache=False, **EXTRA.get(kind, {}))
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[kind] + head)(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -104,26 +106,10 @@ def test_mha_decoder_units_are_single_heads():
     assert scores[f"{a.name}:heads"].n_units == HEADS
 
 
-def phi3(head="ForSequenceClassification", kv_heads=2, seed=0):
-    """Phi-3: one fused qkv_proj, and the query width read from the config shared by every layer."""
-    config = transformers.Phi3Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, num_labels=CLASSES, use_cache=False)
-    torch.manual_seed(seed)
-    model = getattr(transformers, "Phi3" + head)(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else
-                    torch.randn(p.shape, generator=g) * 0.2)
-    return model
-
-
 def test_phi3_fused_attention_prunes_by_key_value_group():
     """A unit is a key/value head's rows of the fused projection (its query heads, its key head, its value head);
     the kept rows stay in [queries | keys | values] order, and each pruned layer reads its own head counts."""
-    model = phi3(kv_heads=4)
+    model = decoder("phi3", kv_heads=4)
     a = find_attention(model)[0]
     assert a.prunable and (a.heads, a.kv_heads, a.qkv) == (HEADS, 4, (f"{a.name}.qkv_proj",))
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
@@ -149,7 +135,7 @@ def test_phi3_fused_attention_prunes_by_key_value_group():
 
 
 def test_pruned_phi3_generates_what_the_masked_one_does():
-    model = phi3("ForCausalLM", kv_heads=4)
+    model = decoder("phi3", "ForCausalLM", 4, "sdpa")
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
                       loss_fn=last_token_loss(CLASSES))
     plan = fp.plan(scores, macs=0.45)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fairpruner as fp
+import fairpruner._pruning.surgery as surgery
 from helpers import (CountingLoader, Scored, assert_prune_equals_mask, fresh_inputs, randomize_norms, rel_err,
                      tiny_loader)
 from fairpruner import zoo
@@ -153,7 +154,6 @@ def test_second_round_prunes_further():
 def test_surgery_frees_each_parameter_it_replaces(monkeypatch):
     """The copy's replaced parameters give back their memory as the surgery goes (the traced graph holds the
     parameter objects until it is collected): a large model's peak is two models, not three."""
-    import fairpruner._pruning.surgery as surgery
     model, _, plan, _ = case("resnet20", target="alpha")
     started = []  # the parameters of the copy the surgery works on, as it starts
     original = copy.deepcopy

@@ -142,6 +142,16 @@ def test_class_pairs_is_checked_and_recorded():
     assert s.meta["u_store"]["class_pairs"] == "search"
 
 
+def _one_pass_then_tight(model, between=lambda: None):
+    """``model`` scored in one pass, ``between()`` called, then scored again under a third of that store."""
+    loader = tiny_loader((3, 16, 16), classes=4, per=6, batch=8)
+    free = fp.score(model, loader, projections=8)
+    between()
+    tight = fp.score(model, loader, projections=8, max_memory=free.meta["u_store"]["peak_bytes"] // 3)
+    assert tight.meta["u_store"]["passes"] > 1
+    return free, tight, len(loader)
+
+
 def test_forward_only_passes_stop_at_their_last_site():
     """Later passes run no backward, so their forward ends once the pass's last site has its samples: the
     classifier, after every site, runs no more often under a tight budget than in one pass; scores equal."""
@@ -149,13 +159,9 @@ def test_forward_only_passes_stop_at_their_last_site():
     model = zoo.resnet20().eval()
     calls = []
     model.fc.register_forward_hook(lambda *a: calls.append(1))
-    loader = tiny_loader((3, 16, 16), classes=4, per=6, batch=8)
-    free = fp.score(model, loader, projections=8)
-    one_pass = len(calls)
-    calls.clear()
-    tight = fp.score(model, loader, projections=8, max_memory=free.meta["u_store"]["peak_bytes"] // 3)
-    assert tight.meta["u_store"]["passes"] > 1
-    assert len(calls) == one_pass
+    one_pass = []
+    free, tight, _ = _one_pass_then_tight(model, lambda: (one_pass.append(len(calls)), calls.clear()))
+    assert len(calls) == one_pass[0]
     for a, b in zip(free.groups, tight.groups):
         assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name
 
@@ -175,13 +181,10 @@ def test_forward_only_passes_keep_no_activations_for_a_backward():
                 saved.append(False)
 
     model.conv1.register_forward_hook(record)
-    loader = tiny_loader((3, 16, 16), classes=4, per=6, batch=8)
-    free = fp.score(model, loader, projections=8)
-    assert saved and all(saved)
-    saved.clear()
-    tight = fp.score(model, loader, projections=8, max_memory=free.meta["u_store"]["peak_bytes"] // 3)
-    assert tight.meta["u_store"]["passes"] > 1
-    assert saved.count(True) >= len(loader) and saved.count(False) >= len(loader)
+    first = []
+    _, _, batches = _one_pass_then_tight(model, lambda: (first.extend(saved), saved.clear()))
+    assert first and all(first)
+    assert saved.count(True) >= batches and saved.count(False) >= batches
 
 
 @pytest.mark.skipif(budget_module._LIBC is None, reason="malloc_trim is glibc's")

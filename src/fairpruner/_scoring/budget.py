@@ -112,7 +112,8 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
 
     Returns:
         (passes, raw): per pass the (site, lo, hi) unit slices it stores (the smallest pass first), and per
-        site whether it is stored unprojected. One pass, nothing raw, and whole sites (unless ``pieces``) where the store fits.
+        site whether it is stored unprojected. One pass, nothing raw, and whole sites (unless ``pieces``) where
+        the store fits.
 
     Raises:
         FairPrunerError: the budget cannot hold one unit of every site, naming the smallest that can.
@@ -191,4 +192,3 @@ def _libc():
 
 
 _LIBC = _libc()
-

@@ -128,7 +128,9 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
 
 def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: bool = False) -> None:
     """U of every slice stored in this pass, then its samples go. Under torch.distributed each slice's samples
-    go to one owner rank, which computes its U; the U vectors are then shared, so every rank ends equal."""
+    go to one owner rank, which computes its U; the U vectors are then shared, so every rank ends equal. The
+    heap is trimmed before (the pass's activations are gone) and after (so are its samples)."""
+    trim_heap()
     members = store.passes[number]
     n = len(store.passes)
     desc = "fairpruner: U" + (f" of pass {number + 1}/{n}" if n > 1 else "")

@@ -28,7 +28,7 @@ from .._errors import DataError, FairPrunerError
 from .._graph import build_graph, discover_groups, find_output_layers
 from .._measure.costmodel import CostModel
 from ..families.attention import AttentionOptions
-from .budget import StoreMeter, default_budget, parse_memory, trim_heap
+from .budget import StoreMeter, default_budget, parse_memory
 from .distributed import agreed, distributed, merge_totals
 from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
 from .labels import check_classes, labelled_batch, next_kept, prescan_labels
@@ -159,7 +159,6 @@ def score(
                 seen, n_samples = merge_totals(taylor, seen, n_samples)
             counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
             pairs = pair_rule(class_pairs, len(counts))
-            trim_heap()  # the backward's activations are gone
             reduce_pass(store, 0, samples_per_class, pairs, show)
             for k in range(1, len(store.passes)):
                 agreed(lambda: later_pass(run.work, loader, store, k, order, samples_per_class, device, show))

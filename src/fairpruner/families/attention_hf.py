@@ -16,14 +16,13 @@ Two self-attention layouts are recognised (by their attributes, on classes defin
 The unit is one key/value head with the query heads that read it (``heads / kv_heads`` of them, consecutive,
 as ``repeat_kv`` expands them): its ``head_dim`` rows of ``k_proj`` and ``v_proj``, its query heads' rows of
 ``q_proj`` (of a fused projection: those three sets of rows, kept in their order) and the same columns of
-``o_proj``. Without grouped-query attention that is one head. Whole groups
-keep ``num_key_value_groups`` and the rotary embedding (which acts within a head) unchanged, so the module runs
-as before, ``generate()`` and its key/value cache included; cutting query heads inside groups would need every
-group to lose the same number, and a head's U would then be compared across groups it does not share. Other
-transformers attention modules with a head count or a ``head_dim`` (DistilBERT's ``q_lin``/``out_lin``, T5)
-are protected: their
-projections are kept whole, since torch-pruning alone would cut single head dimensions and break the head
-reshape. Units are whole heads or key/value groups only (``attention="head_dims"`` is refused).
+``o_proj``. Without grouped-query attention that is one head. Whole groups keep ``num_key_value_groups`` and
+the rotary embedding (which acts within a head) unchanged, so the module runs as before, ``generate()`` and its
+key/value cache included; cutting query heads inside groups would need every group to lose the same number, and
+a head's U would then be compared across groups it does not share. Other transformers attention modules with a
+head count or a ``head_dim`` (DistilBERT's ``q_lin``/``out_lin``, T5) are protected: their projections are kept
+whole, since torch-pruning alone would cut single head dimensions and break the head reshape. Units are whole
+heads or key/value groups only (``attention="head_dims"`` is refused).
 
 A per-head relative position bias table (Swin's ``relative_position_bias_table``, ``(positions, heads)``, on
 the attention or its ``relative_position_bias`` child, read with a -1 head dimension) loses the columns of the
@@ -94,6 +93,11 @@ class _Attention:
     def per_kv(self) -> int:
         """Query heads that share one key/value head (1 without grouped-query attention)."""
         return self.heads // self.kv_heads if self.kv_heads else 1
+
+    @property
+    def fused(self) -> bool:
+        """One projection holds the queries, keys and values (Phi-3's ``qkv_proj``)."""
+        return len(self.qkv) == 1
 
     @property
     def linears(self) -> Tuple[str, ...]:
@@ -210,7 +214,7 @@ class HFAttentionHeads(Family):
             # it (heads i * per_kv ... in the order repeat_kv expands them) and the same columns of o_proj.
             query = torch.arange(a.heads * a.head_dim).view(a.kv_heads, a.per_kv * a.head_dim)
             kv = torch.arange(a.kv_heads * a.head_dim).view(a.kv_heads, a.head_dim)
-            if len(a.qkv) == 1:  # fused: a unit's query, key and value rows of the one projection
+            if a.fused:  # a unit's query, key and value rows of the one projection
                 q_rows, kv_rows = a.heads * a.head_dim, a.kv_heads * a.head_dim
                 members = [Member(a.qkv[0], "out", torch.cat([query, kv + q_rows, kv + q_rows + kv_rows], 1),
                                   "weight")]
@@ -264,7 +268,7 @@ class HFAttentionHeads(Family):
                             ("all_head_size", len(keep) * per * attn.head_dim)):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, value)
-        if attn.qkv == (f"{name}.{_FUSED}",):
+        if attn.fused:
             # Phi-3 reads the query width from its config, shared by every layer: this layer gets its own copy.
             config = copy.copy(module.config)
             config.num_attention_heads, config.num_key_value_heads = len(keep) * per, len(keep)
