@@ -197,9 +197,9 @@ def test_trim_heap_gives_freed_small_blocks_back():
     big = torch.ones(2 ** 22)  # freeing a 16 MB block raises glibc's memory-map threshold above 1 MB,
     del big  # as the activations of a real model do
     blocks, keep = [], []
-    for _ in range(200):  # 1 MB blocks, now on the heap, with small live ones between
-        blocks.append(torch.ones(2 ** 18))
-        keep.append(torch.ones(2 ** 10))
+    for _ in range(200):  # 1 MB blocks, now on the heap, each freed one between two live ones: they cannot
+        blocks.append(torch.ones(2 ** 18))  # merge into a free top of the heap, which free() would trim itself
+        keep.append(torch.ones(2 ** 18))
     del blocks
     freed = resident()
     budget_module.trim_heap()

@@ -54,7 +54,7 @@ def merge_totals(taylor: Any, seen: torch.Tensor, n_samples: int) -> tuple:
     dist.all_reduce(flat)
     offset = 0
     for k, t in zip(keys, terms):
-        taylor.terms[k] = flat[offset:offset + t.numel()].cpu()
+        taylor.set_term(k, flat[offset:offset + t.numel()].cpu())
         offset += t.numel()
     width = torch.tensor([seen.numel()], device=comm)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)

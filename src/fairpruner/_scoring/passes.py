@@ -16,6 +16,7 @@ from .budget import SiteSize, StoreMeter, format_bytes, plan_passes, trim_heap
 from .distributed import distributed, share_u, to_owners
 from .labels import labelled_batch, next_kept
 from .sites import Site, StopForward, attach_sites, begin_forward
+from .taps import grad_inputs
 from .wasserstein import max_pairwise_w1
 
 __all__ = ["Store", "plan_store", "check_reiterable", "later_pass", "reduce_pass", "site_u"]
@@ -115,8 +116,10 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
             # No backward follows: the forward ends where the last of this pass's sites has recorded.
             state["waiting"] = len(store.passes[number])
             try:
+                args = as_args(to_device(inputs, device))
                 with keeping_no_saved_tensors():
-                    work(*as_args(to_device(inputs, device)))
+                    # as the first pass ran it (some kernels differ with grad-requiring inputs)
+                    work(*(grad_inputs(args) if state.get("grad_inputs") else args))
             except StopForward:
                 pass
             finally:

@@ -144,6 +144,8 @@ def score(
             _working_model(model, device) as work:
         run = _prepare(work, example_inputs, device, fams, ignore, u_at, seed)
         taylor = TaylorTerms(run.groups, run.modules)
+        taylor.configure(run.work, run.trace)
+        run.state["grad_inputs"] = taylor.frozen
         hooks = attach_sites(run.sites, run.modules, run.state, projections) + taylor.attach(run.work)
         try:
             sizes = probe_batch_dims(run.work, run.trace, run.sites, run.state, projections)
@@ -153,8 +155,9 @@ def score(
             # On a GPU the samples stay there (sorting and distances run there too); the budget is GPU memory.
             run.state["store_device"] = device if device.type == "cuda" else torch.device("cpu")
             check_reiterable(loader, store)
-            seen, n_samples, order = agreed(lambda: _run_batches(run, _chain(first, iterator), loader, loss_fn,
-                                                                 device, samples_per_class, show, len(store.passes)))
+            seen, n_samples, order = agreed(lambda: _run_batches(run, taylor, _chain(first, iterator), loader,
+                                                                 loss_fn, device, samples_per_class, show,
+                                                                 len(store.passes)))
             if distributed():
                 seen, n_samples = merge_totals(taylor, seen, n_samples)
             counts = check_classes(torch.arange(seen.numel()).repeat_interleave(seen), run.num_outputs)
@@ -223,7 +226,8 @@ class _Run:
 
 @contextlib.contextmanager
 def _working_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """The model the scoring pass runs on, in eval mode with every parameter trainable and without gradients.
+    """The model the scoring pass runs on, in eval mode with every parameter trainable and without gradients
+    (:meth:`TaylorTerms.configure` then freezes the weights whose R comes from activations).
 
     On the model's own device that is the caller's model itself, restored on exit (every submodule's train/eval
     flag, each parameter's ``requires_grad`` and ``.grad``): a copy would double the memory, which decides whether
@@ -288,8 +292,8 @@ def _unknown_layers(model: nn.Module) -> str:
     return (f"; its weights sit in layers of kinds fairpruner does not prune: {kinds}" if kinds else "")
 
 
-def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callable, device: torch.device,
-                 samples_per_class: int, show: bool, passes: int) -> tuple:
+def _run_batches(run: _Run, taylor: TaylorTerms, batches: Iterable, loader: Iterable, loss_fn: Callable,
+                 device: torch.device, samples_per_class: int, show: bool, passes: int) -> tuple:
     """One forward+backward per batch; returns the samples seen per class and in all, and each batch's labels
     (later passes check that the loader gives the same batches again)."""
     seen = torch.zeros(0, dtype=torch.long)
@@ -297,23 +301,27 @@ def _run_batches(run: _Run, batches: Iterable, loader: Iterable, loss_fn: Callab
     n_samples = 0
     order, last = [], -1
     desc = "fairpruner: scoring" + (f" (pass 1/{passes})" if passes > 1 else "")
-    for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False):
-        inputs, targets = labelled_batch(batch)
-        keep, seen = next_kept(targets, seen, samples_per_class)
-        order.append(targets)
-        last = len(order) - 1 if keep.numel() else last
-        begin_forward(run.state, keep.to(device), targets[keep])
-        out = logits_of(run.work(*as_args(to_device(inputs, device))))
-        if int(targets.max()) >= out.shape[-1]:
-            raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "
-                            "outputs; labels must be 0..K-1 for a K-class model.")
-        loss = loss_fn(out, targets.to(device))
-        if not bool(torch.isfinite(loss)):
-            raise DataError("The loss is NaN/inf on a calibration batch; check the model and the labels.")
-        # R sums dL_b/dw * w over batches b (the reference's definition): each gradient is reduced to its
-        # per-channel terms as it arrives and freed (TaylorTerms).
-        loss.backward()
-        n_samples += targets.numel()
+    taylor.running(True)
+    try:
+        for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False):
+            inputs, targets = labelled_batch(batch)
+            keep, seen = next_kept(targets, seen, samples_per_class)
+            order.append(targets)
+            last = len(order) - 1 if keep.numel() else last
+            begin_forward(run.state, keep.to(device), targets[keep])
+            out = logits_of(run.work(*taylor.inputs(as_args(to_device(inputs, device)))))
+            if int(targets.max()) >= out.shape[-1]:
+                raise DataError(f"Label {int(targets.max())} is out of range for a model with {out.shape[-1]} "
+                                "outputs; labels must be 0..K-1 for a K-class model.")
+            loss = loss_fn(out, targets.to(device))
+            if not bool(torch.isfinite(loss)):
+                raise DataError("The loss is NaN/inf on a calibration batch; check the model and the labels.")
+            # R sums dL_b/dw * w over batches b (the reference's definition): each member's per-channel terms
+            # are taken as its gradient arrives (TaylorTerms).
+            loss.backward()
+            n_samples += targets.numel()
+    finally:
+        taylor.running(False)
     return seen, n_samples, order[:last + 1]
 
 
