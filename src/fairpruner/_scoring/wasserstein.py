@@ -5,8 +5,9 @@ bounded chunks of classes, never over units or single pairs.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,9 +48,20 @@ def sort_last(x: torch.Tensor) -> torch.Tensor:
         arr.sort(axis=-1)
         return x
     bounds = np.linspace(0, arr.shape[0], threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda i: arr[bounds[i]:bounds[i + 1]].sort(axis=-1), range(threads)))
+    list(_pool(threads).map(lambda i: arr[bounds[i]:bounds[i + 1]].sort(axis=-1), range(threads)))
     return x
+
+
+_POOLS: Dict[tuple, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process, kept: starting threads for every sorted site cost a few ms each
+    (a forked child has none of its parent's threads, so it gets its own)."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="fairpruner-sort")
+    return _POOLS[key]
 
 
 def quantile_grid(counts: List[int]) -> tuple:
@@ -169,14 +181,13 @@ def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -
     spans = [(i, j) for i in range(0, num_classes, block) for j in range(i, num_classes, block)]
     if num_classes * num_classes * proj <= max_chunk_elems:
         # Every pair of a block of units in one call: several times faster than one call per block of
-        # classes, and the same distances (each is the same in-order sum). The mean over projections is then
-        # taken per block of classes, as below, so the result is the same to the bit.
+        # classes, and the same distances (each is the same in-order sum). The matrix is symmetric, so its
+        # largest projection-averaged entry is the largest over pairs.
         step = max(1, max_chunk_elems // (num_classes * num_classes * proj))
         out = []
         for u0 in range(0, units, step):
             rows = q[u0 * proj:(u0 + step) * proj]
-            d = torch.cdist(rows, rows, p=1)  # (block*P, K, K)
-            out.append(_max_over_blocks(d, spans, block, proj))
+            out.append(_block_max(torch.cdist(rows, rows, p=1), proj))  # cdist: (block*P, K, K)
         return torch.cat(out)
     best = torch.zeros(units, device=q.device, dtype=q.dtype)
     for i, j in spans:
@@ -187,11 +198,3 @@ def _max_pair_l1(q: torch.Tensor, units: int, proj: int, max_chunk_elems: int) -
 def _block_max(d: torch.Tensor, proj: int) -> torch.Tensor:
     """Per unit, the largest projection-averaged distance of one (units*P, bi, bj) block of class pairs."""
     return d.view(-1, proj, d.shape[1], d.shape[2]).mean(dim=1).flatten(1).amax(dim=1)
-
-
-def _max_over_blocks(d: torch.Tensor, spans: List[tuple], block: int, proj: int) -> torch.Tensor:
-    best = None
-    for i, j in spans:
-        part = _block_max(d[:, i:i + block, j:j + block].contiguous(), proj)
-        best = part if best is None else torch.maximum(best, part)
-    return best
