@@ -319,6 +319,7 @@ def _run_batches(run: _Run, taylor: TaylorTerms, batches: Iterable, loader: Iter
             # R sums dL_b/dw * w over batches b (the reference's definition): each member's per-channel terms
             # are taken as its gradient arrives (TaylorTerms).
             loss.backward()
+            del out, loss  # the graph, with whatever its hooks hold, goes before the next forward
             n_samples += targets.numel()
     finally:
         taylor.running(False)

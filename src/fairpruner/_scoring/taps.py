@@ -101,10 +101,14 @@ class ActivationTaps:
             self._captured.append((name, held, held._version))
         if self.mode == "probe" or name in self.copy:
             held = held.clone()
-        version = held._version
-        output.register_hook(lambda grad, n=name, m=module, v=held, ver=version: self._backward(n, m, v, ver, grad))
+        # The graph (and this hook) lives until the caller drops its loss, often after the next forward: the
+        # box lets the hook release the tensor as soon as it has used it.
+        box = [held, held._version]
+        output.register_hook(lambda grad, n=name, m=module: self._backward(n, m, box, grad))
 
-    def _backward(self, name: str, module: nn.Module, value: torch.Tensor, version: int, grad: torch.Tensor) -> None:
+    def _backward(self, name: str, module: nn.Module, box: list, grad: torch.Tensor) -> None:
+        value, version = box
+        box.clear()
         if value._version != version:
             raise FairPrunerError(f"The output of {name} was overwritten in place, which the probe on the example "
                                   "inputs did not show (a forward that depends on the data?); pass "
