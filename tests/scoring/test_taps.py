@@ -108,3 +108,33 @@ def test_integer_inputs_keep_the_weights_no_member_reads():
         h.remove()
     assert flags == {"fc": False, "emb": True}
     assert float(got["2"].r.abs().sum()) > 0
+
+
+class _NoInputGradient(torch.autograd.Function):
+    """An op on the input path with no derivative: a backward through the inputs fails."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("no derivative")
+
+
+class _Preprocessed(_InPlace):
+    def forward(self, x):
+        return super().forward(_NoInputGradient.apply(x))
+
+
+def test_a_probe_that_fails_leaves_every_weight_to_gradients(monkeypatch):
+    model = _model(_Preprocessed)
+    loader = tiny_loader((3, 6, 6), per=6, batch=8)
+    seen = _grad_flags(model, loader)
+    assert all(seen.values())  # nothing frozen: the backward never reaches the inputs
+    got = fp.score(model, loader, projections=8, r_reduce="sum")
+    with monkeypatch.context() as m:
+        _weights_only(m)
+        want = fp.score(model, loader, projections=8, r_reduce="sum")
+    for a, b in zip(got.groups, want.groups):
+        torch.testing.assert_close(a.r, b.r, rtol=1e-4, atol=1e-6 * float(b.r.abs().max()))

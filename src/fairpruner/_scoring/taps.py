@@ -90,8 +90,13 @@ class ActivationTaps:
         if self.mode is None or name not in self.by_module:
             return
         self.called.add(name)
-        value = inputs[0] if tap_kind(module) == "input" else output
+        value = (inputs[0] if inputs else None) if tap_kind(module) == "input" else output
         if not (torch.is_tensor(output) and torch.is_tensor(value) and output.requires_grad):
+            if self.mode == "run":  # its weights are frozen: its terms would be lost without a word
+                raise FairPrunerError(
+                    f"{name} computed its output without a gradient on a calibration batch, though it had one on "
+                    "the example inputs (a batch of another dtype, or a data-dependent no_grad?); pass "
+                    "example_inputs= shaped and typed like the calibration batches.")
             self.no_grad.add(name)
             return
         if self.mode == "check":
@@ -119,8 +124,9 @@ class ActivationTaps:
             dims = [d for d in range(g.dim()) if d != dim]
             if tap_kind(module) == "input":  # y = scale * x + shift, per channel
                 scale = module.weight.float() / torch.sqrt(module.running_var.float() + module.eps)
-                shift = module.bias.float() - module.running_mean.float() * scale
-                sums = scale * (value.float() * g).sum(dims) + shift * g.sum(dims)
+                shape = [-1 if d == dim else 1 for d in range(g.dim())]
+                centred = value.float() - module.running_mean.float().view(shape)  # exact where |mean| >> std
+                sums = scale * (centred * g).sum(dims) + module.bias.float() * g.sum(dims)
             else:
                 sums = (value.float() * g).sum(dims)
             for key, m in self.by_module.get(name, ()):

@@ -52,6 +52,7 @@ class TaylorTerms:
         self.terms: Dict[Key, torch.Tensor] = {}
         self.taps = ActivationTaps(groups, modules)
         self.frozen = False  # some weights need no gradient: the inputs carry the backward
+        self.tapped: set = set()  # keys whose terms come from activations
 
     def configure(self, model: nn.Module, trace: tuple) -> None:
         """Moves every member the probe confirms to the activation path (see :mod:`.taps`) and turns off the
@@ -59,27 +60,38 @@ class TaylorTerms:
         weights no member reads)."""
         if not self.taps.keys():
             return
+        params = [p for p in model.parameters() if p.requires_grad]
         hooks = self.attach(model)
         try:
-            self.taps.drop(self.taps.probe(model, grad_inputs(trace), self.terms))
-            self.terms = {}
-            tapped = set(self.taps.keys())
-            by_param = {id(p): p for p in model.parameters()}
-            frozen = [p for i, p in by_param.items() if p.requires_grad and (
-                all(key in tapped for key, _, _ in self.readers[i]) if i in self.readers else float_inputs(trace))]
-            for p in frozen:
-                p.requires_grad_(False)
-            self.frozen = bool(frozen)
-            lost = self.taps.without_grad(model, grad_inputs(trace))
-            if lost:  # nothing upstream needs a gradient: their weights carry it
-                self.taps.drop(lost)
-                for i, readers in self.readers.items():
-                    if any(key in lost for key, _, _ in readers):
-                        by_param[i].requires_grad_(True)
+            self._confirm(model, trace)
+        except Exception:  # noqa: BLE001 - e.g. an op without a derivative on the input path: weight gradients
+            for p in params:
+                p.requires_grad_(True)
+            self.taps.drop(set(self.taps.keys()))
+            self.taps.terms, self.frozen = {}, False
         finally:
             for h in hooks:
                 h.remove()
             self.terms = {}
+        # A member's terms come from one path only, even where a weight it reads keeps its gradient.
+        self.tapped = set(self.taps.keys())
+
+    def _confirm(self, model: nn.Module, trace: tuple) -> None:
+        self.taps.drop(self.taps.probe(model, grad_inputs(trace), self.terms))
+        self.terms = {}
+        tapped = set(self.taps.keys())
+        by_param = {id(p): p for p in model.parameters()}
+        frozen = [p for i, p in by_param.items() if p.requires_grad and (
+            all(key in tapped for key, _, _ in self.readers[i]) if i in self.readers else float_inputs(trace))]
+        for p in frozen:
+            p.requires_grad_(False)
+        self.frozen = bool(frozen)
+        lost = self.taps.without_grad(model, grad_inputs(trace))
+        if lost:  # nothing upstream needs a gradient: their weights carry it
+            self.taps.drop(lost)
+            for i, readers in self.readers.items():
+                if any(key in lost for key, _, _ in readers):
+                    by_param[i].requires_grad_(True)
 
     def inputs(self, args: tuple) -> tuple:
         """The model's inputs for a scoring forward: leaves that require grad where weights were frozen."""
@@ -98,6 +110,8 @@ class TaylorTerms:
     def _arrived(self, p: torch.Tensor) -> None:
         with torch.no_grad():
             for key, dim, m in self.readers.get(id(p), ()):
+                if key in self.tapped:
+                    continue
                 t = per_channel(p.grad * p, dim, m).double()
                 self.terms[key] = t if key not in self.terms else self.terms[key] + t
         p.grad = None
