@@ -17,7 +17,8 @@ from torch import nn
 
 from .layers import CONV_TYPES, NORM_TYPES, WEIGHT_TYPES
 
-__all__ = ["Member", "GroupSpec", "MacsTerm", "member_params", "member_kind", "dense_reader", "zero_members_"]
+__all__ = ["Member", "GroupSpec", "MacsTerm", "member_params", "member_kind", "dense_reader", "zero_members_",
+           "per_channel"]
 
 # (macs, axis key, axis key): MACs of one sample that scale with the kept fraction of up to two axes. An axis
 # key is ``(module, param, dim)`` for members with explicit params, else ``(module, 0 | 1)`` (out | in).
@@ -102,6 +103,16 @@ def member_params(member: Member, module: nn.Module) -> List[tuple]:
         return [(p, 0) for p in own.values()]
     w = own.get("weight")
     return [(w, 1)] if w is not None and w.dim() > 1 else []
+
+
+def per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
+    """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
+    if member.owner is not None:  # the whole tensor belongs to one root channel (an expert's layer)
+        out = t.new_zeros(member.index.shape[0])
+        out[member.owner] = t.sum()
+        return out
+    t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
+    return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
 
 
 def zero_members_(model: nn.Module, group: GroupSpec, channels: List[int]) -> None:

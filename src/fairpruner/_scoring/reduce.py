@@ -7,11 +7,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec, dense_reader, member_params
+from .._core.groups import GroupSpec, dense_reader, member_params, per_channel
 from .._core.layers import CONV_TYPES
 from .._errors import DataError
 from .scores import GroupScores
-from .taylor import TaylorTerms, per_channel
+from .taylor import TaylorTerms
 from .sites import Site
 
 __all__ = ["assemble", "consumer_norms", "U_REDUCTIONS", "R_REDUCTIONS", "U_CONSUMER_POWER"]

@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec, member_params
+from .._core.groups import GroupSpec, member_params, per_channel
 from .._core.inputs import as_args, logits_of
+from .._core.state import keeping_no_saved_tensors
 from .._core.layers import CONV_TYPES
 from .._errors import FairPrunerError
 
@@ -130,8 +131,7 @@ class ActivationTaps:
             else:
                 sums = (value.float() * g).sum(dims)
             for key, m in self.by_module.get(name, ()):
-                idx = m.index.to(sums.device)
-                t = sums.index_select(0, idx.flatten()).view_as(idx).sum(1).double()
+                t = per_channel(sums, 0, m).double()
                 self.terms[key] = t if key not in self.terms else self.terms[key] + t
 
     def probe(self, model: nn.Module, trace: tuple, weight_terms: Dict[Key, torch.Tensor]) -> Set[Key]:
@@ -163,7 +163,7 @@ class ActivationTaps:
         them requires one): the activation path would never see their gradient."""
         self.mode, self.called, self.no_grad = "check", set(), set()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda _: None, lambda _: None):
+            with keeping_no_saved_tensors():
                 model(*trace)
         finally:
             self.mode = None

@@ -14,22 +14,12 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec, Member, member_params
+from .._core.groups import GroupSpec, Member, member_params, per_channel
 from .taps import ActivationTaps, float_inputs, grad_inputs
 
-__all__ = ["TaylorTerms", "per_channel"]
+__all__ = ["TaylorTerms"]
 
 Key = Tuple[int, int]  # (group index, member index)
-
-
-def per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
-    """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
-    if member.owner is not None:  # the whole tensor belongs to one root channel (an expert's layer)
-        out = t.new_zeros(member.index.shape[0])
-        out[member.owner] = t.sum()
-        return out
-    t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
-    return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
 
 
 class TaylorTerms:
