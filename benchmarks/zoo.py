@@ -105,6 +105,12 @@ CONFIGS: Dict[str, Tuple[str, str, str, dict]] = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForSequenceClassification", "text",
                   dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=64)),
+    # The routers in ignore=: every expert kept, the hidden units inside the stacked experts pruned instead.
+    "mixtral (expert hidden units)": ("MixtralConfig", "MixtralForSequenceClassification", "text+hidden",
+                                      dict(DECODER, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe (expert hidden units)": ("Qwen2MoeConfig", "Qwen2MoeForSequenceClassification", "text+hidden",
+                                        dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=64)),
 }
 
 
@@ -122,7 +128,7 @@ def build(name: str) -> Tuple[torch.nn.Module, List[tuple], dict]:
         x = torch.randint(2, VOCAB, (SAMPLES, SEQ), generator=g)
     y = torch.arange(SAMPLES) % CLASSES
     batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, SAMPLES, 8)]
-    extra = {}
+    extra = {"ignore": fp.moe_routers(model)} if kind.endswith("+hidden") else {}
     if kind == "causal":  # U needs classes: the class is read from the last position's first logits
         extra["loss_fn"] = lambda logits, t: torch.nn.functional.cross_entropy(logits[:, -1, :CLASSES], t)
     return model, batches, extra

@@ -80,6 +80,11 @@ def _mixtral():
     return model, x, kw
 
 
+def _mixtral_hidden():
+    model, x, _ = _mixtral()
+    return model, x, {"ignore": fp.moe_routers(model)}
+
+
 def _phi3():
     return _hf("Phi3", low=3, intermediate_size=48, bos_token_id=1, eos_token_id=2, **DECODER)
 
@@ -102,6 +107,7 @@ EXAMPLES = {
                            ("LlamaForSequenceClassification", _llama, {"params": 0.4, "allocation": "uniform"})],
     "conv1d_blocks": [("GPT2ForSequenceClassification", _gpt2, {"macs": 0.3})],
     "stacked_experts": [("MixtralForSequenceClassification", _mixtral, {"params": 0.3})],
+    "stacked_expert_units": [("MixtralForSequenceClassification-hidden", _mixtral_hidden, {"macs": 0.3})],
     "fused_gated_mlp": [("Phi3ForSequenceClassification", _phi3, {"macs": 0.3})],
     "levit_heads": [("LevitForImageClassification", _levit, {"params": 0.4, "allocation": "uniform"})],
 }

@@ -35,6 +35,17 @@ def test_functional_matmuls_are_counted():
     assert per_module == {"qkv": t * d * 3 * d, "proj": t * d * d}
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_grouped_matmuls_are_counted():
+    # transformers 5 runs stacked mixture-of-experts this way: token rows grouped by expert, one weight each.
+    class Grouped(nn.Module):
+        def forward(self, x):
+            return F.grouped_mm(x[0], torch.ones(3, 8, 12), offs=torch.tensor([3, 7, 10], dtype=torch.int32))
+    total, _ = module_macs(Grouped(), torch.randn(1, 10, 8))  # one sample of 10 tokens
+    assert total == 10 * 8 * 12
+    assert fp.count_macs(Grouped(), torch.randn(1, 10, 8)) == total
+
+
 def test_sdpa_is_counted():
     class Sdpa(nn.Module):
         def forward(self, q):

@@ -10,7 +10,7 @@ whole GroupNorm group where GroupNorm couples channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from .layers import CONV_TYPES, NORM_TYPES, WEIGHT_TYPES
 
 __all__ = ["Member", "GroupSpec", "MacsTerm", "member_params", "member_kind", "dense_reader", "zero_members_",
-           "per_channel"]
+           "per_channel", "dim_size", "fill_positions_"]
 
 # (macs, axis key, axis key): MACs of one sample that scale with the kept fraction of up to two axes. An axis
 # key is ``(module, param, dim)`` for members with explicit params, else ``(module, 0 | 1)`` (out | in).
@@ -37,7 +37,9 @@ class Member:
         kind: "weight" (Conv/Linear), "norm" or "other".
         params: explicit ``(parameter name, dim)`` pairs the index addresses, for layers whose parameters are
             not laid out like Conv/Linear (recurrent gate blocks, fused attention projections). None: every
-            own parameter along dim 0 for "out", the weight's dim 1 for "in".
+            own parameter along dim 0 for "out", the weight's dim 1 for "in". ``dim`` may be a pair of dims
+            ``(d0, d1)``: positions then number their product row-major, ``i * size(d1) + j`` (experts stacked
+            on ``d0``, each expert's hidden units on ``d1``).
         owner: set for a module that belongs wholly to one root channel (a layer of one expert): every
             parameter of it goes with root channel ``owner``, ``index`` is ``(channels, 0)``. The cost model
             scales such parameters with the group's kept units (exact when the owned modules of the group are
@@ -48,7 +50,7 @@ class Member:
     side: str
     index: torch.Tensor
     kind: str
-    params: Optional[Tuple[Tuple[str, int], ...]] = None
+    params: Optional[Tuple[Tuple[str, Any], ...]] = None
     owner: Optional[int] = None
 
 
@@ -105,14 +107,35 @@ def member_params(member: Member, module: nn.Module) -> List[tuple]:
     return [(w, 1)] if w is not None and w.dim() > 1 else []
 
 
-def per_channel(t: torch.Tensor, dim: int, member: Member) -> torch.Tensor:
+Dim = Union[int, Tuple[int, int]]
+
+
+def dim_size(t: torch.Tensor, dim: Dim) -> int:
+    """Positions along ``dim`` (a dim, or a pair of dims numbered row-major: see :class:`Member`)."""
+    return t.shape[dim[0]] * t.shape[dim[1]] if isinstance(dim, tuple) else t.shape[dim]
+
+
+def per_channel(t: torch.Tensor, dim: Dim, member: Member) -> torch.Tensor:
     """Sums ``t`` over every dimension but ``dim``, then over each root channel's positions in ``dim``."""
     if member.owner is not None:  # the whole tensor belongs to one root channel (an expert's layer)
         out = t.new_zeros(member.index.shape[0])
         out[member.owner] = t.sum()
         return out
+    if isinstance(dim, tuple):
+        t = t.movedim(dim, (0, 1)).flatten(0, 1)
+        dim = 0
     t = t.movedim(dim, 0).flatten(1).sum(1) if t.dim() > 1 else t
     return t.index_select(0, member.index.flatten().to(t.device)).view_as(member.index).sum(1)
+
+
+def fill_positions_(p: torch.Tensor, dim: Dim, pos: torch.Tensor, value: float = 0.0) -> None:
+    """Sets ``p``'s slices at positions ``pos`` of ``dim`` to ``value``, in place."""
+    pos = pos.to(p.device)
+    if not isinstance(dim, tuple):
+        p.index_fill_(dim, pos, value)
+        return
+    inner = p.shape[dim[1]]
+    p.movedim(dim, (0, 1))[pos // inner, pos % inner] = value  # a view of p: written in place
 
 
 def zero_members_(model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
@@ -131,4 +154,4 @@ def zero_members_(model: nn.Module, group: GroupSpec, channels: List[int]) -> No
                 continue
             pos = mem.index.index_select(0, chans).flatten()
             for p, dim in member_params(mem, mod):
-                p.index_fill_(dim, pos.to(p.device), 0.0)
+                fill_positions_(p, dim, pos)

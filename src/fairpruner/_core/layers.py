@@ -1,6 +1,8 @@
 """Layer kinds the library knows, and the few in-place edits every surgery needs (one copy of each)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,13 +44,23 @@ def kept(n: int, removed: torch.Tensor) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def slice_param_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+def slice_param_(module: nn.Module, name: str, dim: Any, keep: torch.Tensor) -> None:
     """Keeps positions ``keep`` of ``module``'s parameter ``name`` along ``dim``, in place; the new parameter keeps
-    ``requires_grad``."""
+    ``requires_grad``. ``dim`` may be a pair ``(d0, d1)`` whose positions are numbered row-major (see
+    :class:`~fairpruner._core.groups.Member`); every index of ``d0`` must then keep the same number of ``d1``."""
     p = getattr(module, name)
+    keep = keep.to(p.device)
     with torch.no_grad():
-        setattr(module, name, nn.Parameter(p.index_select(dim, keep.to(p.device)).clone(),
-                                           requires_grad=p.requires_grad))
+        if isinstance(dim, tuple):
+            per = torch.bincount(torch.div(keep, p.shape[dim[1]], rounding_mode="floor"), minlength=p.shape[dim[0]])
+            if not bool((per == per[0]).all()):
+                raise ValueError(f"Every index of dim {dim[0]} of '{name}' must keep as many positions of dim "
+                                 f"{dim[1]}; got {per.tolist()}.")
+            flat = p.movedim(dim, (0, 1)).flatten(0, 1).index_select(0, keep)
+            new = flat.unflatten(0, (p.shape[dim[0]], -1)).movedim((0, 1), dim).contiguous()
+        else:
+            new = p.index_select(dim, keep).clone()
+        setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
 
 
 def slice_linear_(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._core.groups import GroupSpec
+from .._core.groups import GroupSpec, dim_size
 from .._core.layers import CONV_TYPES, WEIGHT_TYPES
 from .counting import count_params, module_macs
 
@@ -89,6 +89,7 @@ class _Axes:
         self.per_unit: List[Dict[int, float]] = []
         self.unit_axes: Dict[str, int] = {}    # module owned by one unit -> its group's units axis
         self.unit_totals: Dict[int, int] = {}  # units axis -> the group's channels
+        self.explicit: Dict[tuple, List[int]] = {}  # (module, param) -> its explicit axes
         for g_idx, g in enumerate(groups):
             for mem in g.members:
                 m = modules[mem.module]
@@ -106,6 +107,8 @@ class _Axes:
                 for key in keys:
                     a = self._axis(key)
                     self.per_unit[a][g_idx] = self.per_unit[a].get(g_idx, 0.0) + mem.index.shape[1] * g.unit_size
+                    if len(key) == 3 and a not in self.explicit.setdefault(key[:2], []):
+                        self.explicit[key[:2]].append(a)
 
     def _axis(self, key: tuple) -> int:
         a = self.index.setdefault(key, len(self.index))
@@ -120,7 +123,7 @@ class _Axes:
                 out[a] = self.unit_totals[a]
                 continue
             m = self.modules[key[0]]
-            out[a] = _axis_size(m, key[1]) if len(key) == 2 else getattr(m, key[1]).shape[key[2]]
+            out[a] = _axis_size(m, key[1]) if len(key) == 2 else dim_size(getattr(m, key[1]), key[2])
         return out
 
     def matrix(self, n_groups: int) -> np.ndarray:
@@ -134,10 +137,11 @@ class _Axes:
         """(count, axis, axis, is_macs) of every parameter tensor and every layer's MACs, and their sums."""
         terms, counted_params, counted_macs = [], 0, 0
         axes = self.index
+        first_dim = {a: k[2] if isinstance(k[2], int) else k[2][0] for k, a in axes.items() if len(k) == 3}
         for mname, m in self.modules.items():
             a0, a1 = axes.get((mname, 0), -1), axes.get((mname, 1), -1)
             for pname, p in m.named_parameters(recurse=False):
-                explicit = [axes[(mname, pname, d)] for d in range(p.dim()) if (mname, pname, d) in axes]
+                explicit = sorted(self.explicit.get((mname, pname), []), key=first_dim.__getitem__)
                 if mname in self.unit_axes:  # plus the one other axis a group may cut (e.g. the layer's inputs)
                     other = a1 if pname == "weight" and isinstance(m, WEIGHT_TYPES) and a1 >= 0 else a0
                     terms.append((p.numel(), self.unit_axes[mname], other, 0))

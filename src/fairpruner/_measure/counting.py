@@ -24,6 +24,8 @@ def count_params(model: nn.Module) -> int:
 
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
             torch.Tensor.bmm, torch.baddbmm, torch.addmm, torch.addbmm, F.linear}
+# Grouped matmuls (transformers 5 runs stacked mixture-of-experts with them): (tokens, K) x (groups, K, N).
+_MATMULS |= {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None}
 
 
 class FunctionalMatmuls(TorchFunctionMode):

@@ -9,7 +9,7 @@ from torch import nn
 
 from .._core.groups import GroupSpec, dense_reader, member_params, per_channel
 from .._core.layers import CONV_TYPES
-from .._errors import DataError
+from .._errors import DataError, FairPrunerError
 from .scores import GroupScores
 from .taylor import TaylorTerms
 from .sites import Site
@@ -83,6 +83,12 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
                     if p.dim() > 1:  # weights, not biases or norm scales
                         l1 += per_channel(p.detach().abs(), dim, m).cpu().double()
         uc = g.unit_channels
+        chosen = g.family.units_from_scores(g, u, r) if g.family is not None else None
+        if chosen is not None:
+            if tuple(chosen.shape) != tuple(uc.shape):
+                raise FairPrunerError(f"Family '{g.family.name}' chose units of shape {tuple(chosen.shape)} for group "
+                                      f"'{g.name}', which has {tuple(uc.shape)}.")
+            uc = chosen.long()
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
                                l1[uc].sum(1).float(), g.channels, uc.clone(), _writers(g, modules),
                                any(m.module in outputs for m in g.members)))

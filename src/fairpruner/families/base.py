@@ -159,6 +159,13 @@ class Family(abc.ABC):
         matmuls). Their sum is taken out of the cost model's constant part."""
         return []
 
+    def units_from_scores(self, group: GroupSpec, u: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
+        """The group's units chosen from its per-root-channel U and R, as a ``(units, unit_size)`` tensor of root
+        channels, for a family whose units the architecture does not fix (one hidden unit of every stacked
+        expert, matched by rank, so that every expert keeps the same width); None keeps ``group.unit_channels``.
+        The unit count and size must stay those of ``group``."""
+        return None
+
     def mask_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         """Zeroes what :meth:`prune_` would remove, so that the masked model computes what the pruned one does.
         By default every member's parameter slices are zeroed; override where zero is not neutral (a router

@@ -53,6 +53,7 @@ from .._core.layers import kept, qualname, slice_linear_
 from .._errors import PlanError, UnsupportedModelError
 from .._graph import group_slots
 from .base import Family, USource, register
+from .experts_fused import stacked_moe_blocks
 
 __all__ = ["Experts", "MoEBlock", "moe_blocks", "moe_routers"]
 
@@ -87,9 +88,9 @@ def moe_blocks(model: nn.Module) -> List[MoEBlock]:
 
 
 def moe_routers(model: nn.Module) -> List[str]:
-    """Router names of every MoE block. Pass them in ``ignore=`` to keep all experts and prune the hidden units
-    inside them instead: ``fp.score(model, loader, ignore=fp.moe_routers(model))``."""
-    return [b.router for b in moe_blocks(model)]
+    """Router names of every MoE block (ModuleList or stacked experts). Pass them in ``ignore=`` to keep all
+    experts and prune the hidden units inside them instead: ``fp.score(model, loader, ignore=fp.moe_routers(model))``."""
+    return [b.router for b in moe_blocks(model)] + [b.router for b in stacked_moe_blocks(model)]
 
 
 def _covered(name: str, ignore: Sequence[str]) -> bool:
