@@ -116,7 +116,7 @@ def test_head_members_and_attention_macs_terms():
     # q k^T and attention x v of one sample: 2 * heads * L * L * head_dim MACs, counted by count_macs too.
     (macs, axis, other), = HFAttentionHeads().macs_terms(model, x, g)
     assert macs == 2 * HEADS * SEQ * SEQ * (HIDDEN // HEADS)
-    assert axis == ("bert.encoder.layer.0.attention.self.query", 0) and other is None
+    assert axis == ("bert.encoder.layer.0.attention.output.dense", 1) and other is None  # the heads' columns
     linear = sum(m.in_features * m.out_features * (SEQ if "pooler" not in n and "classifier" not in n else 1)
                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     assert fp.count_macs(model, x) == linear + LAYERS * macs

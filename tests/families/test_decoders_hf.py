@@ -142,3 +142,53 @@ def test_pruned_phi3_generates_what_the_masked_one_does():
     assert any(g["name"].endswith(":heads") and g["removed_channels"] for g in plan.groups)
     runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
+
+
+QUERY = fp.families.AttentionOptions(gqa="query_heads")
+QUERY_CASES = [("llama", "ForCausalLM", "sdpa"), ("qwen2", "ForSequenceClassification", "eager"),
+               ("phi3", "ForCausalLM", "eager")]
+
+
+@pytest.mark.parametrize("kind,head,impl", QUERY_CASES, ids=[f"{k}-{h[3:]}-{i}" for k, h, i in QUERY_CASES])
+def test_query_heads_go_evenly_from_every_key_value_group(kind, head, impl):
+    model = decoder(kind, head, 2, impl)  # 8 query heads over 2 key/value heads: 4 per group
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {"loss_fn": last_token_loss(CLASSES)} if head == "ForCausalLM" else {}
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      family_options={"hf_attention_heads": QUERY}, **kw)
+    for a in find_attention(model):
+        g = scores[a.group_name]
+        assert tuple(g.unit_channels.shape) == (4, 2)  # unit k: the k-th lowest-U query head of each group
+        assert sorted(g.unit_channels.flatten().tolist()) == list(range(HEADS))
+        assert all(int(h) // 4 == i for row in g.unit_channels for i, h in enumerate(row))
+        assert bool((g.u[1:] >= g.u[:-1]).all())
+    plan = fp.plan(scores, alpha=0.5)
+    gone = {a.name: plan.removed_channels(a.group_name) for a in find_attention(model)}
+    assert any(gone.values()), "the plan should remove query heads"
+    pruned = fp.prune(model, plan)
+    x = fresh()
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    assert fp.count_params(pruned) == plan.predicted["params_after"]
+    assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
+    for a in find_attention(pruned):
+        removed = torch.tensor(gone[a.name], dtype=torch.long)
+        per = torch.bincount(removed // 4, minlength=2)
+        assert per[0] == per[1] and a.kv_heads == 2 and a.heads == HEADS - len(removed)
+        assert getattr(pruned.get_submodule(a.name), "num_key_value_groups", a.per_kv) == a.per_kv == 4 - per[0]
+    if head == "ForCausalLM":
+        runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 4)
+        assert torch.equal(runs[0], runs[1])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_query_head_plan_must_cut_every_group_alike():
+    model = decoder("llama")
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      family_options={"hf_attention_heads": QUERY})
+    plan = fp.plan(scores, alpha=0.3)
+    name = find_attention(model)[0].group_name
+    for g in plan.groups:
+        if g["name"] == name:
+            g["removed_channels"] = [0]  # one query head of the first group only
+    with pytest.raises(fp.PlanError, match="must lose the same number of query heads"):
+        fp.prune(model, plan)

@@ -49,6 +49,7 @@ from .pruned_mha import PrunedMultiheadAttention, mha_head_outputs
 __all__ = ["AttentionHeads", "AttentionOptions", "ATTENTION_UNITS", "find_attention"]
 
 ATTENTION_UNITS = ("heads", "head_dims")
+GQA_UNITS = ("kv_groups", "query_heads")
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,23 @@ class AttentionOptions(FamilyOptions):
 
     Attributes:
         units: "heads" (whole heads) or "head_dims" (one dimension of every head at once).
+        gqa: under grouped-query attention (Hugging Face decoders), "kv_groups" (a unit is one key/value head
+            with the query heads that read it) or "query_heads" (a unit is one query head of every key/value
+            group, matched by rank: the key/value heads stay and every group keeps as many query heads).
+
+    Example:
+        >>> fp.score(model, loader, family_options={"hf_attention_heads": AttentionOptions(gqa="query_heads")})
     """
 
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     units: str = "heads"
+    gqa: str = "kv_groups"
 
     def __post_init__(self) -> None:
         if self.units not in ATTENTION_UNITS:
             raise UnsupportedModelError(f"attention={self.units!r} is not one of {ATTENTION_UNITS}.")
+        if self.gqa not in GQA_UNITS:
+            raise UnsupportedModelError(f"gqa={self.gqa!r} is not one of {GQA_UNITS}.")
 
 # Children of a timm-style block that may hold parameters: per-head q/k normalisation over head_dim (shared by
 # all heads, so whole heads can go, single head dimensions cannot).

@@ -18,8 +18,11 @@ as ``repeat_kv`` expands them): its ``head_dim`` rows of ``k_proj`` and ``v_proj
 ``q_proj`` (of a fused projection: those three sets of rows, kept in their order) and the same columns of
 ``o_proj``. Without grouped-query attention that is one head. Whole groups keep ``num_key_value_groups`` and
 the rotary embedding (which acts within a head) unchanged, so the module runs as before, ``generate()`` and its
-key/value cache included; cutting query heads inside groups would need every group to lose the same number, and
-a head's U would then be compared across groups it does not share. Other transformers attention modules with a
+key/value cache included. With ``AttentionOptions(gqa="query_heads")`` the key/value heads stay and query heads go
+instead, the same number from every group: a unit is one query head of each group, matched by rank after
+scoring (:meth:`HFAttentionHeads.units_from_scores`), and ``num_key_value_groups`` is written back; on a trained
+Llama classifier this kept more accuracy at the same MACs (``benchmarks/gqa.py``), while key/value groups shrink
+the key/value cache. Other transformers attention modules with a
 head count or a ``head_dim`` (DistilBERT's ``q_lin``/``out_lin``, T5) are protected: their projections are kept
 whole, since torch-pruning alone would cut single head dimensions and break the head reshape. Units are whole
 heads or key/value groups only (``attention="head_dims"`` is refused).
@@ -190,6 +193,7 @@ class HFAttentionHeads(Family):
         # sample; one forward pass serves every group.
         self._attention_macs = PerModel(
             lambda model, x: attention_macs(model, x, functional={a.name for a in find_attention(model)}))
+        self._per_kv: Dict[str, int] = {}  # query-head groups (gqa="query_heads") -> query heads per key/value head
 
     def claims(self, module: nn.Module) -> bool:
         # A per-head table is cut with its heads (discover); on heads that stay whole it is never cut.
@@ -208,7 +212,12 @@ class HFAttentionHeads(Family):
                 raise UnsupportedModelError(
                     f"attention={mode!r}: Hugging Face attention ('{a.name}') is pruned in whole heads only; score "
                     "with attention='heads' (the default).")
-            if not a.prunable or a.kv_heads < 2 or any(n in ignore for n in (a.name,) + a.linears):
+            if not a.prunable or any(n in ignore for n in (a.name,) + a.linears):
+                continue
+            if a.per_kv > 1 and self.options.gqa == "query_heads":
+                groups.append(self._query_group(model, a))
+                continue
+            if a.kv_heads < 2:
                 continue
             # One unit per key/value head: its rows of k_proj and v_proj, the rows of the query heads that read
             # it (heads i * per_kv ... in the order repeat_kv expands them) and the same columns of o_proj.
@@ -229,6 +238,26 @@ class HFAttentionHeads(Family):
                                     family=self))
         return groups
 
+    def _query_group(self, model: nn.Module, a: _Attention) -> GroupSpec:
+        """Query heads as root channels (key/value heads kept); placeholder units (position r of every key/value
+        group) until :meth:`units_from_scores` matches them by rank."""
+        query = torch.arange(a.heads * a.head_dim).view(a.heads, a.head_dim)
+        members = [Member(a.qkv[0], "out", query, "weight"), Member(a.out, "in", query, "weight")]
+        table = _bias_table(model, a)
+        if table is not None:
+            members.append(Member(table, "out", torch.arange(a.heads).view(-1, 1), "other", ((TABLE, 1),)))
+        self._per_kv[a.group_name] = a.per_kv
+        units = torch.arange(a.heads).view(a.kv_heads, a.per_kv).t().contiguous()
+        return GroupSpec(a.group_name, a.heads, units, members, family=self)
+
+    def units_from_scores(self, group: GroupSpec, u: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
+        per = self._per_kv.get(group.name)
+        if per is None:  # key/value groups: the units are fixed
+            return None
+        kv = group.channels // per
+        order = torch.argsort(u.detach().cpu().double().view(kv, per), dim=1, stable=True)
+        return (order + torch.arange(kv).unsqueeze(1) * per).t().contiguous()  # unit k: rank k of every group
+
     def u_sources(self, model: nn.Module, group: GroupSpec) -> List[USource]:
         # A head's output is what the output projection reads: (B, T, heads * head_dim) -> (B, heads, T * d).
         out = next(m for m in group.members if m.side == "in")
@@ -238,13 +267,15 @@ class HFAttentionHeads(Family):
         # The attention products (q k^T and attention x v, or one SDPA call) scale with the number of heads.
         name = group.name[: -len(":heads")]
         macs = self._attention_macs(model, example_inputs).get(name, 0)
-        query = next(m.module for m in group.members if m.side == "out")
-        return [(float(macs), (query, 0), None)] if macs else []
+        out = next(m.module for m in group.members if m.side == "in")  # its columns: the query heads kept
+        return [(float(macs), (out, 1), None)] if macs else []
 
     def prune_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         modules = dict(model.named_modules())
         name = group.name[: -len(":heads")]
         attn = next((a for a in find_attention(model) if a.name == name), None)
+        if attn is not None and attn.prunable and attn.per_kv > 1 and group.channels == attn.heads:
+            return _prune_query_heads(modules, model, attn, group, channels)
         if attn is None or not attn.prunable or attn.kv_heads != group.channels:
             found = "no attention it can cut" if attn is None or not attn.prunable else f"{attn.kv_heads} key/value heads"
             raise PlanError(f"'{name}' has {found}, the plan expects {group.channels}. Apply a plan to an unpruned "
@@ -273,6 +304,36 @@ class HFAttentionHeads(Family):
             config = copy.copy(module.config)
             config.num_attention_heads, config.num_key_value_heads = len(keep) * per, len(keep)
             module.config = config
+
+
+def _prune_query_heads(modules: Dict[str, nn.Module], model: nn.Module, attn: _Attention, group: GroupSpec,
+                       channels: List[int]) -> None:
+    """Removes query heads, the same number from every key/value group; the key/value heads stay."""
+    drop = torch.tensor(sorted(set(int(c) for c in channels)), dtype=torch.long)
+    per_group = torch.bincount(drop // attn.per_kv, minlength=attn.kv_heads)
+    if not bool((per_group == per_group[0]).all()) or int(per_group[0]) >= attn.per_kv:
+        raise PlanError(f"Every key/value group of '{attn.name}' must lose the same number of query heads and keep "
+                        f"one; the plan removes {per_group.tolist()} of {attn.per_kv}. Use a plan made for it.")
+    keep = kept(attn.heads, drop)
+    for mem in group.members:
+        if mem.params == ((TABLE, 1),):
+            slice_param_(modules[mem.module], TABLE, 1, mem.index[keep].flatten())
+            continue
+        rows = mem.index[keep].flatten()
+        if attn.fused and mem.side == "out":  # the key and value rows after the queries stay
+            q_rows = attn.heads * attn.head_dim
+            rows = torch.cat([rows, torch.arange(q_rows, modules[mem.module].out_features)])
+        slice_linear_(modules[mem.module], 0 if mem.side == "out" else 1, rows)
+    module, per, heads = modules[attn.name], attn.per_kv - int(per_group[0]), len(keep)
+    _record_pruned_heads(modules, attn.name, getattr(model, "config", None) or getattr(module, "config", None),
+                         attn.heads, drop.tolist())
+    for attr, value in (("num_attention_heads", heads), ("num_heads", heads), ("num_key_value_groups", per),
+                        ("all_head_size", heads * attn.head_dim)):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
+    if attn.fused:  # Phi-3 reads the query width from its (shared) config: this layer gets its own copy
+        module.config = copy.copy(module.config)
+        module.config.num_attention_heads = heads
 
 
 def _bias_table(model: nn.Module, a: _Attention) -> Optional[str]:
