@@ -10,7 +10,8 @@ import torch
 import fairpruner as fp
 from helpers import assert_prune_equals_mask, generated_pruned_and_masked, last_token_loss, rel_err
 from fairpruner.families.experts_fused import stacked_moe_blocks
-from fairpruner.families.experts_fused_units import StackedExpertUnits, _by_rank
+from fairpruner.families.base import rank_units
+from fairpruner.families.experts_fused_units import StackedExpertUnits
 from .test_experts_fused import EXPERTS, fresh, loader, moe
 
 pytest.importorskip("transformers")
@@ -61,7 +62,7 @@ def test_units_match_each_experts_own_ranks():
     units = fam.units_from_scores(group, u.flatten(), torch.ones(12))
     # unit 0: the two lowest-U units of every expert; unit 1: the two highest
     assert units.tolist() == [[3, 1, 4, 5, 11, 10], [2, 0, 6, 7, 9, 8]]
-    assert _by_rank(torch.arange(8).view(2, 4), 1).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert rank_units(torch.arange(8).view(2, 4)).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
 def test_pruned_mixtral_generates_what_the_masked_one_does():
@@ -79,3 +80,12 @@ def test_experts_that_compute_something_else_are_refused():
     experts.forward = lambda *a, **k: 2 * own(*a, **k)  # not down(act(gate) * up) of its stacked weights
     with pytest.raises(fp.UnsupportedModelError, match="Prune whole experts instead"):
         fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, ignore=fp.moe_routers(model))
+
+
+def test_bfloat16_experts_are_scored_with_eight_ranks_per_unit():
+    # The one-time layout check compares against the module's bfloat16 output with bfloat16's tolerance.
+    model = moe("Mixtral").to(torch.bfloat16)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      ignore=fp.moe_routers(model))
+    hidden = [g for g in scores.groups if g.name.endswith(".experts:hidden")]
+    assert len(hidden) == 2 and all(tuple(g.unit_channels.shape) == (48 // 8, EXPERTS * 8) for g in hidden)

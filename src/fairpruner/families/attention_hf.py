@@ -65,7 +65,7 @@ from .._core.layers import kept, slice_linear_, slice_param_
 from .._errors import PlanError, UnsupportedModelError
 from .._measure.counting import attention_macs
 from .attention import AttentionOptions
-from .base import Family, MacsTerm, PerModel, USource, hook_source, register
+from .base import Family, MacsTerm, PerModel, USource, hook_source, rank_units, register, units_by_rank
 
 __all__ = ["HFAttentionHeads"]
 
@@ -247,16 +247,14 @@ class HFAttentionHeads(Family):
         if table is not None:
             members.append(Member(table, "out", torch.arange(a.heads).view(-1, 1), "other", ((TABLE, 1),)))
         self._per_kv[a.group_name] = a.per_kv
-        units = torch.arange(a.heads).view(a.kv_heads, a.per_kv).t().contiguous()
+        units = rank_units(torch.arange(a.heads).view(a.kv_heads, a.per_kv))
         return GroupSpec(a.group_name, a.heads, units, members, family=self)
 
     def units_from_scores(self, group: GroupSpec, u: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
         per = self._per_kv.get(group.name)
         if per is None:  # key/value groups: the units are fixed
             return None
-        kv = group.channels // per
-        order = torch.argsort(u.detach().cpu().double().view(kv, per), dim=1, stable=True)
-        return (order + torch.arange(kv).unsqueeze(1) * per).t().contiguous()  # unit k: rank k of every group
+        return units_by_rank(u, group.channels // per)  # unit k: the k-th lowest-U query head of every group
 
     def u_sources(self, model: nn.Module, group: GroupSpec) -> List[USource]:
         # A head's output is what the output projection reads: (B, T, heads * head_dim) -> (B, heads, T * d).

@@ -173,6 +173,21 @@ class Family(abc.ABC):
         zero_members_(model, group, channels)
 
 
+def rank_units(table: torch.Tensor, ranks: int = 1) -> torch.Tensor:
+    """Units that take the same ranks from every part: ``table`` is ``(parts, width)`` root channels, each row in
+    rank order; unit ``k`` holds ranks ``k * ranks ... (k + 1) * ranks - 1`` of every part, so the result is
+    ``(width / ranks, parts * ranks)``. Removing units then leaves every part the same width."""
+    parts, width = table.shape
+    return table.view(parts, width // ranks, ranks).transpose(0, 1).reshape(width // ranks, -1).contiguous()
+
+
+def units_by_rank(u: torch.Tensor, parts: int, ranks: int = 1) -> torch.Tensor:
+    """:func:`rank_units` of root channels ``0 .. n-1`` split into ``parts`` equal consecutive parts, each part's
+    channels ordered by ascending ``u`` (ties by index): unit 0 holds every part's lowest-U channels."""
+    order = torch.argsort(u.detach().cpu().double().view(parts, -1), dim=1, stable=True)
+    return rank_units(order + torch.arange(parts).unsqueeze(1) * order.shape[1], ranks)
+
+
 _REGISTRY: Dict[str, Type[Family]] = {}
 
 

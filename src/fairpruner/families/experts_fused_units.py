@@ -13,8 +13,8 @@ known (:meth:`StackedExpertUnits.units_from_scores`): unit ``k`` holds the ``k``
 expert, its U the mean and its R the sum of theirs. ToD decides how many ranks go, so every expert loses its own
 lowest-U hidden units. transformers runs stacked experts with ``torch._grouped_mm`` by default, which needs
 16-byte strides: where ``I`` is a multiple of ``16 / element size`` (4 in float32, 8 in bfloat16) a unit holds that
-many consecutive ranks, so the pruned width stays a multiple of it. (The ``l1``, ``taylor`` and ``random`` signals choose among the same rank-matched units; the
-L1 of these units is not recorded.)
+many consecutive ranks, so the pruned width stays a multiple of it. (The ``l1``, ``taylor`` and ``random``
+signals choose among the same rank-matched units; the L1 of these units is not recorded.)
 
 U is measured on every expert's hidden activations per sample, ``(B, E * I, T)``, zero where a token went to other
 experts: after the block's own expert call they are recomputed from the stacked weights (one more expert pass while
@@ -36,7 +36,7 @@ from torch import nn
 from .._core.groups import GroupSpec, Member
 from .._core.layers import slice_param_
 from .._errors import PlanError, UnsupportedModelError
-from .base import Family, MacsTerm, PerModel, USource, register
+from .base import Family, MacsTerm, PerModel, USource, rank_units, register, units_by_rank
 from .experts import _covered
 from .experts_fused import _RECOMPUTING, StackedBlock, _routed_tokens, _routing_args, stacked_moe_blocks
 
@@ -103,7 +103,7 @@ def _hidden_source(block: StackedBlock, width: int) -> USource:
                         gate = (weights * hit).sum(-1).index_select(0, rows).unsqueeze(-1)
                         total.index_add_(0, rows, (F.linear(h, mod.down_proj[e]) * gate).float())
             if total is not None:
-                _check(block, total, out.detach().float())
+                _check(block, total, out.detach())
                 state["checked"] = True
             b = state["batch"]
             emit(buf.view(b, n_tok // b, block.n * width).transpose(1, 2))
@@ -113,17 +113,10 @@ def _hidden_source(block: StackedBlock, width: int) -> USource:
     return USource(f"{block.experts}{_SUFFIX}", attach)
 
 
-def _by_rank(channels: torch.Tensor, ranks: int) -> torch.Tensor:
-    """Units from an (experts, I) table of root channels in rank order: unit k holds ranks k * ranks ... of every
-    expert, shape (I / ranks, experts * ranks)."""
-    experts, width = channels.shape
-    return channels.view(experts, width // ranks, ranks).transpose(0, 1).reshape(width // ranks, -1).contiguous()
-
-
 def _check(block: StackedBlock, mine: torch.Tensor, theirs: torch.Tensor) -> None:
     """The experts recomputed from the stacked weights must give the module's own output (bf16 rounds more)."""
     tol = (1e-4 if theirs.dtype == torch.float32 else 2e-2) * float(theirs.abs().max()) + 1e-6
-    if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > tol:
+    if mine.shape != theirs.shape or float((mine - theirs.float()).abs().max()) > tol:
         raise UnsupportedModelError(
             f"The experts of '{block.name}' do not compute down_proj[e] @ (act_fn(gate) * up) from their stacked "
             f"weights, so their hidden units cannot be pruned. Prune whole experts instead (remove '{block.router}' "
@@ -157,7 +150,7 @@ class StackedExpertUnits(Family):
             ranks = _ranks_per_unit(b.module.experts)
             self._layout[f"{b.experts}{_SUFFIX}"] = (b.n, ranks)
             # Placeholder units (positions j of every expert) until the scores match units by rank.
-            groups.append(GroupSpec(f"{b.experts}{_SUFFIX}", b.n * width, _by_rank(c.view(b.n, width), ranks),
+            groups.append(GroupSpec(f"{b.experts}{_SUFFIX}", b.n * width, rank_units(c.view(b.n, width), ranks),
                                     members, family=self))
         return groups
 
@@ -177,9 +170,7 @@ class StackedExpertUnits(Family):
 
     def units_from_scores(self, group: GroupSpec, u: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         experts, ranks = self._layout[group.name]
-        width = group.channels // experts
-        order = torch.argsort(u.detach().cpu().double().view(experts, width), dim=1, stable=True)
-        return _by_rank(order + torch.arange(experts).unsqueeze(1) * width, ranks)
+        return units_by_rank(u, experts, ranks)
 
     def macs_terms(self, model: nn.Module, example_inputs: tuple, group: GroupSpec) -> List[MacsTerm]:
         b = self._block(model, group)
