@@ -290,8 +290,10 @@ def test_hugging_face_directory_spec(workdir, capsys):
     model.save_pretrained(workdir / "vit")
     common = ["--model", "hf:vit", "--no-progress"]
     assert main(["score", *common, "--data", "digits", "--samples-per-class", "4", "--projections", "4",
-                 "--out", "s.pt"]) == 0
+                 "--gqa", "kv_groups", "--out", "s.pt"]) == 0
     assert main(["plan", "--scores", "s.pt", "--alpha", "0.3", "--out", "p.json"]) == 0
+    recorded = fp.Plan.from_json((workdir / "p.json").read_text()).settings["scoring"]["family_options"]
+    assert recorded["hf_attention_heads"]["gqa"] == "kv_groups"
     assert main(["prune", "--model", "hf:vit", "--plan", "p.json", "--out", "pruned.pt"]) == 0
     fresh = transformers.ViTForImageClassification.from_pretrained(workdir / "vit")
     pruned = fp.load(workdir / "pruned.pt", fresh).eval()

@@ -228,7 +228,7 @@ def test_second_round_on_the_replacement(tmp_path):
 def test_head_dims_keep_heads_and_scale(name):
     model, scores, plan, pruned = case(name, "head_dims", target="uniform")
     assert all(n.endswith(":head_dims") or ":" not in n for n in scores.names)
-    assert plan.settings["scoring"]["family_options"]["attention_heads"] == {"version": 2, "units": "head_dims", "gqa": "kv_groups"}
+    assert plan.settings["scoring"]["family_options"]["attention_heads"] == {"version": 3, "units": "head_dims", "gqa": "query_heads"}
     before, after = heads_of(model), heads_of(pruned)
     for k, (heads, head_dim) in before.items():
         assert after[k][0] == heads and after[k][1] < head_dim

@@ -1,6 +1,6 @@
 """Tests for fairpruner.families.attention_hf on Hugging Face decoders (Llama, Qwen2, Mistral, Phi-3; built from small
-configs, no downloads): grouped-query attention pruned by key/value group, the gated MLP as one group, prune ==
-mask, predicted == counted params/MACs, generate() after pruning, the caller's model untouched."""
+configs, no downloads): grouped-query attention pruned by query heads (the default) or by key/value group, the
+gated MLP as one group, prune == mask, predicted == counted params/MACs, generate() after pruning, the caller's model untouched."""
 from __future__ import annotations
 
 import pytest
@@ -44,6 +44,7 @@ def fresh(n=3, seed=7):
     return torch.randint(1, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
+KV = {"hf_attention_heads": fp.families.AttentionOptions(gqa="kv_groups")}
 CASES = [("llama", "ForSequenceClassification", 2, "eager"), ("llama", "ForCausalLM", 2, "sdpa"),
          ("qwen2", "ForCausalLM", 4, "eager"), ("mistral", "ForSequenceClassification", 8, "sdpa")]
 IDS = [f"{k}-{h[3:]}-kv{kv}-{impl}" for k, h, kv, impl in CASES]
@@ -54,7 +55,7 @@ def test_decoder_prunes_by_key_value_group_and_equals_mask(kind, head, kv, impl)
     model = decoder(kind, head, kv, impl)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kw = {"loss_fn": last_token_loss(CLASSES)} if head == "ForCausalLM" else {}
-    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, **kw)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, family_options=KV, **kw)
     groups = {g.name: g for g in scores.groups}
     # One attention group per layer, one unit per key/value head; one gated-MLP group per layer, not a stream.
     for a in find_attention(model):
@@ -88,10 +89,12 @@ def test_decoder_prunes_by_key_value_group_and_equals_mask(kind, head, kv, impl)
     assert all(a.kv_heads == kv for a in find_attention(model))
 
 
-def test_pruned_causal_lm_generates_what_the_masked_one_does():
+@pytest.mark.parametrize("gqa", ["query_heads", "kv_groups"])
+def test_pruned_causal_lm_generates_what_the_masked_one_does(gqa):
     model = decoder("llama", "ForCausalLM", 2, "sdpa")
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      loss_fn=last_token_loss(CLASSES))
+                      loss_fn=last_token_loss(CLASSES),
+                      family_options={"hf_attention_heads": fp.families.AttentionOptions(gqa=gqa)})
     plan = fp.plan(scores, macs=0.45)
     runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
@@ -112,7 +115,7 @@ def test_phi3_fused_attention_prunes_by_key_value_group():
     model = decoder("phi3", kv_heads=4)
     a = find_attention(model)[0]
     assert a.prunable and (a.heads, a.kv_heads, a.qkv) == (HEADS, 4, (f"{a.name}.qkv_proj",))
-    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, family_options=KV)
     assert scores[f"{a.name}:heads"].n_units == 4
     plan = fp.plan(scores, macs=0.45)
     gone = {g["name"][:-len(":heads")]: len(g["removed_channels"]) for g in plan.groups
@@ -137,14 +140,13 @@ def test_phi3_fused_attention_prunes_by_key_value_group():
 def test_pruned_phi3_generates_what_the_masked_one_does():
     model = decoder("phi3", "ForCausalLM", 4, "sdpa")
     scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      loss_fn=last_token_loss(CLASSES))
+                      loss_fn=last_token_loss(CLASSES), family_options=KV)
     plan = fp.plan(scores, macs=0.45)
     assert any(g["name"].endswith(":heads") and g["removed_channels"] for g in plan.groups)
     runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
 
 
-QUERY = fp.families.AttentionOptions(gqa="query_heads")
 QUERY_CASES = [("llama", "ForCausalLM", "sdpa"), ("qwen2", "ForSequenceClassification", "eager"),
                ("phi3", "ForCausalLM", "eager")]
 
@@ -154,8 +156,7 @@ def test_query_heads_go_evenly_from_every_key_value_group(kind, head, impl):
     model = decoder(kind, head, 2, impl)  # 8 query heads over 2 key/value heads: 4 per group
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kw = {"loss_fn": last_token_loss(CLASSES)} if head == "ForCausalLM" else {}
-    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      family_options={"hf_attention_heads": QUERY}, **kw)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, **kw)  # the default
     for a in find_attention(model):
         g = scores[a.group_name]
         assert tuple(g.unit_channels.shape) == (4, 2)  # unit k: the k-th lowest-U query head of each group
@@ -183,8 +184,7 @@ def test_query_heads_go_evenly_from_every_key_value_group(kind, head, impl):
 
 def test_a_query_head_plan_must_cut_every_group_alike():
     model = decoder("llama")
-    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
-                      family_options={"hf_attention_heads": QUERY})
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
     plan = fp.plan(scores, alpha=0.3)
     name = find_attention(model)[0].group_name
     for g in plan.groups:
@@ -192,3 +192,24 @@ def test_a_query_head_plan_must_cut_every_group_alike():
             g["removed_channels"] = [0]  # one query head of the first group only
     with pytest.raises(fp.PlanError, match="must lose the same number of query heads"):
         fp.prune(model, plan)
+
+
+def test_one_key_value_head_still_loses_query_heads():
+    """Multi-query attention (one key/value head): no key/value group can go, query heads still can."""
+    model = decoder("llama", kv_heads=1)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False)
+    plan = fp.plan(scores, macs=0.3)
+    assert any(g["name"].endswith(":heads") and g["removed_channels"] for g in plan.groups)
+    pruned = fp.prune(model, plan)
+    assert_prune_equals_mask(model, plan, fresh(), pruned=pruned)
+    assert all(a.kv_heads == 1 and a.heads < HEADS for a in find_attention(pruned))
+    kv = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False, family_options=KV)
+    assert not any(n.endswith(":heads") for n in kv.names)
+
+
+def test_options_written_before_query_heads_existed_read_as_key_value_groups():
+    opts = fp.families.AttentionOptions.from_dict({"version": 1, "units": "heads"})
+    assert opts.gqa == "kv_groups"
+    assert fp.families.AttentionOptions.from_dict({"version": 2, "units": "heads", "gqa": "kv_groups"}).gqa == \
+        "kv_groups"
+    assert fp.families.AttentionOptions().gqa == "query_heads"

@@ -52,6 +52,8 @@ def test_whole_experts_prune_equals_mask(kind):
     for b in blocks:
         g = scores[f"{b.name}:experts"]
         assert g.n_units == EXPERTS and bool((g.u > 0).all()) and bool((g.r > 0).all())
+        l1 = sum(p.detach().abs().flatten(1).sum(1) for p in b.module.experts.parameters() if p.dim() > 1)
+        torch.testing.assert_close(g.l1.double(), l1.double(), rtol=1e-5, atol=0)  # an expert's own weights
     plan = fp.plan(scores, params=0.25)
     gone = {g["name"]: g["removed_channels"] for g in plan.groups if g["name"].endswith(":experts")}
     assert any(gone.values()), "the plan should remove an expert"

@@ -35,7 +35,7 @@ def test_hidden_units_prune_equals_mask_with_one_width_per_block(kind, width):
         assert bool((g.u > 0).all()) and bool((g.r > 0).all())
         assert bool((g.u[1:] >= g.u[:-1]).all()), "units are ranks: their mean U grows"
     plan = fp.plan(scores, macs=0.3)
-    assert abs(plan.achieved["macs"] - 0.3) < 0.005
+    assert abs(plan.achieved["macs"] - 0.3) < 0.015  # within half a unit: one unit (4 ranks x 6 experts) is ~3 %
     pruned = fp.prune(model, plan)
     x = fresh()
     assert_prune_equals_mask(model, plan, x, pruned=pruned)
@@ -52,6 +52,16 @@ def test_hidden_units_prune_equals_mask_with_one_width_per_block(kind, width):
         assert e.intermediate_dim == left
     assert any(plan.removed_channels(f"{b.experts}:hidden") for b in stacked_moe_blocks(model))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_l1_of_a_unit_is_its_gate_and_up_rows_in_every_expert():
+    model, scores = scored("Mixtral")
+    for b in stacked_moe_blocks(model):
+        g = scores[f"{b.experts}:hidden"]
+        w = b.module.experts.gate_up_proj.detach().abs()
+        width = w.shape[1] // 2
+        per_channel = (w[:, :width].sum(-1) + w[:, width:].sum(-1)).flatten().double()  # (experts * width,)
+        torch.testing.assert_close(g.l1.double(), per_channel[g.unit_channels].sum(1), rtol=1e-5, atol=0)
 
 
 def test_units_match_each_experts_own_ranks():

@@ -154,7 +154,8 @@ def test_options_round_trip_and_newer_versions_refused(registered):
 def test_legacy_plan_options_still_apply():
     """Plans written before options were per family recorded ``{"attention": "head_dims"}``."""
     built = {f.name: f for f in families.build({"attention": "head_dims"})}
-    assert built["attention_heads"].options == families.AttentionOptions(units="head_dims")
+    # Written before query heads existed: grouped-query attention went by key/value groups.
+    assert built["attention_heads"].options == families.AttentionOptions(units="head_dims", gqa="kv_groups")
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Flatten(),

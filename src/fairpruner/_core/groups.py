@@ -34,7 +34,8 @@ class Member:
         side: "out" (the module's output channels/features) or "in" (its input channels/features).
         index: LongTensor (channels, k): for root channel c, the k positions in this module's channel
             dimension that go with it (k > 1 after a flatten, where one channel feeds k features).
-        kind: "weight" (Conv/Linear), "norm" or "other".
+        kind: "weight" (Conv/Linear, or a family's weight tensors that produce the unit: their L1 is the
+            unit's), "norm" or "other".
         params: explicit ``(parameter name, dim)`` pairs the index addresses, for layers whose parameters are
             not laid out like Conv/Linear (recurrent gate blocks, fused attention projections). None: every
             own parameter along dim 0 for "out", the weight's dim 1 for "in". ``dim`` may be a pair of dims

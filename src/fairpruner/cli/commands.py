@@ -201,6 +201,12 @@ def _start_distributed(args: argparse.Namespace) -> Tuple[int, int]:
     return dist.get_rank(), world
 
 
+def _attention_options(args: argparse.Namespace) -> dict:
+    """--attention and --gqa as the options of every attention family."""
+    opt = fp.families.AttentionOptions(units=args.attention, gqa=args.gqa)
+    return {c.name: opt for c in fp.families.registered() if c.Options is fp.families.AttentionOptions}
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     rank, world = _start_distributed(args)
     try:
@@ -215,7 +221,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                           seed=args.seed, device=args.device, progress=args.progress and rank == 0,
                           u_at=args.u_at, u_reduce=args.u_reduce, r_reduce=args.r_reduce,
                           u_consumer_power=args.u_consumer_power,
-                          attention=args.attention, max_memory=args.max_memory, class_pairs=args.class_pairs)
+                          family_options=_attention_options(args), max_memory=args.max_memory,
+                          class_pairs=args.class_pairs)
         if rank == 0:
             out = _out_path(args.out)
             scores.save(out)
@@ -353,7 +360,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                     num_classes=args.num_classes)
     _say(f"scoring on {len(calib.dataset)} calibration samples ...")
     scores = fp.score(model, calib, seed=args.seed, device=device, progress=args.progress,
-                      max_memory=args.max_memory)
+                      family_options=_attention_options(args), max_memory=args.max_memory)
     target = {k: getattr(args, k) for k in ("alpha", "params", "macs") if getattr(args, k) is not None}
     the_plan = _make_plan(scores, args, target or {"macs": 0.5})
     oneshot = fp.prune(model, the_plan)

@@ -157,6 +157,16 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "(free: the paper's ToD) or none")
 
 
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
+                   help="attention units: whole heads (default), or one dimension of every head so all heads keep "
+                        "the same width")
+    p.add_argument("--gqa", default="query_heads", choices=("query_heads", "kv_groups"),
+                   help="under grouped-query attention (Llama, Qwen2, Mistral ...): prune query heads, the same "
+                        "number from every key/value group (default: more accuracy at the same MACs), or whole "
+                        "key/value groups (kv_groups: the key/value cache shrinks too)")
+
+
 def _add_run(subs) -> None:
     p = _sub(subs, "run", "score, plan, prune, recalibrate, fine-tune and report in one go")
     _model_args(p)
@@ -166,6 +176,7 @@ def _add_run(subs) -> None:
     p.add_argument("--samples-per-class", type=int, default=32, metavar="N",
                    help="calibration samples per class (default 32)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
+    _attention_args(p)
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="bound on the U sample store, e.g. 8GB (default: a quarter of the free memory); a smaller "
                         "budget scores in more passes over the data, with the same scores")
@@ -211,9 +222,7 @@ def _add_score(subs) -> None:
                         f"measures what the next layer receives (default {U_CONSUMER_POWER:g}; 0: the paper's U)")
     p.add_argument("--r-reduce", default="max", choices=("sum", "max"),
                    help="how a coupled group combines the Taylor terms of its members (default max)")
-    p.add_argument("--attention", default="heads", choices=("heads", "head_dims"),
-                   help="attention units: whole heads (default), or one dimension of every head so all heads keep "
-                        "the same width")
+    _attention_args(p)
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="bound on the U sample store, e.g. 8GB (default: a quarter of the free memory); a smaller "
                         "budget scores in more passes over the data, with the same scores")

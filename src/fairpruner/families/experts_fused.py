@@ -178,8 +178,9 @@ class StackedExperts(Family):
             rows = torch.arange(b.n).unsqueeze(1)
             router = [n for n, _ in b.module.gate.named_parameters(recurse=False)]
             stacked = [n for n, _ in b.module.experts.named_parameters(recurse=False)]
+            # The experts' slices are "weight": an expert's L1 is that of its own stacked weights.
             members = [Member(b.router, "out", rows, "other", tuple((n, 0) for n in router)),
-                       Member(b.experts, "out", rows, "other", tuple((n, 0) for n in stacked))]
+                       Member(b.experts, "out", rows, "weight", tuple((n, 0) for n in stacked))]
             groups.append(GroupSpec(f"{b.name}{_SUFFIX}", b.n, rows.clone(), members, family=self))
         return groups
 

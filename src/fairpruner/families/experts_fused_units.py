@@ -14,7 +14,7 @@ expert, its U the mean and its R the sum of theirs. ToD decides how many ranks g
 lowest-U hidden units. transformers runs stacked experts with ``torch._grouped_mm`` by default, which needs
 16-byte strides: where ``I`` is a multiple of ``16 / element size`` (4 in float32, 8 in bfloat16) a unit holds that
 many consecutive ranks, so the pruned width stays a multiple of it. (The ``l1``, ``taylor`` and ``random``
-signals choose among the same rank-matched units; the L1 of these units is not recorded.)
+signals choose among the same rank-matched units; a unit's L1 is that of its gate and up rows.)
 
 U is measured on every expert's hidden activations per sample, ``(B, E * I, T)``, zero where a token went to other
 experts: after the block's own expert call they are recomputed from the stacked weights (one more expert pass while
@@ -144,8 +144,9 @@ class StackedExpertUnits(Family):
             width = _width(b.module.experts)
             c = torch.arange(b.n * width)
             e, j = c // width, c % width
+            # The gate and up rows produce the unit ("weight": their L1 is the unit's); down_proj reads it.
             members = [Member(b.experts, "out", torch.stack([2 * width * e + j, 2 * width * e + width + j], 1),
-                              "other", (_GATE_UP,)),
+                              "weight", (_GATE_UP,)),
                        Member(b.experts, "out", c.view(-1, 1), "other", (_DOWN,))]
             ranks = _ranks_per_unit(b.module.experts)
             self._layout[f"{b.experts}{_SUFFIX}"] = (b.n, ranks)
