@@ -100,13 +100,15 @@ def worker_ours(cfg: dict) -> dict:
     rss_before = _rss_mb()
     fb = sorted(_fwd_bwd(model, loader, device) for _ in range(3))[1]
     rss_fb = _rss_mb()
-    t0 = time.perf_counter()
-    fp.score(model, loader, samples_per_class=cfg["per_class"], device=device, progress=False)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    sc = time.perf_counter() - t0
-    return {"fwd_bwd_s": fb, "score_s": sc, "rss_fwd_bwd_mb": rss_fb, "rss_peak_mb": _rss_mb(),
-            "rss_start_mb": rss_before}
+    times = []
+    for _ in range(3):  # the first call is what a user waits for once; the median matches the floor's protocol
+        t0 = time.perf_counter()
+        fp.score(model, loader, samples_per_class=cfg["per_class"], device=device, progress=False)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"fwd_bwd_s": fb, "score_s": sorted(times)[1], "score_first_s": times[0], "rss_fwd_bwd_mb": rss_fb,
+            "rss_peak_mb": _rss_mb(), "rss_start_mb": rss_before, "samples": len(y)}
 
 
 def worker_reference(cfg: dict) -> dict:
@@ -177,10 +179,12 @@ def main() -> None:
     import torch
     lines = [f"# Scoring speed ({args.device}; torch {torch.__version__}; {os.cpu_count()} CPU cores)", "",
              "Times in seconds; fwd+bwd = one training forward+backward pass over the same calibration set "
-             "(eval mode, median of 3), measured in the same process as the scoring call.", "",
-             "| model | classes x per class | fwd+bwd | fairpruner.score | score / fwd+bwd | get_metrics (authors) "
-             "| get_metrics / score | peak RSS ours (MB) | peak RSS authors (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(eval mode, median of 3), measured in the same process as the scoring calls; fairpruner.score is "
+             "the median of 3 calls (the same protocol), its first call beside it; get_metrics / score compares with that first call.", "",
+             "| model | classes x per class | fwd+bwd | fairpruner.score | score / fwd+bwd | first call | "
+             "ms per sample | get_metrics (authors) | get_metrics / score | peak RSS ours (MB) | "
+             "peak RSS authors (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ref_py = None if args.skip_reference else _reference_python()
     settings = [(10, 32), (100, 32), (100, 4), (1000, 4)]
     for model in args.models.split(","):
@@ -191,12 +195,14 @@ def main() -> None:
             ours = _run("ours", cfg)
             ref = _run("reference", cfg, python=ref_py) if ref_py and classes == 10 else {}
             if "error" in ours:
-                row = f"| {model} | {classes} x {per_class} | error: {ours['error']} | | | | | | |"
+                row = f"| {model} | {classes} x {per_class} | error: {ours['error']} | | | | | | | | |"
             else:
                 r_s = ref.get("reference_s")
                 row = (f"| {model} | {classes} x {per_class} | {ours['fwd_bwd_s']:.2f} | {ours['score_s']:.2f} | "
-                       f"{ours['score_s'] / ours['fwd_bwd_s']:.2f}x | "
-                       + (f"{r_s:.1f} | {r_s / ours['score_s']:.0f}x | " if r_s else
+                       f"{ours['score_s'] / ours['fwd_bwd_s']:.2f}x | {ours['score_first_s']:.2f} "
+                       f"({ours['score_first_s'] / ours['fwd_bwd_s']:.2f}x) | "
+                       f"{1000 * ours['score_s'] / ours['samples']:.2f} | "
+                       + (f"{r_s:.1f} | {r_s / ours['score_first_s']:.0f}x | " if r_s else
                           (f"error: {ref['error']} | | " if "error" in ref else "not run | | "))
                        + f"{ours['rss_peak_mb']:.0f} | " + (f"{ref['rss_peak_mb']:.0f} |" if r_s else " |"))
             print(row, flush=True)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from fairpruner._scoring.wasserstein import max_pairwise_w1, quantile_grid, random_directions
+from fairpruner._scoring import wasserstein
+from fairpruner._scoring.wasserstein import (SMALL_CLASSES, _sorting_network, max_pairwise_w1, quantile_grid,
+                                             random_directions)
 
 
 def _classes(counts, units, proj, seed=0, dtype=torch.float64):
@@ -222,3 +224,35 @@ def test_more_labels_than_samples_raise():
 def test_fewer_labels_than_samples_raise():
     with pytest.raises((ValueError, RuntimeError, IndexError)):
         max_pairwise_w1(torch.randn(6, 2, 1), torch.tensor([0, 1, 0]))
+
+
+# ---------------------------------------------------------------- few samples per class: class-major layout
+
+@pytest.mark.parametrize("m", range(1, SMALL_CLASSES + 1))
+def test_sorting_network_sorts_every_zero_one_input(m):
+    """The 0-1 principle: a comparator network that sorts all 2^m binary inputs sorts every input."""
+    x = torch.tensor(list(itertools.product((0.0, 1.0), repeat=m))).view(-1, m)
+    cols = [c.clone() for c in x.unbind(1)]
+    for i, j in _sorting_network(m):
+        assert i < j < m
+        cols[i], cols[j] = torch.minimum(cols[i], cols[j]), torch.maximum(cols[i], cols[j])
+    assert torch.equal(torch.stack(cols, 1) if m else x, x.sort(1).values)
+
+
+@pytest.mark.parametrize("k,m,pairs,raw", [(6, 4, "all", False), (40, 3, "search", False), (50, 8, "auto", True),
+                                            (12, 1, "all", False)])
+def test_few_samples_per_class_match_the_unit_major_path(monkeypatch, k, m, pairs, raw):
+    g = torch.Generator().manual_seed(k)
+    labels = torch.arange(k * m) % k  # interleaved classes
+    data = torch.randn(k * m, 5, 16 if raw else 8, generator=g) * (1 + labels.view(-1, 1, 1) % 3)
+    directions = random_directions(16, 8, g) if raw else None
+
+    def run():
+        return max_pairwise_w1(list(data.split(7)), labels, pairs=pairs, directions=directions)
+    small = run()
+    monkeypatch.setattr(wasserstein, "SMALL_CLASSES", 0)
+    torch.testing.assert_close(small, run(), rtol=1e-6, atol=1e-7)
+    if pairs == "all":
+        assert torch.allclose(small.double(), torch.tensor(_naive_max_w1(
+            [(data[labels == c] @ directions if raw else data[labels == c]).double() for c in range(k)])),
+            rtol=1e-5, atol=1e-6)

@@ -19,6 +19,8 @@ from .sites import Site, StopForward, attach_sites, begin_forward
 from .taps import grad_inputs
 from .wasserstein import max_pairwise_w1
 
+TRIM_ABOVE = 256 * 2 ** 20  # bytes of samples above which a single pass's heap is trimmed
+
 __all__ = ["Store", "plan_store", "check_reiterable", "later_pass", "reduce_pass", "site_u"]
 
 
@@ -132,10 +134,13 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
 def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: bool = False) -> None:
     """U of every slice stored in this pass, then its samples go. Under torch.distributed each slice's samples
     go to one owner rank, which computes its U; the U vectors are then shared, so every rank ends equal. The
-    heap is trimmed before (the pass's activations are gone) and after (so are its samples)."""
-    trim_heap()
+    heap is trimmed before (the pass's activations are gone) and after (so are its samples) where that matters:
+    between passes, or around a large store (a trim costs ~10 ms, a sixth of a small model's U)."""
     members = store.passes[number]
     n = len(store.passes)
+    trim = n > 1 or store.meter.peak >= TRIM_ABOVE
+    if trim:
+        trim_heap()
     desc = "fairpruner: U" + (f" of pass {number + 1}/{n}" if n > 1 else "")
     for j, s in enumerate(tqdm(members, desc=desc, disable=not progress, leave=False)):
         s.active = False  # its samples are complete
@@ -148,7 +153,8 @@ def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: boo
             store.u[id(s)] = max_pairwise_w1(chunks, labels, pairs=pairs,
                                              directions=s.directions if s.raw else None)
         store.meter.release(held)
-    trim_heap()
+    if trim:
+        trim_heap()
     if distributed():
         share_u(members, store.u)
 

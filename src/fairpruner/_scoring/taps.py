@@ -133,7 +133,7 @@ class ActivationTaps:
                 scale = module.weight.float() / torch.sqrt(module.running_var.float() + module.eps)
                 shape = [-1 if d == dim else 1 for d in range(g.dim())]
                 centred = value.float() - module.running_mean.float().view(shape)  # exact where |mean| >> std
-                sums = scale * _channel_sum(centred * g, dim) + module.bias.float() * _channel_sum(g, dim)
+                sums = scale * _channel_sum(centred.mul_(g), dim) + module.bias.float() * _channel_sum(g, dim)
             else:
                 sums = _channel_sum(value.float() * g, dim)
             for key, m in self.by_module.get(name, ()):

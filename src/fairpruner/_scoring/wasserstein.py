@@ -19,6 +19,8 @@ PAIR_SEARCH = ("auto", "all", "search")
 # "auto" compares every class pair up to this many classes and searches above: the pairwise work grows with
 # classes^2, the search's with classes (4 rows of distances per unit).
 SEARCH_ABOVE = 32
+# Up to this many samples per class (all classes alike) the class-major layout is used (see _small_classes_w1).
+SMALL_CLASSES = 8
 
 
 def pair_rule(pairs: str, classes: int) -> str:
@@ -122,22 +124,23 @@ def max_pairwise_w1(
     proj = chunks[0].shape[2] if directions is None else directions.shape[1]
     k, m = classes.numel(), int(counts.max())
     by_class = torch.argsort(labels, stable=True)
-    # Each chunk's samples go straight to their class-sorted row (whole contiguous rows); one transpose then
-    # gives the (units*P, N) layout in which the per-class sort and the pairwise L1 run on contiguous memory.
-    target = torch.empty_like(by_class)
-    target[by_class] = torch.arange(n, device=device)
-    samples = torch.empty(n, units * proj, dtype=chunks[0].dtype, device=device)
-    start = 0
+    if m <= SMALL_CLASSES and bool((counts == m).all()):
+        return _small_classes_w1(chunks, by_class, k, m, units, proj, directions, pair_rule(pairs, k), device)
+    # Each chunk enters as a transposed view; one cat gives the (units*P, N) layout in which the per-class sort
+    # and the pairwise L1 run on contiguous memory, and a gather of columns within each row (cache-local)
+    # puts the classes in order. (Class-sorted rows first and one transpose of the whole store after took
+    # twice as long.)
+    parts = []
     while chunks:
         c = chunks.pop(0).to(device)
         if directions is not None:
             c = c @ directions.to(device)
-        b = int(c.shape[0])
-        samples.index_copy_(0, target[start:start + b], c.reshape(b, units * proj))
-        start += b
+        parts.append(c.reshape(int(c.shape[0]), units * proj).t())
         del c
-    rows = samples.t().contiguous()
-    del samples
+    rows = torch.cat(parts, 1)
+    del parts
+    if not torch.equal(by_class, torch.arange(n, device=device)):
+        rows = rows.index_select(1, by_class)
     if bool((counts == m).all()):
         q = rows.view(units * proj, k, m)
     else:  # pad smaller classes with +inf: sorted to the end, never indexed
@@ -155,6 +158,93 @@ def max_pairwise_w1(
     if pair_rule(pairs, k) == "search":
         return _max_pair_search(q, units, proj)
     return _max_pair_l1(q, units, proj, max_chunk_elems)
+
+
+def _small_classes_w1(chunks: List[torch.Tensor], by_class: torch.Tensor, k: int, m: int, units: int, proj: int,
+                      directions: Optional[torch.Tensor], rule: str, device: torch.device) -> torch.Tensor:
+    """Classes of m <= SMALL_CLASSES samples each (many classes, few samples): class-major (K, m, units*P)
+    layout, straight from the chunks (whole contiguous rows, no transpose). A sorting network of in-place
+    elementwise min/max over its m slices sorts every class; the distances are elementwise over contiguous
+    rows. At 1,000 classes x 4 samples this is about twice as fast as the unit-major layout, whose per-row sorts
+    of 4 values and transpose dominate."""
+    n, width = k * m, units * proj
+    target = torch.empty_like(by_class)
+    target[by_class] = torch.arange(n, device=device)
+    q = torch.empty(n, width, dtype=chunks[0].dtype, device=device)
+    start = 0
+    while chunks:
+        c = chunks.pop(0).to(device)
+        if directions is not None:
+            c = c @ directions.to(device)
+        b = int(c.shape[0])
+        q.index_copy_(0, target[start:start + b], c.reshape(b, width))
+        start += b
+        del c
+    q = q.view(k, m, width)
+    slices, tmp = q.unbind(1), torch.empty(k, width, dtype=q.dtype, device=device)
+    for i, j in _sorting_network(m):
+        torch.minimum(slices[i], slices[j], out=tmp)
+        torch.maximum(slices[i], slices[j], out=slices[j])
+        slices[i].copy_(tmp)
+    q *= quantile_grid([m])[1].to(device).view(1, m, 1)  # equal classes: m intervals of 1/m
+    if rule == "search":
+        return _search_class_major(q, units, proj)
+    best = torch.zeros(units, dtype=q.dtype, device=device)
+    for a in range(k - 1):  # bounded: "all" runs up to SEARCH_ABOVE classes
+        d = _l1_rows(q[a + 1:], q[a:a + 1])
+        best = torch.maximum(best, d.view(-1, units, proj).mean(-1).amax(0))
+    return best
+
+
+def _l1_rows(q: torch.Tensor, ref: torch.Tensor, block_elems: int = 2 ** 19) -> torch.Tensor:
+    """Sum over the m quantiles of |q - ref|: q (rows, m, width), ref (1, m, width) -> (rows, width). Blocks of
+    rows whose temporaries stay in cache (~2 MB) take a third less time than whole slices."""
+    rows, m, width = q.shape
+    out = torch.empty(rows, width, dtype=q.dtype, device=q.device)
+    block = max(1, block_elems // max(1, width))
+    tmp = torch.empty(min(block, rows), width, dtype=q.dtype, device=q.device)
+    for a in range(0, rows, block):
+        qa, o = q[a:a + block], out[a:a + block]
+        t = tmp[:qa.shape[0]]
+        torch.sub(qa[:, 0], ref[:, 0], out=o).abs_()
+        for i in range(1, m):
+            o += torch.sub(qa[:, i], ref[:, i], out=t).abs_()
+    return out
+
+
+def _search_class_major(q: torch.Tensor, units: int, proj: int, steps: int = 2) -> torch.Tensor:
+    """:func:`_max_pair_search` on the class-major layout (K, m, units*P)."""
+    k, m, width = q.shape
+    mean = q.sum(1).view(k, units, proj).mean(-1)  # (K, units)
+    best = torch.zeros(units, device=q.device, dtype=q.dtype)
+    for current in (mean.argmax(0), mean.argmin(0)):
+        for _ in range(steps):
+            index = current.repeat_interleave(proj).view(1, 1, width).expand(1, m, width)
+            d = _l1_rows(q, q.gather(0, index)).view(k, units, proj).mean(-1)  # (K, units)
+            far, current = d.max(0)
+            best = torch.maximum(best, far)
+    return best
+
+
+def _sorting_network(m: int) -> List[tuple]:
+    """Batcher's odd-even merge sort for m values: comparators (i, j), i < j, applied in order. Generated for the
+    next power of two; comparators reaching past m are dropped (they would meet +inf padding, a no-op)."""
+    size = 1
+    while size < m:
+        size *= 2
+    pairs = []
+    p = 1
+    while p < size:
+        kk = p
+        while kk >= 1:
+            for j in range(kk % p, size - kk, 2 * kk):
+                for i in range(min(kk, size - j - kk)):
+                    a, b = i + j, i + j + kk
+                    if a // (2 * p) == b // (2 * p) and b < m:
+                        pairs.append((a, b))
+            kk //= 2
+        p *= 2
+    return pairs
 
 
 def _max_pair_search(q: torch.Tensor, units: int, proj: int, steps: int = 2) -> torch.Tensor:
