@@ -27,7 +27,7 @@ from .._core.state import eval_mode, model_signature
 from .._errors import DataError, FairPrunerError
 from .._graph import build_graph, discover_groups, find_output_layers
 from .._measure.costmodel import CostModel
-from ..families.attention import AttentionOptions
+from ..families.attention import AttentionOptions, for_attention_families
 from .budget import StoreMeter, default_budget, parse_memory
 from .distributed import agreed, distributed, merge_totals
 from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
@@ -203,8 +203,7 @@ def _check_options(model: nn.Module, samples_per_class: int, projections: int, u
     unknown = [n for n in ignore if n not in module_names]
     if unknown:
         raise FairPrunerError(f"ignore= names unknown modules {unknown}; use names from model.named_modules().")
-    units = AttentionOptions(units=attention)  # checks the value
-    options = {c.name: units for c in _families.registered() if c.Options is AttentionOptions}
+    options = for_attention_families(AttentionOptions(units=attention))  # checks the value
     options.update(family_options or {})
     return _families.build(options)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -130,13 +130,7 @@ def max_pairwise_w1(
     # and the pairwise L1 run on contiguous memory, and a gather of columns within each row (cache-local)
     # puts the classes in order. (Class-sorted rows first and one transpose of the whole store after took
     # twice as long.)
-    parts = []
-    while chunks:
-        c = chunks.pop(0).to(device)
-        if directions is not None:
-            c = c @ directions.to(device)
-        parts.append(c.reshape(int(c.shape[0]), units * proj).t())
-        del c
+    parts = [c.t() for c in _consume(chunks, directions, device, units * proj)]
     rows = torch.cat(parts, 1)
     del parts
     if not torch.equal(by_class, torch.arange(n, device=device)):
@@ -160,6 +154,17 @@ def max_pairwise_w1(
     return _max_pair_l1(q, units, proj, max_chunk_elems)
 
 
+def _consume(chunks: List[torch.Tensor], directions: Optional[torch.Tensor], device: torch.device,
+             width: int) -> Iterator[torch.Tensor]:
+    """Each chunk as (b, width) on ``device``, projected onto ``directions`` where stored unprojected; a chunk
+    leaves the list as it is taken, so the samples are held once."""
+    while chunks:
+        c = chunks.pop(0).to(device)
+        if directions is not None:
+            c = c @ directions.to(device)
+        yield c.reshape(int(c.shape[0]), width)
+
+
 def _small_classes_w1(chunks: List[torch.Tensor], by_class: torch.Tensor, k: int, m: int, units: int, proj: int,
                       directions: Optional[torch.Tensor], rule: str, device: torch.device) -> torch.Tensor:
     """Classes of m <= SMALL_CLASSES samples each (many classes, few samples): class-major (K, m, units*P)
@@ -172,14 +177,9 @@ def _small_classes_w1(chunks: List[torch.Tensor], by_class: torch.Tensor, k: int
     target[by_class] = torch.arange(n, device=device)
     q = torch.empty(n, width, dtype=chunks[0].dtype, device=device)
     start = 0
-    while chunks:
-        c = chunks.pop(0).to(device)
-        if directions is not None:
-            c = c @ directions.to(device)
-        b = int(c.shape[0])
-        q.index_copy_(0, target[start:start + b], c.reshape(b, width))
-        start += b
-        del c
+    for c in _consume(chunks, directions, device, width):
+        q.index_copy_(0, target[start:start + c.shape[0]], c)
+        start += c.shape[0]
     q = q.view(k, m, width)
     slices, tmp = q.unbind(1), torch.empty(k, width, dtype=q.dtype, device=device)
     for i, j in _sorting_network(m):

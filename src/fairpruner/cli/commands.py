@@ -203,8 +203,7 @@ def _start_distributed(args: argparse.Namespace) -> Tuple[int, int]:
 
 def _attention_options(args: argparse.Namespace) -> dict:
     """--attention and --gqa as the options of every attention family."""
-    opt = fp.families.AttentionOptions(units=args.attention, gqa=args.gqa)
-    return {c.name: opt for c in fp.families.registered() if c.Options is fp.families.AttentionOptions}
+    return fp.families.for_attention_families(fp.families.AttentionOptions(units=args.attention, gqa=args.gqa))
 
 
 def _cmd_score(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from .attention_hf import HFAttentionHeads
 from .conv1d_hf import Conv1DBlocks
 from .mlp_fused import FusedGatedMLP
 from .attention_levit import LevitHeads
-from .attention import ATTENTION_UNITS, AttentionHeads, AttentionOptions
+from .attention import ATTENTION_UNITS, AttentionHeads, AttentionOptions, for_attention_families
 from .pruned_mha import PrunedMultiheadAttention
 
 __all__ = [
@@ -31,5 +31,5 @@ __all__ = [
     "registered", "build", "options_record", "hook_source", "member_params", "zero_members_",
     "kept", "replace_module", "slice_linear_",
     "RecurrentFamily", "RecurrentStack", "Experts", "StackedExperts", "StackedExpertUnits", "moe_routers", "HFAttentionHeads", "Conv1DBlocks", "FusedGatedMLP", "LevitHeads", "AttentionHeads",
-    "AttentionOptions", "ATTENTION_UNITS", "PrunedMultiheadAttention",
+    "AttentionOptions", "ATTENTION_UNITS", "for_attention_families", "PrunedMultiheadAttention",
 ]

@@ -43,10 +43,10 @@ from .._core.groups import GroupSpec, Member, zero_members_
 from .._core.layers import kept, qualname, replace_module, slice_linear_
 from .._errors import UnsupportedModelError
 from .._measure.counting import attention_macs
-from .base import Family, FamilyOptions, MacsTerm, USource, hook_source, register
+from .base import Family, FamilyOptions, MacsTerm, USource, hook_source, register, registered
 from .pruned_mha import PrunedMultiheadAttention, mha_head_outputs
 
-__all__ = ["AttentionHeads", "AttentionOptions", "ATTENTION_UNITS", "find_attention"]
+__all__ = ["AttentionHeads", "AttentionOptions", "ATTENTION_UNITS", "find_attention", "for_attention_families"]
 
 ATTENTION_UNITS = ("heads", "head_dims")
 GQA_UNITS = ("kv_groups", "query_heads")
@@ -84,6 +84,13 @@ class AttentionOptions(FamilyOptions):
         if int(d.get("version", 1)) < 2:  # written before gqa existed: grouped-query attention went by KV groups
             d.setdefault("gqa", "kv_groups")
         return super().from_dict(d)
+
+
+def for_attention_families(options: AttentionOptions) -> Dict[str, AttentionOptions]:
+    """The same options for every registered family that takes :class:`AttentionOptions` (name -> options),
+    as ``fp.score(attention=...)`` and the command line's ``--attention``/``--gqa`` set them."""
+    return {c.name: options for c in registered() if c.Options is AttentionOptions}
+
 
 # Children of a timm-style block that may hold parameters: per-head q/k normalisation over head_dim (shared by
 # all heads, so whole heads can go, single head dimensions cannot).
