@@ -246,7 +246,8 @@ def run_finetune(b: Bench) -> Dict[str, Any]:
     a = b.args
     train_aug = data.cifar10(a.data, "train", augment=True)
     out = {"level": a.headline, "epochs": a.epochs, "lr": a.lr, "bf16": a.bf16, "unpruned": fp.evaluate(b.model, b.test_loader)}
-    for label in (DEFAULT,) if a.methods == "default" else (DEFAULT, TP_L1):
+    labels = {"default": (DEFAULT,), "tp": (TP_L1,)}.get(a.methods, (DEFAULT, TP_L1))
+    for label in labels:
         pruned = b.build(METHODS[label], 0, a.headline)
         rec = b.measure(pruned, 0, b.test_loader)
         loader = DataLoader(train_aug, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -313,11 +314,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
-    ap.add_argument("--methods", default="all", choices=("all", "core", "default", "tod"),
+    ap.add_argument("--methods", default="all", choices=("all", "core", "default", "tod", "tp"),
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
                          "(core), the default alone, or every method that follows the default stream rule (tod); "
                          "--part select: every variant, the stream study (core) or the default alone; "
-                         "--part finetune: the default and Torch-Pruning, or the default alone (default). "
+                         "--part finetune: the default and Torch-Pruning, the default alone (default) or "
+                         "Torch-Pruning alone (tp). "
                          "Rows measured before for other methods are kept")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
