@@ -48,24 +48,30 @@ RESULTS = HERE / "results"
 # this library's defaults before the validation studies
 PAPER_DEFAULTS = {"u_reduce": "max", "r_reduce": "sum", "u_consumer_power": 0, "u_at": "input"}
 
+# Every layer that is not a residual stream loses its whole alpha=0 count (the default, made explicit where a
+# variant also sets the stream rule).
+FREE = {"floor": "free"}
+# The floor study: every other layer's free alpha=0 count capped at sqrt(width) too.
+CAPPED = "FAIR, every other layer's free floor capped at sqrt(width) too (floor=sqrt)"
 IN = {"u_at": "input"}
 PLAIN = {"u_consumer_power": 0, **IN}
 # Residual streams as the defaults before the stream study cut them: weight 4, the whole alpha=0 count free.
-FREE4 = {"stream_weight": 4, "stream_floor": "free"}
+FREE4 = {"stream_weight": 4, "stream_floor": "free", **FREE}
 EARLIER = "FAIR, streams lose their whole alpha=0 count (default before the stream study)"
 # The default before the output layer's stream was spared: every stream's free floor capped at sqrt(width).
-SQRT = {"stream_floor": "sqrt"}
+SQRT = {"stream_floor": "sqrt", **FREE}
 PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (previous default)"
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR default (U + ToD)": ({}, {}),
     "FAIR, first defaults (U max, R sum, streams like any layer)": (
-        PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share", "stream_floor": "free"}),
+        PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share", "stream_floor": "free", **FREE}),
     "FAIR, plain U at the input, equal shares of the floor (defaults before the last two studies)": (
         PLAIN, {"ties": "share", **FREE4}),
     "FAIR, U x consumer norm at the next layer's input (u_at=input), streams' floor free": (IN, FREE4),
     EARLIER: ({}, FREE4),
     PREVIOUS: ({}, SQRT),
+    CAPPED: ({}, {"floor": "sqrt"}),
     "U + uniform": ({}, {"allocation": "uniform"}),
     "L1 + ToD": ({}, {"signal": "l1"}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
@@ -79,9 +85,9 @@ DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
-# --methods tod: the methods whose plans follow the default residual-stream rule (re-run when it changes).
-TOD = [k for k, (score_kw, plan_kw) in METHODS.items()
-       if score_kw is not None and plan_kw.get("allocation", "tod") == "tod" and "stream_floor" not in plan_kw]
+# --methods tod: the methods whose plans follow the default floor rules (re-run when they change).
+TOD = [k for k, (score_kw, plan_kw) in METHODS.items() if score_kw is not None
+       and plan_kw.get("allocation", "tod") == "tod" and not {"stream_floor", "floor"} & set(plan_kw)]
 # The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
 # random scores.
 ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
@@ -96,8 +102,8 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "U x consumer norm at the input, equal shares of the floor": (IN, {"ties": "share", **FREE4}),
     "U x consumer norm at the input, cost-ordered ties": (IN, FREE4),
     "U x consumer norm^2 at the input, cost-ordered ties": ({"u_consumer_power": 2, **IN}, FREE4),
-    "U x consumer norm at the input, stream weight 1": (IN, {"stream_weight": 1, "stream_floor": "free"}),
-    "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8, "stream_floor": "free"}),
+    "U x consumer norm at the input, stream weight 1": (IN, {"stream_weight": 1, "stream_floor": "free", **FREE}),
+    "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8, "stream_floor": "free", **FREE}),
     "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, FREE4),
     "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, FREE4),
     "U x consumer norm on the layer output (u_at=output), streams' whole floor free, weight 4": ({}, FREE4),
@@ -106,12 +112,16 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
     "layer's stream, weight 8 (default)": ({}, {}),
     "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
-        {}, {"stream_floor": "none"}),
+        {}, {"stream_floor": "none", **FREE}),
+    "as the default, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": ({}, {"floor": "sqrt"}),
+    "as the default, every other layer loses units only at positive levels (floor=none)": ({}, {"floor": "none"}),
+    "U + uniform depths (the baseline to beat)": ({}, {"allocation": "uniform"}),
 }
 SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
             "layer's stream, weight 8 (default)")
-# --part select --methods core: the stream study alone (ResNet-56 and ResNet-20).
-STREAM_STUDY = list(VARIANTS)[-4:]
+# --part select --methods core: the stream study (ResNet-56 and ResNet-20); --methods floor: the floor study.
+STREAM_STUDY = list(VARIANTS)[-7:-3]
+FLOOR_STUDY = [list(VARIANTS)[-5], *list(VARIANTS)[-3:]]
 
 
 def log(msg: str) -> None:
@@ -314,10 +324,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
-    ap.add_argument("--methods", default="all", choices=("all", "core", "default", "tod", "tp"),
+    ap.add_argument("--methods", default="all", choices=("all", "core", "floor", "default", "tod", "tp"),
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
                          "(core), the default alone, or every method that follows the default stream rule (tod); "
-                         "--part select: every variant, the stream study (core) or the default alone; "
+                         "--part select: every variant, the stream study (core), the floor study (floor) or "
+                         "the default alone; "
                          "--part finetune: the default and Torch-Pruning, the default alone (default) or "
                          "Torch-Pruning alone (tp). "
                          "Rows measured before for other methods are kept")
@@ -346,7 +357,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     t0 = time.perf_counter()
     if args.part == "select":
         log(f"{args.model}: FAIR variants on validation, seeds {args.seeds}")
-        names = {"all": list(VARIANTS), "core": STREAM_STUDY, "default": [SELECTED], "tod": [SELECTED]}[args.methods]
+        names = {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "default": [SELECTED],
+                 "tod": [SELECTED]}[args.methods]
         variants = {k: VARIANTS[k] for k in names}
         part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":

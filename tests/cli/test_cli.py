@@ -111,12 +111,14 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
     plan = fp.Plan.from_json((workdir / "out" / "plan.json").read_text())
     assert 1 - plan.predicted["macs_after"] / plan.predicted["macs_before"] >= 0.4 - 0.005
     assert plan.settings["stream_floor"] == "capped" and plan.settings["stream_weight"] == 8
+    assert plan.settings["floor"] == "free"
     assert main(["plan", "--scores", "out/scores.pt", "--macs", "0.4", "--stream-floor", "free", "--stream-weight",
-                 "2", "--out", "out/plan_free.json"]) == 0
+                 "2", "--floor", "sqrt", "--out", "out/plan_free.json"]) == 0
     capsys.readouterr()
     free = fp.Plan.from_json((workdir / "out" / "plan_free.json").read_text())
     (workdir / "out" / "plan_free.json").unlink()  # the listing below is of the chain's own files
     assert free.settings["stream_floor"] == "free" and free.settings["stream_weight"] == 2
+    assert free.settings["floor"] == "sqrt"
 
     assert main(["prune", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--plan", "out/plan.json",
                  "--out", "out/pruned.pt"]) == 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -261,15 +260,12 @@ def test_calibration_loader_errors() -> None:
 
 @pytest.mark.skipif(not REAL_CIFAR.is_file(), reason="real CIFAR-10 archive not available")
 def test_real_cifar10_test_split(tmp_path: Path) -> None:
-    start = time.perf_counter()
     ds = data.cifar10(REAL_CIFAR, "test", cache_dir=tmp_path)
-    elapsed = time.perf_counter() - start
     assert len(ds) == 10_000 and len(ds.classes) == 10
     assert ds.classes[0] == "airplane" and ds.classes[-1] == "truck"
     assert data.class_counts(ds) == {c: 1000 for c in range(10)}
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
-    assert elapsed < 20, f"decoding took {elapsed:.1f}s"
-    start = time.perf_counter()
-    assert data.cifar10(REAL_CIFAR, "test", cache_dir=tmp_path).targets == ds.targets
-    print(f"\nCIFAR-10 test split: decode {elapsed:.2f}s, cached load {time.perf_counter() - start:.2f}s")
+    assert any(tmp_path.iterdir())  # the decoded split is cached ...
+    again = data.cifar10(REAL_CIFAR, "test", cache_dir=tmp_path)  # ... and read back unchanged
+    assert again.targets == ds.targets and torch.equal(again[0][0], x)

@@ -14,7 +14,7 @@ import torch
 import fairpruner as fp
 from helpers import tiny_loader
 from fairpruner import zoo
-from fairpruner._planning.plans import STREAM_WEIGHT
+from fairpruner._planning.plans import FLOORS, STREAM_WEIGHT
 from fairpruner._planning.tod import cap_floor, max_fraction, tod_counts, tod_curve
 
 
@@ -200,8 +200,9 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
     synthetic_scores = fp.Scores(
         [dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0) if g.is_stream
          else g for g in synthetic_scores.groups], synthetic_scores.cost, dict(synthetic_scores.meta))
-    plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f) for f in ("free", "capped", "sqrt", "none")}
-    assert fp.plan(synthetic_scores, alpha=0.0).removed == plans["capped"].removed
+    plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f, floor="free")
+             for f in ("free", "capped", "sqrt", "none")}
+    assert fp.plan(synthetic_scores, alpha=0.0, floor="free").removed == plans["capped"].removed
     capped_somewhere = head_spared = False
     for g in synthetic_scores.groups:
         floor = int((tod_curve(g.u, g.r) <= 1e-12).sum())
@@ -219,6 +220,40 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
         assert abs(p.achieved["macs"] - 0.3) <= 0.005 and p.settings["stream_floor"] == f
     with pytest.raises(fp.PlanError, match="stream_floor"):
         fp.plan(synthetic_scores, alpha=0.1, stream_floor=True)
+
+
+def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):
+    """Groups that are not residual streams lose at alpha=0 all of their ToD floor ("free": the paper's ToD,
+    the default), at most floor(sqrt(n)) of it ("sqrt") or nothing ("none"); streams follow stream_floor alone;
+    above a group's first positive level every rule gives the same count; targets stay reachable."""
+    # Ordinary groups whose lowest-U units are also their lowest-R ones: ToD's floor is half the group.
+    synthetic_scores = fp.Scores(
+        [g if g.is_stream else dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0)
+         for g in synthetic_scores.groups], synthetic_scores.cost, dict(synthetic_scores.meta))
+    plans = {f: fp.plan(synthetic_scores, alpha=0.0, floor=f) for f in FLOORS}
+    assert fp.plan(synthetic_scores, alpha=0.0).removed == plans["free"].removed
+    capped_somewhere = False
+    for g in synthetic_scores.groups:
+        curve = tod_curve(g.u, g.r)
+        floor = int((curve <= 1e-12).sum())
+        got = {f: len(p.removed[g.name]) for f, p in plans.items()}
+        if g.is_stream:
+            assert len(set(got.values())) == 1
+        else:
+            assert got == {"free": floor, "sqrt": min(floor, math.isqrt(g.n_units)), "none": 0}
+            capped_somewhere |= floor > math.isqrt(g.n_units)
+            if not (curve > 1e-12).any():
+                continue
+            level = float(curve[curve > 1e-12][0])  # at the first positive level the capped steps are back
+            assert len({len(fp.plan(synthetic_scores, alpha=level, floor=f).removed[g.name]) for f in FLOORS}) == 1
+    assert capped_somewhere
+    for f in FLOORS:
+        p = fp.plan(synthetic_scores, macs=0.3, floor=f)
+        assert abs(p.achieved["macs"] - 0.3) <= 0.005 and p.settings["floor"] == f
+    with pytest.raises(fp.PlanError, match="floor="):
+        fp.plan(synthetic_scores, alpha=0.1, floor="capped")
+    with pytest.raises(fp.PlanError, match="floor="):
+        fp.sweep(synthetic_scores, alphas=[0.1], floor=None)
 
 
 def test_ties_reorder_only_within_a_level(resnet_scores):

@@ -15,7 +15,7 @@ from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, step_order, tie_keys
 from .tod import cap_floor, max_fraction, rank_ascending, tod_counts, tod_curve
 
-__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS"]
+__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "FLOORS"]
 
 PLAN_VERSION = 1
 SIGNALS = ("u", "l1", "taylor", "random")
@@ -33,6 +33,10 @@ TIES = ("cost", "share")
 # validation split), "sqrt" (at most floor(sqrt(n)) units of every stream: the previous default), "free"
 # (all of it: the paper's ToD), "none" (streams lose units only at positive levels).
 STREAM_FLOORS = ("capped", "sqrt", "free", "none")
+# How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD; the default, since
+# "sqrt" lost ResNet-56 0.8 pt at 20 % MACs on the validation split while it won VGG-16-BN 0.4 pt), "sqrt" (at
+# most floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels).
+FLOORS = ("free", "sqrt", "none")
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 
@@ -134,7 +138,8 @@ def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
 
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
-         stream_weight: float = STREAM_WEIGHT, ties: str = "cost", stream_floor: str = "capped") -> Plan:
+         stream_weight: float = STREAM_WEIGHT, ties: str = "cost", stream_floor: str = "capped",
+         floor: str = "free") -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -168,6 +173,11 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             stream's first positive level. "sqrt": at most floor(sqrt(n)) of every stream (the previous
             default). "free": all of it (the paper's ToD). "none": a stream loses units only at positive
             levels.
+        floor: the same for every other group. "free" (default): all of it (the paper's ToD). "sqrt": at
+            most floor(sqrt(n)) of its alpha=0 count is free, the rest costs the group's first positive level,
+            so a light target does not take a small layer's chance-long floor whole (VGG-16-BN's first
+            convolution: 19 of 64 channels at alpha 0; +0.4 pt there at 20 % MACs on validation, -0.8 pt
+            on ResNet-56). "none": only positive levels.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -182,7 +192,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         >>> p.requested, p.achieved
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
-    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor)
+    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
@@ -191,9 +201,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     if key != "alpha" and value == 0:
         counts = np.zeros(len(units), dtype=np.int64)
     elif allocation == "tod" and key == "alpha":
-        chosen, counts = value, tod_counts(_curves(scores, stream_floor), value, weights)
+        chosen, counts = value, tod_counts(_curves(scores, stream_floor, floor), value, weights)
     elif allocation == "tod":
-        curves = _curves(scores, stream_floor)
+        curves = _curves(scores, stream_floor, floor)
         counts = _tod_target(scores, curves, weights, key, value, before, ties)
         chosen = _level_of(curves, counts, weights)
     else:
@@ -202,26 +212,29 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
                             "removing 99% of every group")
     result = _make_plan(scores, counts, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
-                         "ties": ties, "stream_floor": stream_floor})
+                         "ties": ties, "stream_floor": stream_floor, "floor": floor})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "units' sizes allow no closer plan.", stacklevel=2)
     return result
 
 
-def _curves(scores: Scores, stream_floor: str) -> List[np.ndarray]:
-    """Every group's ToD curve, a residual stream's free alpha=0 count limited as ``stream_floor`` says."""
+def _curves(scores: Scores, stream_floor: str, floor: str = "free") -> List[np.ndarray]:
+    """Every group's ToD curve, its free alpha=0 count limited as ``stream_floor`` (residual streams) or
+    ``floor`` (every other group) says."""
     curves = [tod_curve(g.u, g.r) for g in scores.groups]
-    if stream_floor == "free":
-        return curves
-    return [cap_floor(c, _free_floor(g, stream_floor)) if g.is_stream else c for g, c in zip(scores.groups, curves)]
+    free = [_free_floor(g, stream_floor) if g.is_stream else _free_floor(g, floor) for g in scores.groups]
+    return [c if f is None else cap_floor(c, f) for c, f in zip(curves, free)]
 
 
-def _free_floor(g: GroupScores, stream_floor: str) -> int:
-    """How many of a stream's alpha=0 steps stay free: none for the stream the output layer reads (its
-    channels are the head's features; cutting them freely cost ResNet-56 3-4 pt at 35 % MACs on the
-    validation split), at most floor(sqrt(n)) for the others ("sqrt": for every stream)."""
-    if stream_floor == "none" or (stream_floor == "capped" and g.feeds_output):
+def _free_floor(g: GroupScores, rule: str) -> Optional[int]:
+    """How many of a group's alpha=0 steps stay free under ``rule`` (None: all of them). "capped" (streams):
+    none for the stream the output layer reads (its channels are the head's features; cutting them freely
+    cost ResNet-56 3-4 pt at 35 % MACs on the validation split), at most floor(sqrt(n)) for the others;
+    "sqrt": at most floor(sqrt(n)); "none": none; "free": all."""
+    if rule == "free":
+        return None
+    if rule == "none" or (rule == "capped" and g.feeds_output):
         return 0
     return math.isqrt(g.n_units)
 
@@ -231,16 +244,18 @@ def _weights(scores: Scores, stream_weight: float) -> List[float]:
     return [stream_weight if g.is_stream else 1.0 for g in scores.groups]
 
 
-def _check_streams(stream_weight: Any, stream_floor: Any) -> None:
+def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any) -> None:
     if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
             not math.isfinite(stream_weight) or stream_weight < 1:
         raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
     if stream_floor not in STREAM_FLOORS:
         raise PlanError(f"stream_floor={stream_floor!r} is not one of {STREAM_FLOORS}.")
+    if floor not in FLOORS:
+        raise PlanError(f"floor={floor!r} is not one of {FLOORS}.")
 
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
-                allocation: str, stream_weight: float, ties: str, stream_floor: str) -> tuple:
+                allocation: str, stream_weight: float, ties: str, stream_floor: str, floor: str) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
@@ -255,7 +270,7 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
         raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
     if allocation == "uniform" and key == "alpha":
         raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
-    _check_streams(stream_weight, stream_floor)
+    _check_floors(stream_weight, stream_floor, floor)
     return key, value
 
 
@@ -334,7 +349,7 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
           stream_weight: float = STREAM_WEIGHT, ties: str = "cost",
-          stream_floor: str = "capped") -> List[Dict[str, float]]:
+          stream_floor: str = "capped", floor: str = "free") -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
 
@@ -347,6 +362,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         stream_weight: as in :func:`plan`.
         ties: as in :func:`plan` (targets only).
         stream_floor: as in :func:`plan`.
+        floor: as in :func:`plan`.
 
     Example:
         >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.1, 0.2, 0.35, 0.5])))
@@ -356,10 +372,10 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
     if params is not None or macs is not None:
         key, values = ("params", params) if params is not None else ("macs", macs)
         return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties,
-                                         stream_floor=stream_floor, **{key: _fraction(key, v)}), key)
+                                         stream_floor=stream_floor, floor=floor, **{key: _fraction(key, v)}), key)
                 for v in values]
-    _check_streams(stream_weight, stream_floor)
-    curves = _curves(scores, stream_floor)
+    _check_floors(stream_weight, stream_floor, floor)
+    curves = _curves(scores, stream_floor, floor)
     weights = _weights(scores, stream_weight)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)

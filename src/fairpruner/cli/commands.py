@@ -243,12 +243,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.sweep == "alpha":
         _say("alpha sweep (predicted fractions removed):")
         _say(format_sweep(fp.sweep(scores, _alphas(args.alphas), stream_weight=args.stream_weight,
-                                     stream_floor=args.stream_floor)))
+                                     stream_floor=args.stream_floor, floor=args.floor)))
     elif args.sweep:
         _say(f"{args.sweep} targets (asked, and what each plan removes):")
         targets = {args.sweep: _alphas(args.targets, "--targets")}
         _say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, ties=args.ties,
-                                     stream_floor=args.stream_floor, **targets)))
+                                     stream_floor=args.stream_floor, floor=args.floor, **targets)))
     if target:
         if args.sweep:
             _say()
@@ -269,7 +269,7 @@ def _make_plan(scores: fp.Scores, args: argparse.Namespace, target: dict) -> fp.
         warnings.simplefilter("ignore")  # said below, in the command's own words
         the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed,
                            stream_weight=args.stream_weight, ties=args.ties,
-                           stream_floor=args.stream_floor, **target)
+                           stream_floor=args.stream_floor, floor=args.floor, **target)
     for key, asked in the_plan.requested.items():
         if key == "alpha":
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .._planning.plans import STREAM_FLOORS, STREAM_WEIGHT, TIES
+from .._planning.plans import FLOORS, STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
 
@@ -155,6 +155,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "units, none of the stream the output layer reads (default capped: the count swings "
                         "between calibration samples), at most sqrt(width) of every stream (sqrt), all of it "
                         "(free: the paper's ToD) or none")
+    p.add_argument("--floor", default="free", choices=FLOORS,
+                   help="the same for every other layer: all of its alpha=0 count (default free: the paper's "
+                        "ToD), at most sqrt(width) units (sqrt) or none")
 
 
 def _attention_args(p: argparse.ArgumentParser) -> None:
