@@ -113,15 +113,19 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "layer's stream, weight 8 (default)": ({}, {}),
     "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
         {}, {"stream_floor": "none", **FREE}),
+}
+SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
+            "layer's stream, weight 8 (default)")
+# --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
+STREAM_STUDY = list(VARIANTS)[-4:]
+# --part select --methods floor: the default against the other floor rules and uniform depths (every model).
+FLOOR_VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "as the default, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": ({}, {"floor": "sqrt"}),
     "as the default, every other layer loses units only at positive levels (floor=none)": ({}, {"floor": "none"}),
     "U + uniform depths (the baseline to beat)": ({}, {"allocation": "uniform"}),
 }
-SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
-            "layer's stream, weight 8 (default)")
-# --part select --methods core: the stream study (ResNet-56 and ResNet-20); --methods floor: the floor study.
-STREAM_STUDY = list(VARIANTS)[-7:-3]
-FLOOR_STUDY = [list(VARIANTS)[-5], *list(VARIANTS)[-3:]]
+VARIANTS.update(FLOOR_VARIANTS)
+FLOOR_STUDY = [SELECTED, *FLOOR_VARIANTS]
 
 
 def log(msg: str) -> None:

@@ -219,11 +219,11 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     return result
 
 
-def _curves(scores: Scores, stream_floor: str, floor: str = "free") -> List[np.ndarray]:
+def _curves(scores: Scores, stream_floor: str, floor: str) -> List[np.ndarray]:
     """Every group's ToD curve, its free alpha=0 count limited as ``stream_floor`` (residual streams) or
     ``floor`` (every other group) says."""
     curves = [tod_curve(g.u, g.r) for g in scores.groups]
-    free = [_free_floor(g, stream_floor) if g.is_stream else _free_floor(g, floor) for g in scores.groups]
+    free = [_free_floor(g, stream_floor if g.is_stream else floor) for g in scores.groups]
     return [c if f is None else cap_floor(c, f) for c, f in zip(curves, free)]
 
 
