@@ -15,6 +15,7 @@ seeds. The data never overlap:
     python benchmarks/accuracy.py --part ablation --model vgg16_bn   # the paper's ToD/uniform ablations (params)
     python benchmarks/accuracy.py --part targets --model resnet56    # plan(macs=t)/plan(params=t), t=0.05..0.95
     python benchmarks/accuracy.py --part finetune --epochs 3   # headline: FAIR vs Torch-Pruning, fine-tuned
+    python benchmarks/accuracy.py --part finetune --epochs 3 --distill 0.9   # the same, distilled from the original
     python benchmarks/accuracy.py --part readme                # README section from every model's results
 
 Raw results go to ``benchmarks/results/accuracy_<model>.json`` (each part adds its own key), the tables to
@@ -259,7 +260,8 @@ def run_finetune(b: Bench) -> Dict[str, Any]:
     """FAIR default and Torch-Pruning global L1 at the headline level, fine-tuned with one recipe."""
     a = b.args
     train_aug = data.cifar10(a.data, "train", augment=True)
-    out = {"level": a.headline, "epochs": a.epochs, "lr": a.lr, "bf16": a.bf16, "unpruned": fp.evaluate(b.model, b.test_loader)}
+    out = {"level": a.headline, "epochs": a.epochs, "lr": a.lr, "bf16": a.bf16, "distill": a.distill,
+           "unpruned": fp.evaluate(b.model, b.test_loader)}
     labels = {"default": (DEFAULT,), "tp": (TP_L1,)}.get(a.methods, (DEFAULT, TP_L1))
     for label in labels:
         pruned = b.build(METHODS[label], 0, a.headline)
@@ -269,7 +271,8 @@ def run_finetune(b: Bench) -> Dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # augmentation draws from torch's global RNG
             fp.finetune(pruned, loader, epochs=a.epochs, lr=a.lr, progress=sys.stderr.isatty(),
-                        autocast=torch.bfloat16 if a.bf16 else None)
+                        autocast=torch.bfloat16 if a.bf16 else None, teacher=b.model if a.distill else None,
+                        distill=a.distill)
         rec["finetuned"], rec["finetune_s"] = fp.evaluate(pruned, b.test_loader), time.perf_counter() - t0
         out[label] = rec
         log(f"  {label}: MACs -{100 * rec['macs_removed']:.1f}%, recalibrated {100 * rec['recalibrated']:.2f}%, "
@@ -344,6 +347,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of --part finetune")
     ap.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     ap.add_argument("--bf16", action="store_true", help="fine-tune under bfloat16 autocast (same for every method)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="--part finetune: distil from the unpruned checkpoint with this weight (temperature 4); "
+                         "kept apart from the plain fine-tuning results")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -380,13 +386,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         part = ("targets", run_targets(b))
     else:
         log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
-        part = ("finetune", run_finetune(b))
+        part = ("finetune_distill" if args.distill else "finetune", run_finetune(b))
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
     results = json.loads(raw.read_text()) if raw.is_file() else {}
     old = results.get(part[0], {})
-    recipe = ("level", "epochs", "lr", "bf16")
+    recipe = ("level", "epochs", "lr", "bf16", "distill")
     if part[0] in ("select", "test") or \
-            (part[0] == "finetune" and all(old.get(k) == part[1][k] for k in recipe)):
+            (part[0].startswith("finetune") and all(old.get(k, 0.0) == part[1][k] for k in recipe)):
         # Rows of methods not run this time stay (fine-tuned ones only under the same recipe).
         results[part[0]] = _in_study_order({**old, **part[1]}, VARIANTS if part[0] == "select" else METHODS)
     else:

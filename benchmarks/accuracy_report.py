@@ -105,17 +105,22 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     if "targets" in results:
         lines += ["## Targets: `plan(macs=t)` and `plan(params=t)`, measured after surgery (seed 0)", ""]
         lines += _targets(results["targets"]) + [""]
-    if "finetune" in results:
-        ft = results["finetune"]
-        lines += [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
-                  f"lr {ft['lr']}, cosine; unpruned {100 * ft['unpruned']:.2f} %)", "",
-                  "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
-        for label in [k for k, v in ft.items() if isinstance(v, dict)]:  # the methods fine-tuned
-            r = ft[label]
-            lines.append(f"| {label} | {100 * r['macs_removed']:.1f} % | {100 * r['recalibrated']:.2f} | "
-                         f"{100 * r['finetuned']:.2f} | {100 * (r['finetuned'] - ft['unpruned']):+.2f} pt |")
-        lines.append("")
+    for key in ("finetune", "finetune_distill"):
+        if key in results:
+            lines += _finetuned(results[key])
     return "\n".join(lines)
+
+
+def _finetuned(ft: Dict[str, Any]) -> List[str]:
+    how = f"distilled from the unpruned model, weight {ft['distill']:g}, T 4; " if ft.get("distill") else ""
+    lines = [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
+             f"lr {ft['lr']}, cosine; {how}unpruned {100 * ft['unpruned']:.2f} %)", "",
+             "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
+    for label in [k for k, v in ft.items() if isinstance(v, dict)]:  # the methods fine-tuned
+        r = ft[label]
+        lines.append(f"| {label} | {100 * r['macs_removed']:.1f} % | {100 * r['recalibrated']:.2f} | "
+                     f"{100 * r['finetuned']:.2f} | {100 * (r['finetuned'] - ft['unpruned']):+.2f} pt |")
+    return lines + [""]
 
 
 def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> None:

@@ -127,6 +127,10 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
     assert main(["finetune", *common, "--pruned", "out/pruned.pt", "--data", "digits", "--max-steps", "3",
                  "--lr", "0.01", "--bf16", "--out", "out/ft.pt"]) == 0
     assert "after fine-tuning" in capsys.readouterr().out
+    assert main(["finetune", *common, "--pruned", "out/pruned.pt", "--data", "digits", "--max-steps", "3",
+                 "--lr", "0.01", "--teacher", "w.pt", "--distill", "0.9", "--out", "out/ft_kd.pt"]) == 0
+    assert "after fine-tuning" in capsys.readouterr().out
+    (workdir / "out" / "ft_kd.pt").unlink()  # the listing below is of the chain's own files
 
     assert main(["report", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--pruned", "out/ft.pt",
                  "--data", "digits", "--latency-repeats", "1", "--threads", "1", "--json", "out/report.json",
@@ -184,6 +188,14 @@ def test_module_factory_spec(workdir, monkeypatch, capsys):
      "p.json"),
     (["report", "--model", "zoo:digits_cnn", "--pruned", "w.pt"], "not a pruned model"),
     (["score", "--model", "zoo:resnet20", "--data", "digits", "--out", "s.pt"], "cannot run on samples"),
+    (["run", "--model", "zoo:digits_cnn", "--data", "digits", "--distill", "0.9", "--out", "r.pt"],
+     "--distill needs --finetune-epochs"),
+    (["run", "--model", "zoo:digits_cnn", "--data", "digits", "--finetune-epochs", "1", "--distill", "1.5",
+      "--out", "r.pt"], "--distill must be in [0, 1]"),
+    (["finetune", "--model", "zoo:digits_cnn", "--pruned", "w.pt", "--data", "digits", "--distill", "0.9",
+      "--out", "f.pt"], "--distill needs --teacher"),
+    (["finetune", "--model", "zoo:digits_cnn", "--pruned", "w.pt", "--data", "digits", "--teacher", "w.pt",
+      "--out", "f.pt"], "--teacher needs --distill"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(workdir, capsys, argv, message):
     before = _listing(workdir)
@@ -240,7 +252,7 @@ def test_run_whole_path_in_one_command(workdir, capsys):
     weights = (workdir / "w.pt").read_bytes()
     before = _listing(workdir)
     assert main(["run", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits", "--macs", "0.3",
-                 "--samples-per-class", "8", "--recalibrate", "200", "--finetune-epochs", "1",
+                 "--samples-per-class", "8", "--recalibrate", "200", "--finetune-epochs", "1", "--distill", "0.5",
                  "--latency-repeats", "1", "--no-progress", "--out", "out/run.pt"]) == 0
     out = capsys.readouterr().out
     assert "target: macs -30.0% asked" in out

@@ -1,8 +1,11 @@
 """Tests for fairpruner._recovery: evaluate and finetune."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -157,3 +160,65 @@ def test_finetunes_a_pruned_model():
     fp.finetune(pruned, DataLoader(TensorDataset(x, y), batch_size=20), epochs=1, lr=0.05, progress=False)
     assert {n: p.shape for n, p in pruned.named_parameters()} == shapes
     assert any(not torch.equal(start[n], p) for n, p in pruned.named_parameters())
+
+
+def _frozen_copy_state(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+            [p.requires_grad for p in model.parameters()])
+
+
+def test_distilling_from_an_identical_teacher_alone_changes_nothing():
+    # Student and teacher agree exactly (no dropout, no BatchNorm): the distillation term and its gradient are
+    # zero, so with distill=1 and no weight decay the weights stay where they are.
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    teacher = copy.deepcopy(student)
+    fp.finetune(student, _loader(), epochs=1, lr=0.1, weight_decay=0.0, progress=False, teacher=teacher,
+                distill=1.0)
+    for a, b in zip(student.parameters(), teacher.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # ... while cross-entropy alone (distill=0) does move them
+    fp.finetune(student, _loader(), epochs=1, lr=0.1, weight_decay=0.0, progress=False, teacher=teacher,
+                distill=0.0)
+    assert not torch.allclose(student[0].weight, teacher[0].weight)
+
+
+def test_distillation_pulls_the_model_towards_the_teacher_and_leaves_the_teacher_alone():
+    teacher = _mlp(seed=1).train()
+    fp.finetune(teacher, _loader(), epochs=3, lr=0.05, progress=False)
+    teacher.train()[2].eval()  # mixed flags, which must survive
+    teacher[0].weight.requires_grad_(False)
+    before = _frozen_copy_state(teacher)
+    x = _blobs(seed=2).tensors[0]
+
+    def gap(model):
+        with torch.no_grad():
+            return F.kl_div(F.log_softmax(model.eval()(x), -1), F.log_softmax(teacher.eval()(x), -1),
+                            reduction="batchmean", log_target=True).item()
+
+    student = _mlp(seed=2)
+    start = gap(student)
+    teacher.train()[2].eval()
+    fp.finetune(student, _loader(), epochs=3, lr=0.05, progress=False, teacher=teacher, distill=1.0)
+    after = _frozen_copy_state(teacher)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
+    assert gap(student) < 0.25 * start
+
+
+def test_distillation_settings_are_checked_before_training():
+    student, teacher = _mlp(), _mlp(seed=1)
+    for kw, msg in (({"teacher": "model"}, "teacher must be an nn.Module"),
+                    ({"teacher": student}, "is the model being trained"),
+                    ({"teacher": teacher, "distill": 1.5}, "distill must be"),
+                    ({"teacher": teacher, "temperature": 0}, "temperature must be"),
+                    ({"teacher": nn.Sequential(nn.Linear(8, 3))}, "teacher's logits have shape")):
+        with pytest.raises(FairPrunerError, match=msg):
+            fp.finetune(student, _loader(), progress=False, **kw)
+
+
+def test_a_teacher_on_another_device_is_refused_not_moved():
+    teacher = _mlp(seed=1).to("meta")
+    with pytest.raises(FairPrunerError, match="move it there first"):
+        fp.finetune(_mlp(), _loader(), progress=False, teacher=teacher)
+    assert next(teacher.parameters()).device.type == "meta"

@@ -1,0 +1,168 @@
+"""What the commands read and write: models from a spec and weights, pruned-model files, datasets, paths."""
+from __future__ import annotations
+
+import argparse
+import sys
+import importlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import fairpruner as fp
+
+from .. import data, zoo
+from .._core.inputs import device_of, synthetic_inputs
+from .._core.state import eval_mode
+from .._errors import CliError
+
+__all__ = ["build_model", "torch_load", "load_model", "load_pruned", "check_runs", "open_dataset", "count_classes",
+           "out_path", "example_batch", "parse_alphas", "say"]
+
+
+def build_model(spec: str, num_classes: Optional[int]) -> nn.Module:
+    """Instantiates a model from ``zoo:NAME`` or ``package.module:factory``."""
+    if ":" not in spec:
+        raise CliError(f"model spec {spec!r} needs a colon: zoo:NAME or package.module:factory")
+    where, name = spec.split(":", 1)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if where == "zoo":
+        return zoo.create(name, **kwargs)
+    if where == "hf":
+        return _hugging_face(name, num_classes)
+    # A console script does not put the working directory on sys.path; users expect their local module.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(where)
+    except ImportError as exc:
+        raise CliError(f"cannot import module {where!r} of model spec {spec!r}: {exc}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise CliError(f"module {where!r} has no callable {name!r} (model spec {spec!r})")
+    if kwargs:
+        try:
+            params = inspect.signature(factory).parameters
+            accepts = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):
+            accepts = False
+        if not accepts:
+            kwargs = {}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _hugging_face(directory: str, num_classes: Optional[int]) -> nn.Module:
+    """A model written by transformers' ``save_pretrained``, built offline from its own directory: the class
+    its config names (``architectures``), with its weights."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise CliError(f"hf:{directory} needs a directory written by save_pretrained (no {config_file} there)")
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError:
+        raise CliError("hf: models need the transformers package: pip install 'fairpruner[hf]'") from None
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise CliError(f"the config in {directory} names no model class transformers knows ({names or 'none'})")
+    if num_classes is not None and getattr(config, "num_labels", num_classes) != num_classes:
+        raise CliError(f"hf:{directory} has {config.num_labels} labels, not {num_classes} (drop --num-classes, or "
+                       "give data with as many classes)")
+    return cls.from_pretrained(directory, local_files_only=True)
+
+
+def torch_load(path: str) -> Any:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file fails in many ways inside the unpickler
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"{path} is not a readable weights-only torch file ({first})") from None
+
+
+def load_model(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
+    """The model of ``--model`` with ``--weights`` (a state_dict or a file written by fairpruner.save)."""
+    n = args.num_classes if args.num_classes is not None else num_classes
+    model = build_model(args.model, n)
+    if not getattr(args, "weights", None):
+        if not args.model.startswith("hf:"):  # hf: directories hold their weights
+            print("note: no --weights given; using the model as its factory builds it", file=sys.stderr)
+    else:
+        state = torch_load(args.weights)
+        if isinstance(state, dict) and state.get("format") == "fairpruner.model":
+            return fp.load(args.weights, model)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # a training checkpoint wrapping its state_dict
+        if not isinstance(state, dict):
+            raise CliError(f"{args.weights} holds a {type(state).__name__}, not a state_dict")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CliError(f"the weights in {args.weights} do not fit {args.model}: "
+                           f"{str(exc).splitlines()[0]} (check --num-classes)") from None
+    return model.eval()
+
+
+def load_pruned(path: str, fresh: nn.Module) -> Tuple[nn.Module, Any]:
+    """A model written by fairpruner.save and its plan."""
+    d = torch_load(path)
+    if not isinstance(d, dict) or d.get("format") != "fairpruner.model":
+        raise CliError(f"{path} is not a pruned model written by 'fairpruner prune' (fairpruner.save)")
+    return fp.load(path, fresh).eval(), fp.Plan.from_json(d["plan"])
+
+
+def check_runs(model: nn.Module, dataset, spec: str) -> None:
+    """Fails early, with a readable message, when the data does not fit the model's input."""
+    x = dataset[0][0]
+    x = tuple(t.unsqueeze(0) for t in x) if isinstance(x, (tuple, list)) else (x.unsqueeze(0),)
+    device = device_of(model)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*(t.to(device) for t in x))
+    except RuntimeError as exc:
+        shapes = ", ".join(str(tuple(t.shape[1:])) for t in x)
+        raise CliError(f"the model cannot run on samples of --data {spec} (shape {shapes}): "
+                       f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def open_dataset(spec: str, split: str, augment: bool = False):
+    return data.load_dataset(spec, split, augment=augment)
+
+
+def count_classes(dataset) -> Optional[int]:
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes else None
+
+
+def out_path(path: str) -> Path:
+    p = Path(path)
+    if p.exists() and p.is_dir():
+        raise CliError(f"{path} is a directory; give a file name")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def example_batch(plan, batch_size: int) -> tuple:
+    """Seeded random inputs with the plan's recorded shapes and ``batch_size`` rows."""
+    if not plan.example_inputs:
+        raise CliError("the plan records no input shape; give --data so a real batch can be used")
+    return synthetic_inputs(plan.example_inputs, batch=batch_size)
+
+
+def parse_alphas(text: str, flag: str = "--alphas") -> List[float]:
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise CliError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
