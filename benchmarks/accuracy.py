@@ -352,6 +352,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "kept apart from the plain fine-tuning results")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if not 0 <= args.distill <= 1:
+        ap.error(f"--distill must be in [0, 1], got {args.distill}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.levels = [float(x) for x in args.levels.split(",")]
     args.ablation_levels = [float(x) for x in args.ablation_levels.split(",")]

@@ -132,6 +132,9 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     show = progress if progress is not None else sys.stderr.isatty()
     bar = tqdm(total=total, desc="fairpruner: fine-tuning", disable=not show, leave=False)
+    # A teacher whose logits do not fit is found on the first step, after a train-mode forward: its buffers
+    # (BatchNorm statistics) are put back so that a refused call leaves the model as it was.
+    buffers = {k: v.clone() for k, v in model.named_buffers()} if teacher is not None else {}
     model.train()
     step = 0
     try:
@@ -147,6 +150,7 @@ def finetune(
                     if not bool(torch.isfinite(loss)):
                         raise FairPrunerError(f"The loss became {loss.item()} at step {step}; "
                                               "lower the learning rate.")
+                    buffers = {}
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -158,10 +162,20 @@ def finetune(
                         break
                 if step == seen:
                     raise DataError("The training loader yielded no batches.")
+    except _Mismatch:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in buffers:
+                    v.copy_(buffers[k])
+        raise
     finally:
         bar.close()
         model.eval()
     return model
+
+
+class _Mismatch(FairPrunerError):
+    """The teacher's logits do not have the model's shape."""
 
 
 def _loss(model: nn.Module, teacher: Optional[nn.Module], inputs: Any, targets: torch.Tensor, distill: float,
@@ -174,7 +188,7 @@ def _loss(model: nn.Module, teacher: Optional[nn.Module], inputs: Any, targets: 
     with torch.no_grad():
         target_logits = forward_logits(teacher, inputs).float()
     if target_logits.shape != logits.shape:
-        raise FairPrunerError(f"The teacher's logits have shape {tuple(target_logits.shape)}, the model's "
+        raise _Mismatch(f"The teacher's logits have shape {tuple(target_logits.shape)}, the model's "
                               f"{tuple(logits.shape)}: distil from a model with the same outputs.")
     t = temperature
     kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target_logits / t, -1), reduction="batchmean",
@@ -188,15 +202,18 @@ def _check_teacher(model: nn.Module, teacher: Optional[nn.Module], distill: Any,
         return
     if not isinstance(teacher, nn.Module):
         raise FairPrunerError(f"teacher must be an nn.Module, got {type(teacher).__name__}.")
-    if teacher is model:
-        raise FairPrunerError("The teacher is the model being trained; pass the original (unpruned) model.")
+    if teacher is model or {id(t) for t in teacher.parameters()} & {id(t) for t in model.parameters()}:
+        raise FairPrunerError("The teacher shares parameters with the model being trained (or is it); pass the "
+                              "original (unpruned) model, or a deep copy.")
     if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0 <= distill <= 1:
         raise FairPrunerError(f"distill must be a number in [0, 1], got {distill!r}.")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
             not (math.isfinite(temperature) and temperature > 0):
         raise FairPrunerError(f"temperature must be a positive number, got {temperature!r}.")
-    at = device_of(teacher)
-    if at.type != device.type or (at.index is not None and device.index is not None and at.index != device.index):
+    at, to = device_of(teacher), device
+    if to.type == "cuda" and to.index is None and torch.cuda.is_available():
+        to = torch.device("cuda", torch.cuda.current_device())  # where the inputs will go
+    if at.type != to.type or (at.index is not None and to.index is not None and at.index != to.index):
         raise FairPrunerError(f"The teacher is on {at}, training runs on {device}: move it there first "
                               f"(teacher.to({str(device)!r})); it is not moved for you, since it is your model.")
 

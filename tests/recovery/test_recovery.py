@@ -209,7 +209,8 @@ def test_distillation_pulls_the_model_towards_the_teacher_and_leaves_the_teacher
 def test_distillation_settings_are_checked_before_training():
     student, teacher = _mlp(), _mlp(seed=1)
     for kw, msg in (({"teacher": "model"}, "teacher must be an nn.Module"),
-                    ({"teacher": student}, "is the model being trained"),
+                    ({"teacher": student}, "shares parameters"),
+                    ({"teacher": nn.Sequential(student)}, "shares parameters"),
                     ({"teacher": teacher, "distill": 1.5}, "distill must be"),
                     ({"teacher": teacher, "temperature": 0}, "temperature must be"),
                     ({"teacher": nn.Sequential(nn.Linear(8, 3))}, "teacher's logits have shape")):
@@ -222,3 +223,12 @@ def test_a_teacher_on_another_device_is_refused_not_moved():
     with pytest.raises(FairPrunerError, match="move it there first"):
         fp.finetune(_mlp(), _loader(), progress=False, teacher=teacher)
     assert next(teacher.parameters()).device.type == "meta"
+
+
+def test_a_refused_teacher_leaves_the_model_s_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(FairPrunerError, match="teacher's logits have shape"):
+        fp.finetune(student, _loader(), progress=False, teacher=nn.Linear(8, 3))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
