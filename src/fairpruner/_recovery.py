@@ -132,9 +132,6 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     show = progress if progress is not None else sys.stderr.isatty()
     bar = tqdm(total=total, desc="fairpruner: fine-tuning", disable=not show, leave=False)
-    # A teacher whose logits do not fit is found on the first step, after a train-mode forward: its buffers
-    # (BatchNorm statistics) are put back so that a refused call leaves the model as it was.
-    buffers = {k: v.clone() for k, v in model.named_buffers()} if teacher is not None else {}
     model.train()
     step = 0
     try:
@@ -143,6 +140,8 @@ def finetune(
                 seen = step
                 for batch in loader:
                     inputs, targets = split_batch(batch)
+                    if teacher is not None and step == 0:
+                        _check_logits(model, teacher, to_device(inputs, device))
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                         enabled=autocast is not None):
                         loss = _loss(model, teacher, to_device(inputs, device), targets.long().to(device),
@@ -150,7 +149,6 @@ def finetune(
                     if not bool(torch.isfinite(loss)):
                         raise FairPrunerError(f"The loss became {loss.item()} at step {step}; "
                                               "lower the learning rate.")
-                    buffers = {}
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -162,20 +160,20 @@ def finetune(
                         break
                 if step == seen:
                     raise DataError("The training loader yielded no batches.")
-    except _Mismatch:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in buffers:
-                    v.copy_(buffers[k])
-        raise
     finally:
         bar.close()
         model.eval()
     return model
 
 
-class _Mismatch(FairPrunerError):
-    """The teacher's logits do not have the model's shape."""
+def _check_logits(model: nn.Module, teacher: nn.Module, inputs: Any) -> None:
+    """Both models' logits on the first batch, in eval mode without gradients (so that a refused teacher
+    leaves the model's BatchNorm statistics as they were), must have one shape."""
+    with eval_mode(model), torch.no_grad():
+        got, want = forward_logits(model, inputs).shape, forward_logits(teacher, inputs).shape
+    if got != want:
+        raise FairPrunerError(f"The teacher's logits have shape {tuple(want)}, the model's {tuple(got)}: distil "
+                              "from a model with the same outputs.")
 
 
 def _loss(model: nn.Module, teacher: Optional[nn.Module], inputs: Any, targets: torch.Tensor, distill: float,
@@ -187,9 +185,6 @@ def _loss(model: nn.Module, teacher: Optional[nn.Module], inputs: Any, targets: 
         return ce
     with torch.no_grad():
         target_logits = forward_logits(teacher, inputs).float()
-    if target_logits.shape != logits.shape:
-        raise _Mismatch(f"The teacher's logits have shape {tuple(target_logits.shape)}, the model's "
-                              f"{tuple(logits.shape)}: distil from a model with the same outputs.")
     t = temperature
     kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target_logits / t, -1), reduction="batchmean",
                   log_target=True)

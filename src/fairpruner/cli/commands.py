@@ -77,7 +77,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             scores.save(out)
             units = sum(g.n_units for g in scores.groups)
             say(f"scored {len(scores.groups)} groups ({units} units) on {scores.meta['n_samples']} samples"
-                 + (f" across {world} processes" if world > 1 else "") + f"; wrote {out}")
+                + (f" across {world} processes" if world > 1 else "") + f"; wrote {out}")
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -93,12 +93,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.sweep == "alpha":
         say("alpha sweep (predicted fractions removed):")
         say(format_sweep(fp.sweep(scores, parse_alphas(args.alphas), stream_weight=args.stream_weight,
-                                     stream_floor=args.stream_floor, floor=args.floor)))
+                                  stream_floor=args.stream_floor, floor=args.floor)))
     elif args.sweep:
         say(f"{args.sweep} targets (asked, and what each plan removes):")
         targets = {args.sweep: parse_alphas(args.targets, "--targets")}
         say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, ties=args.ties,
-                                     stream_floor=args.stream_floor, floor=args.floor, **targets)))
+                                  stream_floor=args.stream_floor, floor=args.floor, **targets)))
     if target:
         if args.sweep:
             say()
@@ -146,7 +146,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     fp.save(out, pruned, the_plan)
     before, after = fp.count_params(model), fp.count_params(pruned)
     say(f"pruned {the_plan.units_removed} of {the_plan.units_total} units: params {before:,} -> {after:,} "
-         f"({100 * (1 - after / before):.1f}% removed); wrote {out}")
+        f"({100 * (1 - after / before):.1f}% removed); wrote {out}")
     return 0
 
 
