@@ -127,6 +127,14 @@ FLOOR_VARIANTS: Dict[str, Tuple[dict, dict]] = {
 }
 VARIANTS.update(FLOOR_VARIANTS)
 FLOOR_STUDY = [SELECTED, *FLOOR_VARIANTS]
+# --part select --methods cost: every layer's ToD levels weighted by (the MACs one of its units holds /
+# a typical unit's)^p (plan's macs_power), so that a MACs target cuts layers of cheap or of costly units deeper
+# (every model).
+COST_VARIANTS: Dict[str, Tuple[dict, dict]] = {
+    f"as the default, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": ({}, {"macs_power": p})
+    for p in (-1.0, -0.5, -0.25, 0.25, 0.5)}
+VARIANTS.update(COST_VARIANTS)
+COST_STUDY = list(COST_VARIANTS)
 
 
 def log(msg: str) -> None:
@@ -331,11 +339,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
-    ap.add_argument("--methods", default="all", choices=("all", "core", "floor", "default", "tod", "tp"),
+    ap.add_argument("--methods", default="all", choices=("all", "core", "floor", "cost", "default", "tod", "tp"),
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
                          "(core), the default alone, or every method that follows the default stream rule (tod); "
-                         "--part select: every variant, the stream study (core), the floor study (floor) or "
-                         "the default alone; "
+                         "--part select: every variant, the stream study (core), the floor study (floor), the "
+                         "cost study (cost) or the default alone; "
                          "--part finetune: the default and Torch-Pruning, the default alone (default) or "
                          "Torch-Pruning alone (tp). "
                          "Rows measured before for other methods are kept")
@@ -369,8 +377,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     t0 = time.perf_counter()
     if args.part == "select":
         log(f"{args.model}: FAIR variants on validation, seeds {args.seeds}")
-        names = {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "default": [SELECTED],
-                 "tod": [SELECTED]}[args.methods]
+        names = {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
+                 "default": [SELECTED], "tod": [SELECTED]}[args.methods]
         variants = {k: VARIANTS[k] for k in names}
         part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":

@@ -350,5 +350,5 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
         totals["accuracy_stages"] = {name: evaluate(m, eval_loader) for name, m in (stages or {}).items()}
     settings = {k: v for k, v in plan.settings.items()
                 if k in ("signal", "allocation", "target", "achieved", "seed", "stream_weight", "stream_floor",
-                         "floor")}
+                         "floor", "macs_power")}
     return Report(_group_rows(plan), totals, dict(plan.predicted), settings)

@@ -297,6 +297,42 @@ def test_cost_ties_take_the_lowest_relative_u_per_mac_first(synthetic_scores):
     assert step_order(curves, weights, keys)[0] == min(first)[1]
 
 
+def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(synthetic_scores):
+    """macs_power p multiplies a group's ToD levels by (its unit's MACs / the units' geometric mean)^p, for
+    alpha plans exactly as stream_weight does; a target is still met and reproduces plan(alpha=its level);
+    p > 0 moves the cut from groups of expensive units to groups of cheap ones."""
+    from fairpruner._planning.allocation import macs_factor
+    groups = synthetic_scores.groups
+    macs = synthetic_scores.cost.unit_cost()["macs"]
+    n = np.array([g.n_units for g in groups], dtype=float)
+    factor = macs_factor(macs, n, 0.5)
+    typical = np.exp(np.sum(n * np.log(macs)) / n.sum())
+    np.testing.assert_allclose(factor, np.sqrt(macs / typical))
+    assert factor.min() < 1 < factor.max()
+    np.testing.assert_array_equal(macs_factor(macs, n, 0.0), np.ones(len(groups)))
+    from fairpruner._planning.plans import _curves
+    curves = _curves(synthetic_scores, "capped", "free")  # the default floors
+    weights = [(STREAM_WEIGHT if g.is_stream else 1.0) * f for g, f in zip(groups, factor)]
+    p = fp.plan(synthetic_scores, alpha=0.2, macs_power=0.5)
+    assert [len(p.removed[g.name]) for g in groups] == tod_counts(curves, 0.2, weights).tolist()
+    assert fp.plan(synthetic_scores, alpha=0.2, macs_power=0).removed == fp.plan(synthetic_scores, alpha=0.2).removed
+    flat, weighted = (fp.plan(synthetic_scores, macs=0.5, macs_power=q) for q in (0.0, 0.5))
+    assert abs(weighted.achieved["macs"] - 0.5) <= 0.005 and weighted.settings["macs_power"] == 0.5
+    again = fp.plan(synthetic_scores, alpha=weighted.alpha, macs_power=0.5)
+    assert all(len(again.removed[g.name]) >= len(weighted.removed[g.name]) for g in groups)
+
+    def share(plan, pick):  # fraction of the units removed from the groups of the costliest / cheapest units
+        idx = [i for i in np.argsort(macs)[pick] if not groups[i].is_stream]
+        return sum(len(plan.removed[groups[i].name]) for i in idx) / sum(groups[i].n_units for i in idx)
+    costly, cheap = slice(-6, None), slice(0, 6)
+    assert share(weighted, costly) < share(flat, costly) and share(weighted, cheap) > share(flat, cheap)
+    assert fp.sweep(synthetic_scores, alphas=[0.2], macs_power=0.5)[0]["units_removed"] == pytest.approx(
+        p.units_removed / p.units_total)
+    for bad in (float("nan"), 3.0, True, "1"):
+        with pytest.raises(fp.PlanError, match="macs_power"):
+            fp.plan(synthetic_scores, macs=0.3, macs_power=bad)
+
+
 # ---------------------------------------------------------------- removal signals
 
 @pytest.mark.parametrize("signal,attr", [("u", "u"), ("l1", "l1"), ("taylor", "r")])

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["step_order", "tie_keys", "counts_of_prefix", "fill_target"]
+__all__ = ["step_order", "tie_keys", "macs_factor", "counts_of_prefix", "fill_target"]
 
 
 def tie_keys(us: Sequence[np.ndarray], curves: Sequence[np.ndarray], weights: Sequence[float],
@@ -40,6 +40,18 @@ def tie_keys(us: Sequence[np.ndarray], curves: Sequence[np.ndarray], weights: Se
         rel = u[:len(c)] / max(float(np.mean(u)) if len(u) else 0.0, 1e-30)
         keys.append(rel * w / cost if cost > 0 else np.full(len(c), np.inf))
     return keys
+
+
+def macs_factor(unit_macs: np.ndarray, units: np.ndarray, power: float) -> np.ndarray:
+    """Per group, ``(MACs of one unit / typical) ** power``; typical is the geometric mean over all units (so
+    the factor is free of the unit MACs are counted in). A group whose units hold no MACs gets 1."""
+    out = np.ones(len(unit_macs))
+    pos = np.asarray(unit_macs, dtype=np.float64) > 0
+    if power == 0 or not pos.any():
+        return out
+    logs, n = np.log(np.asarray(unit_macs, dtype=np.float64)[pos]), np.asarray(units, dtype=np.float64)[pos]
+    out[pos] = np.exp(power * (logs - np.sum(n * logs) / max(n.sum(), 1.0)))
+    return out
 
 
 def step_order(curves: Sequence[np.ndarray], weights: Sequence[float],

@@ -12,7 +12,7 @@ import torch
 
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
-from .allocation import fill_target, step_order, tie_keys
+from .allocation import fill_target, macs_factor, step_order, tie_keys
 from .tod import cap_floor, max_fraction, rank_ascending, tod_counts, tod_curve
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "FLOORS"]
@@ -37,6 +37,10 @@ STREAM_FLOORS = ("capped", "sqrt", "free", "none")
 # "sqrt" lost ResNet-56 0.8 pt at 20 % MACs on the validation split while it won VGG-16-BN 0.4 pt), "sqrt" (at
 # most floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels).
 FLOORS = ("free", "sqrt", "none")
+# Every group's ToD levels are weighted by (the MACs one of its units holds / a typical unit's) ** MACS_POWER,
+# so that layers whose units each hold many MACs (narrow, high-resolution) are cut at a proportionally higher
+# level. 0 is the paper's one alpha for every layer.
+MACS_POWER = 0.0
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 
@@ -139,7 +143,7 @@ def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
          stream_weight: float = STREAM_WEIGHT, ties: str = "cost", stream_floor: str = "capped",
-         floor: str = "free") -> Plan:
+         floor: str = "free", macs_power: float = MACS_POWER) -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -178,6 +182,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             so a light target does not take a small layer's chance-long floor whole (VGG-16-BN's first
             convolution: 19 of 64 channels at alpha 0; +0.4 pt there at 20 % MACs on validation, -0.8 pt
             on ResNet-56). "none": only positive levels.
+        macs_power: every group's ToD levels are multiplied by (the MACs one of its units holds / the
+            geometric mean over all units) ** macs_power, as residual streams' are by ``stream_weight``: a
+            positive value cuts layers of cheap units (wide, low-resolution) deeper than layers whose every
+            unit holds many MACs, for alpha, params and MACs alike. 0: one level for every layer (the paper).
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -192,11 +200,12 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         >>> p.requested, p.achieved
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
-    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor)
+    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor,
+                             macs_power)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
-    weights = _weights(scores, stream_weight)
+    weights = _weights(scores, stream_weight, macs_power)
     chosen: Optional[float] = None
     if key != "alpha" and value == 0:
         counts = np.zeros(len(units), dtype=np.int64)
@@ -204,7 +213,8 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         chosen, counts = value, tod_counts(_curves(scores, stream_floor, floor), value, weights)
     elif allocation == "tod":
         curves = _curves(scores, stream_floor, floor)
-        counts = _tod_target(scores, curves, weights, key, value, before, ties)
+        counts = _tod_target(scores, curves, weights, key, value, before, ties,
+                             _weights(scores, stream_weight))
         chosen = _level_of(curves, counts, weights)
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
@@ -212,7 +222,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
                             "removing 99% of every group")
     result = _make_plan(scores, counts, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
-                         "ties": ties, "stream_floor": stream_floor, "floor": floor})
+                         "ties": ties, "stream_floor": stream_floor, "floor": floor, "macs_power": macs_power})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "units' sizes allow no closer plan.", stacklevel=2)
@@ -239,12 +249,17 @@ def _free_floor(g: GroupScores, rule: str) -> Optional[int]:
     return math.isqrt(g.n_units)
 
 
-def _weights(scores: Scores, stream_weight: float) -> List[float]:
-    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere."""
-    return [stream_weight if g.is_stream else 1.0 for g in scores.groups]
+def _weights(scores: Scores, stream_weight: float, macs_power: float = 0.0) -> List[float]:
+    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere, times its MACs factor."""
+    factor = macs_factor(scores.cost.unit_cost()["macs"], np.array([g.n_units for g in scores.groups]),
+                         macs_power)
+    return [(stream_weight if g.is_stream else 1.0) * float(f) for g, f in zip(scores.groups, factor)]
 
 
-def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any) -> None:
+def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any, macs_power: Any = 0.0) -> None:
+    if isinstance(macs_power, bool) or not isinstance(macs_power, (int, float)) or not math.isfinite(macs_power) \
+            or abs(macs_power) > 2:
+        raise PlanError(f"macs_power must be a number in [-2, 2], got {macs_power!r}.")
     if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
             not math.isfinite(stream_weight) or stream_weight < 1:
         raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
@@ -255,7 +270,8 @@ def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any) -> None:
 
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
-                allocation: str, stream_weight: float, ties: str, stream_floor: str, floor: str) -> tuple:
+                allocation: str, stream_weight: float, ties: str, stream_floor: str, floor: str,
+                macs_power: float = 0.0) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
@@ -270,18 +286,20 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
         raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
     if allocation == "uniform" and key == "alpha":
         raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
-    _check_floors(stream_weight, stream_floor, floor)
+    _check_floors(stream_weight, stream_floor, floor, macs_power)
     return key, value
 
 
 def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
-                before: Dict[str, float], ties: str = "cost") -> np.ndarray:
-    """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`)."""
+                before: Dict[str, float], ties: str = "cost",
+                tie_weights: Optional[List[float]] = None) -> np.ndarray:
+    """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`); ``tie_weights``
+    (default ``weights``) order the free steps."""
     cost = scores.cost
     if ties == "cost":
         per_unit = cost.unit_cost()[key]
-        order = step_order(curves, weights, tie_keys([g.u.numpy() for g in scores.groups], curves, weights,
-                                                     per_unit), per_unit)
+        keys = tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights or weights, per_unit)
+        order = step_order(curves, weights, keys, per_unit)
     else:
         order = step_order(curves, weights)
 
@@ -349,7 +367,7 @@ def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: floa
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
           stream_weight: float = STREAM_WEIGHT, ties: str = "cost",
-          stream_floor: str = "capped", floor: str = "free") -> List[Dict[str, float]]:
+          stream_floor: str = "capped", floor: str = "free", macs_power: float = MACS_POWER) -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
 
@@ -363,6 +381,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         ties: as in :func:`plan` (targets only).
         stream_floor: as in :func:`plan`.
         floor: as in :func:`plan`.
+        macs_power: as in :func:`plan`.
 
     Example:
         >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.1, 0.2, 0.35, 0.5])))
@@ -371,12 +390,12 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         raise PlanError("Give params= or macs= targets to sweep, not both.")
     if params is not None or macs is not None:
         key, values = ("params", params) if params is not None else ("macs", macs)
-        return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties,
-                                         stream_floor=stream_floor, floor=floor, **{key: _fraction(key, v)}), key)
+        return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties, stream_floor=stream_floor,
+                                         floor=floor, macs_power=macs_power, **{key: _fraction(key, v)}), key)
                 for v in values]
-    _check_floors(stream_weight, stream_floor, floor)
+    _check_floors(stream_weight, stream_floor, floor, macs_power)
     curves = _curves(scores, stream_floor, floor)
-    weights = _weights(scores, stream_weight)
+    weights = _weights(scores, stream_weight, macs_power)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 import fairpruner as fp
@@ -56,11 +57,16 @@ def _attention_options(args: argparse.Namespace) -> dict:
     return fp.families.for_attention_families(fp.families.AttentionOptions(units=args.attention, gqa=args.gqa))
 
 
+def _model(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
+    """--model with --weights; --num-classes, when given, wins over the count found in the data."""
+    return load_model(args.model, args.weights, args.num_classes if args.num_classes is not None else num_classes)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     rank, world = _start_distributed(args)
     try:
         dataset = open_dataset(args.data, "train")
-        model = load_model(args, count_classes(dataset))
+        model = _model(args, count_classes(dataset))
         check_runs(model.to(args.device), dataset, args.data)
         loader = data.calibration_loader(dataset, args.samples_per_class, args.batch_size, args.seed,
                                          num_classes=args.num_classes)
@@ -92,13 +98,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise CliError("give a target (--alpha, --params or --macs) or --sweep")
     if args.sweep == "alpha":
         say("alpha sweep (predicted fractions removed):")
-        say(format_sweep(fp.sweep(scores, parse_alphas(args.alphas), stream_weight=args.stream_weight,
-                                  stream_floor=args.stream_floor, floor=args.floor)))
+        say(format_sweep(fp.sweep(scores, parse_alphas(args.alphas), **_depth_options(args))))
     elif args.sweep:
         say(f"{args.sweep} targets (asked, and what each plan removes):")
         targets = {args.sweep: parse_alphas(args.targets, "--targets")}
-        say(format_sweep(fp.sweep(scores, stream_weight=args.stream_weight, ties=args.ties,
-                                  stream_floor=args.stream_floor, floor=args.floor, **targets)))
+        say(format_sweep(fp.sweep(scores, ties=args.ties, **_depth_options(args), **targets)))
     if target:
         if args.sweep:
             say()
@@ -113,13 +117,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth_options(args: argparse.Namespace) -> dict:
+    """The options that set how deep ToD cuts each layer, shared by plans and sweeps."""
+    return {"stream_weight": args.stream_weight, "stream_floor": args.stream_floor, "floor": args.floor,
+            "macs_power": args.macs_power}
+
+
 def _make_plan(scores: fp.Scores, args: argparse.Namespace, target: dict) -> fp.Plan:
     """fp.plan, with asked vs achieved said aloud when they differ by more than 1 pt."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said below, in the command's own words
-        the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed,
-                           stream_weight=args.stream_weight, ties=args.ties,
-                           stream_floor=args.stream_floor, floor=args.floor, **target)
+        the_plan = fp.plan(scores, signal=args.signal, allocation=args.allocation, seed=args.seed, ties=args.ties,
+                           **_depth_options(args), **target)
     for key, asked in the_plan.requested.items():
         if key == "alpha":
             continue
@@ -140,7 +149,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise CliError(f"{args.plan} is not a complete fairpruner plan (missing {exc})") from None
     except json.JSONDecodeError as exc:
         raise CliError(f"{args.plan} is not valid JSON ({exc}); write plans with 'fairpruner plan --out'") from None
-    model = load_model(args)
+    model = _model(args)
     pruned = fp.prune(model, the_plan)
     out = out_path(args.out)
     fp.save(out, pruned, the_plan)
@@ -153,7 +162,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.data, "test") if args.data else None
     n = count_classes(dataset) if dataset is not None else None
-    original = load_model(args, n)
+    original = _model(args, n)
     pruned, the_plan = load_pruned(args.pruned, build_model(args.model, args.num_classes or n))
     if dataset is not None:
         check_runs(original, dataset, args.data)
@@ -195,7 +204,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     check_runs(pruned.to(device), train, args.data)
     teacher = None
     if args.distill > 0:
-        teacher = load_model(argparse.Namespace(model=args.model, weights=args.teacher, num_classes=n)).to(device)
+        teacher = load_model(args.model, args.teacher, n).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen)
     test_loader = DataLoader(test, batch_size=256)
@@ -217,7 +226,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_distill(args, "--finetune-epochs", bool(args.finetune_epochs))
     train = open_dataset(args.data, "train")
     test_loader = DataLoader(open_dataset(args.data, "test"), batch_size=256)
-    model = load_model(args, count_classes(train))
+    model = _model(args, count_classes(train))
     device = torch.device(args.device)
     check_runs(model.to(device), train, args.data)
     calib = data.calibration_loader(train, args.samples_per_class, args.batch_size, args.seed,

@@ -1,7 +1,6 @@
 """What the commands read and write: models from a spec and weights, pruned-model files, datasets, paths."""
 from __future__ import annotations
 
-import argparse
 import sys
 import importlib
 import inspect
@@ -88,26 +87,29 @@ def torch_load(path: str) -> Any:
         raise CliError(f"{path} is not a readable weights-only torch file ({first})") from None
 
 
-def load_model(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
-    """The model of ``--model`` with ``--weights`` (a state_dict or a file written by fairpruner.save)."""
-    n = args.num_classes if args.num_classes is not None else num_classes
-    model = build_model(args.model, n)
-    if not getattr(args, "weights", None):
-        if not args.model.startswith("hf:"):  # hf: directories hold their weights
+def load_model(spec: str, weights: Optional[str], num_classes: Optional[int]) -> nn.Module:
+    """The model ``spec`` with ``weights`` (a state_dict, a training checkpoint or a file written by fairpruner.save).
+
+    Example:
+        >>> load_model("zoo:resnet20", "cifar10_resnet20.pt", 10)  # doctest: +SKIP
+    """
+    model = build_model(spec, num_classes)
+    if not weights:
+        if not spec.startswith("hf:"):  # hf: directories hold their weights
             print("note: no --weights given; using the model as its factory builds it", file=sys.stderr)
-    else:
-        state = torch_load(args.weights)
-        if isinstance(state, dict) and state.get("format") == "fairpruner.model":
-            return fp.load(args.weights, model)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # a training checkpoint wrapping its state_dict
-        if not isinstance(state, dict):
-            raise CliError(f"{args.weights} holds a {type(state).__name__}, not a state_dict")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CliError(f"the weights in {args.weights} do not fit {args.model}: "
-                           f"{str(exc).splitlines()[0]} (check --num-classes)") from None
+        return model.eval()
+    state = torch_load(weights)
+    if isinstance(state, dict) and state.get("format") == "fairpruner.model":
+        return fp.load(weights, model)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint wrapping its state_dict
+    if not isinstance(state, dict):
+        raise CliError(f"{weights} holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CliError(f"the weights in {weights} do not fit {spec}: "
+                       f"{str(exc).splitlines()[0]} (check --num-classes)") from None
     return model.eval()
 
 

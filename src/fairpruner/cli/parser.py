@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .._planning.plans import FLOORS, STREAM_FLOORS, STREAM_WEIGHT, TIES
+from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
 
@@ -163,6 +163,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--floor", default="free", choices=FLOORS,
                    help="the same for every other layer: all of its alpha=0 count (default free: the paper's "
                         "ToD), at most sqrt(width) units (sqrt) or none")
+    p.add_argument("--macs-power", type=float, default=MACS_POWER, metavar="P",
+                   help="every layer's ToD levels are multiplied by (MACs of one of its units / a typical unit's)^P: "
+                        f"P > 0 cuts layers of cheap units (wide, low resolution) deeper (default {MACS_POWER:g}; "
+                        "0: one level everywhere, the paper's ToD)")
 
 
 def _attention_args(p: argparse.ArgumentParser) -> None:
