@@ -50,8 +50,10 @@ RESULTS = HERE / "results"
 PAPER_DEFAULTS = {"u_reduce": "max", "r_reduce": "sum", "u_consumer_power": 0, "u_at": "input"}
 
 # Every layer that is not a residual stream loses its whole alpha=0 count (the default, made explicit where a
-# variant also sets the stream rule).
-FREE = {"floor": "free"}
+# variant also sets the stream rule), and every layer's ToD levels count alike (macs_power=0: the default before
+# the MACs-weighting study, pinned in every row measured before it).
+FREE = {"floor": "free", "macs_power": 0}
+P0 = {"macs_power": 0}
 # The floor study: every other layer's free alpha=0 count capped at sqrt(width) too.
 CAPPED = "FAIR, every other layer's free floor capped at sqrt(width) too (floor=sqrt)"
 IN = {"u_at": "input"}
@@ -61,10 +63,13 @@ FREE4 = {"stream_weight": 4, "stream_floor": "free", **FREE}
 EARLIER = "FAIR, streams lose their whole alpha=0 count (default before the stream study)"
 # The default before the output layer's stream was spared: every stream's free floor capped at sqrt(width).
 SQRT = {"stream_floor": "sqrt", **FREE}
-PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (previous default)"
+PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (default before the head's stream was spared)"
+# The default before the MACs-weighting study: one ToD level for every layer.
+ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, previous default)"
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR default (U + ToD)": ({}, {}),
+    ONE_LEVEL: ({}, P0),
     "FAIR, first defaults (U max, R sum, streams like any layer)": (
         PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share", "stream_floor": "free", **FREE}),
     "FAIR, plain U at the input, equal shares of the floor (defaults before the last two studies)": (
@@ -72,12 +77,12 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "FAIR, U x consumer norm at the next layer's input (u_at=input), streams' floor free": (IN, FREE4),
     EARLIER: ({}, FREE4),
     PREVIOUS: ({}, SQRT),
-    CAPPED: ({}, {"floor": "sqrt"}),
+    CAPPED: ({}, {"floor": "sqrt", **P0}),
     "U + uniform": ({}, {"allocation": "uniform"}),
-    "L1 + ToD": ({}, {"signal": "l1"}),
+    "L1 + ToD": ({}, {"signal": "l1", **P0}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
     "Taylor + uniform": ({}, {"signal": "taylor", "allocation": "uniform"}),
-    "random + ToD": ({}, {"signal": "random"}),
+    "random + ToD": ({}, {"signal": "random", **P0}),
     "random + uniform": ({}, {"signal": "random", "allocation": "uniform"}),
     "Torch-Pruning global L1": (None, {"importance": "l1"}),
     "Torch-Pruning global Taylor": (None, {"importance": "taylor"}),
@@ -88,7 +93,7 @@ DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
 # --methods tod: the methods whose plans follow the default floor rules (re-run when they change).
 TOD = [k for k, (score_kw, plan_kw) in METHODS.items() if score_kw is not None
-       and plan_kw.get("allocation", "tod") == "tod" and not {"stream_floor", "floor"} & set(plan_kw)]
+       and plan_kw.get("allocation", "tod") == "tod" and not {"stream_floor", "floor", "macs_power"} & set(plan_kw)]
 # The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
 # random scores.
 ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
@@ -108,33 +113,39 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, FREE4),
     "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, FREE4),
     "U x consumer norm on the layer output (u_at=output), streams' whole floor free, weight 4": ({}, FREE4),
-    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (previous default)":
-        ({}, SQRT),
+    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default before "
+    "the head's stream was spared)": ({}, SQRT),
     "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
-    "layer's stream, weight 8 (default)": ({}, {}),
+    "layer's stream, weight 8 (previous default)": ({}, P0),
     "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
         {}, {"stream_floor": "none", **FREE}),
 }
-SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
-            "layer's stream, weight 8 (default)")
+PREVIOUS_SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the "
+                     "output layer's stream, weight 8 (previous default)")
+SELECTED = ("as the previous default, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes "
+            "the least total R-Score (macs_power=auto, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
 STREAM_STUDY = list(VARIANTS)[-4:]
-# --part select --methods floor: the default against the other floor rules and uniform depths (every model).
+# --part select --methods floor: the previous default against the other floor rules and uniform depths (every
+# model).
 FLOOR_VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    "as the default, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": ({}, {"floor": "sqrt"}),
-    "as the default, every other layer loses units only at positive levels (floor=none)": ({}, {"floor": "none"}),
+    "as the previous default, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": (
+        {}, {"floor": "sqrt", **P0}),
+    "as the previous default, every other layer loses units only at positive levels (floor=none)": (
+        {}, {"floor": "none", **P0}),
     "U + uniform depths (the baseline to beat)": ({}, {"allocation": "uniform"}),
 }
 VARIANTS.update(FLOOR_VARIANTS)
-FLOOR_STUDY = [SELECTED, *FLOOR_VARIANTS]
+FLOOR_STUDY = [PREVIOUS_SELECTED, *FLOOR_VARIANTS]
 # --part select --methods cost: every layer's ToD levels weighted by (the MACs one of its units holds /
-# a typical unit's)^p (plan's macs_power), so that a MACs target cuts layers of cheap or of costly units deeper
-# (every model).
+# a typical unit's)^p (plan's macs_power), so that a MACs target cuts layers of cheap or of costly units deeper,
+# and the default that picks p per target by the least total R-Score (every model).
 COST_VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    f"as the default, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": ({}, {"macs_power": p})
-    for p in (-1.0, -0.5, -0.25, 0.25, 0.5)}
+    f"as the previous default, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": (
+        {}, {"macs_power": p}) for p in (-1.0, -0.5, -0.25, 0.25, 0.5)}
 VARIANTS.update(COST_VARIANTS)
-COST_STUDY = list(COST_VARIANTS)
+VARIANTS[SELECTED] = ({}, {})
+COST_STUDY = [*COST_VARIANTS, SELECTED]
 
 
 def log(msg: str) -> None:
@@ -343,7 +354,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
                          "(core), the default alone, or every method that follows the default stream rule (tod); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the "
-                         "cost study (cost) or the default alone; "
+                         "cost study (cost) or the default alone; --part ablation: every method, or the default "
+                         "alone (default); "
                          "--part finetune: the default and Torch-Pruning, the default alone (default) or "
                          "Torch-Pruning alone (tp). "
                          "Rows measured before for other methods are kept")
@@ -388,7 +400,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                                  one_shot=not args.skip_one_shot))
     elif args.part == "ablation":
         log(f"{args.model}: ToD against uniform depths at {args.ablation_levels} of the parameters, seeds {args.seeds}")
-        part = ("ablation", run_grid(b, {k: METHODS[k] for k in ABLATION}, b.test_loader,
+        names = [DEFAULT] if args.methods == "default" else ABLATION
+        part = ("ablation", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
                                        one_shot=not args.skip_one_shot,
                                        levels=args.ablation_levels, unit="params"))
     elif args.part == "targets":
@@ -401,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = json.loads(raw.read_text()) if raw.is_file() else {}
     old = results.get(part[0], {})
     recipe = ("level", "epochs", "lr", "bf16", "distill")
-    if part[0] in ("select", "test") or \
+    if part[0] in ("select", "test", "ablation") or \
             (part[0].startswith("finetune") and all(old.get(k, 0.0) == part[1][k] for k in recipe)):
         # Rows of methods not run this time stay (fine-tuned ones only under the same recipe).
         results[part[0]] = _in_study_order({**old, **part[1]}, VARIANTS if part[0] == "select" else METHODS)

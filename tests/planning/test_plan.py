@@ -152,7 +152,7 @@ def test_target_met_and_within_the_level_it_reached(resnet_scores, key, where):
     assert p.requested == {key: target} and p.settings["target"] == {key: target}
     assert p.achieved[key] == pytest.approx(_removed_frac(resnet_scores, p, key))
     # No group is cut deeper than ToD allows at the level the plan reached.
-    at_level = fp.plan(resnet_scores, alpha=p.alpha)
+    at_level = fp.plan(resnet_scores, alpha=p.alpha, macs_power=p.settings["macs_power_used"])
     for g in resnet_scores.groups:
         assert len(p.removed[g.name]) <= len(at_level.removed[g.name])
 
@@ -310,8 +310,8 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
     np.testing.assert_allclose(factor, np.sqrt(macs / typical))
     assert factor.min() < 1 < factor.max()
     np.testing.assert_array_equal(macs_factor(macs, n, 0.0), np.ones(len(groups)))
-    from fairpruner._planning.plans import _curves
-    curves = _curves(synthetic_scores, "capped", "free")  # the default floors
+    from fairpruner._planning.depths import curves_of
+    curves = curves_of(synthetic_scores, "capped", "free")  # the default floors
     weights = [(STREAM_WEIGHT if g.is_stream else 1.0) * f for g, f in zip(groups, factor)]
     p = fp.plan(synthetic_scores, alpha=0.2, macs_power=0.5)
     assert [len(p.removed[g.name]) for g in groups] == tod_counts(curves, 0.2, weights).tolist()
@@ -331,6 +331,29 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
     for bad in (float("nan"), 3.0, True, "1"):
         with pytest.raises(fp.PlanError, match="macs_power"):
             fp.plan(synthetic_scores, macs=0.3, macs_power=bad)
+
+
+def test_auto_macs_power_takes_the_plan_that_removes_the_least_r(synthetic_scores):
+    """macs_power="auto" (the default) gives a target the plan of 0, -0.25 or 0.25 whose removed units have the
+    least total R-Score, and an alpha the plan of 0; the power it used is recorded."""
+    from fairpruner._planning.plans import AUTO_POWERS
+    assert fp.plan(synthetic_scores, alpha=0.1).removed == fp.plan(synthetic_scores, alpha=0.1, macs_power=0).removed
+    used = set()
+    for key, target in (("macs", 0.3), ("macs", 0.5), ("params", 0.4), ("macs", 0.7)):
+        auto = fp.plan(synthetic_scores, **{key: target})
+        damage = {}
+        for q in AUTO_POWERS:
+            p = fp.plan(synthetic_scores, **{key: target}, macs_power=q)
+            damage[q] = sum(float(g.r[p.removed[g.name]].sum()) for g in synthetic_scores.groups)
+        best = min(damage.values())
+        assert auto.settings["macs_power"] == "auto"
+        assert damage[auto.settings["macs_power_used"]] == pytest.approx(best, rel=1e-9)
+        assert auto.removed == fp.plan(synthetic_scores, **{key: target},
+                                       macs_power=auto.settings["macs_power_used"]).removed
+        used.add(auto.settings["macs_power_used"])
+    assert len(used) > 1  # the seeded scores exercise more than one power
+    with pytest.raises(fp.PlanError, match="macs_power"):
+        fp.plan(synthetic_scores, macs=0.3, macs_power="best")
 
 
 # ---------------------------------------------------------------- removal signals

@@ -12,8 +12,8 @@ import torch
 
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
-from .allocation import fill_target, macs_factor, step_order, tie_keys
-from .tod import cap_floor, max_fraction, rank_ascending, tod_counts, tod_curve
+from .depths import bisect_target, curves_of, group_weights, least_r_target, level_of, uniform_counts
+from .tod import rank_ascending, tod_counts
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "FLOORS"]
 
@@ -37,10 +37,13 @@ STREAM_FLOORS = ("capped", "sqrt", "free", "none")
 # "sqrt" lost ResNet-56 0.8 pt at 20 % MACs on the validation split while it won VGG-16-BN 0.4 pt), "sqrt" (at
 # most floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels).
 FLOORS = ("free", "sqrt", "none")
-# Every group's ToD levels are weighted by (the MACs one of its units holds / a typical unit's) ** MACS_POWER,
+# Every group's ToD levels are weighted by (the MACs one of its units holds / a typical unit's) ** macs_power,
 # so that layers whose units each hold many MACs (narrow, high-resolution) are cut at a proportionally higher
-# level. 0 is the paper's one alpha for every layer.
-MACS_POWER = 0.0
+# level (0: the paper's one alpha for every layer). "auto" (the default, chosen on a validation split of
+# CIFAR-10 training images, three models, 3 calibration seeds; README) gives a params/MACs target the power of
+# AUTO_POWERS whose plan removes the least total R-Score; the best sign differs between models.
+MACS_POWER: Union[str, float] = "auto"
+AUTO_POWERS = (0.0, -0.25, 0.25)  # 0 first: it wins ties
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 
@@ -135,15 +138,10 @@ def _fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def _uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
-    caps = np.array([max_fraction(n) for n in units])
-    return np.minimum(np.floor(frac * units + 0.5).astype(np.int64), caps)
-
-
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
          stream_weight: float = STREAM_WEIGHT, ties: str = "cost", stream_floor: str = "capped",
-         floor: str = "free", macs_power: float = MACS_POWER) -> Plan:
+         floor: str = "free", macs_power: Union[str, float] = MACS_POWER) -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -185,7 +183,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         macs_power: every group's ToD levels are multiplied by (the MACs one of its units holds / the
             geometric mean over all units) ** macs_power, as residual streams' are by ``stream_weight``: a
             positive value cuts layers of cheap units (wide, low-resolution) deeper than layers whose every
-            unit holds many MACs, for alpha, params and MACs alike. 0: one level for every layer (the paper).
+            unit holds many MACs. 0: one level for every layer (the paper). "auto" (default): for a params or
+            MACs target, whichever of 0, -0.25 and 0.25 gives the plan whose removed units have the least total
+            R-Score (the first-order loss estimate; milliseconds, no data); 0 for an alpha, where plans of
+            different sizes cannot be compared. ``plan.settings["macs_power_used"]`` says which.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -205,61 +206,37 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
-    weights = _weights(scores, stream_weight, macs_power)
+    power = 0.0 if macs_power == "auto" else float(macs_power)
     chosen: Optional[float] = None
     if key != "alpha" and value == 0:
         counts = np.zeros(len(units), dtype=np.int64)
     elif allocation == "tod" and key == "alpha":
-        chosen, counts = value, tod_counts(_curves(scores, stream_floor, floor), value, weights)
+        chosen = value
+        counts = tod_counts(curves_of(scores, stream_floor, floor), value, group_weights(scores, stream_weight, power))
     elif allocation == "tod":
-        curves = _curves(scores, stream_floor, floor)
-        counts = _tod_target(scores, curves, weights, key, value, before, ties,
-                             _weights(scores, stream_weight))
-        chosen = _level_of(curves, counts, weights)
+        curves = curves_of(scores, stream_floor, floor)
+        powers = AUTO_POWERS if macs_power == "auto" else (power,)
+        values = [_signal_values(g, signal, seed, i) for i, g in enumerate(scores.groups)]
+        power, counts = least_r_target(scores, curves, powers, stream_weight, key, value, before, ties, values)
+        chosen = level_of(curves, counts, group_weights(scores, stream_weight, power))
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
-        _, counts = _bisect(cands, lambda f: _uniform_counts(units, f), cost, key, value, before,
-                            "removing 99% of every group")
+        _, counts = bisect_target(cands, lambda f: uniform_counts(units, f), cost, key, value, before,
+                                  "removing 99% of every group")
     result = _make_plan(scores, counts, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
-                         "ties": ties, "stream_floor": stream_floor, "floor": floor, "macs_power": macs_power})
+                         "ties": ties, "stream_floor": stream_floor, "floor": floor, "macs_power": macs_power,
+                         "macs_power_used": power})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "units' sizes allow no closer plan.", stacklevel=2)
     return result
 
 
-def _curves(scores: Scores, stream_floor: str, floor: str) -> List[np.ndarray]:
-    """Every group's ToD curve, its free alpha=0 count limited as ``stream_floor`` (residual streams) or
-    ``floor`` (every other group) says."""
-    curves = [tod_curve(g.u, g.r) for g in scores.groups]
-    free = [_free_floor(g, stream_floor if g.is_stream else floor) for g in scores.groups]
-    return [c if f is None else cap_floor(c, f) for c, f in zip(curves, free)]
-
-
-def _free_floor(g: GroupScores, rule: str) -> Optional[int]:
-    """How many of a group's alpha=0 steps stay free under ``rule`` (None: all of them). "capped" (streams):
-    none for the stream the output layer reads (its channels are the head's features; cutting them freely
-    cost ResNet-56 3-4 pt at 35 % MACs on the validation split), at most floor(sqrt(n)) for the others;
-    "sqrt": at most floor(sqrt(n)); "none": none; "free": all."""
-    if rule == "free":
-        return None
-    if rule == "none" or (rule == "capped" and g.feeds_output):
-        return 0
-    return math.isqrt(g.n_units)
-
-
-def _weights(scores: Scores, stream_weight: float, macs_power: float = 0.0) -> List[float]:
-    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere, times its MACs factor."""
-    factor = macs_factor(scores.cost.unit_cost()["macs"], np.array([g.n_units for g in scores.groups]),
-                         macs_power)
-    return [(stream_weight if g.is_stream else 1.0) * float(f) for g, f in zip(scores.groups, factor)]
-
-
 def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any, macs_power: Any = 0.0) -> None:
-    if isinstance(macs_power, bool) or not isinstance(macs_power, (int, float)) or not math.isfinite(macs_power) \
-            or abs(macs_power) > 2:
-        raise PlanError(f"macs_power must be a number in [-2, 2], got {macs_power!r}.")
+    if macs_power != "auto" and (isinstance(macs_power, bool) or not isinstance(macs_power, (int, float))
+                                 or not math.isfinite(macs_power) or abs(macs_power) > 2):
+        raise PlanError(f"macs_power must be \"auto\" or a number in [-2, 2], got {macs_power!r}.")
     if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
             not math.isfinite(stream_weight) or stream_weight < 1:
         raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
@@ -290,36 +267,6 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
     return key, value
 
 
-def _tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
-                before: Dict[str, float], ties: str = "cost",
-                tie_weights: Optional[List[float]] = None) -> np.ndarray:
-    """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`); ``tie_weights``
-    (default ``weights``) order the free steps."""
-    cost = scores.cost
-    if ties == "cost":
-        per_unit = cost.unit_cost()[key]
-        keys = tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights or weights, per_unit)
-        order = step_order(curves, weights, keys, per_unit)
-    else:
-        order = step_order(curves, weights)
-
-    def removed(counts: np.ndarray) -> float:
-        return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
-
-    most = removed(np.bincount(order, minlength=len(curves)))
-    if most + 1e-12 < value:
-        raise PlanError(f"A {key} reduction of {value:.1%} cannot be met: the most one round can remove is "
-                        f"{most:.1%} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
-    return fill_target(order, len(curves), removed, value)
-
-
-def _level_of(curves: List[np.ndarray], counts: np.ndarray, weights: List[float]) -> float:
-    """The ToD level a target plan reached: the highest (weighted) level any of its removals needed, so that
-    ``plan(alpha=level)`` removes at least as many units of every group."""
-    levels = [float(c[m - 1]) * w for c, m, w in zip(curves, counts, weights) if m > 0]
-    return max(levels, default=0.0)
-
-
 def _make_plan(scores: Scores, counts: np.ndarray, signal: Signal, seed: int, alpha: Optional[float],
                before: Dict[str, float], how: Dict[str, Any]) -> Plan:
     """The plan removing ``counts[g]`` units of each group, lowest ``signal`` first."""
@@ -342,32 +289,11 @@ def _make_plan(scores: Scores, counts: np.ndarray, signal: Signal, seed: int, al
                 list(scores.meta.get("example_inputs", [])))
 
 
-def _bisect(cands: np.ndarray, counts_of: Callable, cost, key: str, target: float, before: Dict[str, float],
-            limit_text: str):
-    """The candidate whose plan removes closest to ``target`` of ``key``: the smallest that removes at least
-    the target (removal is monotone), or the one below it where that is closer."""
-    def removed_frac(c):
-        return 1.0 - cost.evaluate(counts_of(c))[key] / max(before[key], 1.0)
-    lo, hi = 0, len(cands) - 1
-    best = removed_frac(cands[hi])
-    if best + 1e-12 < target:
-        raise PlanError(f"A {key} reduction of {target:.1%} cannot be met: the most this plan can remove is "
-                        f"{best:.1%} ({limit_text}).")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if removed_frac(cands[mid]) + 1e-12 >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo > 0 and target - removed_frac(cands[lo - 1]) < removed_frac(cands[lo]) - target:
-        lo -= 1
-    return float(cands[lo]), counts_of(cands[lo])
-
-
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
           stream_weight: float = STREAM_WEIGHT, ties: str = "cost",
-          stream_floor: str = "capped", floor: str = "free", macs_power: float = MACS_POWER) -> List[Dict[str, float]]:
+          stream_floor: str = "capped", floor: str = "free",
+          macs_power: Union[str, float] = MACS_POWER) -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
 
@@ -394,8 +320,8 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
                                          floor=floor, macs_power=macs_power, **{key: _fraction(key, v)}), key)
                 for v in values]
     _check_floors(stream_weight, stream_floor, floor, macs_power)
-    curves = _curves(scores, stream_floor, floor)
-    weights = _weights(scores, stream_weight, macs_power)
+    curves = curves_of(scores, stream_floor, floor)
+    weights = group_weights(scores, stream_weight, 0.0 if macs_power == "auto" else macs_power)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []

@@ -145,6 +145,16 @@ def _target_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup
     return target
 
 
+def _power(text: str):
+    """--macs-power: "auto" or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from None
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal", default="u", choices=("u", "l1", "taylor", "random"),
                    help="which units go once the counts are fixed (default u: lowest U-Score)")
@@ -163,10 +173,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--floor", default="free", choices=FLOORS,
                    help="the same for every other layer: all of its alpha=0 count (default free: the paper's "
                         "ToD), at most sqrt(width) units (sqrt) or none")
-    p.add_argument("--macs-power", type=float, default=MACS_POWER, metavar="P",
+    p.add_argument("--macs-power", type=_power, default=MACS_POWER, metavar="P",
                    help="every layer's ToD levels are multiplied by (MACs of one of its units / a typical unit's)^P: "
-                        f"P > 0 cuts layers of cheap units (wide, low resolution) deeper (default {MACS_POWER:g}; "
-                        "0: one level everywhere, the paper's ToD)")
+                        "P > 0 cuts layers of cheap units (wide, low resolution) deeper, P < 0 layers of costly ones; "
+                        "0: one level everywhere (the paper's ToD); auto (default): for --params/--macs, whichever "
+                        "of 0, -0.25, 0.25 removes the least total R-Score")
 
 
 def _attention_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,126 @@
+"""How many units each group loses: ToD curves with their free floors, per-group weights on ToD's levels,
+targets met by ToD's steps (see :mod:`.allocation`) or by one fraction of every group."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .._errors import PlanError
+from .._scoring.scores import GroupScores, Scores
+from .allocation import fill_target, macs_factor, step_order, tie_keys
+from .tod import cap_floor, max_fraction, rank_ascending, tod_curve
+
+__all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target", "least_r_target",
+           "level_of", "bisect_target"]
+
+
+def uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
+    """``frac`` of every group's units, rounded, at most what one round may take (99 %)."""
+    caps = np.array([max_fraction(n) for n in units])
+    return np.minimum(np.floor(frac * units + 0.5).astype(np.int64), caps)
+
+
+def curves_of(scores: Scores, stream_floor: str, floor: str) -> List[np.ndarray]:
+    """Every group's ToD curve, its free alpha=0 count limited as ``stream_floor`` (residual streams) or
+    ``floor`` (every other group) says."""
+    curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    free = [free_floor(g, stream_floor if g.is_stream else floor) for g in scores.groups]
+    return [c if f is None else cap_floor(c, f) for c, f in zip(curves, free)]
+
+
+def free_floor(g: GroupScores, rule: str) -> Optional[int]:
+    """How many of a group's alpha=0 steps stay free under ``rule`` (None: all of them). "capped" (streams):
+    none for the stream the output layer reads (its channels are the head's features; cutting them freely
+    cost ResNet-56 3-4 pt at 35 % MACs on the validation split), at most floor(sqrt(n)) for the others;
+    "sqrt": at most floor(sqrt(n)); "none": none; "free": all."""
+    if rule == "free":
+        return None
+    if rule == "none" or (rule == "capped" and g.feeds_output):
+        return 0
+    return math.isqrt(g.n_units)
+
+
+def group_weights(scores: Scores, stream_weight: float, macs_power: float = 0.0) -> List[float]:
+    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere, times its MACs factor."""
+    factor = macs_factor(scores.cost.unit_cost()["macs"], np.array([g.n_units for g in scores.groups]),
+                         macs_power)
+    return [(stream_weight if g.is_stream else 1.0) * float(f) for g, f in zip(scores.groups, factor)]
+
+
+def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
+               before: Dict[str, float], ties: str = "cost", tie_weights: Optional[List[float]] = None) -> np.ndarray:
+    """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`); ``tie_weights``
+    (default ``weights``) order the free steps."""
+    cost = scores.cost
+    if ties == "cost":
+        per_unit = cost.unit_cost()[key]
+        keys = tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights or weights, per_unit)
+        order = step_order(curves, weights, keys, per_unit)
+    else:
+        order = step_order(curves, weights)
+
+    def removed(counts: np.ndarray) -> float:
+        return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
+
+    most = removed(np.bincount(order, minlength=len(curves)))
+    if most + 1e-12 < value:
+        raise PlanError(f"A {key} reduction of {value:.1%} cannot be met: the most one round can remove is "
+                        f"{most:.1%} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
+    return fill_target(order, len(curves), removed, value)
+
+
+def least_r_target(scores: Scores, curves: List[np.ndarray], powers: Sequence[float], stream_weight: float,
+                   key: str, value: float, before: Dict[str, float], ties: str,
+                   signal_values: Sequence[torch.Tensor]) -> Tuple[float, np.ndarray]:
+    """The power of ``powers`` (and its counts) whose target plan removes the least total R-Score, the units of
+    each group going lowest ``signal_values`` first; the first power wins ties. A power whose round cannot reach
+    the target is skipped (the first one's error if none can)."""
+    ties_w = group_weights(scores, stream_weight)
+    r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank_ascending(v), kind="stable")])])
+             for g, v in zip(scores.groups, signal_values)] if len(powers) > 1 else None
+    best, first_error = None, None
+    for p in powers:
+        try:
+            counts = tod_target(scores, curves, group_weights(scores, stream_weight, p), key, value, before, ties,
+                                ties_w)
+        except PlanError as exc:
+            first_error = first_error or exc
+            continue
+        damage = 0.0 if r_cum is None else float(sum(c[m] for c, m in zip(r_cum, counts)))
+        if best is None or damage < best[0] - 1e-12 * max(abs(best[0]), 1.0):
+            best = (damage, p, counts)
+    if best is None:
+        raise first_error
+    return best[1], best[2]
+
+
+def level_of(curves: List[np.ndarray], counts: np.ndarray, weights: List[float]) -> float:
+    """The ToD level a target plan reached: the highest (weighted) level any of its removals needed, so that
+    ``plan(alpha=level)`` removes at least as many units of every group."""
+    levels = [float(c[m - 1]) * w for c, m, w in zip(curves, counts, weights) if m > 0]
+    return max(levels, default=0.0)
+
+
+def bisect_target(cands: np.ndarray, counts_of: Callable, cost, key: str, target: float, before: Dict[str, float],
+                  limit_text: str):
+    """The candidate whose plan removes closest to ``target`` of ``key``: the smallest that removes at least
+    the target (removal is monotone), or the one below it where that is closer."""
+    def removed_frac(c):
+        return 1.0 - cost.evaluate(counts_of(c))[key] / max(before[key], 1.0)
+    lo, hi = 0, len(cands) - 1
+    best = removed_frac(cands[hi])
+    if best + 1e-12 < target:
+        raise PlanError(f"A {key} reduction of {target:.1%} cannot be met: the most this plan can remove is "
+                        f"{best:.1%} ({limit_text}).")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed_frac(cands[mid]) + 1e-12 >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo > 0 and target - removed_frac(cands[lo - 1]) < removed_frac(cands[lo]) - target:
+        lo -= 1
+    return float(cands[lo]), counts_of(cands[lo])
