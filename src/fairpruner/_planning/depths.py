@@ -6,12 +6,11 @@ import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .._errors import PlanError
 from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, macs_factor, step_order, tie_keys
-from .tod import cap_floor, max_fraction, rank_ascending, tod_curve
+from .tod import cap_floor, max_fraction, tod_curve
 
 __all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target", "least_r_target",
            "level_of", "bisect_target"]
@@ -45,8 +44,8 @@ def free_floor(g: GroupScores, rule: str) -> Optional[int]:
 
 def group_weights(scores: Scores, stream_weight: float, macs_power: float = 0.0) -> List[float]:
     """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere, times its MACs factor."""
-    factor = macs_factor(scores.cost.unit_cost()["macs"], np.array([g.n_units for g in scores.groups]),
-                         macs_power)
+    factor = np.ones(len(scores.groups)) if macs_power == 0 else \
+        macs_factor(scores.cost.unit_cost()["macs"], np.array([g.n_units for g in scores.groups]), macs_power)
     return [(stream_weight if g.is_stream else 1.0) * float(f) for g, f in zip(scores.groups, factor)]
 
 
@@ -74,13 +73,13 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
 
 def least_r_target(scores: Scores, curves: List[np.ndarray], powers: Sequence[float], stream_weight: float,
                    key: str, value: float, before: Dict[str, float], ties: str,
-                   signal_values: Sequence[torch.Tensor]) -> Tuple[float, np.ndarray]:
+                   ranks: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
     """The power of ``powers`` (and its counts) whose target plan removes the least total R-Score, the units of
-    each group going lowest ``signal_values`` first; the first power wins ties. A power whose round cannot reach
-    the target is skipped (the first one's error if none can)."""
+    each group going in the order of ``ranks`` (lowest first); the first power wins ties. A power whose round
+    cannot reach the target is skipped (the first one's error if none can)."""
     ties_w = group_weights(scores, stream_weight)
-    r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank_ascending(v), kind="stable")])])
-             for g, v in zip(scores.groups, signal_values)] if len(powers) > 1 else None
+    r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank, kind="stable")])])
+             for g, rank in zip(scores.groups, ranks)] if len(powers) > 1 else None
     best, first_error = None, None
     for p in powers:
         try:

@@ -207,6 +207,8 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
     power = 0.0 if macs_power == "auto" else float(macs_power)
+    # Each group's removal order, computed once: the plan takes its lowest ranks, and "auto" prices them.
+    ranks = [rank_ascending(_signal_values(g, signal, seed, i)) for i, g in enumerate(scores.groups)]
     chosen: Optional[float] = None
     if key != "alpha" and value == 0:
         counts = np.zeros(len(units), dtype=np.int64)
@@ -216,14 +218,13 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     elif allocation == "tod":
         curves = curves_of(scores, stream_floor, floor)
         powers = AUTO_POWERS if macs_power == "auto" else (power,)
-        values = [_signal_values(g, signal, seed, i) for i, g in enumerate(scores.groups)]
-        power, counts = least_r_target(scores, curves, powers, stream_weight, key, value, before, ties, values)
+        power, counts = least_r_target(scores, curves, powers, stream_weight, key, value, before, ties, ranks)
         chosen = level_of(curves, counts, group_weights(scores, stream_weight, power))
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         _, counts = bisect_target(cands, lambda f: uniform_counts(units, f), cost, key, value, before,
                                   "removing 99% of every group")
-    result = _make_plan(scores, counts, signal, seed, chosen, before,
+    result = _make_plan(scores, counts, ranks, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
                          "ties": ties, "stream_floor": stream_floor, "floor": floor, "macs_power": macs_power,
                          "macs_power_used": power})
@@ -233,7 +234,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     return result
 
 
-def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any, macs_power: Any = 0.0) -> None:
+def _check_depth_options(stream_weight: Any, stream_floor: Any, floor: Any, macs_power: Any = 0.0) -> None:
     if macs_power != "auto" and (isinstance(macs_power, bool) or not isinstance(macs_power, (int, float))
                                  or not math.isfinite(macs_power) or abs(macs_power) > 2):
         raise PlanError(f"macs_power must be \"auto\" or a number in [-2, 2], got {macs_power!r}.")
@@ -248,7 +249,7 @@ def _check_floors(stream_weight: Any, stream_floor: Any, floor: Any, macs_power:
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
                 allocation: str, stream_weight: float, ties: str, stream_floor: str, floor: str,
-                macs_power: float = 0.0) -> tuple:
+                macs_power: Union[str, float] = 0.0) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
@@ -263,16 +264,15 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
         raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
     if allocation == "uniform" and key == "alpha":
         raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
-    _check_floors(stream_weight, stream_floor, floor, macs_power)
+    _check_depth_options(stream_weight, stream_floor, floor, macs_power)
     return key, value
 
 
-def _make_plan(scores: Scores, counts: np.ndarray, signal: Signal, seed: int, alpha: Optional[float],
-               before: Dict[str, float], how: Dict[str, Any]) -> Plan:
-    """The plan removing ``counts[g]`` units of each group, lowest ``signal`` first."""
+def _make_plan(scores: Scores, counts: np.ndarray, ranks: Sequence[np.ndarray], signal: Signal, seed: int,
+               alpha: Optional[float], before: Dict[str, float], how: Dict[str, Any]) -> Plan:
+    """The plan removing ``counts[g]`` units of each group, those of the lowest ``ranks`` (of ``signal``)."""
     removed, groups = {}, []
-    for i, (g, m) in enumerate(zip(scores.groups, counts)):
-        order = rank_ascending(_signal_values(g, signal, seed, i))
+    for g, m, order in zip(scores.groups, counts, ranks):
         gone = sorted(int(k) for k in np.nonzero(order < m)[0])
         removed[g.name] = gone
         chans = sorted(int(c) for c in g.unit_channels[gone].flatten()) if gone else []
@@ -319,7 +319,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties, stream_floor=stream_floor,
                                          floor=floor, macs_power=macs_power, **{key: _fraction(key, v)}), key)
                 for v in values]
-    _check_floors(stream_weight, stream_floor, floor, macs_power)
+    _check_depth_options(stream_weight, stream_floor, floor, macs_power)
     curves = curves_of(scores, stream_floor, floor)
     weights = group_weights(scores, stream_weight, 0.0 if macs_power == "auto" else macs_power)
     before = scores.cost.evaluate(np.zeros(len(curves)))
