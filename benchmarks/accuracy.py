@@ -16,6 +16,7 @@ seeds. The data never overlap:
     python benchmarks/accuracy.py --part targets --model resnet56    # plan(macs=t)/plan(params=t), t=0.05..0.95
     python benchmarks/accuracy.py --part finetune --epochs 3   # headline: FAIR vs Torch-Pruning, fine-tuned
     python benchmarks/accuracy.py --part finetune --epochs 3 --distill 0.9   # the same, distilled from the original
+    python benchmarks/accuracy.py --part finetune --epochs 15 --bf16 --device cuda --workers 4   # on a GPU
     python benchmarks/accuracy.py --part readme                # README section from every model's results
 
 Raw results go to ``benchmarks/results/accuracy_<model>.json`` (each part adds its own key), the tables to
@@ -148,6 +149,19 @@ VARIANTS[SELECTED] = ({}, {})
 COST_STUDY = [*COST_VARIANTS, SELECTED]
 
 
+# --methods of each part -> the labels it runs.
+PART_METHODS: Dict[str, Dict[str, List[str]]] = {
+    "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
+               "default": [SELECTED], "tod": [SELECTED], "previous": [PREVIOUS_SELECTED]},
+    "test": {"all": list(METHODS), "core": CORE, "default": [DEFAULT], "tod": TOD, "previous": [ONE_LEVEL],
+             "tp": [TP_L1, "Torch-Pruning global Taylor"]},
+    "ablation": {"all": ABLATION, "default": [DEFAULT]},
+    "targets": {"all": [DEFAULT], "default": [DEFAULT]},
+    "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [ONE_LEVEL], "tp": [TP_L1]},
+    "readme": {"all": []},
+}
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -160,8 +174,9 @@ class Bench:
         self.model = zoo.create(name, num_classes=10)
         state = torch.load(HERE / "checkpoints" / f"cifar10_{name}.pt", map_location="cpu", weights_only=True)
         self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        self.model.eval()
-        self.example = zoo.example_input(name, batch_size=1)
+        self.device = torch.device(args.device)
+        self.model.eval().to(self.device)
+        self.example = zoo.example_input(name, batch_size=1).to(self.device)
         self.macs0 = fp.count_macs(self.model, self.example)
         self.params0 = fp.count_params(self.model)
         self.train = data.cifar10(args.data, "train")
@@ -221,7 +236,7 @@ class Bench:
             try:
                 if importance == "taylor":
                     for x, y in calib:
-                        F.cross_entropy(m(x), y).backward()
+                        F.cross_entropy(m(x.to(self.device)), y.to(self.device)).backward()
                 pruner = tp.pruner.BasePruner(m, self.example, importance=imp, global_pruning=True,
                                               pruning_ratio=ratio,
                                               ignored_layers=[dict(zip(self.model.modules(), m.modules()))[classifier]])
@@ -276,19 +291,21 @@ def run_grid(b: Bench, methods: Dict[str, tuple], loader: DataLoader, one_shot: 
 
 
 def run_finetune(b: Bench) -> Dict[str, Any]:
-    """FAIR default and Torch-Pruning global L1 at the headline level, fine-tuned with one recipe."""
+    """FAIR's default, its previous default and Torch-Pruning global L1 at the headline level, fine-tuned with one
+    recipe."""
     a = b.args
     train_aug = data.cifar10(a.data, "train", augment=True)
     out = {"level": a.headline, "epochs": a.epochs, "lr": a.lr, "bf16": a.bf16, "distill": a.distill,
-           "unpruned": fp.evaluate(b.model, b.test_loader)}
-    labels = {"default": (DEFAULT,), "tp": (TP_L1,)}.get(a.methods, (DEFAULT, TP_L1))
-    for label in labels:
+           "device": b.device.type, "unpruned": fp.evaluate(b.model, b.test_loader)}
+    for label in PART_METHODS["finetune"][a.methods]:
         pruned = b.build(METHODS[label], 0, a.headline)
         rec = b.measure(pruned, 0, b.test_loader)
-        loader = DataLoader(train_aug, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(train_aug, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0),
+                            num_workers=a.workers, persistent_workers=a.workers > 0,
+                            pin_memory=b.device.type == "cuda")
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # augmentation draws from torch's global RNG
+            torch.manual_seed(0)  # augmentation draws from torch's global RNG (workers seed from it too)
             fp.finetune(pruned, loader, epochs=a.epochs, lr=a.lr, progress=sys.stderr.isatty(),
                         autocast=torch.bfloat16 if a.bf16 else None, teacher=b.model if a.distill else None,
                         distill=a.distill)
@@ -350,15 +367,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
-    ap.add_argument("--methods", default="all", choices=("all", "core", "floor", "cost", "default", "tod", "tp"),
-                    help="--part test: every method, the default with the uniform baselines and Torch-Pruning "
-                         "(core), the default alone, or every method that follows the default stream rule (tod); "
-                         "--part select: every variant, the stream study (core), the floor study (floor), the "
-                         "cost study (cost) or the default alone; --part ablation: every method, or the default "
-                         "alone (default); "
-                         "--part finetune: the default and Torch-Pruning, the default alone (default) or "
-                         "Torch-Pruning alone (tp). "
-                         "Rows measured before for other methods are kept")
+    ap.add_argument("--methods", default="all",
+                    choices=("all", "core", "floor", "cost", "default", "tod", "tp", "previous"),
+                    help="which rows to run; rows measured before for other methods are kept. --part test: "
+                         "every method, the default with the uniform baselines and Torch-Pruning (core), every "
+                         "method that follows the default stream rule (tod), or the default, the previous default "
+                         "or Torch-Pruning alone (default, previous, tp); --part select: every variant, the stream "
+                         "study (core), the floor study (floor), the cost study (cost), the default or the "
+                         "previous default alone; --part ablation: every method or the default alone; "
+                         "--part finetune: the default, the previous default and Torch-Pruning, or one of them "
+                         "alone (default, previous, tp)")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
     ap.add_argument("--ablation-levels", default="0.678,0.354",
@@ -370,6 +388,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--distill", type=float, default=0.0,
                     help="--part finetune: distil from the unpruned checkpoint with this weight (temperature 4); "
                          "kept apart from the plain fine-tuning results")
+    ap.add_argument("--device", default="cpu",
+                    help="where the checkpoint is scored, pruned, evaluated and fine-tuned (e.g. cuda); fine-tuned "
+                         "rows of another device are not mixed in")
+    ap.add_argument("--workers", type=int, default=0, help="--part finetune: data-loading processes")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if not 0 <= args.distill <= 1:
@@ -384,23 +406,23 @@ def main(argv: Optional[List[str]] = None) -> None:
                 write_page(name, json.loads((RESULTS / f"accuracy_{name}.json").read_text()))
         report.update_readme(ROOT / "README.md", RESULTS, MODELS)
         return
+    names = PART_METHODS[args.part].get(args.methods)
+    if names is None:
+        ap.error(f"--part {args.part} takes --methods {' or '.join(PART_METHODS[args.part])}, "
+                 f"not {args.methods}")
     raw = RESULTS / f"accuracy_{args.model}.json"
     b = Bench(args, args.model)
     t0 = time.perf_counter()
     if args.part == "select":
         log(f"{args.model}: FAIR variants on validation, seeds {args.seeds}")
-        names = {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
-                 "default": [SELECTED], "tod": [SELECTED]}[args.methods]
         variants = {k: VARIANTS[k] for k in names}
         part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":
         log(f"{args.model}: all methods on test, seeds {args.seeds}")
-        names = {"all": list(METHODS), "core": CORE, "default": [DEFAULT], "tod": TOD}[args.methods]
         part = ("test", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
                                  one_shot=not args.skip_one_shot))
     elif args.part == "ablation":
         log(f"{args.model}: ToD against uniform depths at {args.ablation_levels} of the parameters, seeds {args.seeds}")
-        names = [DEFAULT] if args.methods == "default" else ABLATION
         part = ("ablation", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
                                        one_shot=not args.skip_one_shot,
                                        levels=args.ablation_levels, unit="params"))
@@ -413,11 +435,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
     results = json.loads(raw.read_text()) if raw.is_file() else {}
     old = results.get(part[0], {})
-    recipe = ("level", "epochs", "lr", "bf16", "distill")
-    if part[0] in ("select", "test", "ablation") or \
-            (part[0].startswith("finetune") and all(old.get(k, 0.0) == part[1][k] for k in recipe)):
-        # Rows of methods not run this time stay (fine-tuned ones only under the same recipe).
-        results[part[0]] = _in_study_order({**old, **part[1]}, VARIANTS if part[0] == "select" else METHODS)
+    recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
+    if part[0] in ("select", "test", "ablation"):
+        # Rows of methods and levels not run this time stay.
+        new = {k: {**old[k], **v} if isinstance(old.get(k), dict) and isinstance(v, dict) else v
+               for k, v in part[1].items()}
+        results[part[0]] = _in_study_order({**old, **new}, VARIANTS if part[0] == "select" else METHODS)
+    elif part[0].startswith("finetune") and all(old.get(k, d) == part[1][k] for k, d in recipe.items()):
+        # Rows of methods not run this time stay, under the same recipe only.
+        results[part[0]] = _in_study_order({**old, **part[1]}, METHODS)
     else:
         results[part[0]] = part[1]
     results["seeds"] = args.seeds
