@@ -158,7 +158,6 @@ PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "ablation": {"all": ABLATION, "default": [DEFAULT]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
     "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [ONE_LEVEL], "tp": [TP_L1]},
-    "readme": {"all": []},
 }
 
 
@@ -368,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--levels", default="0.2,0.35,0.5,0.65", help="fractions of MACs removed")
     ap.add_argument("--methods", default="all",
-                    choices=("all", "core", "floor", "cost", "default", "tod", "tp", "previous"),
+                    choices=list(dict.fromkeys(m for part in PART_METHODS.values() for m in part)),
                     help="which rows to run; rows measured before for other methods are kept. --part test: "
                          "every method, the default with the uniform baselines and Torch-Pruning (core), every "
                          "method that follows the default stream rule (tod), or the default, the previous default "

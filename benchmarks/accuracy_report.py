@@ -113,7 +113,8 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
 
 def _finetuned(ft: Dict[str, Any]) -> List[str]:
     how = f"distilled from the unpruned model, weight {ft['distill']:g}, T 4; " if ft.get("distill") else ""
-    on = "GPU" if ft.get("device", "cpu") == "cuda" else ft.get("device", "cpu").upper()
+    device = ft.get("device", "cpu")
+    on = "GPU" if device == "cuda" else device.upper()
     lines = [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
              f"lr {ft['lr']}, cosine; {how}on the {on}; unpruned {100 * ft['unpruned']:.2f} %)", "",
              "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]

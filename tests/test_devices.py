@@ -1,14 +1,12 @@
 """The whole data path (score -> plan -> prune -> recalibrate -> fine-tune -> evaluate) on every device present:
 the CPU always, CUDA where a GPU is (the CUDA cases skip elsewhere). Calibration batches stay on the CPU, as a
 user's DataLoader yields them; the library moves them to the model's device."""
-import copy
-
 import pytest
 import torch
 
 import fairpruner as fp
 from fairpruner import zoo
-from helpers import assert_prune_equals_mask, tiny_loader
+from helpers import assert_prune_equals_mask, assert_unchanged, snapshot, tiny_loader
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA device"))]
@@ -34,7 +32,7 @@ def _resnet(device: str) -> torch.nn.Module:
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_data_path_runs_on_the_models_device_and_leaves_the_model_alone(device, exact_cuda):
     model = _resnet(device)
-    before = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     loader = tiny_loader((3, 32, 32), classes=4, per=4)
     scores = fp.score(model, loader, progress=False)
     plan = fp.plan(scores, macs=0.3)
@@ -45,7 +43,7 @@ def test_the_data_path_runs_on_the_models_device_and_leaves_the_model_alone(devi
     assert {b.device.type for b in pruned.buffers()} == {device}
     fp.finetune(pruned, loader, epochs=1, lr=1e-3, progress=False)
     assert 0.0 <= fp.evaluate(pruned, loader) <= 1.0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_unchanged(model, before, device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -16,6 +16,11 @@ __all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_ta
            "level_of", "bisect_target"]
 
 
+def removed_fraction(cost, counts: np.ndarray, key: str, before: Dict[str, float]) -> float:
+    """The fraction of ``before[key]`` (params or MACs) that removing ``counts`` units of each group takes away."""
+    return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
+
+
 def uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
     """``frac`` of every group's units, rounded, at most what one round may take (99 %)."""
     caps = np.array([max_fraction(n) for n in units])
@@ -62,7 +67,7 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
         order = step_order(curves, weights)
 
     def removed(counts: np.ndarray) -> float:
-        return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
+        return removed_fraction(cost, counts, key, before)
 
     most = removed(np.bincount(order, minlength=len(curves)))
     if most + 1e-12 < value:
@@ -108,7 +113,7 @@ def bisect_target(cands: np.ndarray, counts_of: Callable, cost, key: str, target
     """The candidate whose plan removes closest to ``target`` of ``key``: the smallest that removes at least
     the target (removal is monotone), or the one below it where that is closer."""
     def removed_frac(c):
-        return 1.0 - cost.evaluate(counts_of(c))[key] / max(before[key], 1.0)
+        return removed_fraction(cost, counts_of(c), key, before)
     lo, hi = 0, len(cands) - 1
     best = removed_frac(cands[hi])
     if best + 1e-12 < target:
