@@ -66,10 +66,17 @@ EARLIER = "FAIR, streams lose their whole alpha=0 count (default before the stre
 SQRT = {"stream_floor": "sqrt", **FREE}
 PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (default before the head's stream was spared)"
 # The default before the MACs-weighting study: one ToD level for every layer.
-ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, previous default)"
+ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, default before the MACs-weighting study)"
+# Every row measured before the tie/floor study pins that study's previous rules (Bench.fair adds PINNED under
+# a row's own settings): free ToD steps ordered by relative U per MAC, every other layer's whole floor free.
+# The default orders them by relative R and takes a free or sqrt-capped floor by the least total R-Score.
+PINNED = {"ties": "u", "floor": "free"}
+NEW = {"ties": "r", "floor": "auto"}
+PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (previous default)"
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
-    "FAIR default (U + ToD)": ({}, {}),
+    "FAIR default (U + ToD)": ({}, NEW),
+    PREVIOUS_DEFAULT: ({}, {}),
     ONE_LEVEL: ({}, P0),
     "FAIR, first defaults (U max, R sum, streams like any layer)": (
         PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share", "stream_floor": "free", **FREE}),
@@ -92,9 +99,6 @@ DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
-# --methods tod: the methods whose plans follow the default floor rules (re-run when they change).
-TOD = [k for k, (score_kw, plan_kw) in METHODS.items() if score_kw is not None
-       and plan_kw.get("allocation", "tod") == "tod" and not {"stream_floor", "floor", "macs_power"} & set(plan_kw)]
 # The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
 # random scores.
 ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
@@ -117,22 +121,24 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
     "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default before "
     "the head's stream was spared)": ({}, SQRT),
     "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
-    "layer's stream, weight 8 (previous default)": ({}, P0),
+    "layer's stream, weight 8 (default before the MACs-weighting study)": ({}, P0),
     "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
         {}, {"stream_floor": "none", **FREE}),
 }
 PREVIOUS_SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the "
-                     "output layer's stream, weight 8 (previous default)")
-SELECTED = ("as the previous default, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes "
-            "the least total R-Score (macs_power=auto, default)")
+                     "output layer's stream, weight 8 (default before the MACs-weighting study)")
+AUTO_POWER = ("as the default before the MACs-weighting study, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes "
+              "the least total R-Score (macs_power=auto, default before the tie/floor study)")
+SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or capped "
+            "at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
 STREAM_STUDY = list(VARIANTS)[-4:]
-# --part select --methods floor: the previous default against the other floor rules and uniform depths (every
+# --part select --methods floor: that default against the other floor rules and uniform depths (every
 # model).
 FLOOR_VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    "as the previous default, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": (
+    "as the default before the MACs-weighting study, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": (
         {}, {"floor": "sqrt", **P0}),
-    "as the previous default, every other layer loses units only at positive levels (floor=none)": (
+    "as the default before the MACs-weighting study, every other layer loses units only at positive levels (floor=none)": (
         {}, {"floor": "none", **P0}),
     "U + uniform depths (the baseline to beat)": ({}, {"allocation": "uniform"}),
 }
@@ -142,22 +148,26 @@ FLOOR_STUDY = [PREVIOUS_SELECTED, *FLOOR_VARIANTS]
 # a typical unit's)^p (plan's macs_power), so that a MACs target cuts layers of cheap or of costly units deeper,
 # and the default that picks p per target by the least total R-Score (every model).
 COST_VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    f"as the previous default, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": (
+    f"as the default before the MACs-weighting study, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": (
         {}, {"macs_power": p}) for p in (-1.0, -0.5, -0.25, 0.25, 0.5)}
 VARIANTS.update(COST_VARIANTS)
-VARIANTS[SELECTED] = ({}, {})
-COST_STUDY = [*COST_VARIANTS, SELECTED]
+VARIANTS[AUTO_POWER] = ({}, {})
+COST_STUDY = [*COST_VARIANTS, AUTO_POWER]
+# --part select --methods ties: the tie/floor study (free steps by R instead of U, floors chosen by R).
+VARIANTS[SELECTED] = ({}, NEW)
+TIE_STUDY = [AUTO_POWER, SELECTED]
 
 
 # --methods of each part -> the labels it runs.
 PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
-               "default": [SELECTED], "tod": [SELECTED], "previous": [PREVIOUS_SELECTED]},
-    "test": {"all": list(METHODS), "core": CORE, "default": [DEFAULT], "tod": TOD, "previous": [ONE_LEVEL],
+               "ties": TIE_STUDY, "default": [SELECTED], "previous": [AUTO_POWER]},
+    "test": {"all": list(METHODS), "core": CORE, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL],
              "tp": [TP_L1, "Torch-Pruning global Taylor"]},
-    "ablation": {"all": ABLATION, "default": [DEFAULT]},
+    "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
-    "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [ONE_LEVEL], "tp": [TP_L1]},
+    "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL],
+                 "tp": [TP_L1]},
 }
 
 
@@ -219,7 +229,7 @@ class Bench:
     def fair(self, seed: int, level: float, score_kw: dict, plan_kw: dict, unit: str = "macs") -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missed target shows in the measured MACs column
-            p = fp.plan(self.scored(seed, score_kw), seed=seed, **{unit: level}, **plan_kw)
+            p = fp.plan(self.scored(seed, score_kw), seed=seed, **{unit: level}, **{**PINNED, **plan_kw})
         return fp.prune(self.model, p, verify=False)
 
     def torch_pruning(self, seed: int, level: float, importance: str) -> nn.Module:
@@ -369,13 +379,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--methods", default="all",
                     choices=list(dict.fromkeys(m for part in PART_METHODS.values() for m in part)),
                     help="which rows to run; rows measured before for other methods are kept. --part test: "
-                         "every method, the default with the uniform baselines and Torch-Pruning (core), every "
-                         "method that follows the default stream rule (tod), or the default, the previous default "
-                         "or Torch-Pruning alone (default, previous, tp); --part select: every variant, the stream "
-                         "study (core), the floor study (floor), the cost study (cost), the default or the "
-                         "previous default alone; --part ablation: every method or the default alone; "
-                         "--part finetune: the default, the previous default and Torch-Pruning, or one of them "
-                         "alone (default, previous, tp)")
+                         "every method, the default with the uniform baselines and Torch-Pruning (core), the "
+                         "default, the two previous defaults or Torch-Pruning alone (default, previous, tp); "
+                         "--part select: every variant, the stream study (core), the floor study (floor), the cost "
+                         "study (cost), the tie/floor study (ties), the default or the previous default alone; "
+                         "--part ablation: every method, the default or the previous defaults; --part finetune: "
+                         "the default, the previous default and Torch-Pruning, or some of them (default, "
+                         "previous, tp)")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
     ap.add_argument("--ablation-levels", default="0.678,0.354",

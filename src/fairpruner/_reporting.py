@@ -78,10 +78,12 @@ def _plan_heading(plan_settings: Dict[str, Any], alpha: Optional[float]) -> str:
     for key in ("signal", "allocation"):
         if key in plan_settings:
             parts.append(f"{key} {plan_settings[key]}")
-    used = plan_settings.get("macs_power_used")
-    if plan_settings.get("allocation") == "tod" and used is not None:
-        how = " (auto: least total R)" if plan_settings.get("macs_power") == "auto" and set(target) - {"alpha"} else ""
-        parts.append(f"macs_power {used:g}{how}")
+    if plan_settings.get("allocation") == "tod":
+        for key, fmt in (("floor", str), ("macs_power", lambda v: f"{v:g}")):
+            used = plan_settings.get(f"{key}_used")
+            if used is not None:
+                auto = plan_settings.get(key) == "auto" and set(target) - {"alpha"}
+                parts.append(f"{key} {fmt(used)}" + (" (auto: least total R)" if auto else ""))
     return ", ".join(parts)
 
 
@@ -354,5 +356,5 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
         totals["accuracy_stages"] = {name: evaluate(m, eval_loader) for name, m in (stages or {}).items()}
     settings = {k: v for k, v in plan.settings.items()
                 if k in ("signal", "allocation", "target", "achieved", "seed", "stream_weight", "stream_floor",
-                         "floor", "macs_power", "macs_power_used")}
+                         "floor", "floor_used", "macs_power", "macs_power_used")}
     return Report(_group_rows(plan), totals, dict(plan.predicted), settings)

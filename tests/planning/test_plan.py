@@ -152,7 +152,8 @@ def test_target_met_and_within_the_level_it_reached(resnet_scores, key, where):
     assert p.requested == {key: target} and p.settings["target"] == {key: target}
     assert p.achieved[key] == pytest.approx(_removed_frac(resnet_scores, p, key))
     # No group is cut deeper than ToD allows at the level the plan reached.
-    at_level = fp.plan(resnet_scores, alpha=p.alpha, macs_power=p.settings["macs_power_used"])
+    at_level = fp.plan(resnet_scores, alpha=p.alpha, macs_power=p.settings["macs_power_used"],
+                       floor=p.settings["floor_used"])
     for g in resnet_scores.groups:
         assert len(p.removed[g.name]) <= len(at_level.removed[g.name])
 
@@ -224,13 +225,13 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
 
 def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):
     """Groups that are not residual streams lose at alpha=0 all of their ToD floor ("free": the paper's ToD,
-    the default), at most floor(sqrt(n)) of it ("sqrt") or nothing ("none"); streams follow stream_floor alone;
+    what "auto" means for an alpha), at most floor(sqrt(n)) of it ("sqrt") or nothing ("none"); streams follow stream_floor alone;
     above a group's first positive level every rule gives the same count; targets stay reachable."""
     # Ordinary groups whose lowest-U units are also their lowest-R ones: ToD's floor is half the group.
     synthetic_scores = fp.Scores(
         [g if g.is_stream else dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0)
          for g in synthetic_scores.groups], synthetic_scores.cost, dict(synthetic_scores.meta))
-    plans = {f: fp.plan(synthetic_scores, alpha=0.0, floor=f) for f in FLOORS}
+    plans = {f: fp.plan(synthetic_scores, alpha=0.0, floor=f) for f in FLOORS if f != "auto"}
     assert fp.plan(synthetic_scores, alpha=0.0).removed == plans["free"].removed
     capped_somewhere = False
     for g in synthetic_scores.groups:
@@ -250,6 +251,7 @@ def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):
     for f in FLOORS:
         p = fp.plan(synthetic_scores, macs=0.3, floor=f)
         assert abs(p.achieved["macs"] - 0.3) <= 0.005 and p.settings["floor"] == f
+        assert p.settings["floor_used"] in (("free", "sqrt") if f == "auto" else (f,))
     with pytest.raises(fp.PlanError, match="floor="):
         fp.plan(synthetic_scores, alpha=0.1, floor="capped")
     with pytest.raises(fp.PlanError, match="floor="):
@@ -257,7 +259,7 @@ def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):
 
 
 def test_ties_reorder_only_within_a_level(resnet_scores):
-    """With either tie rule, the steps up to the end of any level are exactly plan(alpha=level)'s counts."""
+    """With every tie rule, the steps up to the end of any level are exactly plan(alpha=level)'s counts."""
     from fairpruner._planning.allocation import counts_of_prefix, step_order, tie_keys
     groups = resnet_scores.groups
     curves = [tod_curve(g.u, g.r) for g in groups]
@@ -267,34 +269,47 @@ def test_ties_reorder_only_within_a_level(resnet_scores):
     prices = prices[prices <= 1 + 1e-12]
     levels = np.unique(np.round(prices, 12))
     assert len(levels) > 5
-    for ties in ("cost", "share"):
-        keys = tie_keys([g.u.numpy() for g in groups], curves, weights, macs) if ties == "cost" else None
-        order = step_order(curves, weights, keys, macs if ties == "cost" else None)
+    for ties in ("r", "u", "share"):
+        rs = [g.r.numpy() for g in groups] if ties == "r" else None
+        keys = tie_keys([g.u.numpy() for g in groups], curves, weights, macs, rs) if ties != "share" else None
+        order = step_order(curves, weights, keys, macs if ties != "share" else None)
         for a in levels:
             k = int((prices <= a + 1e-12).sum())
             assert np.array_equal(counts_of_prefix(order, k, len(groups)), tod_counts(curves, a, weights))
     floor = _removed_frac(resnet_scores, fp.plan(resnet_scores, alpha=0.0), "macs")
-    cost, share = (fp.plan(resnet_scores, macs=floor / 2, ties=t) for t in ("cost", "share"))
-    assert cost.removed != share.removed
-    assert cost.settings["ties"] == "cost" and share.settings["ties"] == "share"
+    plans = {t: fp.plan(resnet_scores, macs=floor / 2, ties=t) for t in ("r", "u", "share")}
+    assert plans["r"].removed != plans["u"].removed and plans["u"].removed != plans["share"].removed
+    assert all(p.settings["ties"] == t for t, p in plans.items())
+    assert fp.plan(resnet_scores, macs=floor / 2).removed == plans["r"].removed  # the default
     with pytest.raises(fp.PlanError, match="ties"):
         fp.plan(resnet_scores, macs=0.3, ties="equal")
+    with pytest.raises(fp.PlanError, match='now called "u"'):
+        fp.plan(resnet_scores, macs=0.3, ties="cost")
 
 
-def test_cost_ties_take_the_lowest_relative_u_per_mac_first(synthetic_scores):
-    """Below the floor the first step is the one whose unit has the lowest U / mean U of its group per MAC of
-    one unit (streams weighted)."""
+@pytest.mark.parametrize("by", ["u", "r"])
+def test_ties_take_the_lowest_relative_signal_per_mac_first(synthetic_scores, by):
+    """Below the floor the first step is the group whose lowest-U unit has the lowest signal / its group's mean
+    per MAC of one unit (streams weighted): U itself ("u"), or its R-Score ("r"), whose key for step m is the
+    largest R among the m lowest-U units."""
     from fairpruner._planning.allocation import step_order, tie_keys
     groups = synthetic_scores.groups
     curves = [tod_curve(g.u, g.r) for g in groups]
     weights = [STREAM_WEIGHT if g.is_stream else 1.0 for g in groups]
     macs = synthetic_scores.cost.unit_cost()["macs"]
-    keys = tie_keys([g.u.numpy() for g in groups], curves, weights, macs)
+    rs = [g.r.numpy() for g in groups] if by == "r" else None
+    keys = tie_keys([g.u.numpy() for g in groups], curves, weights, macs, rs)
     for k in keys:
         assert np.all(np.diff(k) >= 0)  # a group's steps keep their order
-    first = [(g.u.min().item() / g.u.mean().item() * w / c, i)
-             for i, (g, w, c, cv) in enumerate(zip(groups, weights, macs, curves)) if len(cv) and cv[0] == 0]
+    sig = [(g.u if by == "u" else g.r.abs()).double() for g in groups]
+    first = [(s[g.u.argmin()].item() / s.mean().item() * w / c, i)
+             for i, (g, s, w, c, cv) in enumerate(zip(groups, sig, weights, macs, curves)) if len(cv) and cv[0] == 0]
     assert step_order(curves, weights, keys)[0] == min(first)[1]
+    if by == "r":  # the running maximum, by hand, for one group
+        g, k = groups[0], keys[0]
+        r_in_u_order = g.r.abs().double()[torch.argsort(g.u, stable=True)].numpy()[:len(k)]
+        expect = np.maximum.accumulate(r_in_u_order) / g.r.abs().double().mean().item() * weights[0] / macs[0]
+        assert np.allclose(k, expect)
 
 
 def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(synthetic_scores):
@@ -333,25 +348,31 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
             fp.plan(synthetic_scores, macs=0.3, macs_power=bad)
 
 
-def test_auto_macs_power_takes_the_plan_that_removes_the_least_r(synthetic_scores):
-    """macs_power="auto" (the default) gives a target the plan of 0, -0.25 or 0.25 whose removed units have the
-    least total R-Score, and an alpha the plan of 0; the power it used is recorded."""
-    from fairpruner._planning.plans import AUTO_POWERS
-    assert fp.plan(synthetic_scores, alpha=0.1).removed == fp.plan(synthetic_scores, alpha=0.1, macs_power=0).removed
+def test_auto_takes_the_floor_and_macs_power_whose_plan_removes_the_least_r(synthetic_scores):
+    """floor="auto" and macs_power="auto" (the defaults) give a target the plan of floor "free" or "sqrt" and
+    power 0, -0.25 or 0.25 whose removed units have the least total R-Score, and an alpha the paper's plan
+    (free floor, power 0); the choices are recorded; either auto alone searches only its own option."""
+    from fairpruner._planning.plans import AUTO_FLOORS, AUTO_POWERS
+    assert fp.plan(synthetic_scores, alpha=0.1).removed == \
+        fp.plan(synthetic_scores, alpha=0.1, macs_power=0, floor="free").removed
     used = set()
-    for key, target in (("macs", 0.3), ("macs", 0.5), ("params", 0.4), ("macs", 0.7)):
+
+    def damage(p):
+        return sum(float(g.r[p.removed[g.name]].sum()) for g in synthetic_scores.groups)
+
+    for key, target in (("macs", 0.1), ("macs", 0.3), ("macs", 0.5), ("params", 0.4), ("macs", 0.7)):
         auto = fp.plan(synthetic_scores, **{key: target})
-        damage = {}
-        for q in AUTO_POWERS:
-            p = fp.plan(synthetic_scores, **{key: target}, macs_power=q)
-            damage[q] = sum(float(g.r[p.removed[g.name]].sum()) for g in synthetic_scores.groups)
-        best = min(damage.values())
-        assert auto.settings["macs_power"] == "auto"
-        assert damage[auto.settings["macs_power_used"]] == pytest.approx(best, rel=1e-9)
-        assert auto.removed == fp.plan(synthetic_scores, **{key: target},
-                                       macs_power=auto.settings["macs_power_used"]).removed
-        used.add(auto.settings["macs_power_used"])
-    assert len(used) > 1  # the seeded scores exercise more than one power
+        cands = {(f, q): damage(fp.plan(synthetic_scores, **{key: target}, floor=f, macs_power=q))
+                 for f in AUTO_FLOORS for q in AUTO_POWERS}
+        got = (auto.settings["floor_used"], auto.settings["macs_power_used"])
+        assert auto.settings["macs_power"] == "auto" and auto.settings["floor"] == "auto"
+        assert cands[got] == pytest.approx(min(cands.values()), rel=1e-9)
+        assert auto.removed == fp.plan(synthetic_scores, **{key: target}, floor=got[0], macs_power=got[1]).removed
+        used.add(got)
+        one = fp.plan(synthetic_scores, **{key: target}, floor="free")  # macs_power alone
+        assert one.settings["floor_used"] == "free"
+        assert damage(one) == pytest.approx(min(v for (f, _), v in cands.items() if f == "free"), rel=1e-9)
+    assert len({p for _, p in used}) > 1  # the seeded scores exercise more than one power
     with pytest.raises(fp.PlanError, match="macs_power"):
         fp.plan(synthetic_scores, macs=0.3, macs_power="best")
 

@@ -157,3 +157,15 @@ def test_format_plan(setup):
     for g in plan.groups:
         assert g["name"] in text
     assert "predicted" in text and f"{int(plan.predicted['params_before']):,}" in text
+    assert "floor free" in text.splitlines()[0] and "auto" not in text.splitlines()[0]  # an alpha: no choice
+
+
+def test_format_plan_names_what_auto_chose(setup):
+    """A target plan's heading says which floor rule and MACs power "auto" took; a fixed one is not "auto"."""
+    _, scores, *_ = setup
+    p = fp.plan(scores, macs=0.3)
+    head = format_plan(p).splitlines()[0]
+    assert f"floor {p.settings['floor_used']} (auto: least total R)" in head
+    assert f"macs_power {p.settings['macs_power_used']:g} (auto: least total R)" in head
+    head = format_plan(fp.plan(scores, macs=0.3, floor="sqrt", macs_power=0.25)).splitlines()[0]
+    assert "floor sqrt," in head and "macs_power 0.25" in head and "auto" not in head

@@ -55,13 +55,15 @@ def group_weights(scores: Scores, stream_weight: float, macs_power: float = 0.0)
 
 
 def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
-               before: Dict[str, float], ties: str = "cost", tie_weights: Optional[List[float]] = None) -> np.ndarray:
+               before: Dict[str, float], ties: str = "r", tie_weights: Optional[List[float]] = None) -> np.ndarray:
     """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`); ``tie_weights``
-    (default ``weights``) order the free steps."""
+    (default ``weights``) order the free steps by relative R ("r") or U ("u") per unit of cost, or in equal
+    shares of every group's floor ("share")."""
     cost = scores.cost
-    if ties == "cost":
+    if ties in ("r", "u"):
         per_unit = cost.unit_cost()[key]
-        keys = tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights or weights, per_unit)
+        rs = [g.r.numpy() for g in scores.groups] if ties == "r" else None
+        keys = tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights or weights, per_unit, rs)
         order = step_order(curves, weights, keys, per_unit)
     else:
         order = step_order(curves, weights)
@@ -76,29 +78,30 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
     return fill_target(order, len(curves), removed, value)
 
 
-def least_r_target(scores: Scores, curves: List[np.ndarray], powers: Sequence[float], stream_weight: float,
-                   key: str, value: float, before: Dict[str, float], ties: str,
-                   ranks: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
-    """The power of ``powers`` (and its counts) whose target plan removes the least total R-Score, the units of
-    each group going in the order of ``ranks`` (lowest first); the first power wins ties. A power whose round
-    cannot reach the target is skipped (the first one's error if none can)."""
+def least_r_target(scores: Scores, curve_sets: Dict[str, List[np.ndarray]],
+                   candidates: Sequence[Tuple[str, float]], stream_weight: float, key: str, value: float,
+                   before: Dict[str, float], ties: str, ranks: Sequence[np.ndarray]) -> Tuple[str, float, np.ndarray]:
+    """The candidate (floor rule, MACs power) whose target plan removes the least total R-Score, with its
+    counts; ``curve_sets`` holds each floor rule's ToD curves, and the units of each group go in the order of
+    ``ranks`` (lowest first). The first candidate wins ties. One whose round cannot reach the target is
+    skipped (the first one's error if none can)."""
     ties_w = group_weights(scores, stream_weight)
     r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank, kind="stable")])])
-             for g, rank in zip(scores.groups, ranks)] if len(powers) > 1 else None
+             for g, rank in zip(scores.groups, ranks)] if len(candidates) > 1 else None
     best, first_error = None, None
-    for p in powers:
+    for fl, p in candidates:
         try:
-            counts = tod_target(scores, curves, group_weights(scores, stream_weight, p), key, value, before, ties,
-                                ties_w)
+            counts = tod_target(scores, curve_sets[fl], group_weights(scores, stream_weight, p), key, value, before,
+                                ties, ties_w)
         except PlanError as exc:
             first_error = first_error or exc
             continue
         damage = 0.0 if r_cum is None else float(sum(c[m] for c, m in zip(r_cum, counts)))
         if best is None or damage < best[0] - 1e-12 * max(abs(best[0]), 1.0):
-            best = (damage, p, counts)
+            best = (damage, fl, p, counts)
     if best is None:
         raise first_error
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def level_of(curves: List[np.ndarray], counts: np.ndarray, weights: List[float]) -> float:

@@ -25,18 +25,22 @@ SIGNALS = ("u", "l1", "taylor", "random")
 STREAM_WEIGHT = 8.0
 MISS_WARNING = 0.01  # a plan more than this far from its target says so
 ALLOCATIONS = ("tod", "uniform")
-# How a params/MACs target orders ToD's steps of equal price: "cost" (relative U per unit of cost, chosen on
-# the validation split) or "share" (an equal share of every group's alpha=0 count: the previous rule).
-TIES = ("cost", "share")
+# How a params/MACs target orders ToD's steps of equal price: "r" (the running maximum of relative R per unit
+# of cost, chosen on the validation split), "u" (relative U per unit of cost: the previous rule) or "share"
+# (an equal share of every group's alpha=0 count: the one before).
+TIES = ("r", "u", "share")
 # How much of a residual stream's alpha=0 count is free: "capped" (at most floor(sqrt(n)) units, what two
 # independent rankings give by chance, and none of the stream the output layer reads; chosen on the
 # validation split), "sqrt" (at most floor(sqrt(n)) units of every stream: the previous default), "free"
 # (all of it: the paper's ToD), "none" (streams lose units only at positive levels).
 STREAM_FLOORS = ("capped", "sqrt", "free", "none")
-# How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD; the default, since
-# "sqrt" lost ResNet-56 0.8 pt at 20 % MACs on the validation split while it won VGG-16-BN 0.4 pt), "sqrt" (at
-# most floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels).
-FLOORS = ("free", "sqrt", "none")
+# How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD), "sqrt" (at most
+# floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels), "auto"
+# (the default: for a params/MACs target, "free" or "sqrt", whichever plan removes the least total R-Score,
+# chosen together with macs_power; alone, "sqrt" lost ResNet-56 0.8 pt at 20 % MACs on the validation split
+# while it won VGG-16-BN 0.4 pt).
+FLOORS = ("auto", "free", "sqrt", "none")
+AUTO_FLOORS = ("free", "sqrt")  # "free" first: it wins ties
 # Every group's ToD levels are weighted by (the MACs one of its units holds / a typical unit's) ** macs_power,
 # so that layers whose units each hold many MACs (narrow, high-resolution) are cut at a proportionally higher
 # level (0: the paper's one alpha for every layer). "auto" (the default, chosen on a validation split of
@@ -140,8 +144,8 @@ def _fraction(name: str, value: Any) -> float:
 
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
-         stream_weight: float = STREAM_WEIGHT, ties: str = "cost", stream_floor: str = "capped",
-         floor: str = "free", macs_power: Union[str, float] = MACS_POWER) -> Plan:
+         stream_weight: float = STREAM_WEIGHT, ties: str = "r", stream_floor: str = "capped",
+         floor: str = "auto", macs_power: Union[str, float] = MACS_POWER) -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -165,9 +169,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         stream_weight: residual streams (groups several layers add into) are cut at ``alpha /
             stream_weight``: every block reads them. 1 treats them like any group.
         ties: for params/MACs targets with ToD allocation (no effect otherwise), the order among ToD steps
-            of equal level: "cost" (default) takes first the step whose unit has the lowest U, relative to
-            its group's mean U, per param or MAC one unit holds (U decides this whatever ``signal`` picks the
-            units); "share" gives every group the same share of its alpha=0 count.
+            of equal level: "r" (default) takes first the group whose next step keeps the largest R-Score
+            it has removed (relative to its group's mean R) lowest per param or MAC one unit holds; "u" does
+            the same with the unit's U-Score (the previous default; U orders the steps whatever ``signal``
+            picks the units); "share" gives every group the same share of its alpha=0 count.
         stream_floor: how much of a residual stream's alpha=0 count is free. That count is a first-collision
             statistic that swings with the calibration sample, and every block reads a stream's units.
             "capped" (default): at most floor(sqrt(n)) of its n units, what two independent rankings give by
@@ -175,11 +180,13 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             stream's first positive level. "sqrt": at most floor(sqrt(n)) of every stream (the previous
             default). "free": all of it (the paper's ToD). "none": a stream loses units only at positive
             levels.
-        floor: the same for every other group. "free" (default): all of it (the paper's ToD). "sqrt": at
-            most floor(sqrt(n)) of its alpha=0 count is free, the rest costs the group's first positive level,
-            so a light target does not take a small layer's chance-long floor whole (VGG-16-BN's first
-            convolution: 19 of 64 channels at alpha 0; +0.4 pt there at 20 % MACs on validation, -0.8 pt
-            on ResNet-56). "none": only positive levels.
+        floor: the same for every other group. "free": all of it (the paper's ToD). "sqrt": at most
+            floor(sqrt(n)) of its alpha=0 count is free, the rest costs the group's first positive level, so
+            a light target does not take a small layer's chance-long floor whole (VGG-16-BN's first
+            convolution: 19 of 64 channels at alpha 0; +0.4 pt there at 20 % MACs on validation, -0.8 pt on
+            ResNet-56). "none": only positive levels. "auto" (default): for a params or MACs target, "free"
+            or "sqrt", chosen with ``macs_power`` by the least total R-Score; "free" for an alpha.
+            ``plan.settings["floor_used"]`` says which.
         macs_power: every group's ToD levels are multiplied by (the MACs one of its units holds / the
             geometric mean over all units) ** macs_power, as residual streams' are by ``stream_weight``: a
             positive value cuts layers of cheap units (wide, low-resolution) deeper than layers whose every
@@ -206,7 +213,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
+    # For an alpha, "auto" means the paper's rules: plans of different sizes cannot be compared.
     power = 0.0 if macs_power == "auto" else float(macs_power)
+    floor_used = "free" if floor == "auto" else floor
     # Each group's removal order, computed once: the plan takes its lowest ranks, and "auto" prices them.
     ranks = [rank_ascending(_signal_values(g, signal, seed, i)) for i, g in enumerate(scores.groups)]
     chosen: Optional[float] = None
@@ -214,20 +223,23 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         counts = np.zeros(len(units), dtype=np.int64)
     elif allocation == "tod" and key == "alpha":
         chosen = value
-        counts = tod_counts(curves_of(scores, stream_floor, floor), value, group_weights(scores, stream_weight, power))
+        counts = tod_counts(curves_of(scores, stream_floor, floor_used), value,
+                            group_weights(scores, stream_weight, power))
     elif allocation == "tod":
-        curves = curves_of(scores, stream_floor, floor)
+        floors = AUTO_FLOORS if floor == "auto" else (floor,)
+        curve_sets = {f: curves_of(scores, stream_floor, f) for f in floors}
         powers = AUTO_POWERS if macs_power == "auto" else (power,)
-        power, counts = least_r_target(scores, curves, powers, stream_weight, key, value, before, ties, ranks)
-        chosen = level_of(curves, counts, group_weights(scores, stream_weight, power))
+        floor_used, power, counts = least_r_target(scores, curve_sets, [(f, p) for f in floors for p in powers],
+                                                   stream_weight, key, value, before, ties, ranks)
+        chosen = level_of(curve_sets[floor_used], counts, group_weights(scores, stream_weight, power))
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         _, counts = bisect_target(cands, lambda f: uniform_counts(units, f), cost, key, value, before,
                                   "removing 99% of every group")
     result = _make_plan(scores, counts, ranks, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
-                         "ties": ties, "stream_floor": stream_floor, "floor": floor, "macs_power": macs_power,
-                         "macs_power_used": power})
+                         "ties": ties, "stream_floor": stream_floor, "floor": floor, "floor_used": floor_used,
+                         "macs_power": macs_power, "macs_power_used": power})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "units' sizes allow no closer plan.", stacklevel=2)
@@ -258,6 +270,8 @@ def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[
     value = _fraction(key, value)
     if allocation not in ALLOCATIONS:
         raise PlanError(f"allocation={allocation!r} is not one of {ALLOCATIONS}.")
+    if ties == "cost":
+        raise PlanError('ties="cost" is now called "u" (relative U per unit of cost); the default is "r".')
     if ties not in TIES:
         raise PlanError(f"ties={ties!r} is not one of {TIES}.")
     if not callable(signal) and signal not in SIGNALS:
@@ -291,8 +305,8 @@ def _make_plan(scores: Scores, counts: np.ndarray, ranks: Sequence[np.ndarray], 
 
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
-          stream_weight: float = STREAM_WEIGHT, ties: str = "cost",
-          stream_floor: str = "capped", floor: str = "free",
+          stream_weight: float = STREAM_WEIGHT, ties: str = "r",
+          stream_floor: str = "capped", floor: str = "auto",
           macs_power: Union[str, float] = MACS_POWER) -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
@@ -320,7 +334,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
                                          floor=floor, macs_power=macs_power, **{key: _fraction(key, v)}), key)
                 for v in values]
     _check_depth_options(stream_weight, stream_floor, floor, macs_power)
-    curves = curves_of(scores, stream_floor, floor)
+    curves = curves_of(scores, stream_floor, "free" if floor == "auto" else floor)
     weights = group_weights(scores, stream_weight, 0.0 if macs_power == "auto" else macs_power)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)

@@ -162,17 +162,19 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="per-group counts by ToD (default) or the same fraction everywhere")
     p.add_argument("--stream-weight", type=float, default=STREAM_WEIGHT, metavar="W",
                    help=f"residual streams are cut at alpha/W (default {STREAM_WEIGHT:g}; 1: like any layer)")
-    p.add_argument("--ties", default="cost", choices=TIES,
-                   help="for --params/--macs, the order of ToD steps of one level: lowest relative U per MAC or "
-                        "parameter first (default cost), or an equal share of every layer's alpha=0 count")
+    p.add_argument("--ties", default="r", choices=TIES,
+                   help="for --params/--macs, the order of ToD steps of one level: the layer whose next unit keeps "
+                        "the largest relative R-Score removed lowest per MAC or parameter first (default r), the "
+                        "same by relative U (u), or an equal share of every layer's alpha=0 count (share)")
     p.add_argument("--stream-floor", default="capped", choices=STREAM_FLOORS,
                    help="how much of a residual stream's alpha=0 ToD count it loses for free: at most sqrt(width) "
                         "units, none of the stream the output layer reads (default capped: the count swings "
                         "between calibration samples), at most sqrt(width) of every stream (sqrt), all of it "
                         "(free: the paper's ToD) or none")
-    p.add_argument("--floor", default="free", choices=FLOORS,
-                   help="the same for every other layer: all of its alpha=0 count (default free: the paper's "
-                        "ToD), at most sqrt(width) units (sqrt) or none")
+    p.add_argument("--floor", default="auto", choices=FLOORS,
+                   help="the same for every other layer: all of its alpha=0 count (free: the paper's ToD), at "
+                        "most sqrt(width) units (sqrt) or none; auto (default): for --params/--macs, free or sqrt, "
+                        "whichever removes the least total R-Score (with --macs-power); free for --alpha")
     p.add_argument("--macs-power", type=_power, default=MACS_POWER, metavar="P",
                    help="every layer's ToD levels are multiplied by (MACs of one of its units / a typical unit's)^P: "
                         "P > 0 cuts layers of cheap units (wide, low resolution) deeper, P < 0 layers of costly ones; "
