@@ -169,10 +169,11 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         stream_weight: residual streams (groups several layers add into) are cut at ``alpha /
             stream_weight``: every block reads them. 1 treats them like any group.
         ties: for params/MACs targets with ToD allocation (no effect otherwise), the order among ToD steps
-            of equal level: "r" (default) takes first the group whose next step keeps the largest R-Score
-            it has removed (relative to its group's mean R) lowest per param or MAC one unit holds; "u" does
-            the same with the unit's U-Score (the previous default; U orders the steps whatever ``signal``
-            picks the units); "share" gives every group the same share of its alpha=0 count.
+            of equal level: "r" (default) takes first the group whose next step has the lowest key: the
+            largest R-Score among the m lowest-U units it would have removed, relative to the group's mean R,
+            per param or MAC one unit holds; "u" keys on the m-th unit's relative U instead (the previous
+            default; both order the steps whatever ``signal`` picks the units); "share" gives every group the
+            same share of its alpha=0 count.
         stream_floor: how much of a residual stream's alpha=0 count is free. That count is a first-collision
             statistic that swings with the calibration sample, and every block reads a stream's units.
             "capped" (default): at most floor(sqrt(n)) of its n units, what two independent rankings give by
