@@ -127,8 +127,10 @@ VARIANTS: Dict[str, Tuple[dict, dict]] = {
 }
 PREVIOUS_SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the "
                      "output layer's stream, weight 8 (default before the MACs-weighting study)")
-AUTO_POWER = ("as the default before the MACs-weighting study, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes "
-              "the least total R-Score (macs_power=auto, default before the tie/floor study)")
+# The rows that change one thing of that default start with this (their labels are the results files' keys).
+AS_BEFORE_MACS = "as the default before the MACs-weighting study"
+AUTO_POWER = (f"{AS_BEFORE_MACS}, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes the "
+              "least total R-Score (macs_power=auto, default before the tie/floor study)")
 SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or capped "
             "at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
@@ -136,9 +138,9 @@ STREAM_STUDY = list(VARIANTS)[-4:]
 # --part select --methods floor: that default against the other floor rules and uniform depths (every
 # model).
 FLOOR_VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    "as the default before the MACs-weighting study, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": (
+    f"{AS_BEFORE_MACS}, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": (
         {}, {"floor": "sqrt", **P0}),
-    "as the default before the MACs-weighting study, every other layer loses units only at positive levels (floor=none)": (
+    f"{AS_BEFORE_MACS}, every other layer loses units only at positive levels (floor=none)": (
         {}, {"floor": "none", **P0}),
     "U + uniform depths (the baseline to beat)": ({}, {"allocation": "uniform"}),
 }
@@ -148,7 +150,7 @@ FLOOR_STUDY = [PREVIOUS_SELECTED, *FLOOR_VARIANTS]
 # a typical unit's)^p (plan's macs_power), so that a MACs target cuts layers of cheap or of costly units deeper,
 # and the default that picks p per target by the least total R-Score (every model).
 COST_VARIANTS: Dict[str, Tuple[dict, dict]] = {
-    f"as the default before the MACs-weighting study, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": (
+    f"{AS_BEFORE_MACS}, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": (
         {}, {"macs_power": p}) for p in (-1.0, -0.5, -0.25, 0.25, 0.5)}
 VARIANTS.update(COST_VARIANTS)
 VARIANTS[AUTO_POWER] = ({}, {})

@@ -225,8 +225,8 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
 
 def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):
     """Groups that are not residual streams lose at alpha=0 all of their ToD floor ("free": the paper's ToD,
-    what "auto" means for an alpha), at most floor(sqrt(n)) of it ("sqrt") or nothing ("none"); streams follow stream_floor alone;
-    above a group's first positive level every rule gives the same count; targets stay reachable."""
+    what "auto" means for an alpha), at most floor(sqrt(n)) of it ("sqrt") or nothing ("none"); streams follow
+    stream_floor alone; above a group's first positive level every rule gives the same count; targets stay reachable."""
     # Ordinary groups whose lowest-U units are also their lowest-R ones: ToD's floor is half the group.
     synthetic_scores = fp.Scores(
         [g if g.is_stream else dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0)

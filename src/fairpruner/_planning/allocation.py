@@ -46,7 +46,7 @@ def tie_keys(us: Sequence[np.ndarray], curves: Sequence[np.ndarray], weights: Se
             v, full = np.sort(u), u
         else:
             full = np.abs(np.asarray(rs[i], dtype=np.float64))
-            v = np.maximum.accumulate(full[np.argsort(u, kind="stable")]) if len(u) else full
+            v = np.maximum.accumulate(full[np.argsort(u, kind="stable")])
         rel = v[:len(c)] / max(float(np.mean(full)) if len(full) else 0.0, 1e-30)
         keys.append(rel * w / cost if cost > 0 else np.full(len(c), np.inf))
     return keys

@@ -86,13 +86,13 @@ def least_r_target(scores: Scores, curve_sets: Dict[str, List[np.ndarray]],
     ``ranks`` (lowest first). The first candidate wins ties. One whose round cannot reach the target is
     skipped (the first one's error if none can)."""
     ties_w = group_weights(scores, stream_weight)
+    weights = {p: group_weights(scores, stream_weight, p) for _, p in candidates}  # once per power, not per floor
     r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank, kind="stable")])])
              for g, rank in zip(scores.groups, ranks)] if len(candidates) > 1 else None
     best, first_error = None, None
     for fl, p in candidates:
         try:
-            counts = tod_target(scores, curve_sets[fl], group_weights(scores, stream_weight, p), key, value, before,
-                                ties, ties_w)
+            counts = tod_target(scores, curve_sets[fl], weights[p], key, value, before, ties, ties_w)
         except PlanError as exc:
             first_error = first_error or exc
             continue

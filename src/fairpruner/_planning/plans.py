@@ -5,7 +5,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -214,9 +214,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
-    # For an alpha, "auto" means the paper's rules: plans of different sizes cannot be compared.
-    power = 0.0 if macs_power == "auto" else float(macs_power)
-    floor_used = "free" if floor == "auto" else floor
+    floor_used, power = _alpha_rules(floor, macs_power)
     # Each group's removal order, computed once: the plan takes its lowest ranks, and "auto" prices them.
     ranks = [rank_ascending(_signal_values(g, signal, seed, i)) for i, g in enumerate(scores.groups)]
     chosen: Optional[float] = None
@@ -258,6 +256,12 @@ def _check_depth_options(stream_weight: Any, stream_floor: Any, floor: Any, macs
         raise PlanError(f"stream_floor={stream_floor!r} is not one of {STREAM_FLOORS}.")
     if floor not in FLOORS:
         raise PlanError(f"floor={floor!r} is not one of {FLOORS}.")
+
+
+def _alpha_rules(floor: str, macs_power: Union[str, float]) -> Tuple[str, float]:
+    """The floor rule and MACs power of a plan that cannot choose: "auto" means the paper's rules (free floor,
+    power 0), since plans of different sizes cannot be compared."""
+    return ("free" if floor == "auto" else floor), (0.0 if macs_power == "auto" else float(macs_power))
 
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
@@ -335,8 +339,9 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
                                          floor=floor, macs_power=macs_power, **{key: _fraction(key, v)}), key)
                 for v in values]
     _check_depth_options(stream_weight, stream_floor, floor, macs_power)
-    curves = curves_of(scores, stream_floor, "free" if floor == "auto" else floor)
-    weights = group_weights(scores, stream_weight, 0.0 if macs_power == "auto" else macs_power)
+    floor_used, power = _alpha_rules(floor, macs_power)
+    curves = curves_of(scores, stream_floor, floor_used)
+    weights = group_weights(scores, stream_weight, power)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []
