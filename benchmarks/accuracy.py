@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 import fairpruner as fp
 import accuracy_report as report
+import splits
 from fairpruner import data, zoo
 
 HERE = Path(__file__).resolve().parent
@@ -192,16 +193,9 @@ class Bench:
         self.params0 = fp.count_params(self.model)
         self.train = data.cifar10(args.data, "train")
         self.test_loader = DataLoader(data.cifar10(args.data, "test"), batch_size=1000)
-        labels = torch.tensor(self.train.targets)
-        g = torch.Generator().manual_seed(12345)  # the validation split is fixed, whatever the seed
-        val, rest = [], []
-        for c in range(10):
-            idx = torch.nonzero(labels == c).flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            val += idx[:500].tolist()
-            rest += idx[500:].tolist()
-        self.val_loader = DataLoader(self._subset(sorted(val)), batch_size=1000)
-        self.rest = torch.tensor(sorted(rest))
+        val, rest = splits.validation_split(self.train.targets)  # train.py holds these out by default
+        self.val_loader = DataLoader(self._subset(val), batch_size=1000)
+        self.rest = torch.tensor(rest)
         self.scores: Dict[tuple, fp.Scores] = {}
 
     def _subset(self, idx: List[int]) -> data.ArrayDataset:

@@ -59,12 +59,23 @@ def _has(grid: Dict[str, Any], key: str) -> bool:
     return all(key in r for rows in grid.values() for recs in rows.values() for r in recs)
 
 
+def _log(name: str) -> List[Dict[str, Any]]:
+    log = CHECKPOINTS / f"cifar10_{name}.log"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
+
 def checkpoint_accuracy(name: str) -> str:
     """The last test accuracy in the checkpoint's training log, with its epoch."""
-    log = CHECKPOINTS / f"cifar10_{name}.log"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    rows = [r for r in rows if "test_acc" in r]
+    rows = [r for r in _log(name) if "test_acc" in r]
     return f"{100 * rows[-1]['test_acc']:.2f} % after {rows[-1]['epoch']} epochs" if rows else "no training log"
+
+
+def validation_note(name: str) -> str:
+    """Whether the checkpoint saw the validation images in training (logs without a recipe line did)."""
+    config = next((r["config"] for r in _log(name) if "config" in r), {})
+    if config.get("holdout") == "val":
+        return "held out of the checkpoint's training too"
+    return "the checkpoint was trained on them, so its accuracy there is higher than on test"
 
 
 def _targets(t: Dict[str, Any]) -> List[str]:
@@ -86,7 +97,7 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
              "than 1 pt from the level (its offset in pt).", ""]
     if "select" in results:
         lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate; "
-                  "the checkpoint was trained on them, so its accuracy there is higher than on test)",
+                  f"{validation_note(name)})",
                   "", "One-shot + BatchNorm recalibration; MACs removed.", ""]
         lines += table(results["select"], "recalibrated", bold) + [""]
     if "test" in results:

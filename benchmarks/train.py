@@ -6,6 +6,14 @@ channels-last memory format (about 1.4 min per ResNet-20 epoch on 2 CPU cores).
     python benchmarks/train.py --model resnet20 --epochs 30
     python benchmarks/train.py --model resnet56 --epochs 60 --device cuda --workers 6 --bf16
     python benchmarks/train.py --model vgg16_bn --epochs 40 --resume     # continue an interrupted run
+    python benchmarks/train.py --model resnet56 --epochs 200 --minutes 8 --device cuda --augment-on device --bf16
+
+By default the 5,000 training images that ``accuracy.py`` chooses its defaults on (``splits.py``) are held out
+(``--holdout val``), so validation accuracy measures generalisation; the log's first line records the recipe.
+``--augment-on device`` keeps the training set on the device and crops and flips whole batches there (on a GPU,
+per-image augmentation in loader workers is the bottleneck). ``--minutes M`` times 20 training steps on a
+throw-away copy and caps the epochs so that the run fits in M minutes (a one-cycle schedule must know its
+length before it starts).
 
 The checkpoint loads with ``model.load_state_dict(torch.load(path, weights_only=True))``; the log (one JSON
 line per epoch) is written next to it as ``<name>.log``. After every epoch the whole training state (model,
@@ -19,34 +27,143 @@ per epoch against 178-180 s in float32, see its log) and on recent GPUs. Test ac
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import signal
 import time
 from pathlib import Path
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 import fairpruner as fp
+import splits
 from fairpruner import data, zoo
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+TIMING_STEPS = 20
 
 
-def main(argv: list[str] | None = None) -> None:
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random-crop (zero padding) and flip a uint8 NxCxHxW batch at once, as ``ArrayDataset`` does per image.
+
+    ``shifts`` (Nx2) are the crop's top-left corner in the padded image, ``flips`` (N, bool) the images to
+    mirror after cropping.
+    """
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dev = x.device
+    rows = shifts[:, :1].to(dev) + torch.arange(h, device=dev)
+    cols = shifts[:, 1:].to(dev) + torch.arange(w, device=dev)
+    cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceBatches:
+    """The training images held on the device as uint8; each batch is augmented there in one go.
+
+    Every epoch's order, crops and flips come from its own seed, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, dataset: data.ArrayDataset, batch_size: int, device: torch.device, seed: int) -> None:
+        self.x = dataset.images.permute(0, 3, 1, 2).contiguous().to(device)
+        self.y = torch.tensor(dataset.targets, device=device)
+        self.mean, self.std = dataset._mean.to(device), dataset._std.to(device)
+        self.batch_size, self.seed, self.padding = batch_size, seed, dataset.padding
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch_size  # the last partial batch is dropped, as in the loader
+
+    def epoch(self, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        n, b = len(self.y), self.batch_size
+        order = torch.randperm(n, generator=g)
+        shifts = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        for k in range(len(self)):
+            idx = order[k * b:(k + 1) * b]
+            x = crop_flip(self.x[idx.to(self.x.device)], shifts[idx], flips[idx], self.padding)
+            yield (x.float().div_(255) - self.mean) / self.std, self.y[idx.to(self.y.device)]
+
+
+class LoaderBatches:
+    """Per-image augmentation in a DataLoader (the CPU path)."""
+
+    def __init__(self, dataset: data.ArrayDataset, batch_size: int, workers: int, pin: bool, seed: int) -> None:
+        self.seed = seed
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                                 persistent_workers=workers > 0, pin_memory=pin,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self.loader.generator.manual_seed(self.seed * 1000 + epoch)  # the same shuffle after a resume
+        return iter(self.loader)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device, bf16: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
+def seconds_per_epoch(model: nn.Module, batches, device: torch.device, bf16: bool) -> float:
+    """Seconds per epoch, from TIMING_STEPS steps on a throw-away copy (the first 3 are warm-up)."""
+    trial = copy.deepcopy(model)
+    opt = torch.optim.SGD(trial.parameters(), lr=1e-3, momentum=0.9)
+    it, times = batches.epoch(0), []  # epoch 0 is never trained on
+    for _ in range(min(TIMING_STEPS, len(batches))):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        loss, _ = train_step(trial, opt, x, y, device, bf16)
+        loss.item()  # waits for the device
+        times.append(time.perf_counter() - t0)
+    return sum(times[3:] or times) / len(times[3:] or times) * len(batches)
+
+
+def make_model(args: argparse.Namespace, steps_per_epoch: int, device: torch.device):
+    model = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases are not decayed
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs,
+                                                steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    return model, opt, sched
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20", help="zoo model name (fairpruner.zoo.list_models())")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 directory or .tar.gz")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="cap the epochs so the run fits in this many minutes (timed on 20 steps first)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--holdout", choices=("val", "none"), default="val",
+                    help="val: leave out the 5,000 images accuracy.py validates on (default); none: train on all")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--augment-on", choices=("loader", "device"), default="loader",
+                    help="loader: per image in DataLoader workers; device: whole batches on the device (GPU)")
     ap.add_argument("--workers", type=int, default=0,
-                    help="data-loading processes (augmentation runs per image: use 4-8 on a GPU)")
+                    help="data-loading processes of --augment-on loader (use 4-8 on a GPU)")
     ap.add_argument("--eval-every", type=int, default=5, help="test accuracy every N epochs (and at the end)")
     ap.add_argument("--out", default=None, help="checkpoint path (default benchmarks/checkpoints/cifar10_<model>.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state, written after every epoch")
@@ -54,83 +171,99 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (mixed precision)")
     args = ap.parse_args(argv)
     if args.bf16 and args.device == "cpu" and not torch.backends.mkldnn.is_available():
-        raise SystemExit("--bf16 on the CPU needs PyTorch built with oneDNN; drop --bf16")
+        ap.error("--bf16 on the CPU needs PyTorch built with oneDNN; drop --bf16")
+    if args.minutes is not None and args.minutes <= 0:
+        ap.error("--minutes must be positive")
+    return args
 
+
+def training_set(args: argparse.Namespace) -> data.ArrayDataset:
+    train = data.cifar10(args.data, "train", augment=True)
+    if args.holdout == "none":
+        return train
+    _, rest = splits.validation_split(train.targets)
+    return data.ArrayDataset(train.images.numpy()[rest], [train.targets[i] for i in rest], train.mean, train.std,
+                             augment=True, classes=train.classes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     out = Path(args.out or HERE / "checkpoints" / f"cifar10_{args.model}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_suffix(".log")
+    log_path, state_path = out.with_suffix(".log"), out.with_suffix(".state")
     device = torch.device(args.device)
-
-    train = data.cifar10(args.data, "train", augment=True)
-    test = data.cifar10(args.data, "test")
-    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.workers, persistent_workers=args.workers > 0,
-                              pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
-    test_loader = DataLoader(test, batch_size=500)
-
-    model = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases are not decayed
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs,
-                                                steps_per_epoch=len(train_loader), pct_start=0.25)
-    state_path = out.with_suffix(".state")
+    train = training_set(args)
+    test_loader = DataLoader(data.cifar10(args.data, "test"), batch_size=500)
+    batches = (DeviceBatches(train, args.batch_size, device, args.seed) if args.augment_on == "device" else
+               LoaderBatches(train, args.batch_size, args.workers, device.type == "cuda", args.seed))
+    st = torch.load(state_path, map_location=device, weights_only=True) if args.resume and state_path.is_file() else None
+    if st is not None:
+        args.epochs = int(st.get("epochs", args.epochs))  # the schedule's length is fixed at the start
+    elif args.minutes is not None:
+        probe = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
+        per_epoch = seconds_per_epoch(probe, batches, device, args.bf16)
+        fit = max(1, int(args.minutes * 60 / (per_epoch * 1.05)))  # 5 % for the test passes and the state saves
+        print(f"about {per_epoch:.1f} s per epoch: {min(fit, args.epochs)} of {args.epochs} epochs fit in "
+              f"{args.minutes:g} min", flush=True)
+        args.epochs = min(fit, args.epochs)
+    model, opt, sched = make_model(args, len(batches), device)
     first = 1
-    if args.resume and state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=True)
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
         first = int(st["epoch"]) + 1
-        print(f"resumed from {state_path} after epoch {first - 1}", flush=True)
+        print(f"resumed from {state_path} after epoch {first - 1} of {args.epochs}", flush=True)
     else:
-        log_path.write_text("")
-    gen = train_loader.generator
+        config = {k: v for k, v in vars(args).items() if k not in ("data", "out", "resume", "workers")}
+        log_path.write_text(json.dumps({"config": {**config, "train_images": len(train)}}) + "\n")
     stop = []  # a signal ends the run at the next epoch boundary, after the state is saved
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    start = time.perf_counter()
+    start, record = time.perf_counter(), {}
     for epoch in range(first, args.epochs + 1):
-        gen.manual_seed(args.seed * 1000 + epoch)  # the shuffle of each epoch, the same after a resume
-        model.train()
-        t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for x, y in train_loader:
-            x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        record = {"epoch": epoch, "train_loss": round(loss_sum / seen, 4), "train_acc": round(correct / seen, 4),
-                  "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t0, 1)}
+        record = run_epoch(model, opt, sched, batches, epoch, device, args.bf16)
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             record["test_acc"] = round(fp.evaluate(model, test_loader, device=device), 4)
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch}, state_path.with_suffix(".state-tmp"))
+                    "rng": torch.get_rng_state(), "epoch": epoch, "epochs": args.epochs},
+                   state_path.with_suffix(".state-tmp"))
         state_path.with_suffix(".state-tmp").replace(state_path)
         if stop and epoch < args.epochs:
             print(f"stopped after epoch {epoch}; continue with --resume", flush=True)
             return
+    save_final(model, out, args.half)
+    acc = record.get("test_acc")
+    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {(time.perf_counter() - start) / 60:.1f} min"
+          + (f"; test accuracy {acc:.2%}" if acc is not None else ""))
+
+
+def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, batches, epoch: int, device: torch.device,
+              bf16: bool) -> dict:
+    model.train()
+    t0, seen = time.perf_counter(), 0
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    for x, y in batches.epoch(epoch):
+        loss, logits = train_step(model, opt, x, y, device, bf16)
+        sched.step()
+        y = y.to(device)
+        loss_sum += loss.float() * len(y)  # summed on the device: no sync per step
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    return {"epoch": epoch, "train_loss": round(float(loss_sum) / seen, 4), "train_acc": round(int(correct) / seen, 4),
+            "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t0, 1)}
+
+
+def save_final(model: nn.Module, out: Path, half: bool) -> None:
     final = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if args.half:
+    if half:
         final = {k: v.half() if v.is_floating_point() else v for k, v in final.items()}
     torch.save(final, out)
-    total = time.perf_counter() - start
-    acc = record.get("test_acc") if first <= args.epochs else None
-    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {total / 60:.1f} min"
-          + (f"; test accuracy {acc:.2%}" if acc is not None else ""))
 
 
 if __name__ == "__main__":
