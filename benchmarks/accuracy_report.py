@@ -60,8 +60,15 @@ def _has(grid: Dict[str, Any], key: str) -> bool:
 
 
 def _log(name: str) -> List[Dict[str, Any]]:
+    """The training log's records; a line still being written (a run in progress) is skipped."""
     log = CHECKPOINTS / f"cifar10_{name}.log"
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    rows = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def checkpoint_accuracy(name: str) -> str:
@@ -72,7 +79,10 @@ def checkpoint_accuracy(name: str) -> str:
 
 def validation_note(name: str) -> str:
     """Whether the checkpoint saw the validation images in training (logs without a recipe line did)."""
-    config = next((r["config"] for r in _log(name) if "config" in r), {})
+    rows = _log(name)
+    if not rows:
+        return "no training log, so whether the checkpoint saw them is unknown"
+    config = next((r["config"] for r in rows if "config" in r), {})
     if config.get("holdout") == "val":
         return "held out of the checkpoint's training too"
     return "the checkpoint was trained on them, so its accuracy there is higher than on test"

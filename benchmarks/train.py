@@ -75,27 +75,29 @@ class DeviceBatches:
         self.y = torch.tensor(dataset.targets, device=device)
         self.mean, self.std = dataset._mean.to(device), dataset._std.to(device)
         self.batch_size, self.seed, self.padding = batch_size, seed, dataset.padding
+        self.prefetched = 0
 
     def __len__(self) -> int:
         return len(self.y) // self.batch_size  # the last partial batch is dropped, as in the loader
 
     def epoch(self, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        n, b = len(self.y), self.batch_size
+        n, b, dev = len(self.y), self.batch_size, self.x.device
         order = torch.randperm(n, generator=g)
         shifts = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5
+        order, shifts, flips = order.to(dev), shifts.to(dev), flips.to(dev)  # one copy per epoch, none per step
         for k in range(len(self)):
             idx = order[k * b:(k + 1) * b]
-            x = crop_flip(self.x[idx.to(self.x.device)], shifts[idx], flips[idx], self.padding)
-            yield (x.float().div_(255) - self.mean) / self.std, self.y[idx.to(self.y.device)]
+            x = crop_flip(self.x[idx], shifts[idx], flips[idx], self.padding)
+            yield (x.float().div_(255) - self.mean) / self.std, self.y[idx]
 
 
 class LoaderBatches:
     """Per-image augmentation in a DataLoader (the CPU path)."""
 
     def __init__(self, dataset: data.ArrayDataset, batch_size: int, workers: int, pin: bool, seed: int) -> None:
-        self.seed = seed
+        self.seed, self.prefetched = seed, 2 * workers  # batches the workers load ahead (prefetch_factor 2)
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=pin,
                                  generator=torch.Generator().manual_seed(seed))
@@ -109,7 +111,8 @@ class LoaderBatches:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               device: torch.device, bf16: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+               device: torch.device, bf16: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step; returns the loss, the logits and the labels, all on the device."""
     x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
     y = y.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -118,24 +121,48 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), y
 
 
 def seconds_per_epoch(model: nn.Module, batches, device: torch.device, bf16: bool) -> float:
-    """Seconds per epoch, from TIMING_STEPS steps on a throw-away copy (the first 3 are warm-up)."""
-    trial = copy.deepcopy(model)
-    opt = torch.optim.SGD(trial.parameters(), lr=1e-3, momentum=0.9)
-    it, times = batches.epoch(0), []  # epoch 0 is never trained on
-    for _ in range(min(TIMING_STEPS, len(batches))):
-        t0 = time.perf_counter()
-        x, y = next(it)
-        loss, _ = train_step(trial, opt, x, y, device, bf16)
-        loss.item()  # waits for the device
-        times.append(time.perf_counter() - t0)
-    return sum(times[3:] or times) / len(times[3:] or times) * len(batches)
+    """Seconds per epoch, timed on TIMING_STEPS steps of a throw-away copy after a warm-up.
+
+    The warm-up (3 steps, plus the batches loader workers fetch ahead) keeps start-up and prefetching out of the
+    estimate; the global RNG is restored, so the run trains as it would without the timing.
+    """
+    warm = 3 + batches.prefetched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trial = copy.deepcopy(model)
+        opt = torch.optim.SGD(trial.parameters(), lr=1e-3, momentum=0.9)
+        it, times = batches.epoch(0), []  # epoch 0 is never trained on
+        for _ in range(min(warm + TIMING_STEPS, len(batches))):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            train_step(trial, opt, x, y, device, bf16)[0].item()  # .item() waits for the device
+            times.append(time.perf_counter() - t0)
+    timed = times[warm:] or times
+    return sum(timed) / len(timed) * len(batches)
+
+
+def fit_epochs(args: argparse.Namespace, batches, device: torch.device) -> int:
+    """The epochs that fit in ``--minutes`` (10 % kept for test passes and state saves), at most ``--epochs``."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
+    per_epoch = seconds_per_epoch(probe, batches, device, args.bf16)
+    del probe
+    fit = int(args.minutes * 60 / (per_epoch * 1.1))
+    if fit < 1:
+        raise SystemExit(f"--minutes {args.minutes:g} is shorter than one epoch (about {per_epoch:.0f} s "
+                         "measured): give more minutes or drop --minutes")
+    print(f"about {per_epoch:.1f} s per epoch: {min(fit, args.epochs)} of {args.epochs} epochs fit in "
+          f"{args.minutes:g} min", flush=True)
+    return min(fit, args.epochs)
 
 
 def make_model(args: argparse.Namespace, steps_per_epoch: int, device: torch.device):
+    if args.epochs * steps_per_epoch < 8:  # OneCycleLR's warm-up needs a few steps
+        raise SystemExit(f"{args.epochs} epochs of {steps_per_epoch} steps are too few for the one-cycle schedule "
+                         "(8 steps at least): train longer or use smaller batches")
     model = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases are not decayed
@@ -186,6 +213,21 @@ def training_set(args: argparse.Namespace) -> data.ArrayDataset:
                              augment=True, classes=train.classes)
 
 
+def recipe(args: argparse.Namespace, steps_per_epoch: int) -> dict:
+    """What a resumed run must share with the run it continues (the schedule counts its steps)."""
+    keys = ("model", "lr", "weight_decay", "batch_size", "seed", "holdout", "augment_on")
+    return {**{k: getattr(args, k) for k in keys}, "steps_per_epoch": steps_per_epoch}
+
+
+def check_recipe(saved: dict | None, now: dict, state_path: Path) -> None:
+    """Refuses to resume with other settings; states written before the recipe was saved are taken as they are."""
+    diff = {k: (saved[k], now[k]) for k in now if saved is not None and k in saved and saved[k] != now[k]}
+    if diff:
+        listed = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
+        raise SystemExit(f"{state_path} was trained with {listed}: resume with the same settings, or start afresh "
+                         "without --resume")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -197,21 +239,19 @@ def main(argv: list[str] | None = None) -> None:
     test_loader = DataLoader(data.cifar10(args.data, "test"), batch_size=500)
     batches = (DeviceBatches(train, args.batch_size, device, args.seed) if args.augment_on == "device" else
                LoaderBatches(train, args.batch_size, args.workers, device.type == "cuda", args.seed))
-    st = torch.load(state_path, map_location=device, weights_only=True) if args.resume and state_path.is_file() else None
+    if len(batches) == 0:
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train)} training images")
+    st = torch.load(state_path, map_location="cpu", weights_only=True) if args.resume and state_path.is_file() else None
     if st is not None:
         args.epochs = int(st.get("epochs", args.epochs))  # the schedule's length is fixed at the start
+        check_recipe(st.get("recipe"), recipe(args, len(batches)), state_path)
     elif args.minutes is not None:
-        probe = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
-        per_epoch = seconds_per_epoch(probe, batches, device, args.bf16)
-        fit = max(1, int(args.minutes * 60 / (per_epoch * 1.05)))  # 5 % for the test passes and the state saves
-        print(f"about {per_epoch:.1f} s per epoch: {min(fit, args.epochs)} of {args.epochs} epochs fit in "
-              f"{args.minutes:g} min", flush=True)
-        args.epochs = min(fit, args.epochs)
+        args.epochs = fit_epochs(args, batches, device)
     model, opt, sched = make_model(args, len(batches), device)
     first = 1
     if st is not None:
         model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        opt.load_state_dict(st["opt"])  # moves the optimizer state onto the parameters' device
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
         first = int(st["epoch"]) + 1
@@ -219,28 +259,29 @@ def main(argv: list[str] | None = None) -> None:
     else:
         config = {k: v for k, v in vars(args).items() if k not in ("data", "out", "resume", "workers")}
         log_path.write_text(json.dumps({"config": {**config, "train_images": len(train)}}) + "\n")
-    stop = []  # a signal ends the run at the next epoch boundary, after the state is saved
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-    start, record = time.perf_counter(), {}
-    for epoch in range(first, args.epochs + 1):
-        record = run_epoch(model, opt, sched, batches, epoch, device, args.bf16)
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            record["test_acc"] = round(fp.evaluate(model, test_loader, device=device), 4)
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch, "epochs": args.epochs},
-                   state_path.with_suffix(".state-tmp"))
-        state_path.with_suffix(".state-tmp").replace(state_path)
-        if stop and epoch < args.epochs:
-            print(f"stopped after epoch {epoch}; continue with --resume", flush=True)
-            return
+    stop: list = []  # a signal ends the run at the next epoch boundary, after the state is saved
+    previous = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        start = time.perf_counter()
+        for epoch in range(first, args.epochs + 1):
+            record = run_epoch(model, opt, sched, batches, epoch, device, args.bf16)
+            if epoch % args.eval_every == 0 or epoch == args.epochs:
+                record["test_acc"] = round(fp.evaluate(model, test_loader, device=device), 4)
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": epoch, "epochs": args.epochs,
+                        "recipe": recipe(args, len(batches))}, state_path.with_suffix(".state-tmp"))
+            state_path.with_suffix(".state-tmp").replace(state_path)
+            if stop and epoch < args.epochs:
+                print(f"stopped after epoch {epoch}; continue with --resume", flush=True)
+                return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     save_final(model, out, args.half)
-    acc = record.get("test_acc")
-    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {(time.perf_counter() - start) / 60:.1f} min"
-          + (f"; test accuracy {acc:.2%}" if acc is not None else ""))
+    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {(time.perf_counter() - start) / 60:.1f} min")
 
 
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, batches, epoch: int, device: torch.device,
@@ -249,9 +290,8 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched, batches, epoc
     t0, seen = time.perf_counter(), 0
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches.epoch(epoch):
-        loss, logits = train_step(model, opt, x, y, device, bf16)
+        loss, logits, y = train_step(model, opt, x, y, device, bf16)
         sched.step()
-        y = y.to(device)
         loss_sum += loss.float() * len(y)  # summed on the device: no sync per step
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
