@@ -199,9 +199,7 @@ class Bench:
         self.scores: Dict[tuple, fp.Scores] = {}
 
     def _subset(self, idx: List[int]) -> data.ArrayDataset:
-        t = self.train
-        return data.ArrayDataset(t.images.numpy()[idx], [t.targets[i] for i in idx], t.mean, t.std,
-                                 classes=t.classes)
+        return splits.subset(self.train, idx)
 
     def split(self, seed: int) -> Tuple[DataLoader, DataLoader]:
         """Calibration (32 per class) and recalibration (1,000 images) loaders of one seed."""

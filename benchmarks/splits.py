@@ -10,6 +10,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from fairpruner import data
+
 PER_CLASS = 500
 SEED = 12345  # the split is fixed, whatever the calibration seed
 
@@ -41,3 +43,10 @@ def validation_split(labels: Sequence[int], per_class: int = PER_CLASS, seed: in
         val += idx[:per_class].tolist()
         rest += idx[per_class:].tolist()
     return sorted(val), sorted(rest)
+
+
+def subset(dataset: data.ArrayDataset, indices: Sequence[int], augment: bool = False) -> data.ArrayDataset:
+    """The images at ``indices`` as their own in-memory dataset (same normalisation and class names)."""
+    idx = list(indices)
+    return data.ArrayDataset(dataset.images.numpy()[idx], [dataset.targets[i] for i in idx], dataset.mean,
+                             dataset.std, augment=augment, classes=dataset.classes)

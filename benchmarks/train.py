@@ -144,12 +144,9 @@ def seconds_per_epoch(model: nn.Module, batches, device: torch.device, bf16: boo
     return sum(timed) / len(timed) * len(batches)
 
 
-def fit_epochs(args: argparse.Namespace, batches, device: torch.device) -> int:
+def fit_epochs(args: argparse.Namespace, model: nn.Module, batches, device: torch.device) -> int:
     """The epochs that fit in ``--minutes`` (10 % kept for test passes and state saves), at most ``--epochs``."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
-    per_epoch = seconds_per_epoch(probe, batches, device, args.bf16)
-    del probe
+    per_epoch = seconds_per_epoch(model, batches, device, args.bf16)
     fit = int(args.minutes * 60 / (per_epoch * 1.1))
     if fit < 1:
         raise SystemExit(f"--minutes {args.minutes:g} is shorter than one epoch (about {per_epoch:.0f} s "
@@ -159,18 +156,17 @@ def fit_epochs(args: argparse.Namespace, batches, device: torch.device) -> int:
     return min(fit, args.epochs)
 
 
-def make_model(args: argparse.Namespace, steps_per_epoch: int, device: torch.device):
+def make_optimizer(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int):
     if args.epochs * steps_per_epoch < 8:  # OneCycleLR's warm-up needs a few steps
         raise SystemExit(f"{args.epochs} epochs of {steps_per_epoch} steps are too few for the one-cycle schedule "
                          "(8 steps at least): train longer or use smaller batches")
-    model = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases are not decayed
     opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs,
                                                 steps_per_epoch=steps_per_epoch, pct_start=0.25)
-    return model, opt, sched
+    return opt, sched
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -208,9 +204,7 @@ def training_set(args: argparse.Namespace) -> data.ArrayDataset:
     train = data.cifar10(args.data, "train", augment=True)
     if args.holdout == "none":
         return train
-    _, rest = splits.validation_split(train.targets)
-    return data.ArrayDataset(train.images.numpy()[rest], [train.targets[i] for i in rest], train.mean, train.std,
-                             augment=True, classes=train.classes)
+    return splits.subset(train, splits.validation_split(train.targets)[1], augment=True)
 
 
 def recipe(args: argparse.Namespace, steps_per_epoch: int) -> dict:
@@ -241,13 +235,15 @@ def main(argv: list[str] | None = None) -> None:
                LoaderBatches(train, args.batch_size, args.workers, device.type == "cuda", args.seed))
     if len(batches) == 0:
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train)} training images")
+    run_recipe = recipe(args, len(batches))
     st = torch.load(state_path, map_location="cpu", weights_only=True) if args.resume and state_path.is_file() else None
+    model = zoo.create(args.model, num_classes=10).to(device, memory_format=torch.channels_last)
     if st is not None:
         args.epochs = int(st.get("epochs", args.epochs))  # the schedule's length is fixed at the start
-        check_recipe(st.get("recipe"), recipe(args, len(batches)), state_path)
+        check_recipe(st.get("recipe"), run_recipe, state_path)
     elif args.minutes is not None:
-        args.epochs = fit_epochs(args, batches, device)
-    model, opt, sched = make_model(args, len(batches), device)
+        args.epochs = fit_epochs(args, model, batches, device)
+    opt, sched = make_optimizer(args, model, len(batches))
     first = 1
     if st is not None:
         model.load_state_dict(st["model"])
@@ -272,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(record), flush=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "rng": torch.get_rng_state(), "epoch": epoch, "epochs": args.epochs,
-                        "recipe": recipe(args, len(batches))}, state_path.with_suffix(".state-tmp"))
+                        "recipe": run_recipe}, state_path.with_suffix(".state-tmp"))
             state_path.with_suffix(".state-tmp").replace(state_path)
             if stop and epoch < args.epochs:
                 print(f"stopped after epoch {epoch}; continue with --resume", flush=True)
