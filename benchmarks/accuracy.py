@@ -20,7 +20,8 @@ seeds. The data never overlap:
     python benchmarks/accuracy.py --part readme                # README section from every model's results
 
 Raw results go to ``benchmarks/results/accuracy_<model>.json`` (each part adds its own key), the tables to
-``benchmarks/results/accuracy_<model>.md`` and the plot to ``benchmarks/results/accuracy_<model>.png``.
+``benchmarks/results/accuracy_<model>.md`` and the plot to ``benchmarks/results/accuracy_<model>.png``. A results
+file records its checkpoint's SHA-256: a part run on another checkpoint replaces the file instead of joining it.
 """
 from __future__ import annotations
 
@@ -185,6 +186,7 @@ class Bench:
         self.args, self.name = args, name
         self.model = zoo.create(name, num_classes=10)
         state = torch.load(HERE / "checkpoints" / f"cifar10_{name}.pt", map_location="cpu", weights_only=True)
+        self.checkpoint = report.fingerprint(name)
         self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         self.device = torch.device(args.device)
         self.model.eval().to(self.device)
@@ -436,7 +438,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
         part = ("finetune_distill" if args.distill else "finetune", run_finetune(b))
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
-    results = json.loads(raw.read_text()) if raw.is_file() else {}
+    results = report.load_results(raw, b.checkpoint)
     old = results.get(part[0], {})
     recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
     if part[0] in ("select", "test", "ablation"):
@@ -449,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         results[part[0]] = _in_study_order({**old, **part[1]}, METHODS)
     else:
         results[part[0]] = part[1]
-    results["seeds"] = args.seeds
+    results["seeds"], results["checkpoint"] = args.seeds, b.checkpoint
     if part[0] == "test":
         report.plot(results["test"], RESULTS / f"accuracy_{args.model}.png",
                     f"{args.model}, CIFAR-10 test: one-shot + BatchNorm recalibration "

@@ -1,6 +1,7 @@
 """Tables, plot and README section of ``benchmarks/accuracy.py``, written from its results files only."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -59,6 +60,24 @@ def _has(grid: Dict[str, Any], key: str) -> bool:
     return all(key in r for rows in grid.values() for recs in rows.values() for r in recs)
 
 
+def fingerprint(name: str) -> str:
+    """The first 16 hex digits of the checkpoint file's SHA-256: results are tied to the weights they measured."""
+    path = CHECKPOINTS / f"cifar10_{name}.pt"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+
+
+def load_results(raw: Path, checkpoint: str) -> Dict[str, Any]:
+    """The results file if it was measured on ``checkpoint``, else nothing: rows of two checkpoints never mix."""
+    if not raw.is_file():
+        return {}
+    results = json.loads(raw.read_text())
+    if results.get("checkpoint") != checkpoint:
+        print(f"{raw.name} was measured on checkpoint {results.get('checkpoint', '(unrecorded)')}, not on "
+              f"{checkpoint}: its results are replaced", flush=True)
+        return {}
+    return results
+
+
 def _log(name: str) -> List[Dict[str, Any]]:
     """The training log's records; a line still being written (a run in progress) is skipped."""
     log = CHECKPOINTS / f"cifar10_{name}.log"
@@ -105,6 +124,9 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
              f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
              "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; † marks a measured removal more "
              "than 1 pt from the level (its offset in pt).", ""]
+    if results.get("checkpoint") != fingerprint(name):
+        lines += [f"**Measured on checkpoint {results.get('checkpoint', '(unrecorded)')}, not on the current "
+                  f"`cifar10_{name}.pt` ({fingerprint(name)}): rerun the parts to refresh these tables.**", ""]
     if "select" in results:
         lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate; "
                   f"{validation_note(name)})",

@@ -162,3 +162,20 @@ def test_tables_say_whether_the_checkpoint_saw_the_validation_images(tmp_path, m
     (tmp_path / "cifar10_m.log").write_text('{"config": {"holdout": "val"}}\n{"epoch": 1, "test_acc": 0.5}\n{"epo')
     assert "held out" in accuracy_report.validation_note("m")
     assert accuracy_report.checkpoint_accuracy("m") == "50.00 % after 1 epochs"
+
+
+def test_results_of_another_checkpoint_are_replaced_and_flagged(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    (tmp_path / "cifar10_m.pt").write_bytes(b"weights one")
+    one = accuracy_report.fingerprint("m")
+    raw = tmp_path / "accuracy_m.json"
+    raw.write_text(json.dumps({"checkpoint": one, "targets": {}}))
+    assert accuracy_report.load_results(raw, one) == {"checkpoint": one, "targets": {}}
+    assert "Measured on checkpoint" not in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
+    (tmp_path / "cifar10_m.pt").write_bytes(b"weights two")
+    two = accuracy_report.fingerprint("m")
+    assert two != one and accuracy_report.load_results(raw, two) == {}
+    assert "replaced" in capsys.readouterr().out
+    assert f"Measured on checkpoint {one}" in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
+    raw.write_text(json.dumps({"targets": {}}))  # a file from before checkpoints were recorded
+    assert accuracy_report.load_results(raw, two) == {}
