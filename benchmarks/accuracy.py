@@ -97,7 +97,7 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "Torch-Pruning global L1": (None, {"importance": "l1"}),
     "Torch-Pruning global Taylor": (None, {"importance": "taylor"}),
 }
-DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"
+DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]

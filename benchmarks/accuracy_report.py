@@ -4,11 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 
@@ -168,12 +169,93 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
+def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
+    v = [100 * r[key] for r in recs]
+    return float(np.mean(v)), float(np.std(v))
+
+
+def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]]) -> str:
+    """Ahead of every rival, or behind which one by how much (and whether within one standard deviation)."""
+    behind = [(m - ours[0], label, max(sd, ours[1])) for label, (m, sd) in rivals.items() if m > ours[0]]
+    if not behind:
+        return "ahead" if rivals else "-"
+    gap, label, spread = max(behind)
+    return f"**behind {label} by {gap:.2f} pt**" + (" (within one std)" if gap <= spread else "")
+
+
+def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
+    """One line per model and level: the default against Torch-Pruning global L1 and the best uniform baseline."""
+    lines = ["| model | MACs removed | FAIR default | Torch-Pruning global L1 | best uniform depths | default is |",
+             "|---|---|---|---|---|---|"]
+    for name, results in all_results.items():
+        grid = results.get("test", {})
+        if default not in grid:
+            continue
+        uniform = [k for k in grid if k.endswith("+ uniform")]
+        for level, recs in grid[default].items():
+            ours = _mean_std(recs)
+            tp = {tp_l1: _mean_std(grid[tp_l1][level])} if level in grid.get(tp_l1, {}) else {}
+            uni = {k: _mean_std(grid[k][level]) for k in uniform if level in grid[k]}
+            best = max(uni, key=lambda k: uni[k][0]) if uni else None
+            cells = [f"{ours[0]:.2f} ± {ours[1]:.2f}",
+                     f"{tp[tp_l1][0]:.2f} ± {tp[tp_l1][1]:.2f}" if tp else "-",
+                     f"{uni[best][0]:.2f} ± {uni[best][1]:.2f} ({best})" if best else "-",
+                     _verdict(ours, {**tp, **({best: uni[best]} if best else {})})]
+            lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ablation_board(all_results: Dict[str, Dict[str, Any]], default: str) -> List[str]:
+    """The paper's two ablations per parameters level: ToD against uniform depths, with U and with random scores."""
+    pairs = [("U", default, "U + uniform"), ("random", "random + ToD", "random + uniform")]
+    lines = []
+    for name, results in all_results.items():
+        grid = results.get("ablation", {})
+        for scores, tod, uni in pairs:
+            for level in grid.get(tod, {}):
+                if level in grid.get(uni, {}):
+                    a, b = _mean_std(grid[tod][level]), _mean_std(grid[uni][level])
+                    lines.append(f"| {name} | {float(level):.1%} | {scores} | {a[0]:.2f} ± {a[1]:.2f} | "
+                                 f"{b[0]:.2f} ± {b[1]:.2f} | {a[0] - b[0]:+.2f} pt |")
+    head = ["| model | params removed | scores | ToD | uniform depths | ToD - uniform |", "|---|---|---|---|---|---|"]
+    return head + lines if lines else []
+
+
+def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
+    """Each fine-tuning recipe's default and Torch-Pruning rows against the unpruned checkpoint."""
+    lines = []
+    for name, results in all_results.items():
+        for key in ("finetune", "finetune_distill"):
+            ft = results.get(key, {})
+            if default not in ft and tp_l1 not in ft:
+                continue
+            how = f"{ft['epochs']} epochs" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
+            cell = {k: f"{100 * ft[k]['finetuned']:.2f} ({100 * (ft[k]['finetuned'] - ft['unpruned']):+.2f} pt)"
+                    if k in ft else "-" for k in (default, tp_l1)}
+            lines.append(f"| {name} | {ft['level']:.0%} | {how} | {100 * ft['unpruned']:.2f} | {cell[default]} | "
+                         f"{cell[tp_l1]} |")
+    head = ["| model | MACs removed | fine-tuning | unpruned | FAIR default | Torch-Pruning global L1 |",
+            "|---|---|---|---|---|---|"]
+    return head + lines if lines else []
+
+
 def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> None:
     """Puts every model's results file, in ``models`` order, into the README between its accuracy markers."""
     text = readme.read_text()
     if BEGIN not in text:
         raise SystemExit(f"{readme} has no accuracy markers")
-    parts = []
+    measured = {n: json.loads((results_dir / f"accuracy_{n}.json").read_text()) for n in models
+                 if (results_dir / f"accuracy_{n}.json").is_file()}
+    glance = ["#### At a glance (test images)", "", "One-shot + BatchNorm recalibration, MACs removed, mean ± std over "
+              "calibration seeds; the default against Torch-Pruning and the best of the uniform-depth baselines:", "",
+              *scoreboard(measured, DEFAULT, TP_L1)]
+    if ablation_board(measured, DEFAULT):
+        glance += ["", "The paper's ablations (parameters removed, after recalibration):", "",
+                   *ablation_board(measured, DEFAULT)]
+    if finetune_board(measured, DEFAULT, TP_L1):
+        glance += ["", "Fine-tuned (seed 0; recipes in each model's section):", "",
+                   *finetune_board(measured, DEFAULT, TP_L1)]
+    parts = ["\n".join(glance)]
     for name in models:
         md = results_dir / f"accuracy_{name}.md"
         if not md.is_file():

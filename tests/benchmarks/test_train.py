@@ -9,7 +9,6 @@ import pytest
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import accuracy_report  # noqa: E402
 import splits  # noqa: E402
 import train  # noqa: E402
 from fairpruner import data  # noqa: E402
@@ -152,30 +151,3 @@ def test_minutes_caps_the_epochs_and_refuses_a_budget_below_one_epoch(tiny_cifar
     assert json.loads((tmp_path / "m.log").read_text().splitlines()[0])["config"]["epochs"] == 2
     with pytest.raises(SystemExit, match="shorter than one epoch"):
         _run(tmp_path, "--epochs", "50", "--minutes", "0.5")
-
-
-def test_tables_say_whether_the_checkpoint_saw_the_validation_images(tmp_path, monkeypatch):
-    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
-    assert "unknown" in accuracy_report.validation_note("m")
-    (tmp_path / "cifar10_m.log").write_text('{"epoch": 1, "test_acc": 0.5}\n')
-    assert "trained on them" in accuracy_report.validation_note("m")
-    (tmp_path / "cifar10_m.log").write_text('{"config": {"holdout": "val"}}\n{"epoch": 1, "test_acc": 0.5}\n{"epo')
-    assert "held out" in accuracy_report.validation_note("m")
-    assert accuracy_report.checkpoint_accuracy("m") == "50.00 % after 1 epochs"
-
-
-def test_results_of_another_checkpoint_are_replaced_and_flagged(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
-    (tmp_path / "cifar10_m.pt").write_bytes(b"weights one")
-    one = accuracy_report.fingerprint("m")
-    raw = tmp_path / "accuracy_m.json"
-    raw.write_text(json.dumps({"checkpoint": one, "targets": {}}))
-    assert accuracy_report.load_results(raw, one) == {"checkpoint": one, "targets": {}}
-    assert "Measured on checkpoint" not in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
-    (tmp_path / "cifar10_m.pt").write_bytes(b"weights two")
-    two = accuracy_report.fingerprint("m")
-    assert two != one and accuracy_report.load_results(raw, two) == {}
-    assert "replaced" in capsys.readouterr().out
-    assert f"Measured on checkpoint {one}" in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
-    raw.write_text(json.dumps({"targets": {}}))  # a file from before checkpoints were recorded
-    assert accuracy_report.load_results(raw, two) == {}

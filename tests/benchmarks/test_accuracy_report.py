@@ -1,0 +1,54 @@
+"""The accuracy benchmark's reports: table headings, results tied to their checkpoint, the at-a-glance board."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import accuracy_report  # noqa: E402
+
+
+def test_tables_say_whether_the_checkpoint_saw_the_validation_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    assert "unknown" in accuracy_report.validation_note("m")
+    (tmp_path / "cifar10_m.log").write_text('{"epoch": 1, "test_acc": 0.5}\n')
+    assert "trained on them" in accuracy_report.validation_note("m")
+    (tmp_path / "cifar10_m.log").write_text('{"config": {"holdout": "val"}}\n{"epoch": 1, "test_acc": 0.5}\n{"epo')
+    assert "held out" in accuracy_report.validation_note("m")
+    assert accuracy_report.checkpoint_accuracy("m") == "50.00 % after 1 epochs"
+
+
+def test_results_of_another_checkpoint_are_replaced_and_flagged(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    (tmp_path / "cifar10_m.pt").write_bytes(b"weights one")
+    one = accuracy_report.fingerprint("m")
+    raw = tmp_path / "accuracy_m.json"
+    raw.write_text(json.dumps({"checkpoint": one, "targets": {}}))
+    assert accuracy_report.load_results(raw, one) == {"checkpoint": one, "targets": {}}
+    assert "Measured on checkpoint" not in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
+    (tmp_path / "cifar10_m.pt").write_bytes(b"weights two")
+    two = accuracy_report.fingerprint("m")
+    assert two != one and accuracy_report.load_results(raw, two) == {}
+    assert "replaced" in capsys.readouterr().out
+    assert f"Measured on checkpoint {one}" in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
+    raw.write_text(json.dumps({"targets": {}}))  # a file from before checkpoints were recorded
+    assert accuracy_report.load_results(raw, two) == {}
+
+
+def _cells(*accs):
+    return [{"recalibrated": a} for a in accs]
+
+
+def test_scoreboard_names_the_rival_the_default_trails_and_by_how_much():
+    test = {"FAIR default (U + ToD)": {"0.2": _cells(0.80, 0.82), "0.5": _cells(0.70, 0.70)},
+            "Torch-Pruning global L1": {"0.2": _cells(0.79, 0.79), "0.5": _cells(0.75, 0.75)},
+            "U + uniform": {"0.2": _cells(0.815, 0.815), "0.5": _cells(0.60, 0.60)},
+            "L1 + uniform": {"0.2": _cells(0.50, 0.50), "0.5": _cells(0.72, 0.72)}}
+    lines = accuracy_report.scoreboard({"m": {"test": test}}, accuracy_report.DEFAULT, accuracy_report.TP_L1)
+    assert len(lines) == 4
+    assert "81.50 ± 0.00 (U + uniform)" in lines[2]
+    assert lines[2].endswith("**behind U + uniform by 0.50 pt** (within one std) |")  # std of the default: 1 pt
+    assert "72.00 ± 0.00 (L1 + uniform)" in lines[3]
+    assert lines[3].endswith("**behind Torch-Pruning global L1 by 5.00 pt** |")
+    test["FAIR default (U + ToD)"]["0.5"] = _cells(0.76, 0.76)
+    assert accuracy_report.scoreboard({"m": {"test": test}}, accuracy_report.DEFAULT,
+                                      accuracy_report.TP_L1)[3].endswith("| ahead |")
