@@ -108,6 +108,28 @@ def validation_note(name: str) -> str:
     return "the checkpoint was trained on them, so its accuracy there is higher than on test"
 
 
+def checkpoints_table(models: Sequence[str]) -> List[str]:
+    """Each checkpoint's test accuracy and recipe, from its training log."""
+    lines = ["| model | test top-1 | epochs | trained on | recipe |", "|---|---|---|---|---|"]
+    for name in models:
+        rows = _log(name)
+        if not rows:
+            continue
+        config = next((r["config"] for r in rows if "config" in r), None)
+        last = [r for r in rows if "test_acc" in r][-1:]
+        acc = f"{100 * last[0]['test_acc']:.2f} %" if last else "not measured"
+        epochs = max((r["epoch"] for r in rows if "epoch" in r), default=0)
+        if config is None:
+            lines.append(f"| {name} | {acc} | {epochs} | all 50,000 training images | not recorded in the log |")
+            continue
+        held = "45,000 (validation held out)" if config.get("holdout") == "val" else "all 50,000"
+        recipe = (f"one-cycle lr {config['lr']:g}, batch {config['batch_size']}, weight decay "
+                  f"{config['weight_decay']:g}" + (", bfloat16 autocast" if config.get("bf16") else ""))
+        of = f" of {config['epochs']}" if config.get("epochs") and config["epochs"] != epochs else ""
+        lines.append(f"| {name} | {acc} | {epochs}{of} | {held} | {recipe} |")
+    return lines
+
+
 def _targets(t: Dict[str, Any]) -> List[str]:
     lines = ["| target t | " + " | ".join(f"{r['target']:.2f}" for r in t["macs"]) + " |",
              "|---|" + "---|" * len(t["macs"])]
@@ -246,7 +268,8 @@ def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> Non
         raise SystemExit(f"{readme} has no accuracy markers")
     measured = {n: json.loads((results_dir / f"accuracy_{n}.json").read_text()) for n in models
                  if (results_dir / f"accuracy_{n}.json").is_file()}
-    glance = ["#### At a glance (test images)", "", "One-shot + BatchNorm recalibration, MACs removed, mean ± std over "
+    glance = ["#### Checkpoints (`benchmarks/checkpoints/`, trained by `benchmarks/train.py`)", "",
+              *checkpoints_table(models), "", "#### At a glance (test images)", "", "One-shot + BatchNorm recalibration, MACs removed, mean ± std over "
               "calibration seeds; the default against Torch-Pruning and the best of the uniform-depth baselines:", "",
               *scoreboard(measured, DEFAULT, TP_L1)]
     if ablation_board(measured, DEFAULT):

@@ -52,3 +52,15 @@ def test_scoreboard_names_the_rival_the_default_trails_and_by_how_much():
     test["FAIR default (U + ToD)"]["0.5"] = _cells(0.76, 0.76)
     assert accuracy_report.scoreboard({"m": {"test": test}}, accuracy_report.DEFAULT,
                                       accuracy_report.TP_L1)[3].endswith("| ahead |")
+
+
+def test_checkpoints_table_reads_the_recipe_from_the_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    (tmp_path / "cifar10_old.log").write_text('{"epoch": 1}\n{"epoch": 2, "test_acc": 0.5}\n')
+    config = {"holdout": "val", "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4, "bf16": True, "epochs": 80}
+    (tmp_path / "cifar10_new.log").write_text(json.dumps({"config": config}) + '\n{"epoch": 5, "test_acc": 0.9}\n')
+    lines = accuracy_report.checkpoints_table(["old", "new", "absent"])
+    assert lines[2] == "| old | 50.00 % | 2 | all 50,000 training images | not recorded in the log |"
+    assert lines[3] == ("| new | 90.00 % | 5 of 80 | 45,000 (validation held out) | one-cycle lr 0.05, batch 128, "
+                        "weight decay 0.0005, bfloat16 autocast |")
+    assert len(lines) == 4
