@@ -166,8 +166,8 @@ TIE_STUDY = [AUTO_POWER, SELECTED]
 PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
                "ties": TIE_STUDY, "default": [SELECTED], "previous": [AUTO_POWER]},
-    "test": {"all": list(METHODS), "core": CORE, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL],
-             "tp": [TP_L1, "Torch-Pruning global Taylor"]},
+    "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
+             "previous": [PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"]},
     "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
     "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL],
@@ -375,8 +375,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--methods", default="all",
                     choices=list(dict.fromkeys(m for part in PART_METHODS.values() for m in part)),
                     help="which rows to run; rows measured before for other methods are kept. --part test: "
-                         "every method, the default with the uniform baselines and Torch-Pruning (core), the "
-                         "default, the two previous defaults or Torch-Pruning alone (default, previous, tp); "
+                         "every method, the default with the uniform baselines and Torch-Pruning (core), "
+                         "those baselines alone (baselines), the default, the two previous defaults or "
+                         "Torch-Pruning alone (default, previous, tp); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the cost "
                          "study (cost), the tie/floor study (ties), the default or the previous default alone; "
                          "--part ablation: every method, the default or the previous defaults; --part finetune: "
