@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -13,9 +13,17 @@ DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 
-def _stat(recs: List[dict], key: str) -> str:
+def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
     v = [100 * r[key] for r in recs]
-    return f"{np.mean(v):.2f} ± {np.std(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return float(np.mean(v)), float(np.std(v))
+
+
+def _pm(ms: Tuple[float, float]) -> str:
+    return f"{ms[0]:.2f} ± {ms[1]:.2f}"
+
+
+def _stat(recs: List[dict], key: str) -> str:
+    return _pm(_mean_std(recs, key)) if len(recs) > 1 else f"{100 * recs[0][key]:.2f}"
 
 
 def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
@@ -91,6 +99,11 @@ def _log(name: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def _config(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The recipe line train.py writes first; None for logs written before it did."""
+    return next((r["config"] for r in rows if "config" in r), None)
+
+
 def checkpoint_accuracy(name: str) -> str:
     """The last test accuracy in the checkpoint's training log, with its epoch."""
     rows = [r for r in _log(name) if "test_acc" in r]
@@ -102,8 +115,7 @@ def validation_note(name: str) -> str:
     rows = _log(name)
     if not rows:
         return "no training log, so whether the checkpoint saw them is unknown"
-    config = next((r["config"] for r in rows if "config" in r), {})
-    if config.get("holdout") == "val":
+    if (_config(rows) or {}).get("holdout") == "val":
         return "held out of the checkpoint's training too"
     return "the checkpoint was trained on them, so its accuracy there is higher than on test"
 
@@ -115,7 +127,7 @@ def checkpoints_table(models: Sequence[str]) -> List[str]:
         rows = _log(name)
         if not rows:
             continue
-        config = next((r["config"] for r in rows if "config" in r), None)
+        config = _config(rows)
         last = [r for r in rows if "test_acc" in r][-1:]
         acc = f"{100 * last[0]['test_acc']:.2f} %" if last else "not measured"
         epochs = max((r["epoch"] for r in rows if "epoch" in r), default=0)
@@ -147,9 +159,10 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
              f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
              "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; † marks a measured removal more "
              "than 1 pt from the level (its offset in pt).", ""]
-    if results.get("checkpoint") != fingerprint(name):
+    current = fingerprint(name)
+    if results.get("checkpoint") != current:
         lines += [f"**Measured on checkpoint {results.get('checkpoint', '(unrecorded)')}, not on the current "
-                  f"`cifar10_{name}.pt` ({fingerprint(name)}): rerun the parts to refresh these tables.**", ""]
+                  f"`cifar10_{name}.pt` ({current}): rerun the parts to refresh these tables.**", ""]
     if "select" in results:
         lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate; "
                   f"{validation_note(name)})",
@@ -191,11 +204,6 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
-def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
-    v = [100 * r[key] for r in recs]
-    return float(np.mean(v)), float(np.std(v))
-
-
 def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]]) -> str:
     """Ahead of every rival, or behind which one by how much (and whether within one standard deviation)."""
     behind = [(m - ours[0], label, max(sd, ours[1])) for label, (m, sd) in rivals.items() if m > ours[0]]
@@ -219,9 +227,7 @@ def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
             tp = {tp_l1: _mean_std(grid[tp_l1][level])} if level in grid.get(tp_l1, {}) else {}
             uni = {k: _mean_std(grid[k][level]) for k in uniform if level in grid[k]}
             best = max(uni, key=lambda k: uni[k][0]) if uni else None
-            cells = [f"{ours[0]:.2f} ± {ours[1]:.2f}",
-                     f"{tp[tp_l1][0]:.2f} ± {tp[tp_l1][1]:.2f}" if tp else "-",
-                     f"{uni[best][0]:.2f} ± {uni[best][1]:.2f} ({best})" if best else "-",
+            cells = [_pm(ours), _pm(tp[tp_l1]) if tp else "-", f"{_pm(uni[best])} ({best})" if best else "-",
                      _verdict(ours, {**tp, **({best: uni[best]} if best else {})})]
             lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
     return lines
@@ -237,8 +243,8 @@ def ablation_board(all_results: Dict[str, Dict[str, Any]], default: str) -> List
             for level in grid.get(tod, {}):
                 if level in grid.get(uni, {}):
                     a, b = _mean_std(grid[tod][level]), _mean_std(grid[uni][level])
-                    lines.append(f"| {name} | {float(level):.1%} | {scores} | {a[0]:.2f} ± {a[1]:.2f} | "
-                                 f"{b[0]:.2f} ± {b[1]:.2f} | {a[0] - b[0]:+.2f} pt |")
+                    lines.append(f"| {name} | {float(level):.1%} | {scores} | {_pm(a)} | {_pm(b)} | "
+                                 f"{a[0] - b[0]:+.2f} pt |")
     head = ["| model | params removed | scores | ToD | uniform depths | ToD - uniform |", "|---|---|---|---|---|---|"]
     return head + lines if lines else []
 
@@ -269,15 +275,16 @@ def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> Non
     measured = {n: json.loads((results_dir / f"accuracy_{n}.json").read_text()) for n in models
                  if (results_dir / f"accuracy_{n}.json").is_file()}
     glance = ["#### Checkpoints (`benchmarks/checkpoints/`, trained by `benchmarks/train.py`)", "",
-              *checkpoints_table(models), "", "#### At a glance (test images)", "", "One-shot + BatchNorm recalibration, MACs removed, mean ± std over "
-              "calibration seeds; the default against Torch-Pruning and the best of the uniform-depth baselines:", "",
+              *checkpoints_table(models), "", "#### At a glance (test images)", "",
+              "One-shot + BatchNorm recalibration, MACs removed, mean ± std over calibration seeds; the default "
+              "against Torch-Pruning and the best of the uniform-depth baselines:", "",
               *scoreboard(measured, DEFAULT, TP_L1)]
-    if ablation_board(measured, DEFAULT):
-        glance += ["", "The paper's ablations (parameters removed, after recalibration):", "",
-                   *ablation_board(measured, DEFAULT)]
-    if finetune_board(measured, DEFAULT, TP_L1):
-        glance += ["", "Fine-tuned (seed 0; recipes in each model's section):", "",
-                   *finetune_board(measured, DEFAULT, TP_L1)]
+    for intro, board in (("The paper's ablations (parameters removed, after recalibration):",
+                          ablation_board(measured, DEFAULT)),
+                         ("Fine-tuned (seed 0; recipes in each model's section):",
+                          finetune_board(measured, DEFAULT, TP_L1))):
+        if board:
+            glance += ["", intro, "", *board]
     parts = ["\n".join(glance)]
     for name in models:
         md = results_dir / f"accuracy_{name}.md"
