@@ -99,15 +99,39 @@ def _log(name: str) -> List[Dict[str, Any]]:
     return rows
 
 
-def _config(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The recipe line train.py writes first; None for logs written before it did."""
-    return next((r["config"] for r in rows if "config" in r), None)
+def _stages(rows: List[Dict[str, Any]]) -> List[Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]]:
+    """The log split into training runs, each ``(recipe, epochs)``: a warm restart (``--init-from``) appends a run
+    that begins with its own recipe line; logs written before train.py wrote recipes have one run and no recipe."""
+    stages: List[Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]] = []
+    for r in rows:
+        if "config" in r or not stages:
+            stages.append((r.get("config"), []))
+        if "epoch" in r:
+            stages[-1][1].append(r)
+    return stages
+
+
+def _held_out(rows: List[Dict[str, Any]]) -> bool:
+    """Whether every run that trained the checkpoint left the validation images out."""
+    stages = _stages(rows)
+    return bool(stages) and all((c or {}).get("holdout") == "val" for c, _ in stages)
+
+
+def _epochs(rows: List[Dict[str, Any]], planned: bool = False) -> str:
+    """Epochs per run, ``80`` or ``80 + 34`` after a warm restart (``planned``: ``5 of 80`` for a cut run)."""
+    cells = []
+    for config, epochs in _stages(rows):
+        done = max((r["epoch"] for r in epochs), default=0)
+        of = f" of {config['epochs']}" if planned and config and config.get("epochs", done) != done else ""
+        cells.append(f"{done}{of}")
+    return " + ".join(cells)
 
 
 def checkpoint_accuracy(name: str) -> str:
-    """The last test accuracy in the checkpoint's training log, with its epoch."""
-    rows = [r for r in _log(name) if "test_acc" in r]
-    return f"{100 * rows[-1]['test_acc']:.2f} % after {rows[-1]['epoch']} epochs" if rows else "no training log"
+    """The last test accuracy in the checkpoint's training log, with its epochs."""
+    rows = _log(name)
+    tested = [r for r in rows if "test_acc" in r]
+    return f"{100 * tested[-1]['test_acc']:.2f} % after {_epochs(rows)} epochs" if tested else "no training log"
 
 
 def validation_note(name: str) -> str:
@@ -115,30 +139,34 @@ def validation_note(name: str) -> str:
     rows = _log(name)
     if not rows:
         return "no training log, so whether the checkpoint saw them is unknown"
-    if (_config(rows) or {}).get("holdout") == "val":
+    if _held_out(rows):
         return "held out of the checkpoint's training too"
     return "the checkpoint was trained on them, so its accuracy there is higher than on test"
 
 
+def _recipe(config: Dict[str, Any]) -> str:
+    start = "warm restart from the run before, " if config.get("init_from") else ""
+    return (f"{start}one-cycle lr {config['lr']:g}, batch {config['batch_size']}, weight decay "
+            f"{config['weight_decay']:g}" + (f", cutout {config['cutout']}" if config.get("cutout") else "")
+            + (", bfloat16 autocast" if config.get("bf16") else ""))
+
+
 def checkpoints_table(models: Sequence[str]) -> List[str]:
-    """Each checkpoint's test accuracy and recipe, from its training log."""
+    """Each checkpoint's test accuracy and recipe (every run, in order), from its training log."""
     lines = ["| model | test top-1 | epochs | trained on | recipe |", "|---|---|---|---|---|"]
     for name in models:
         rows = _log(name)
         if not rows:
             continue
-        config = _config(rows)
         last = [r for r in rows if "test_acc" in r][-1:]
         acc = f"{100 * last[0]['test_acc']:.2f} %" if last else "not measured"
-        epochs = max((r["epoch"] for r in rows if "epoch" in r), default=0)
-        if config is None:
-            lines.append(f"| {name} | {acc} | {epochs} | all 50,000 training images | not recorded in the log |")
+        configs = [c for c, _ in _stages(rows)]
+        if None in configs:
+            lines.append(f"| {name} | {acc} | {_epochs(rows)} | all 50,000 training images | not recorded in the log |")
             continue
-        held = "45,000 (validation held out)" if config.get("holdout") == "val" else "all 50,000"
-        recipe = (f"one-cycle lr {config['lr']:g}, batch {config['batch_size']}, weight decay "
-                  f"{config['weight_decay']:g}" + (", bfloat16 autocast" if config.get("bf16") else ""))
-        of = f" of {config['epochs']}" if config.get("epochs") and config["epochs"] != epochs else ""
-        lines.append(f"| {name} | {acc} | {epochs}{of} | {held} | {recipe} |")
+        held = "45,000 (validation held out)" if _held_out(rows) else "all 50,000"
+        recipe = "; then ".join(_recipe(c) for c in configs)
+        lines.append(f"| {name} | {acc} | {_epochs(rows, planned=True)} | {held} | {recipe} |")
     return lines
 
 
@@ -157,8 +185,8 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     lines = [f"# CIFAR-10 accuracy at matched size ({name}, checkpoint {checkpoint_accuracy(name)})", "",
              "Written by `python benchmarks/accuracy.py`; every figure measured in the runs recorded in "
              f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
-             "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; † marks a measured removal more "
-             "than 1 pt from the level (its offset in pt).", ""]
+             "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; "
+             "† marks a measured removal more than 1 pt from the level (its offset in pt).", ""]
     current = fingerprint(name)
     if results.get("checkpoint") != current:
         lines += [f"**Measured on checkpoint {results.get('checkpoint', '(unrecorded)')}, not on the current "

@@ -64,3 +64,21 @@ def test_checkpoints_table_reads_the_recipe_from_the_log(tmp_path, monkeypatch):
     assert lines[3] == ("| new | 90.00 % | 5 of 80 | 45,000 (validation held out) | one-cycle lr 0.05, batch 128, "
                         "weight decay 0.0005, bfloat16 autocast |")
     assert len(lines) == 4
+
+
+def test_a_warm_restart_is_listed_as_a_second_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    first = {"holdout": "val", "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4, "epochs": 80}
+    second = {**first, "lr": 0.03, "epochs": 34, "cutout": 16, "init_from": "cifar10_m.pt", "bf16": True}
+    log = [{"config": first}, {"epoch": 80, "test_acc": 0.9}, {"config": second}, {"epoch": 1},
+           {"epoch": 34, "test_acc": 0.91}]
+    (tmp_path / "cifar10_m.log").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert accuracy_report.checkpoints_table(["m"])[2] == (
+        "| m | 91.00 % | 80 + 34 | 45,000 (validation held out) | one-cycle lr 0.05, batch 128, weight decay 0.0005; "
+        "then warm restart from the run before, one-cycle lr 0.03, batch 128, weight decay 0.0005, cutout 16, "
+        "bfloat16 autocast |")
+    assert accuracy_report.checkpoint_accuracy("m") == "91.00 % after 80 + 34 epochs"
+    assert "held out" in accuracy_report.validation_note("m")
+    log[2]["config"]["holdout"] = "none"  # one run saw the validation images: the checkpoint did
+    (tmp_path / "cifar10_m.log").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert "trained on them" in accuracy_report.validation_note("m")

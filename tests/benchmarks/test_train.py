@@ -151,3 +151,42 @@ def test_minutes_caps_the_epochs_and_refuses_a_budget_below_one_epoch(tiny_cifar
     assert json.loads((tmp_path / "m.log").read_text().splitlines()[0])["config"]["epochs"] == 2
     with pytest.raises(SystemExit, match="shorter than one epoch"):
         _run(tmp_path, "--epochs", "50", "--minutes", "0.5")
+
+
+def test_cutout_zeroes_one_square_per_image_and_keeps_the_rest():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 12, 12) + 10  # no pixel is zero before
+    out = train.cutout(x, 4)
+    zeroed = out == 0
+    assert torch.equal(zeroed.all(1), zeroed.any(1))  # every channel of a pixel alike
+    zeroed = zeroed[:, 0]
+    assert torch.equal(out[~zeroed[:, None].expand_as(x)], x[~zeroed[:, None].expand_as(x)])
+    rows, cols = zeroed.any(2).sum(1), zeroed.any(1).sum(1)
+    assert torch.equal(zeroed.sum((1, 2)), rows * cols)  # one rectangle: the square, maybe clipped by the border
+    assert 1 <= rows.min() and rows.max() == 4 and cols.max() == 4
+    assert (rows * cols == 16).any() and (rows * cols < 16).any()
+
+
+def test_init_from_starts_a_fresh_schedule_from_a_checkpoints_weights(tiny_cifar, tmp_path):
+    start = train.zoo.create("resnet20", num_classes=10)
+    start.conv1.weight.data.fill_(0.5)  # unlike any initialisation the run could draw itself
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in start.state_dict().items()},
+               tmp_path / "start.pt")
+    _run(tmp_path, "--epochs", "2", "--lr", "1e-12", "--cutout", "4", "--init-from", str(tmp_path / "start.pt"))
+    trained = torch.load(tmp_path / "m.pt", weights_only=True)["conv1.weight"]
+    torch.testing.assert_close(trained, start.conv1.weight.detach().half().float())  # it began at those weights
+    config = json.loads((tmp_path / "m.log").read_text().splitlines()[0])["config"]
+    assert config["init_from"] == str(tmp_path / "start.pt") and config["cutout"] == 4
+    with pytest.raises(SystemExit, match="cutout 4 \\(now 0\\)"):
+        _run(tmp_path, "--epochs", "2", "--lr", "1e-12", "--resume", "--init-from", str(tmp_path / "start.pt"))
+    torch.save(train.zoo.create("resnet56", num_classes=10).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="does not fit this --model"):
+        _run(tmp_path / "sub", "--epochs", "2", "--init-from", str(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("argv, message", [(["--cutout", "-1"], "--cutout must be 0"),
+                                           (["--init-from", "/no/such.pt"], "no such file")])
+def test_bad_restart_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
