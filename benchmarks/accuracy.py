@@ -453,6 +453,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         results[part[0]] = part[1]
     results["seeds"], results["checkpoint"] = args.seeds, b.checkpoint
+    results["checkpoint_accuracy"] = report.checkpoint_accuracy(args.model)  # its heading once it is replaced
     if part[0] == "test":
         report.plot(results["test"], RESULTS / f"accuracy_{args.model}.png",
                     f"{args.model}, CIFAR-10 test: one-shot + BatchNorm recalibration "

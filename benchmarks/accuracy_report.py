@@ -181,16 +181,23 @@ def _targets(t: Dict[str, Any]) -> List[str]:
                         f"`plan(macs=0.999)`: {t['unreachable']}"]
 
 
+def is_current(results: Dict[str, Any], name: str) -> bool:
+    """Whether ``results`` were measured on the checkpoint now in ``benchmarks/checkpoints/``."""
+    return results.get("checkpoint") == fingerprint(name)
+
+
 def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l1: str) -> str:
-    lines = [f"# CIFAR-10 accuracy at matched size ({name}, checkpoint {checkpoint_accuracy(name)})", "",
+    about = (checkpoint_accuracy(name) if is_current(results, name) else
+             f"{results['checkpoint_accuracy']}, an earlier one" if "checkpoint_accuracy" in results else
+             "an earlier one")
+    lines = [f"# CIFAR-10 accuracy at matched size ({name}, checkpoint {about})", "",
              "Written by `python benchmarks/accuracy.py`; every figure measured in the runs recorded in "
              f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
              "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; "
              "† marks a measured removal more than 1 pt from the level (its offset in pt).", ""]
-    current = fingerprint(name)
-    if results.get("checkpoint") != current:
+    if not is_current(results, name):
         lines += [f"**Measured on checkpoint {results.get('checkpoint', '(unrecorded)')}, not on the current "
-                  f"`cifar10_{name}.pt` ({current}): rerun the parts to refresh these tables.**", ""]
+                  f"`cifar10_{name}.pt` ({fingerprint(name)}): rerun the parts to refresh these tables.**", ""]
     if "select" in results:
         lines += ["## Choosing the defaults (validation: 5,000 training images, never used to score or recalibrate; "
                   f"{validation_note(name)})",
@@ -302,6 +309,9 @@ def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> Non
         raise SystemExit(f"{readme} has no accuracy markers")
     measured = {n: json.loads((results_dir / f"accuracy_{n}.json").read_text()) for n in models
                  if (results_dir / f"accuracy_{n}.json").is_file()}
+    stale = [n for n, r in measured.items() if not is_current(r, n)]
+    # A board row must not pass for the checkpoint listed above it when it was measured on another one.
+    measured = {f"{n} (earlier checkpoint)" if n in stale else n: r for n, r in measured.items()}
     glance = ["#### Checkpoints (`benchmarks/checkpoints/`, trained by `benchmarks/train.py`)", "",
               *checkpoints_table(models), "", "#### At a glance (test images)", "",
               "One-shot + BatchNorm recalibration, MACs removed, mean ± std over calibration seeds; the default "
@@ -313,6 +323,10 @@ def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> Non
                           finetune_board(measured, DEFAULT, TP_L1))):
         if board:
             glance += ["", intro, "", *board]
+    if stale:
+        glance += ["", f"Rows marked *earlier checkpoint* ({', '.join(stale)}) were measured on a checkpoint "
+                   "other than the one in the table above; its section says which, and rerunning its parts "
+                   "refreshes them."]
     parts = ["\n".join(glance)]
     for name in models:
         md = results_dir / f"accuracy_{name}.md"

@@ -82,3 +82,32 @@ def test_a_warm_restart_is_listed_as_a_second_run(tmp_path, monkeypatch):
     log[2]["config"]["holdout"] = "none"  # one run saw the validation images: the checkpoint did
     (tmp_path / "cifar10_m.log").write_text("".join(json.dumps(r) + "\n" for r in log))
     assert "trained on them" in accuracy_report.validation_note("m")
+
+
+def test_a_replaced_checkpoints_rows_are_marked_on_the_board_and_in_its_heading(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    (tmp_path / "cifar10_m.pt").write_bytes(b"weights one")
+    (tmp_path / "cifar10_m.log").write_text('{"epoch": 80, "test_acc": 0.9}\n')
+    cell = {"macs_removed": 0.2, "one_shot": 0.5}
+    test = {accuracy_report.DEFAULT: {"0.2": [{**cell, "recalibrated": 0.8}]},
+            accuracy_report.TP_L1: {"0.2": [{**cell, "recalibrated": 0.7}]}}
+    results = {"checkpoint": accuracy_report.fingerprint("m"), "test": test,
+               "checkpoint_accuracy": accuracy_report.checkpoint_accuracy("m")}
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    blank = f"intro\n{accuracy_report.BEGIN}\nold\n{accuracy_report.END}\nafter\n"
+    readme.write_text(blank)
+    accuracy_report.update_readme(readme, tmp_path, ["m"])
+    assert "| m | 20% |" in readme.read_text() and "earlier checkpoint" not in readme.read_text()
+    assert "(m, checkpoint 90.00 % after 80 epochs)" in accuracy_report.write_markdown(results, "m", [], "")
+    (tmp_path / "cifar10_m.pt").write_bytes(b"weights two")  # retrained: the results now describe the old one
+    (tmp_path / "cifar10_m.log").write_text('{"epoch": 80, "test_acc": 0.9}\n{"epoch": 120, "test_acc": 0.91}\n')
+    readme.write_text(blank)
+    accuracy_report.update_readme(readme, tmp_path, ["m"])
+    text = readme.read_text()
+    assert "| m (earlier checkpoint) | 20% |" in text and "Rows marked *earlier checkpoint* (m)" in text
+    assert text.startswith("intro\n") and text.endswith(f"{accuracy_report.END}\nafter\n")
+    page = accuracy_report.write_markdown(results, "m", [], "")
+    assert "(m, checkpoint 90.00 % after 80 epochs, an earlier one)" in page and "91.00" not in page
+    del results["checkpoint_accuracy"]  # a file written before the accuracy was recorded
+    assert "(m, checkpoint an earlier one)" in accuracy_report.write_markdown(results, "m", [], "")
