@@ -99,10 +99,13 @@ def _log(name: str) -> List[Dict[str, Any]]:
     return rows
 
 
-def _stages(rows: List[Dict[str, Any]]) -> List[Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]]:
+Stages = List[Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]]
+
+
+def _stages(rows: List[Dict[str, Any]]) -> Stages:
     """The log split into training runs, each ``(recipe, epochs)``: a warm restart (``--init-from``) appends a run
     that begins with its own recipe line; logs written before train.py wrote recipes have one run and no recipe."""
-    stages: List[Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]] = []
+    stages: Stages = []
     for r in rows:
         if "config" in r or not stages:
             stages.append((r.get("config"), []))
@@ -111,16 +114,15 @@ def _stages(rows: List[Dict[str, Any]]) -> List[Tuple[Optional[Dict[str, Any]], 
     return stages
 
 
-def _held_out(rows: List[Dict[str, Any]]) -> bool:
+def _held_out(stages: Stages) -> bool:
     """Whether every run that trained the checkpoint left the validation images out."""
-    stages = _stages(rows)
     return bool(stages) and all((c or {}).get("holdout") == "val" for c, _ in stages)
 
 
-def _epochs(rows: List[Dict[str, Any]], planned: bool = False) -> str:
+def _epochs(stages: Stages, planned: bool = False) -> str:
     """Epochs per run, ``80`` or ``80 + 34`` after a warm restart (``planned``: ``5 of 80`` for a cut run)."""
     cells = []
-    for config, epochs in _stages(rows):
+    for config, epochs in stages:
         done = max((r["epoch"] for r in epochs), default=0)
         of = f" of {config['epochs']}" if planned and config and config.get("epochs", done) != done else ""
         cells.append(f"{done}{of}")
@@ -131,7 +133,9 @@ def checkpoint_accuracy(name: str) -> str:
     """The last test accuracy in the checkpoint's training log, with its epochs."""
     rows = _log(name)
     tested = [r for r in rows if "test_acc" in r]
-    return f"{100 * tested[-1]['test_acc']:.2f} % after {_epochs(rows)} epochs" if tested else "no training log"
+    if not tested:
+        return "no training log"
+    return f"{100 * tested[-1]['test_acc']:.2f} % after {_epochs(_stages(rows))} epochs"
 
 
 def validation_note(name: str) -> str:
@@ -139,7 +143,7 @@ def validation_note(name: str) -> str:
     rows = _log(name)
     if not rows:
         return "no training log, so whether the checkpoint saw them is unknown"
-    if _held_out(rows):
+    if _held_out(_stages(rows)):
         return "held out of the checkpoint's training too"
     return "the checkpoint was trained on them, so its accuracy there is higher than on test"
 
@@ -160,13 +164,15 @@ def checkpoints_table(models: Sequence[str]) -> List[str]:
             continue
         last = [r for r in rows if "test_acc" in r][-1:]
         acc = f"{100 * last[0]['test_acc']:.2f} %" if last else "not measured"
-        configs = [c for c, _ in _stages(rows)]
+        stages = _stages(rows)
+        configs = [c for c, _ in stages]
         if None in configs:
-            lines.append(f"| {name} | {acc} | {_epochs(rows)} | all 50,000 training images | not recorded in the log |")
+            lines.append(f"| {name} | {acc} | {_epochs(stages)} | all 50,000 training images "
+                         "| not recorded in the log |")
             continue
-        held = "45,000 (validation held out)" if _held_out(rows) else "all 50,000"
+        held = "45,000 (validation held out)" if _held_out(stages) else "all 50,000"
         recipe = "; then ".join(_recipe(c) for c in configs)
-        lines.append(f"| {name} | {acc} | {_epochs(rows, planned=True)} | {held} | {recipe} |")
+        lines.append(f"| {name} | {acc} | {_epochs(stages, planned=True)} | {held} | {recipe} |")
     return lines
 
 

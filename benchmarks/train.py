@@ -313,11 +313,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def start_from(model: nn.Module, path: Path) -> None:
-    """Loads a checkpoint's weights (float16 ones are widened) into ``model``; every tensor must fit."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    own = model.state_dict()
+    """Loads a checkpoint's weights into ``model`` (load_state_dict copies float16 into float32); all must fit."""
     try:
-        model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except RuntimeError as e:
         raise SystemExit(f"--init-from {path} does not fit this --model: {str(e).splitlines()[0]}") from None
 
