@@ -246,12 +246,24 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
 
 
 def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]]) -> str:
-    """Ahead of every rival, or behind which one by how much (and whether within one standard deviation)."""
-    behind = [(m - ours[0], label, max(sd, ours[1])) for label, (m, sd) in rivals.items() if m > ours[0]]
-    if not behind:
-        return "ahead" if rivals else "-"
-    gap, label, spread = max(behind)
-    return f"**behind {label} by {gap:.2f} pt**" + (" (within one std)" if gap <= spread else "")
+    """Ahead of or behind the strongest rival, by how much, and whether within one standard deviation."""
+    if not rivals:
+        return "-"
+    label = max(rivals, key=lambda k: rivals[k][0])  # the strongest rival decides
+    gap, spread = ours[0] - rivals[label][0], max(ours[1], rivals[label][1])
+    noise = " (within one std)" if abs(gap) <= spread else ""
+    return f"ahead of {label} by {gap:.2f} pt{noise}" if gap >= 0 else f"**behind {label} by {-gap:.2f} pt**{noise}"
+
+
+def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrated"
+            ) -> Tuple[Dict[str, Tuple[float, float]], Optional[str]]:
+    """Torch-Pruning global L1 and the best uniform-depth baseline at ``level`` (mean, std), and the latter's name."""
+    def has(k: str) -> bool:  # older results lack some columns (one-shot) for some methods
+        return level in grid.get(k, {}) and all(key in r for r in grid[k][level])
+    tp = {tp_l1: _mean_std(grid[tp_l1][level], key)} if has(tp_l1) else {}
+    uni = {k: _mean_std(grid[k][level], key) for k in grid if k.endswith("+ uniform") and has(k)}
+    best = max(uni, key=lambda k: uni[k][0]) if uni else None
+    return {**tp, **({best: uni[best]} if best else {})}, best
 
 
 def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
@@ -260,34 +272,80 @@ def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
              "|---|---|---|---|---|---|"]
     for name, results in all_results.items():
         grid = results.get("test", {})
-        if default not in grid:
-            continue
-        uniform = [k for k in grid if k.endswith("+ uniform")]
-        for level, recs in grid[default].items():
-            ours = _mean_std(recs)
-            tp = {tp_l1: _mean_std(grid[tp_l1][level])} if level in grid.get(tp_l1, {}) else {}
-            uni = {k: _mean_std(grid[k][level]) for k in uniform if level in grid[k]}
-            best = max(uni, key=lambda k: uni[k][0]) if uni else None
-            cells = [_pm(ours), _pm(tp[tp_l1]) if tp else "-", f"{_pm(uni[best])} ({best})" if best else "-",
-                     _verdict(ours, {**tp, **({best: uni[best]} if best else {})})]
+        for level, recs in grid.get(default, {}).items():
+            ours, (rivals, best) = _mean_std(recs), _rivals(grid, level, tp_l1)
+            cells = [_pm(ours), _pm(rivals[tp_l1]) if tp_l1 in rivals else "-",
+                     f"{_pm(rivals[best])} ({best})" if best else "-", _verdict(ours, rivals)]
             lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
     return lines
 
 
+def shortfalls(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
+    """Every comparison on the boards that the default does not clearly win, one bullet each.
+
+    Clearly winning means ahead by more than one standard deviation (one-shot + recalibration and the
+    ablations), or ahead at all (fine-tuning, one seed); one-shot cells without recalibration count too.
+    """
+    out = []
+    for name, results in all_results.items():
+        out += [f"- {name}, {line}" for line in (_test_shortfalls(results.get("test", {}), default, tp_l1) +
+                                                 _ablation_shortfalls(results.get("ablation", {}), default) +
+                                                 _finetune_shortfalls(results, default, tp_l1))]
+    return out
+
+
+def _test_shortfalls(grid: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
+    out = []
+    for key, how in (("recalibrated", "after recalibration"), ("one_shot", "one-shot, no recalibration")):
+        for level, recs in grid.get(default, {}).items():
+            rivals = _rivals(grid, level, tp_l1, key)[0] if all(key in r for r in recs) else {}
+            verdict = _verdict(_mean_std(recs, key), rivals) if rivals else "ahead"
+            if verdict.startswith("**") or "within" in verdict:
+                out.append(f"{float(level):.0%} MACs removed, {how}: {verdict.replace('**', '')}")
+    return out
+
+
+def _ablation_shortfalls(grid: Dict[str, Any], default: str) -> List[str]:
+    out = []
+    for level, tod, uni, scores in _ablation_pairs(grid, default):
+        gap, spread = tod[0] - uni[0], max(tod[1], uni[1])
+        if gap <= spread:
+            noise = " (within one std)" if abs(gap) <= spread else ""
+            out.append(f"{float(level):.1%} of parameters removed, {scores} scores: ToD {gap:+.2f} pt against "
+                       f"uniform depths{noise}")
+    return out
+
+
+def _finetune_shortfalls(results: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
+    out = []
+    for ft in (results.get(k, {}) for k in ("finetune", "finetune_distill")):
+        if default in ft and tp_l1 not in ft:
+            out.append(f"fine-tuned ({_recipe_of(ft)}): no Torch-Pruning row to compare with yet")
+        elif default in ft and ft[tp_l1]["finetuned"] >= ft[default]["finetuned"]:
+            gap = 100 * (ft[tp_l1]["finetuned"] - ft[default]["finetuned"])
+            out.append(f"fine-tuned ({_recipe_of(ft)}): behind {tp_l1} by {gap:.2f} pt (one seed)")
+    return out
+
+
+def _ablation_pairs(grid: Dict[str, Any], default: str):
+    """(level, ToD, uniform, scores) per parameters level of the paper's two ablations, (mean, std) each."""
+    for scores, tod, uni in (("U", default, "U + uniform"), ("random", "random + ToD", "random + uniform")):
+        for level in grid.get(tod, {}):
+            if level in grid.get(uni, {}):
+                yield level, _mean_std(grid[tod][level]), _mean_std(grid[uni][level]), scores
+
+
 def ablation_board(all_results: Dict[str, Dict[str, Any]], default: str) -> List[str]:
     """The paper's two ablations per parameters level: ToD against uniform depths, with U and with random scores."""
-    pairs = [("U", default, "U + uniform"), ("random", "random + ToD", "random + uniform")]
-    lines = []
-    for name, results in all_results.items():
-        grid = results.get("ablation", {})
-        for scores, tod, uni in pairs:
-            for level in grid.get(tod, {}):
-                if level in grid.get(uni, {}):
-                    a, b = _mean_std(grid[tod][level]), _mean_std(grid[uni][level])
-                    lines.append(f"| {name} | {float(level):.1%} | {scores} | {_pm(a)} | {_pm(b)} | "
-                                 f"{a[0] - b[0]:+.2f} pt |")
+    lines = [f"| {name} | {float(level):.1%} | {scores} | {_pm(a)} | {_pm(b)} | {a[0] - b[0]:+.2f} pt |"
+             for name, results in all_results.items()
+             for level, a, b, scores in _ablation_pairs(results.get("ablation", {}), default)]
     head = ["| model | params removed | scores | ToD | uniform depths | ToD - uniform |", "|---|---|---|---|---|---|"]
     return head + lines if lines else []
+
+
+def _recipe_of(ft: Dict[str, Any]) -> str:
+    return f"{ft['epochs']} epochs" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
 
 
 def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
@@ -298,7 +356,7 @@ def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: 
             ft = results.get(key, {})
             if default not in ft and tp_l1 not in ft:
                 continue
-            how = f"{ft['epochs']} epochs" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
+            how = _recipe_of(ft)
             cell = {k: f"{100 * ft[k]['finetuned']:.2f} ({100 * (ft[k]['finetuned'] - ft['unpruned']):+.2f} pt)"
                     if k in ft else "-" for k in (default, tp_l1)}
             lines.append(f"| {name} | {ft['level']:.0%} | {how} | {100 * ft['unpruned']:.2f} | {cell[default]} | "
@@ -329,6 +387,10 @@ def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> Non
                           finetune_board(measured, DEFAULT, TP_L1))):
         if board:
             glance += ["", intro, "", *board]
+    misses = shortfalls(measured, DEFAULT, TP_L1)
+    glance += ["", "Where the default does not clearly win (behind, within one standard deviation, or not yet "
+               "compared), from the boards above and the one-shot tables below:", "",
+               *(misses or ["- nowhere on these boards"])]
     if stale:
         glance += ["", f"Rows marked *earlier checkpoint* ({', '.join(stale)}) were measured on a checkpoint "
                    "other than the one in the table above; its section says which, and rerunning its parts "

@@ -122,12 +122,13 @@ def cutout(x: torch.Tensor, size: int) -> torch.Tensor:
     may be clipped by the border; zero is the mean pixel once the batch is normalised.
     """
     n, _, h, w = x.shape
-    cy, cx = torch.randint(0, h, (n, 1)), torch.randint(0, w, (n, 1))
-    rows, cols = torch.arange(h)[None], torch.arange(w)[None]
+    dev = x.device  # only the 2n centres cross to the device; the mask is built there
+    cy, cx = torch.randint(0, h, (n, 1)).to(dev), torch.randint(0, w, (n, 1)).to(dev)
+    rows, cols = torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
     in_rows = (rows >= cy - size // 2) & (rows < cy - size // 2 + size)
     in_cols = (cols >= cx - size // 2) & (cols < cx - size // 2 + size)
     keep = ~(in_rows[:, :, None] & in_cols[:, None, :])
-    return x * keep[:, None].to(x.device, x.dtype)
+    return x * keep[:, None].to(x.dtype)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, device: torch.device,
