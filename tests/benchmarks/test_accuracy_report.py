@@ -94,6 +94,18 @@ def test_checkpoints_table_reads_the_recipe_from_the_log(tmp_path, monkeypatch):
     assert len(lines) == 4
 
 
+def test_a_restart_of_a_run_without_recipe_lists_both(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
+    second = {"holdout": "none", "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4, "epochs": 47, "cutout": 16,
+              "init_from": "cifar10_m.pt"}
+    log = [{"epoch": 60, "test_acc": 0.894}, {"config": second}, {"epoch": 47, "test_acc": 0.92}]
+    (tmp_path / "cifar10_m.log").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert accuracy_report.checkpoints_table(["m"])[2] == (
+        "| m | 92.00 % | 60 + 47 | all 50,000 training images | not recorded in the log; then warm restart from "
+        "the run before, one-cycle lr 0.05, batch 128, weight decay 0.0005, cutout 16 |")
+    assert "trained on them" in accuracy_report.validation_note("m")
+
+
 def test_a_warm_restart_is_listed_as_a_second_run(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy_report, "CHECKPOINTS", tmp_path)
     first = {"holdout": "val", "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4, "epochs": 80}
