@@ -241,14 +241,27 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
-def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]]) -> str:
+def _within_std(a: Tuple[float, float], b: Tuple[float, float]) -> bool:
+    """Whether two (mean, std) cells differ by no more than the larger standard deviation."""
+    return abs(a[0] - b[0]) <= max(a[1], b[1])
+
+
+def _strongest(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]]) -> Tuple[str, float, bool]:
+    """The rival with the best mean, the default's lead over it in pt (negative: behind), and whether in noise."""
+    label = max(rivals, key=lambda k: rivals[k][0])
+    return label, ours[0] - rivals[label][0], _within_std(ours, rivals[label])
+
+
+def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]], bold: bool = True) -> str:
     """Ahead of or behind the strongest rival, by how much, and whether within one standard deviation."""
     if not rivals:
         return "-"
-    label = max(rivals, key=lambda k: rivals[k][0])  # the strongest rival decides
-    gap, spread = ours[0] - rivals[label][0], max(ours[1], rivals[label][1])
-    noise = " (within one std)" if abs(gap) <= spread else ""
-    return f"ahead of {label} by {gap:.2f} pt{noise}" if gap >= 0 else f"**behind {label} by {-gap:.2f} pt**{noise}"
+    label, gap, noisy = _strongest(ours, rivals)
+    noise = " (within one std)" if noisy else ""
+    if gap >= 0:
+        return f"ahead of {label} by {gap:.2f} pt{noise}"
+    mark = "**" if bold else ""
+    return f"{mark}behind {label} by {-gap:.2f} pt{mark}{noise}"
 
 
 def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrated"
@@ -294,21 +307,25 @@ def _test_shortfalls(grid: Dict[str, Any], default: str, tp_l1: str) -> List[str
     out = []
     for key, how in (("recalibrated", "after recalibration"), ("one_shot", "one-shot, no recalibration")):
         for level, recs in grid.get(default, {}).items():
-            rivals = _rivals(grid, level, tp_l1, key)[0] if all(key in r for r in recs) else {}
-            verdict = _verdict(_mean_std(recs, key), rivals) if rivals else "ahead"
-            if verdict.startswith("**") or "within" in verdict:
-                out.append(f"{float(level):.0%} MACs removed, {how}: {verdict.replace('**', '')}")
+            if not all(key in r for r in recs):
+                continue
+            ours, rivals = _mean_std(recs, key), _rivals(grid, level, tp_l1, key)[0]
+            if not rivals:
+                continue
+            _, gap, noisy = _strongest(ours, rivals)
+            if gap < 0 or noisy:
+                out.append(f"{float(level):.0%} MACs removed, {how}: {_verdict(ours, rivals, bold=False)}")
     return out
 
 
 def _ablation_shortfalls(grid: Dict[str, Any], default: str) -> List[str]:
     out = []
     for level, tod, uni, scores in _ablation_pairs(grid, default):
-        gap, spread = tod[0] - uni[0], max(tod[1], uni[1])
-        if gap <= spread:
-            noise = " (within one std)" if abs(gap) <= spread else ""
-            out.append(f"{float(level):.1%} of parameters removed, {scores} scores: ToD {gap:+.2f} pt against "
-                       f"uniform depths{noise}")
+        noisy = _within_std(tod, uni)
+        if tod[0] <= uni[0] or noisy:
+            noise = " (within one std)" if noisy else ""
+            out.append(f"{float(level):.1%} of parameters removed, {scores} scores: ToD {tod[0] - uni[0]:+.2f} pt "
+                       f"against uniform depths{noise}")
     return out
 
 
