@@ -8,22 +8,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from accuracy_boards import _stat, ablation_board, finetune_board, scoreboard, shortfalls
+
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-
-
-def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
-    v = [100 * r[key] for r in recs]
-    return float(np.mean(v)), float(np.std(v))
-
-
-def _pm(ms: Tuple[float, float]) -> str:
-    return f"{ms[0]:.2f} ± {ms[1]:.2f}"
-
-
-def _stat(recs: List[dict], key: str) -> str:
-    return _pm(_mean_std(recs, key)) if len(recs) > 1 else f"{100 * recs[0][key]:.2f}"
 
 
 def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
@@ -239,144 +228,6 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
         lines.append(f"| {label} | {100 * r['macs_removed']:.1f} % | {100 * r['recalibrated']:.2f} | "
                      f"{100 * r['finetuned']:.2f} | {100 * (r['finetuned'] - ft['unpruned']):+.2f} pt |")
     return lines + [""]
-
-
-def _within_std(a: Tuple[float, float], b: Tuple[float, float]) -> bool:
-    """Whether two (mean, std) cells differ by no more than the larger standard deviation."""
-    return abs(a[0] - b[0]) <= max(a[1], b[1])
-
-
-def _strongest(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]]) -> Tuple[str, float, bool]:
-    """The rival with the best mean, the default's lead over it in pt (negative: behind), and whether in noise."""
-    label = max(rivals, key=lambda k: rivals[k][0])
-    return label, ours[0] - rivals[label][0], _within_std(ours, rivals[label])
-
-
-def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]], bold: bool = True) -> str:
-    """Ahead of or behind the strongest rival, by how much, and whether within one standard deviation."""
-    if not rivals:
-        return "-"
-    label, gap, noisy = _strongest(ours, rivals)
-    noise = " (within one std)" if noisy else ""
-    if gap >= 0:
-        return f"ahead of {label} by {gap:.2f} pt{noise}"
-    mark = "**" if bold else ""
-    return f"{mark}behind {label} by {-gap:.2f} pt{mark}{noise}"
-
-
-def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrated"
-            ) -> Tuple[Dict[str, Tuple[float, float]], Optional[str]]:
-    """Torch-Pruning global L1 and the best uniform-depth baseline at ``level`` (mean, std), and the latter's name."""
-    def has(k: str) -> bool:  # older results lack some columns (one-shot) for some methods
-        return level in grid.get(k, {}) and all(key in r for r in grid[k][level])
-    tp = {tp_l1: _mean_std(grid[tp_l1][level], key)} if has(tp_l1) else {}
-    uni = {k: _mean_std(grid[k][level], key) for k in grid if k.endswith("+ uniform") and has(k)}
-    best = max(uni, key=lambda k: uni[k][0]) if uni else None
-    return {**tp, **({best: uni[best]} if best else {})}, best
-
-
-def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
-    """One line per model and level: the default against Torch-Pruning global L1 and the best uniform baseline."""
-    lines = ["| model | MACs removed | FAIR default | Torch-Pruning global L1 | best uniform depths | default is |",
-             "|---|---|---|---|---|---|"]
-    for name, results in all_results.items():
-        grid = results.get("test", {})
-        for level, recs in grid.get(default, {}).items():
-            ours, (rivals, best) = _mean_std(recs), _rivals(grid, level, tp_l1)
-            cells = [_pm(ours), _pm(rivals[tp_l1]) if tp_l1 in rivals else "-",
-                     f"{_pm(rivals[best])} ({best})" if best else "-", _verdict(ours, rivals)]
-            lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def shortfalls(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
-    """Every comparison on the boards that the default does not clearly win, one bullet each.
-
-    Clearly winning means ahead by more than one standard deviation (one-shot + recalibration and the
-    ablations), or ahead at all (fine-tuning, one seed); one-shot cells without recalibration count too.
-    """
-    out = []
-    for name, results in all_results.items():
-        out += [f"- {name}, {line}" for line in (_test_shortfalls(results.get("test", {}), default, tp_l1) +
-                                                 _ablation_shortfalls(results.get("ablation", {}), default) +
-                                                 _finetune_shortfalls(results, default, tp_l1))]
-    return out
-
-
-def _test_shortfalls(grid: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
-    out = []
-    for key, how in (("recalibrated", "after recalibration"), ("one_shot", "one-shot, no recalibration")):
-        for level, recs in grid.get(default, {}).items():
-            if not all(key in r for r in recs):
-                continue
-            ours, rivals = _mean_std(recs, key), _rivals(grid, level, tp_l1, key)[0]
-            if not rivals:
-                continue
-            _, gap, noisy = _strongest(ours, rivals)
-            if gap < 0 or noisy:
-                out.append(f"{float(level):.0%} MACs removed, {how}: {_verdict(ours, rivals, bold=False)}")
-    return out
-
-
-def _ablation_shortfalls(grid: Dict[str, Any], default: str) -> List[str]:
-    out = []
-    for level, tod, uni, scores in _ablation_pairs(grid, default):
-        noisy = _within_std(tod, uni)
-        if tod[0] <= uni[0] or noisy:
-            noise = " (within one std)" if noisy else ""
-            out.append(f"{float(level):.1%} of parameters removed, {scores} scores: ToD {tod[0] - uni[0]:+.2f} pt "
-                       f"against uniform depths{noise}")
-    return out
-
-
-def _finetune_shortfalls(results: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
-    out = []
-    for ft in (results.get(k, {}) for k in ("finetune", "finetune_distill")):
-        if default in ft and tp_l1 not in ft:
-            out.append(f"fine-tuned ({_recipe_of(ft)}): no Torch-Pruning row to compare with yet")
-        elif default in ft and ft[tp_l1]["finetuned"] >= ft[default]["finetuned"]:
-            gap = 100 * (ft[tp_l1]["finetuned"] - ft[default]["finetuned"])
-            out.append(f"fine-tuned ({_recipe_of(ft)}): behind {tp_l1} by {gap:.2f} pt (one seed)")
-    return out
-
-
-def _ablation_pairs(grid: Dict[str, Any], default: str):
-    """(level, ToD, uniform, scores) per parameters level of the paper's two ablations, (mean, std) each."""
-    for scores, tod, uni in (("U", default, "U + uniform"), ("random", "random + ToD", "random + uniform")):
-        for level in grid.get(tod, {}):
-            if level in grid.get(uni, {}):
-                yield level, _mean_std(grid[tod][level]), _mean_std(grid[uni][level]), scores
-
-
-def ablation_board(all_results: Dict[str, Dict[str, Any]], default: str) -> List[str]:
-    """The paper's two ablations per parameters level: ToD against uniform depths, with U and with random scores."""
-    lines = [f"| {name} | {float(level):.1%} | {scores} | {_pm(a)} | {_pm(b)} | {a[0] - b[0]:+.2f} pt |"
-             for name, results in all_results.items()
-             for level, a, b, scores in _ablation_pairs(results.get("ablation", {}), default)]
-    head = ["| model | params removed | scores | ToD | uniform depths | ToD - uniform |", "|---|---|---|---|---|---|"]
-    return head + lines if lines else []
-
-
-def _recipe_of(ft: Dict[str, Any]) -> str:
-    return f"{ft['epochs']} epochs" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
-
-
-def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
-    """Each fine-tuning recipe's default and Torch-Pruning rows against the unpruned checkpoint."""
-    lines = []
-    for name, results in all_results.items():
-        for key in ("finetune", "finetune_distill"):
-            ft = results.get(key, {})
-            if default not in ft and tp_l1 not in ft:
-                continue
-            how = _recipe_of(ft)
-            cell = {k: f"{100 * ft[k]['finetuned']:.2f} ({100 * (ft[k]['finetuned'] - ft['unpruned']):+.2f} pt)"
-                    if k in ft else "-" for k in (default, tp_l1)}
-            lines.append(f"| {name} | {ft['level']:.0%} | {how} | {100 * ft['unpruned']:.2f} | {cell[default]} | "
-                         f"{cell[tp_l1]} |")
-    head = ["| model | MACs removed | fine-tuning | unpruned | FAIR default | Torch-Pruning global L1 |",
-            "|---|---|---|---|---|---|"]
-    return head + lines if lines else []
 
 
 def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> None:

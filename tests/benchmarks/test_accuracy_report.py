@@ -1,4 +1,4 @@
-"""The accuracy benchmark's reports: table headings, results tied to their checkpoint, the at-a-glance board."""
+"""The accuracy benchmark's reports: table headings, results tied to their checkpoint, the README section."""
 import json
 import sys
 from pathlib import Path
@@ -32,54 +32,6 @@ def test_results_of_another_checkpoint_are_replaced_and_flagged(tmp_path, monkey
     assert f"Measured on checkpoint {one}" in accuracy_report.write_markdown({"checkpoint": one}, "m", [], "")
     raw.write_text(json.dumps({"targets": {}}))  # a file from before checkpoints were recorded
     assert accuracy_report.load_results(raw, two) == {}
-
-
-def _cells(*accs):
-    return [{"recalibrated": a} for a in accs]
-
-
-def test_scoreboard_names_the_rival_the_default_trails_and_by_how_much():
-    test = {"FAIR default (U + ToD)": {"0.2": _cells(0.80, 0.82), "0.5": _cells(0.70, 0.70)},
-            "Torch-Pruning global L1": {"0.2": _cells(0.79, 0.79), "0.5": _cells(0.75, 0.75)},
-            "U + uniform": {"0.2": _cells(0.815, 0.815), "0.5": _cells(0.60, 0.60)},
-            "L1 + uniform": {"0.2": _cells(0.50, 0.50), "0.5": _cells(0.72, 0.72)}}
-    lines = accuracy_report.scoreboard({"m": {"test": test}}, accuracy_report.DEFAULT, accuracy_report.TP_L1)
-    assert len(lines) == 4
-    assert "81.50 ± 0.00 (U + uniform)" in lines[2]
-    assert lines[2].endswith("**behind U + uniform by 0.50 pt** (within one std) |")  # std of the default: 1 pt
-    assert "72.00 ± 0.00 (L1 + uniform)" in lines[3]
-    assert lines[3].endswith("**behind Torch-Pruning global L1 by 5.00 pt** |")
-    test["FAIR default (U + ToD)"]["0.5"] = _cells(0.76, 0.76)
-    lines = accuracy_report.scoreboard({"m": {"test": test}}, accuracy_report.DEFAULT, accuracy_report.TP_L1)
-    assert lines[3].endswith("| ahead of Torch-Pruning global L1 by 1.00 pt |")
-    test["FAIR default (U + ToD)"]["0.5"] = _cells(0.755, 0.755)
-    lines = accuracy_report.scoreboard({"m": {"test": test}}, accuracy_report.DEFAULT, accuracy_report.TP_L1)
-    assert lines[3].endswith("| ahead of Torch-Pruning global L1 by 0.50 pt |")  # both spreads are 0
-
-
-def test_shortfalls_list_every_comparison_the_default_does_not_clearly_win():
-    d, tp = accuracy_report.DEFAULT, accuracy_report.TP_L1
-    cell = lambda recal, one: [{"recalibrated": recal + e, "one_shot": one + e} for e in (-0.01, 0.01)]  # noqa: E731
-    test = {d: {"0.2": cell(0.80, 0.50), "0.5": cell(0.70, 0.30)},
-            tp: {"0.2": cell(0.79, 0.60), "0.5": cell(0.60, 0.20)},
-            "U + uniform": {"0.2": cell(0.70, 0.40), "0.5": cell(0.50, 0.10)}}
-    ablation = {d: {"0.678": cell(0.70, 0.1)}, "U + uniform": {"0.678": cell(0.60, 0.1)},
-                "random + ToD": {"0.678": cell(0.50, 0.1)}, "random + uniform": {"0.678": cell(0.51, 0.1)}}
-    ft = {"epochs": 15, "unpruned": 0.9, "level": 0.5, d: {"finetuned": 0.88}, tp: {"finetuned": 0.885}}
-    distilled = {"epochs": 15, "distill": 0.9, "unpruned": 0.9, "level": 0.5, d: {"finetuned": 0.89}}
-    out = accuracy_report.shortfalls({"m": {"test": test, "ablation": ablation, "finetune": ft,
-                                            "finetune_distill": distilled}}, d, tp)
-    assert out == [
-        "- m, 20% MACs removed, after recalibration: ahead of Torch-Pruning global L1 by 1.00 pt (within one std)",
-        "- m, 20% MACs removed, one-shot, no recalibration: behind Torch-Pruning global L1 by 10.00 pt",
-        "- m, 67.8% of parameters removed, random scores: ToD -1.00 pt against uniform depths (within one std)",
-        "- m, fine-tuned (15 epochs): behind Torch-Pruning global L1 by 0.50 pt (one seed)",
-        "- m, fine-tuned (15 epochs, distilled (0.9)): no Torch-Pruning row to compare with yet"]
-    test[d]["0.2"] = cell(0.90, 0.90)
-    ft[d]["finetuned"], distilled[tp] = 0.89, {"finetuned": 0.88}
-    ablation["random + ToD"]["0.678"] = cell(0.60, 0.1)
-    assert accuracy_report.shortfalls({"m": {"test": test, "ablation": ablation, "finetune": ft,
-                                             "finetune_distill": distilled}}, d, tp) == []
 
 
 def test_checkpoints_table_reads_the_recipe_from_the_log(tmp_path, monkeypatch):

@@ -1,0 +1,74 @@
+"""The accuracy section's boards: margins against the strongest rival, the ablations, fine-tuning, the shortfalls."""
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import accuracy_boards  # noqa: E402
+
+D, TP = "FAIR default (U + ToD)", "Torch-Pruning global L1"
+
+
+def _cells(*accs):
+    return [{"recalibrated": a} for a in accs]
+
+
+def test_scoreboard_names_the_rival_the_default_trails_and_by_how_much():
+    test = {"FAIR default (U + ToD)": {"0.2": _cells(0.80, 0.82), "0.5": _cells(0.70, 0.70)},
+            "Torch-Pruning global L1": {"0.2": _cells(0.79, 0.79), "0.5": _cells(0.75, 0.75)},
+            "U + uniform": {"0.2": _cells(0.815, 0.815), "0.5": _cells(0.60, 0.60)},
+            "L1 + uniform": {"0.2": _cells(0.50, 0.50), "0.5": _cells(0.72, 0.72)}}
+    lines = accuracy_boards.scoreboard({"m": {"test": test}}, D, TP)
+    assert len(lines) == 4
+    assert "81.50 ± 0.00 (U + uniform)" in lines[2]
+    assert lines[2].endswith("**behind U + uniform by 0.50 pt** (within one std) |")  # std of the default: 1 pt
+    assert "72.00 ± 0.00 (L1 + uniform)" in lines[3]
+    assert lines[3].endswith("**behind Torch-Pruning global L1 by 5.00 pt** |")
+    test["FAIR default (U + ToD)"]["0.5"] = _cells(0.76, 0.76)
+    lines = accuracy_boards.scoreboard({"m": {"test": test}}, D, TP)
+    assert lines[3].endswith("| ahead of Torch-Pruning global L1 by 1.00 pt |")
+    test["FAIR default (U + ToD)"]["0.5"] = _cells(0.755, 0.755)
+    lines = accuracy_boards.scoreboard({"m": {"test": test}}, D, TP)
+    assert lines[3].endswith("| ahead of Torch-Pruning global L1 by 0.50 pt |")  # both spreads are 0
+
+
+def test_shortfalls_list_every_comparison_the_default_does_not_clearly_win():
+    d, tp = D, TP
+    cell = lambda recal, one: [{"recalibrated": recal + e, "one_shot": one + e} for e in (-0.01, 0.01)]  # noqa: E731
+    test = {d: {"0.2": cell(0.80, 0.50), "0.5": cell(0.70, 0.30)},
+            tp: {"0.2": cell(0.79, 0.60), "0.5": cell(0.60, 0.20)},
+            "U + uniform": {"0.2": cell(0.70, 0.40), "0.5": cell(0.50, 0.10)}}
+    ablation = {d: {"0.678": cell(0.70, 0.1)}, "U + uniform": {"0.678": cell(0.60, 0.1)},
+                "random + ToD": {"0.678": cell(0.50, 0.1)}, "random + uniform": {"0.678": cell(0.51, 0.1)}}
+    ft = {"epochs": 15, "unpruned": 0.9, "level": 0.5, d: {"finetuned": 0.88}, tp: {"finetuned": 0.885}}
+    distilled = {"epochs": 15, "distill": 0.9, "unpruned": 0.9, "level": 0.5, d: {"finetuned": 0.89}}
+    out = accuracy_boards.shortfalls({"m": {"test": test, "ablation": ablation, "finetune": ft,
+                                            "finetune_distill": distilled}}, d, tp)
+    assert out == [
+        "- m, 20% MACs removed, after recalibration: ahead of Torch-Pruning global L1 by 1.00 pt (within one std)",
+        "- m, 20% MACs removed, one-shot, no recalibration: behind Torch-Pruning global L1 by 10.00 pt",
+        "- m, 67.8% of parameters removed, random scores: ToD -1.00 pt against uniform depths (within one std)",
+        "- m, fine-tuned (15 epochs): behind Torch-Pruning global L1 by 0.50 pt (one seed)",
+        "- m, fine-tuned (15 epochs, distilled (0.9)): no Torch-Pruning row to compare with yet"]
+    test[d]["0.2"] = cell(0.90, 0.90)
+    ft[d]["finetuned"], distilled[tp] = 0.89, {"finetuned": 0.88}
+    ablation["random + ToD"]["0.678"] = cell(0.60, 0.1)
+    assert accuracy_boards.shortfalls({"m": {"test": test, "ablation": ablation, "finetune": ft,
+                                             "finetune_distill": distilled}}, d, tp) == []
+
+
+def test_ablation_board_pairs_tod_with_uniform_depths_per_score():
+    grid = {D: {"0.678": _cells(0.90, 0.92)}, "U + uniform": {"0.678": _cells(0.80, 0.80)},
+            "random + ToD": {"0.354": _cells(0.70, 0.70)}, "random + uniform": {"0.354": _cells(0.10, 0.10)},
+            "random + ToD (no pair)": {"0.2": _cells(0.5)}}
+    lines = accuracy_boards.ablation_board({"m": {"ablation": grid}}, D)
+    assert lines[2:] == ["| m | 67.8% | U | 91.00 ± 1.00 | 80.00 ± 0.00 | +11.00 pt |",
+                         "| m | 35.4% | random | 70.00 ± 0.00 | 10.00 ± 0.00 | +60.00 pt |"]
+    assert accuracy_boards.ablation_board({"m": {}}, D) == []
+
+
+def test_finetune_board_shows_each_recipe_against_the_unpruned_model():
+    ft = {"epochs": 15, "unpruned": 0.9, "level": 0.5, D: {"finetuned": 0.88}}
+    distilled = {"epochs": 15, "distill": 0.9, "unpruned": 0.9, "level": 0.5, TP: {"finetuned": 0.905}}
+    lines = accuracy_boards.finetune_board({"m": {"finetune": ft, "finetune_distill": distilled}}, D, TP)
+    assert lines[2:] == ["| m | 50% | 15 epochs | 90.00 | 88.00 (-2.00 pt) | - |",
+                         "| m | 50% | 15 epochs, distilled (0.9) | 90.00 | - | 90.50 (+0.50 pt) |"]
