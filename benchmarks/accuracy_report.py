@@ -118,13 +118,17 @@ def _epochs(stages: Stages, planned: bool = False) -> str:
     return " + ".join(cells)
 
 
+def _last_test(rows: List[Dict[str, Any]]) -> Optional[str]:
+    """The last test accuracy the log records (the checkpoint's own, as train.py tests at the end)."""
+    tested = [r for r in rows if "test_acc" in r]
+    return f"{100 * tested[-1]['test_acc']:.2f} %" if tested else None
+
+
 def checkpoint_accuracy(name: str) -> str:
     """The last test accuracy in the checkpoint's training log, with its epochs."""
     rows = _log(name)
-    tested = [r for r in rows if "test_acc" in r]
-    if not tested:
-        return "no training log"
-    return f"{100 * tested[-1]['test_acc']:.2f} % after {_epochs(_stages(rows))} epochs"
+    acc = _last_test(rows)
+    return f"{acc} after {_epochs(_stages(rows))} epochs" if acc else "no training log"
 
 
 def validation_note(name: str) -> str:
@@ -151,8 +155,7 @@ def checkpoints_table(models: Sequence[str]) -> List[str]:
         rows = _log(name)
         if not rows:
             continue
-        last = [r for r in rows if "test_acc" in r][-1:]
-        acc = f"{100 * last[0]['test_acc']:.2f} %" if last else "not measured"
+        acc = _last_test(rows) or "not measured"
         stages = _stages(rows)
         # A run without a recipe line predates them, when every run trained on all 50,000 images.
         held = "45,000 (validation held out)" if _held_out(stages) else "all 50,000 training images"
