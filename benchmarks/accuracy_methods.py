@@ -1,0 +1,133 @@
+"""The methods ``accuracy.py`` compares and the studies its defaults were chosen by, as settings of
+``fp.score`` and ``fp.plan``: every label here is a row of a results file, so a label never changes meaning."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import accuracy_report as report
+
+
+# this library's defaults before the validation studies
+PAPER_DEFAULTS = {"u_reduce": "max", "r_reduce": "sum", "u_consumer_power": 0, "u_at": "input"}
+
+# Every layer that is not a residual stream loses its whole alpha=0 count (the default, made explicit where a
+# variant also sets the stream rule), and every layer's ToD levels count alike (macs_power=0: the default before
+# the MACs-weighting study, pinned in every row measured before it).
+FREE = {"floor": "free", "macs_power": 0}
+P0 = {"macs_power": 0}
+# The floor study: every other layer's free alpha=0 count capped at sqrt(width) too.
+CAPPED = "FAIR, every other layer's free floor capped at sqrt(width) too (floor=sqrt)"
+IN = {"u_at": "input"}
+PLAIN = {"u_consumer_power": 0, **IN}
+# Residual streams as the defaults before the stream study cut them: weight 4, the whole alpha=0 count free.
+FREE4 = {"stream_weight": 4, "stream_floor": "free", **FREE}
+EARLIER = "FAIR, streams lose their whole alpha=0 count (default before the stream study)"
+# The default before the output layer's stream was spared: every stream's free floor capped at sqrt(width).
+SQRT = {"stream_floor": "sqrt", **FREE}
+PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (default before the head's stream was spared)"
+# The default before the MACs-weighting study: one ToD level for every layer.
+ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, default before the MACs-weighting study)"
+# Every row measured before the tie/floor study pins that study's previous rules (Bench.fair adds PINNED under
+# a row's own settings): free ToD steps ordered by relative U per MAC, every other layer's whole floor free.
+# The default orders them by relative R and takes a free or sqrt-capped floor by the least total R-Score.
+PINNED = {"ties": "u", "floor": "free"}
+NEW = {"ties": "r", "floor": "auto"}
+PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (previous default)"
+# name -> (score settings, plan settings); None = a Torch-Pruning method.
+METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
+    "FAIR default (U + ToD)": ({}, NEW),
+    PREVIOUS_DEFAULT: ({}, {}),
+    ONE_LEVEL: ({}, P0),
+    "FAIR, first defaults (U max, R sum, streams like any layer)": (
+        PAPER_DEFAULTS, {"stream_weight": 1, "ties": "share", "stream_floor": "free", **FREE}),
+    "FAIR, plain U at the input, equal shares of the floor (defaults before the last two studies)": (
+        PLAIN, {"ties": "share", **FREE4}),
+    "FAIR, U x consumer norm at the next layer's input (u_at=input), streams' floor free": (IN, FREE4),
+    EARLIER: ({}, FREE4),
+    PREVIOUS: ({}, SQRT),
+    CAPPED: ({}, {"floor": "sqrt", **P0}),
+    "U + uniform": ({}, {"allocation": "uniform"}),
+    "L1 + ToD": ({}, {"signal": "l1", **P0}),
+    "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
+    "Taylor + uniform": ({}, {"signal": "taylor", "allocation": "uniform"}),
+    "random + ToD": ({}, {"signal": "random", **P0}),
+    "random + uniform": ({}, {"signal": "random", "allocation": "uniform"}),
+    "Torch-Pruning global L1": (None, {"importance": "l1"}),
+    "Torch-Pruning global Taylor": (None, {"importance": "taylor"}),
+}
+DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
+# --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
+# method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
+CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
+# The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
+# random scores.
+ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
+MODELS = ("resnet20", "resnet56", "vgg16_bn")  # the README's order
+
+# The validation study: where U is measured and how it is weighted, how a coupled group combines U and R, how
+# deep residual streams are cut, how a target orders ToD's equal-level steps. Label -> (score, plan settings).
+VARIANTS: Dict[str, Tuple[dict, dict]] = {
+    "plain U at the input, equal shares of the floor (default before the last two studies)": (
+        PLAIN, {"ties": "share", **FREE4}),
+    "plain U at the input, cost-ordered ties": (PLAIN, FREE4),
+    "U x consumer norm at the input, equal shares of the floor": (IN, {"ties": "share", **FREE4}),
+    "U x consumer norm at the input, cost-ordered ties": (IN, FREE4),
+    "U x consumer norm^2 at the input, cost-ordered ties": ({"u_consumer_power": 2, **IN}, FREE4),
+    "U x consumer norm at the input, stream weight 1": (IN, {"stream_weight": 1, "stream_floor": "free", **FREE}),
+    "U x consumer norm at the input, stream weight 8": (IN, {"stream_weight": 8, "stream_floor": "free", **FREE}),
+    "U x consumer norm at the input, U max over sites": ({"u_reduce": "max", **IN}, FREE4),
+    "U x consumer norm at the input, R sum": ({"r_reduce": "sum", **IN}, FREE4),
+    "U x consumer norm on the layer output (u_at=output), streams' whole floor free, weight 4": ({}, FREE4),
+    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), weight 8 (default before "
+    "the head's stream was spared)": ({}, SQRT),
+    "U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the output "
+    "layer's stream, weight 8 (default before the MACs-weighting study)": ({}, P0),
+    "U x consumer norm on the layer output, streams cut only at positive levels, weight 8": (
+        {}, {"stream_floor": "none", **FREE}),
+}
+PREVIOUS_SELECTED = ("U x consumer norm on the layer output, streams' free floor capped at sqrt(width), none of the "
+                     "output layer's stream, weight 8 (default before the MACs-weighting study)")
+# The rows that change one thing of that default start with this (their labels are the results files' keys).
+AS_BEFORE_MACS = "as the default before the MACs-weighting study"
+AUTO_POWER = (f"{AS_BEFORE_MACS}, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes the "
+              "least total R-Score (macs_power=auto, default before the tie/floor study)")
+SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or capped "
+            "at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, default)")
+# --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
+STREAM_STUDY = list(VARIANTS)[-4:]
+# --part select --methods floor: that default against the other floor rules and uniform depths (every
+# model).
+FLOOR_VARIANTS: Dict[str, Tuple[dict, dict]] = {
+    f"{AS_BEFORE_MACS}, every other layer's free floor capped at sqrt(width) too (floor=sqrt)": (
+        {}, {"floor": "sqrt", **P0}),
+    f"{AS_BEFORE_MACS}, every other layer loses units only at positive levels (floor=none)": (
+        {}, {"floor": "none", **P0}),
+    "U + uniform depths (the baseline to beat)": ({}, {"allocation": "uniform"}),
+}
+VARIANTS.update(FLOOR_VARIANTS)
+FLOOR_STUDY = [PREVIOUS_SELECTED, *FLOOR_VARIANTS]
+# --part select --methods cost: every layer's ToD levels weighted by (the MACs one of its units holds /
+# a typical unit's)^p (plan's macs_power), so that a MACs target cuts layers of cheap or of costly units deeper,
+# and the default that picks p per target by the least total R-Score (every model).
+COST_VARIANTS: Dict[str, Tuple[dict, dict]] = {
+    f"{AS_BEFORE_MACS}, every layer's levels x (unit MACs / typical)^{p:g} (macs_power={p:g})": (
+        {}, {"macs_power": p}) for p in (-1.0, -0.5, -0.25, 0.25, 0.5)}
+VARIANTS.update(COST_VARIANTS)
+VARIANTS[AUTO_POWER] = ({}, {})
+COST_STUDY = [*COST_VARIANTS, AUTO_POWER]
+# --part select --methods ties: the tie/floor study (free steps by R instead of U, floors chosen by R).
+VARIANTS[SELECTED] = ({}, NEW)
+TIE_STUDY = [AUTO_POWER, SELECTED]
+
+
+# --methods of each part -> the labels it runs.
+PART_METHODS: Dict[str, Dict[str, List[str]]] = {
+    "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
+               "ties": TIE_STUDY, "default": [SELECTED], "previous": [AUTO_POWER]},
+    "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
+             "previous": [PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"]},
+    "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL]},
+    "targets": {"all": [DEFAULT], "default": [DEFAULT]},
+    "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL],
+                 "tp": [TP_L1]},
+}
