@@ -16,10 +16,6 @@ def _pm(ms: Tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
-def _stat(recs: List[dict], key: str) -> str:
-    return _pm(_mean_std(recs, key)) if len(recs) > 1 else f"{100 * recs[0][key]:.2f}"
-
-
 def _within_std(a: Tuple[float, float], b: Tuple[float, float]) -> bool:
     """Whether two (mean, std) cells differ by no more than the larger standard deviation."""
     return abs(a[0] - b[0]) <= max(a[1], b[1])

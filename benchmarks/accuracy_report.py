@@ -8,11 +8,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import _stat, ablation_board, finetune_board, scoreboard, shortfalls
+from accuracy_boards import _mean_std, _pm, ablation_board, finetune_board, scoreboard, shortfalls
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+
+
+def _stat(recs: List[dict], key: str) -> str:
+    return _pm(_mean_std(recs, key)) if len(recs) > 1 else f"{100 * recs[0][key]:.2f}"
 
 
 def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:

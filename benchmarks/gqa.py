@@ -1,7 +1,7 @@
 """Grouped-query attention: whole key/value groups or query heads evenly within groups, which keeps more accuracy?
 
 A Llama classifier with grouped-query attention (4 layers, 16 query heads over 4 key/value heads, head_dim 8) is
-trained here on the token-majority task of ``sequence.py``, scored once per unit kind and calibration seed, and
+trained here on the token-majority task of ``sequence_tasks.py``, scored once per unit kind and calibration seed, and
 pruned to the same MACs with only the attention pruned (the gated MLPs in ``ignore=``):
 
 * ``kv_groups`` (``AttentionOptions(gqa="kv_groups")``): a unit is one key/value head with its 4 query heads;
@@ -28,7 +28,8 @@ import torch
 import fairpruner as fp
 from fairpruner.data import calibration_loader
 from fairpruner.families import AttentionOptions
-from sequence import BATCH, SEQ_CLASSES, TOKENS, VOCAB, Batches, accuracy, majority_tokens, train
+from sequence import BATCH, accuracy, train
+from sequence_tasks import SEQ_CLASSES, TOKENS, VOCAB, Batches, majority_tokens
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gqa.md"

@@ -1,14 +1,16 @@
-"""A Llama of TinyLlama's shape (1.1 B parameters with its LM head) on CPU: group discovery, scoring, planning and pruning against one forward+backward.
+"""A Llama of TinyLlama's shape (1.1 B parameters with its LM head) on CPU: group discovery, scoring, planning
+and pruning against one forward+backward.
 
 TinyLlama's shape (hidden 2048, 22 layers, 32 heads over 4 key/value heads, intermediate 5632, vocabulary 32,000),
-random weights, as ``LlamaForSequenceClassification`` with 4 classes; 64 sequences of 128 random tokens in batches
-of 4 (`--batch`). Measured in one process, under the same load: building the model, group discovery (torch-pruning's graph
-and the families' groups), one forward+backward over the same batches (the floor scoring cannot beat), then
-``fp.score`` (samples_per_class 16), ``fp.plan(macs=0.3)`` and ``fp.prune`` (without the pruned == masked check,
-which the tests run on small configs); the peak resident memory of score + plan + prune (the window starts after
-the forward+backward, whose own peak is reported beside it) against the model's size.
+random weights, as ``LlamaForSequenceClassification`` with 4 classes; 64 sequences of 128 random tokens in
+batches of 4 (`--batch`). Measured in one process, under the same load: building the model, group discovery
+(torch-pruning's graph and the families' groups), one forward+backward over the same batches (the floor
+scoring cannot beat), then ``fp.score`` (samples_per_class 16), ``fp.plan(macs=0.3)`` and ``fp.prune`` (without
+the pruned == masked check, which the tests run on small configs); the peak resident memory of score + plan +
+prune (the window starts after the forward+backward, whose own peak is reported beside it) against the model's
+size.
 
-    python benchmarks/llama.py                  # the 1.1 B model -> benchmarks/results/llama.md (about 10 min on 2 cores)
+    python benchmarks/llama.py                  # the 1.1 B model -> benchmarks/results/llama.md (~10 min, 2 cores)
     python benchmarks/llama.py --layers 2       # the same widths, 2 layers (a few minutes), printed only
 """
 from __future__ import annotations
@@ -81,7 +83,8 @@ def main(argv=None) -> None:
     x = torch.randint(1, 32000, (args.sequences, args.tokens), generator=g)
     y = torch.arange(args.sequences) % CLASSES
     batches = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, args.sequences, args.batch)]
-    print(f"model: {fp.count_params(model) / 1e9:.2f} B params ({size_gb:.1f} GB), built in {build_s:.0f} s", flush=True)
+    print(f"model: {fp.count_params(model) / 1e9:.2f} B params ({size_gb:.1f} GB), built in {build_s:.0f} s",
+          flush=True)
 
     t = time.perf_counter()
     fams = families.build()

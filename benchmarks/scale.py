@@ -115,7 +115,8 @@ def worker_exact(cfg: dict) -> dict:
         s = fp.score(model, batches, samples_per_class=cfg["per_class"], progress=False, **kw)
         runs[name] = (s, time.perf_counter() - t0)
     ref = runs["all"][0]
-    identical = all(torch.equal(a.u, b.u) and torch.equal(a.r, b.r) for a, b in zip(ref.groups, runs["budget"][0].groups))
+    identical = all(torch.equal(a.u, b.u) and torch.equal(a.r, b.r)
+                    for a, b in zip(ref.groups, runs["budget"][0].groups))
     rho = [_spearman(a.u, b.u) for a, b in zip(ref.groups, runs["search"][0].groups)]
     plan_a, plan_b = fp.plan(ref, alpha=0.05), fp.plan(runs["search"][0], alpha=0.05)
     changed = sum(len(set(plan_a.removed[n]) ^ set(plan_b.removed[n])) for n in ref.names)
@@ -196,7 +197,8 @@ def section_budget(args) -> list:
     bound = (2 * r["model_bytes"] + r["activations"] + r["store"]["max_memory"]) * 1.25
     used = r["peak"] - r["base"]
     st = r["store"]
-    return [f"## ResNet-50, {args.classes} classes x {args.per_class} samples, 64 x 64, max_memory={args.max_memory}", "",
+    return [f"## ResNet-50, {args.classes} classes x {args.per_class} samples, 64 x 64, "
+            f"max_memory={args.max_memory}", "",
             f"- {r['groups']} groups, {r['units']} units, {r['samples']} samples; {st['passes']} passes, "
             f"{st['unprojected_sites']} sites stored unprojected, class pairs: {st['class_pairs']}.",
             f"- Time: score {r['score_s']:.0f} s; one forward+backward over the same data {r['floor_s']:.0f} s "
@@ -214,7 +216,8 @@ def section_exact(args) -> list:
     t, st = r["times"], r["store"]
     return ["## Exactness (ResNet-50, 40 classes x 8 samples, 64 x 64)", "",
             "| run | passes | sample store peak | time |", "|---|---|---|---|",
-            f"| all class pairs, unbounded | {st['all']['passes']} | {_gb(st['all']['peak_bytes'])} | {t['all']:.0f} s |",
+            f"| all class pairs, unbounded | {st['all']['passes']} | {_gb(st['all']['peak_bytes'])} | "
+            f"{t['all']:.0f} s |",
             f"| all class pairs, max_memory=300MB | {st['budget']['passes']} | {_gb(st['budget']['peak_bytes'])} | "
             f"{t['budget']:.0f} s |",
             f"| class-pair search, unbounded | {st['search']['passes']} | {_gb(st['search']['peak_bytes'])} | "

@@ -7,7 +7,8 @@ evaluated one-shot and after the same short ``fairpruner.finetune`` run. Paramet
 
 Families: zoo ViT and ConvNeXt on a CIFAR-10 slice, an ``nn.TransformerEncoder`` classifier, zoo LSTM and GRU
 classifiers (bidirectional, 2 layers), the zoo mixture-of-experts classifier, and Hugging Face BERT / ViT when
-``transformers`` is installed. The sequence families learn synthetic tasks generated here (see ``majority``).
+``transformers`` is installed. The sequence families learn synthetic tasks generated in ``sequence_tasks.py``
+(see ``majority``).
 
     python benchmarks/sequence.py            # full run (a few minutes on 2 cores) -> benchmarks/results/sequence.md
     python benchmarks/sequence.py --quick    # smoke run (about a minute), results printed only

@@ -174,13 +174,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, cfg = args.worker[0], json.loads(args.worker[1])
-        print("RESULT " + json.dumps({"ours": worker_ours, "reference": worker_reference, "plan": worker_plan}[kind](cfg)))
+        work = {"ours": worker_ours, "reference": worker_reference, "plan": worker_plan}[kind]
+        print("RESULT " + json.dumps(work(cfg)))
         return
     import torch
     lines = [f"# Scoring speed ({args.device}; torch {torch.__version__}; {os.cpu_count()} CPU cores)", "",
              "Times in seconds; fwd+bwd = one training forward+backward pass over the same calibration set "
              "(eval mode, median of 3), measured in the same process as the scoring calls; fairpruner.score is "
-             "the median of 3 calls (the same protocol), its first call beside it; get_metrics / score compares with that first call.", "",
+             "the median of 3 calls (the same protocol), its first call beside it; get_metrics / score compares "
+             "with that first call.", "",
              "| model | classes x per class | fwd+bwd | fairpruner.score | score / fwd+bwd | first call | "
              "ms per sample | get_metrics (authors) | get_metrics / score | peak RSS ours (MB) | "
              "peak RSS authors (MB) |",

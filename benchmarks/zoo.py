@@ -198,7 +198,8 @@ def main(argv: List[str] = None) -> None:
     summary = (f"{count['pruned']} of {len(built)} models pruned ({100 * count['pruned'] / max(len(built), 1):.0f} %), "
                f"{count['nothing removed']} with groups but nothing removed at alpha 0.05, {count['refused']} refused, "
                f"{count['crashed']} crashed"
-               + (f", {len(rows) - len(built)} not built by this transformers version" if len(built) < len(rows) else ""))
+               + (f", {len(rows) - len(built)} not built by this transformers version"
+                  if len(built) < len(rows) else ""))
     print(summary)
     if args.only:
         return

@@ -2,8 +2,8 @@
 
 The data path, one sub-package each: :func:`score` (``_scoring``: one pass over labelled calibration data)
 -> :func:`plan` (``_planning``: ToD counts for an alpha or a params/MACs target, milliseconds) -> :func:`prune`
-/ :func:`mask` (``_pruning``) -> :func:`recalibrate` / :func:`finetune` (``_recovery``) -> :func:`report` (``_reporting``). The
-extension point is :mod:`fairpruner.families` (unit kinds the dependency graph cannot express).
+/ :func:`mask` (``_pruning``) -> :func:`recalibrate` / :func:`finetune` (``_recovery``) -> :func:`report`
+(``_reporting``). The extension point is :mod:`fairpruner.families` (unit kinds the dependency graph cannot express).
 """
 from . import families
 from ._errors import CliError, DataError, FairPrunerError, PlanError, UnsupportedModelError

@@ -58,8 +58,8 @@ def test_shortfalls_list_every_comparison_the_default_does_not_clearly_win():
 
 def test_ablation_board_pairs_tod_with_uniform_depths_per_score():
     grid = {D: {"0.678": _cells(0.90, 0.92)}, "U + uniform": {"0.678": _cells(0.80, 0.80)},
-            "random + ToD": {"0.354": _cells(0.70, 0.70)}, "random + uniform": {"0.354": _cells(0.10, 0.10)},
-            "random + ToD (no pair)": {"0.2": _cells(0.5)}}
+            "random + ToD": {"0.354": _cells(0.70, 0.70), "0.2": _cells(0.5)},  # 0.2 has no uniform pair
+            "random + uniform": {"0.354": _cells(0.10, 0.10)}}
     lines = accuracy_boards.ablation_board({"m": {"ablation": grid}}, D)
     assert lines[2:] == ["| m | 67.8% | U | 91.00 ± 1.00 | 80.00 ± 0.00 | +11.00 pt |",
                          "| m | 35.4% | random | 70.00 ± 0.00 | 10.00 ± 0.00 | +60.00 pt |"]
@@ -69,6 +69,7 @@ def test_ablation_board_pairs_tod_with_uniform_depths_per_score():
 def test_finetune_board_shows_each_recipe_against_the_unpruned_model():
     ft = {"epochs": 15, "unpruned": 0.9, "level": 0.5, D: {"finetuned": 0.88}}
     distilled = {"epochs": 15, "distill": 0.9, "unpruned": 0.9, "level": 0.5, TP: {"finetuned": 0.905}}
-    lines = accuracy_boards.finetune_board({"m": {"finetune": ft, "finetune_distill": distilled}}, D, TP)
+    lines = accuracy_boards.finetune_board({"m": {"finetune": ft, "finetune_distill": distilled},
+                                            "other": {"finetune": {"epochs": 3, "level": 0.5, "unpruned": 0.9}}}, D, TP)
     assert lines[2:] == ["| m | 50% | 15 epochs | 90.00 | 88.00 (-2.00 pt) | - |",
                          "| m | 50% | 15 epochs, distilled (0.9) | 90.00 | - | 90.50 (+0.50 pt) |"]

@@ -228,7 +228,8 @@ def test_second_round_on_the_replacement(tmp_path):
 def test_head_dims_keep_heads_and_scale(name):
     model, scores, plan, pruned = case(name, "head_dims", target="uniform")
     assert all(n.endswith(":head_dims") or ":" not in n for n in scores.names)
-    assert plan.settings["scoring"]["family_options"]["attention_heads"] == {"version": 3, "units": "head_dims", "gqa": "query_heads"}
+    assert plan.settings["scoring"]["family_options"]["attention_heads"] == {"version": 3, "units": "head_dims",
+                                                                             "gqa": "query_heads"}
     before, after = heads_of(model), heads_of(pruned)
     for k, (heads, head_dim) in before.items():
         assert after[k][0] == heads and after[k][1] < head_dim
@@ -310,7 +311,8 @@ def test_mha_scores_like_its_replacement():
     twin = copy.deepcopy(model)
     twin.attn = PrunedMultiheadAttention.from_mha(model.attn, torch.arange(DIM), HEADS, DIM // HEADS, range(HEADS))
     loader = tiny_loader(SEQ)
-    sa, sb = fp.score(model, loader, projections=8, r_reduce="sum"), fp.score(twin, loader, projections=8, r_reduce="sum")
+    sa = fp.score(model, loader, projections=8, r_reduce="sum")
+    sb = fp.score(twin, loader, projections=8, r_reduce="sum")
     torch.testing.assert_close(sa["attn:heads"].u, sb["attn:heads"].u, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sa["attn:heads"].r, sb["attn:heads"].r, rtol=1e-3, atol=1e-7)
 

@@ -1,5 +1,5 @@
-"""Tests for fairpruner.families.attention_hf: attention heads and feed-forward units of Hugging Face BERT and ViT models
-(built from small configs, no downloads): groups, prune == mask, predicted == counted params/MACs, the head
+"""Tests for fairpruner.families.attention_hf: attention heads and feed-forward units of Hugging Face BERT and ViT
+models (built from small configs, no downloads): groups, prune == mask, predicted == counted params/MACs, the head
 bookkeeping (module attributes, config.pruned_heads), eager and SDPA attention, masks, save/load."""
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Tests for fairpruner.families.attention_hf on Hugging Face decoders (Llama, Qwen2, Mistral, Phi-3; built from small
 configs, no downloads): grouped-query attention pruned by query heads (the default) or by key/value group, the
-gated MLP as one group, prune == mask, predicted == counted params/MACs, generate() after pruning, the caller's model untouched."""
+gated MLP as one group, prune == mask, predicted == counted params/MACs, generate() after pruning, the caller's
+model untouched."""
 from __future__ import annotations
 
 import pytest

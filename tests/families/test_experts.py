@@ -258,7 +258,8 @@ def test_save_load_round_trip_and_caller_model_unchanged(mode, tmp_path):
 class SwiGLU(nn.Module):
     def __init__(self, d, h):
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False)
+        self.w1, self.w3 = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.w2 = nn.Linear(h, d, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

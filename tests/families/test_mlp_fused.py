@@ -26,7 +26,8 @@ def phi3(head="ForSequenceClassification", seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g) * 0.2)
+            norm = "norm" in name
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if norm else torch.randn(p.shape, generator=g) * 0.2)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Tests for fairpruner._measure.counting: MAC and parameter counting, including matrix products written as functions."""
+"""Tests for fairpruner._measure.counting: MAC and parameter counting, including matrix products written as
+functions."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
-"""Tests for fairpruner._planning.plans: argument checks, ToD counts, targets by bisection, signals, allocation, JSON."""
+"""Tests for fairpruner._planning.plans: argument checks, ToD counts, targets by bisection, signals, allocation,
+JSON."""
 from __future__ import annotations
 
 import dataclasses

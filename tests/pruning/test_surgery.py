@@ -34,7 +34,8 @@ FAMILIES = {
     "digits_cnn": (lambda: zoo.digits_cnn(), (1, 8, 8)),
 }
 TARGETS = {"alpha": {"alpha": 0.3}, "macs": {"macs": 0.3}}
-CASES = [(f, t) for f in FAMILIES for t in TARGETS if not (f in ("vgg16_bn", "resnet56", "resnet50", "mobilenet_v2") and t == "macs")]
+CASES = [(f, t) for f in FAMILIES for t in TARGETS
+         if not (f in ("vgg16_bn", "resnet56", "resnet50", "mobilenet_v2") and t == "macs")]
 IDS = [f"{f}-{t}" for f, t in CASES]
 
 
@@ -179,7 +180,8 @@ def _gn_sizes(model):
     return {n: (m.num_groups, m.num_channels) for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": 0.3}, {"alpha": 1.0}, {"macs": 0.3}, {"params": 0.4, "allocation": "uniform"}])
+@pytest.mark.parametrize("kwargs", [{"alpha": 0.3}, {"alpha": 1.0}, {"macs": 0.3},
+                                    {"params": 0.4, "allocation": "uniform"}])
 def test_groupnorm_removes_whole_groups(kwargs):
     model, _, scores = scored("groupnorm_cnn")
     plan = fp.plan(scores, **kwargs)
@@ -359,7 +361,8 @@ class _CustomParamNet(nn.Module):
         return self.fc(F.relu(self.c2(F.relu(self.scale(self.c1(x))))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("model,shape,what", [(_LSTMNet(), (5, 6), "proj_size"), (_CustomParamNet(), (3, 8, 8), "_Scale")])
+@pytest.mark.parametrize("model,shape,what", [(_LSTMNet(), (5, 6), "proj_size"),
+                                              (_CustomParamNet(), (3, 8, 8), "_Scale")])
 def test_unsupported_layers(model, shape, what):
     loader = CountingLoader(tiny_loader(shape))
     with pytest.raises(fp.UnsupportedModelError, match=what):

@@ -636,7 +636,8 @@ def test_streams_are_groups_several_layers_write_and_several_read():
     two writers, one reader, not a stream."""
     torch.manual_seed(0)
     resnet = fp.score(zoo.resnet20().eval(), tiny_loader((3, 16, 16)), projections=4)
-    assert sorted(g.name for g in resnet.groups if g.is_stream) == ["conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0"]
+    streams = sorted(g.name for g in resnet.groups if g.is_stream)
+    assert streams == ["conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0"]
     mobile = fp.score(zoo.mobilenetv2(num_classes=4).eval(), tiny_loader((3, 16, 16)), projections=4)
     streams = sorted(g.name for g in mobile.groups if g.is_stream)
     assert streams and all(n.endswith("conv.6") for n in streams)  # the blocks' projection convs

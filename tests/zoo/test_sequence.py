@@ -19,7 +19,8 @@ def test_registered_with_example_inputs():
         assert zoo.create(name, num_classes=5).eval()(zoo.example_input(name)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("cell,head,bi", list(itertools.product(["lstm", "gru"], ["last", "hn", "mean"], [False, True])))
+@pytest.mark.parametrize("cell,head,bi",
+                         list(itertools.product(["lstm", "gru"], ["last", "hn", "mean"], [False, True])))
 def test_heads_and_directions(cell, head, bi):
     model = zoo.RecurrentClassifier(cell, input_size=4, hidden_size=6, num_layers=2, num_classes=3,
                                     bidirectional=bi, head=head).eval()

@@ -18,7 +18,8 @@ def read_torch_file(path: Union[str, os.PathLike], fmt: str, hint: str) -> Dict[
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a foreign or corrupt file fails in many ways inside the unpickler
-        raise FairPrunerError(f"{path} is not a readable weights-only torch file ({type(e).__name__}); {hint}.") from None
+        raise FairPrunerError(f"{path} is not a readable weights-only torch file ({type(e).__name__}); "
+                              f"{hint}.") from None
     if not isinstance(d, dict) or d.get("format") != fmt:
         raise FairPrunerError(f"{path} is not a {fmt} file; {hint}.")
     return d

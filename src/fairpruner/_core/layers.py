@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CONV_TYPES", "WEIGHT_TYPES", "NORM_TYPES", "FROZEN_TYPES", "freezes", "SUPPORTED_TYPES", "UNSUPPORTED_HINTS",
-           "qualname", "kept", "slice_param_", "slice_linear_", "replace_module"]
+__all__ = ["CONV_TYPES", "WEIGHT_TYPES", "NORM_TYPES", "FROZEN_TYPES", "freezes", "SUPPORTED_TYPES",
+           "UNSUPPORTED_HINTS", "qualname", "kept", "slice_param_", "slice_linear_", "replace_module"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 WEIGHT_TYPES = CONV_TYPES + (nn.Linear,)

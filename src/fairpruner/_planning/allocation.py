@@ -77,8 +77,9 @@ def step_order(curves: Sequence[np.ndarray], weights: Sequence[float],
             group's weight) goes first.
 
     Returns:
-        Group index of each step priced at most 1 (what ``alpha = 1`` allows), in order; the first ``k`` steps give counts ``bincount(order[:k])``. Within a
-        group steps stay in order of ``m`` (prices are non-decreasing), so every prefix is a valid plan.
+        Group index of each step priced at most 1 (what ``alpha = 1`` allows), in order; the first ``k`` steps
+        give counts ``bincount(order[:k])``. Within a group steps stay in order of ``m`` (prices are
+        non-decreasing), so every prefix is a valid plan.
     """
     price, tie, group, cost = [], [], [], []
     for g, (c, w) in enumerate(zip(curves, weights)):

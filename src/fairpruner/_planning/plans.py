@@ -137,7 +137,8 @@ def _signal_values(g: GroupScores, signal: Signal, seed: int, index: int) -> tor
 
 
 def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not 0 <= value <= 1:
         raise PlanError(f"{name} must be a number in [0, 1], got {value!r}.")
     return float(value)
 

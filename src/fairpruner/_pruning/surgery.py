@@ -44,8 +44,8 @@ def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
 def _check_signature(plan: Plan, model: nn.Module) -> None:
     expected = plan.settings.get("model_signature")
     if expected and expected != model_signature(model):
-        raise PlanError("The plan does not match this model: its layers or shapes differ from the scored model's (another "
-                        "architecture, or a model that was already pruned). Apply a plan to a fresh, unpruned "
+        raise PlanError("The plan does not match this model: its layers or shapes differ from the scored model's "
+                        "(another architecture, or a model that was already pruned). Apply a plan to a fresh, unpruned "
                         "instance of the architecture it was scored on.")
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "Family", "FamilyOptions", "USource", "MacsTerm", "GroupSpec", "Member", "register", "unregister",
     "registered", "build", "options_record", "hook_source", "member_params", "zero_members_",
     "kept", "replace_module", "slice_linear_",
-    "RecurrentFamily", "RecurrentStack", "Experts", "StackedExperts", "StackedExpertUnits", "moe_routers", "HFAttentionHeads", "Conv1DBlocks", "FusedGatedMLP", "LevitHeads", "AttentionHeads",
+    "RecurrentFamily", "RecurrentStack", "Experts", "StackedExperts", "StackedExpertUnits", "moe_routers",
+    "HFAttentionHeads", "Conv1DBlocks", "FusedGatedMLP", "LevitHeads", "AttentionHeads",
     "AttentionOptions", "ATTENTION_UNITS", "for_attention_families", "PrunedMultiheadAttention",
 ]

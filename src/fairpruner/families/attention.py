@@ -161,8 +161,8 @@ def find_attention(model: nn.Module) -> List[_Attn]:
                 a.problem = "it uses add_bias_kv/add_zero_attn"
             found.append(a)
         elif isinstance(m, PrunedMultiheadAttention):
-            found.append(_Attn(name, "split", m.num_heads, m.head_dim,
-                               tuple(qualname(name, p) for p in ("q_proj", "k_proj", "v_proj")), qualname(name, "out_proj")))
+            qkv = tuple(qualname(name, p) for p in ("q_proj", "k_proj", "v_proj"))
+            found.append(_Attn(name, "split", m.num_heads, m.head_dim, qkv, qualname(name, "out_proj")))
         elif not type(m).__module__.startswith("transformers."):  # those belong to the Hugging Face family
             a = _fused(name, m)
             if a is not None:

@@ -280,7 +280,8 @@ class HFAttentionHeads(Family):
         if attn is not None and attn.prunable and attn.per_kv > 1 and group.channels == attn.heads:
             return _prune_query_heads(modules, model, attn, group, channels)
         if attn is None or not attn.prunable or attn.kv_heads != group.channels:
-            found = "no attention it can cut" if attn is None or not attn.prunable else f"{attn.kv_heads} key/value heads"
+            cuttable = attn is not None and attn.prunable
+            found = f"{attn.kv_heads} key/value heads" if cuttable else "no attention it can cut"
             raise PlanError(f"'{name}' has {found}, the plan expects {group.channels}. Apply a plan to an unpruned "
                             "instance of the architecture it was made for.")
         drop = sorted(set(int(c) for c in channels))
