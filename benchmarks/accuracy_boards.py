@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+FINETUNE_KEYS = ("finetune", "finetune_distill")  # a results file's fine-tuning parts: plain, distilled
+
 
 def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
     v = [100 * r[key] for r in recs]
@@ -106,7 +108,7 @@ def _ablation_shortfalls(grid: Dict[str, Any], default: str) -> List[str]:
 
 def _finetune_shortfalls(results: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
     out = []
-    for ft in (results.get(k, {}) for k in ("finetune", "finetune_distill")):
+    for ft in (results.get(k, {}) for k in FINETUNE_KEYS):
         if default in ft and tp_l1 not in ft:
             out.append(f"fine-tuned ({_recipe_of(ft)}): no Torch-Pruning row to compare with yet")
         elif default in ft and ft[tp_l1]["finetuned"] >= ft[default]["finetuned"]:
@@ -140,7 +142,7 @@ def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: 
     """Each fine-tuning recipe's default and Torch-Pruning rows against the unpruned checkpoint."""
     lines = []
     for name, results in all_results.items():
-        for key in ("finetune", "finetune_distill"):
+        for key in FINETUNE_KEYS:
             ft = results.get(key, {})
             if default not in ft and tp_l1 not in ft:
                 continue

@@ -33,9 +33,10 @@ ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, default before t
 PINNED = {"ties": "u", "floor": "free"}
 NEW = {"ties": "r", "floor": "auto"}
 PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (previous default)"
+DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
-    "FAIR default (U + ToD)": ({}, NEW),
+    DEFAULT: ({}, NEW),
     PREVIOUS_DEFAULT: ({}, {}),
     ONE_LEVEL: ({}, P0),
     "FAIR, first defaults (U max, R sum, streams like any layer)": (
@@ -52,10 +53,9 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "Taylor + uniform": ({}, {"signal": "taylor", "allocation": "uniform"}),
     "random + ToD": ({}, {"signal": "random", **P0}),
     "random + uniform": ({}, {"signal": "random", "allocation": "uniform"}),
-    "Torch-Pruning global L1": (None, {"importance": "l1"}),
+    TP_L1: (None, {"importance": "l1"}),
     "Torch-Pruning global Taylor": (None, {"importance": "taylor"}),
 }
-DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import _mean_std, _pm, ablation_board, finetune_board, scoreboard, shortfalls
+from accuracy_boards import FINETUNE_KEYS, _mean_std, _pm, ablation_board, finetune_board, scoreboard, shortfalls
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
@@ -217,7 +217,7 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     if "targets" in results:
         lines += ["## Targets: `plan(macs=t)` and `plan(params=t)`, measured after surgery (seed 0)", ""]
         lines += _targets(results["targets"]) + [""]
-    for key in ("finetune", "finetune_distill"):
+    for key in FINETUNE_KEYS:
         if key in results:
             lines += _finetuned(results[key])
     return "\n".join(lines)
