@@ -169,3 +169,18 @@ def generated_pruned_and_masked(model: nn.Module, plan, prompt: torch.Tensor, ne
         m.config.use_cache = True
         runs.append(m.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
     return runs
+
+
+def assert_scores_equal(a, b) -> None:
+    """Two Scores hold the same groups with the same U, R and L1 (to float tolerance) and unit layout."""
+    assert a.names == b.names
+    for ga, gb in zip(a.groups, b.groups):
+        torch.testing.assert_close(ga.u, gb.u, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ga.r, gb.r, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(ga.l1, gb.l1, rtol=0, atol=0)
+        assert torch.equal(ga.unit_channels, gb.unit_channels)
+
+
+def predicted_removed(p, key: str) -> float:
+    """The fraction of params or MACs (``key``) a plan predicts it removes."""
+    return 1 - p.predicted[f"{key}_after"] / p.predicted[f"{key}_before"]

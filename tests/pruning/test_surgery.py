@@ -1,5 +1,6 @@
-"""Tests for fairpruner._pruning (surgery: prune and mask; io: save and load): the architecture matrix (prune ==
-mask, shrinks, trains, traces), GroupNorm, save/load, and the errors for unsupported models and mismatched plans."""
+"""Tests for fairpruner._pruning.surgery (prune and mask): the architecture matrix (prune == mask, shrinks,
+trains, traces), GroupNorm and grouped convolutions, and the errors for unsupported models and mismatched
+plans."""
 from __future__ import annotations
 
 import copy
@@ -12,40 +13,10 @@ from torch import nn
 
 import fairpruner as fp
 import fairpruner._pruning.surgery as surgery
-from helpers import (CountingLoader, Scored, assert_prune_equals_mask, fresh_inputs, randomize_norms, rel_err,
-                     tiny_loader)
+from helpers import CountingLoader, assert_prune_equals_mask, fresh_inputs, randomize_norms, rel_err, tiny_loader
 from fairpruner import zoo
 
-
-# name -> (factory, per-sample input shape)
-FAMILIES = {
-    "vgg_small": (lambda: zoo.vgg(cfg=[8, "M", 16, 16, "M", 32], batch_norm=True), (3, 16, 16)),
-    "vgg16_bn": (lambda: zoo.create("vgg16_bn"), (3, 32, 32)),
-    "resnet20": (lambda: zoo.resnet20(), (3, 32, 32)),
-    "resnet56": (lambda: zoo.resnet56(), (3, 16, 16)),
-    "densenet": (lambda: zoo.densenet(), (3, 32, 32)),
-    "mobilenetv2": (lambda: zoo.mobilenetv2(width_mult=0.5), (3, 32, 32)),
-    "resnet50": (lambda: zoo.resnet50(num_classes=10), (3, 32, 32)),
-    "mobilenet_v2": (lambda: zoo.mobilenet_v2(num_classes=10, width_mult=0.5), (3, 32, 32)),
-    "mlp": (lambda: zoo.mlp(), (64,)),
-    "mlp_bn": (lambda: zoo.mlp(batch_norm=True), (64,)),
-    "conv1d_net": (lambda: zoo.conv1d_net(), (1, 64)),
-    "groupnorm_cnn": (lambda: zoo.groupnorm_cnn(), (3, 16, 16)),
-    "digits_cnn": (lambda: zoo.digits_cnn(), (1, 8, 8)),
-}
-TARGETS = {"alpha": {"alpha": 0.3}, "macs": {"macs": 0.3}}
-CASES = [(f, t) for f in FAMILIES for t in TARGETS
-         if not (f in ("vgg16_bn", "resnet56", "resnet50", "mobilenet_v2") and t == "macs")]
-IDS = [f"{f}-{t}" for f, t in CASES]
-
-
-def make_model(family: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return randomize_norms(FAMILIES[family][0](), seed).eval()
-
-
-scored = Scored(lambda family: (make_model(family), tiny_loader(FAMILIES[family][1]), {}), TARGETS)
-case = scored.case
+from pruning.matrix import CASES, FAMILIES, IDS, case, scored
 
 
 # ---------------------------------------------------------------- the matrix
@@ -282,39 +253,6 @@ def test_grouped_convolution_keeps_its_groups_balanced(kwargs):
     assert fp.count_macs(pruned, x) == plan.predicted["macs_after"]
 
 
-# ---------------------------------------------------------------- save / load
-
-@pytest.mark.parametrize("family", ["resnet20", "densenet", "groupnorm_cnn", "mlp_bn", "mobilenetv2"])
-def test_save_load_round_trip(family, tmp_path):
-    _, _, plan, pruned = case(family, target="macs")
-    path = tmp_path / "pruned.pt"
-    fp.save(path, pruned, plan)
-    raw = torch.load(path, weights_only=True)
-    assert isinstance(raw, dict)
-    fresh = make_model(family, seed=1)  # a different init: weights must come from the file
-    fresh_sd = {k: v.clone() for k, v in fresh.state_dict().items()}
-    loaded = fp.load(path, fresh)
-    assert all(torch.equal(fresh_sd[k], v) for k, v in fresh.state_dict().items())  # not modified
-    x = fresh_inputs(FAMILIES[family][1])
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(x), pruned.eval()(x))
-    assert fp.count_params(loaded) == fp.count_params(pruned)
-
-
-def test_load_rejects_foreign_files_and_wrong_architecture(tmp_path):
-    _, _, plan, pruned = case("resnet20", target="alpha")
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": pruned.state_dict()}, other)
-    with pytest.raises(fp.FairPrunerError):
-        fp.load(other, zoo.resnet20())
-    path = tmp_path / "pruned.pt"
-    fp.save(path, pruned, plan)
-    with pytest.raises(fp.PlanError):
-        fp.load(path, zoo.resnet56())
-    with pytest.raises(fp.PlanError):
-        fp.load(path, pruned)  # an already pruned instance
-
-
 # ---------------------------------------------------------------- errors
 
 def test_pad_shortcut_refused_before_scoring():
@@ -439,34 +377,3 @@ def test_prune_without_recorded_shapes_needs_example_inputs():
         fp.prune(model, bare)
     again = fp.prune(model, bare, torch.randn(2, 64))
     assert fp.count_params(again) == fp.count_params(pruned)
-
-
-def test_two_rounds_save_and_load(tmp_path):
-    """prune -> re-score -> prune again; the saved file replays both plans on a fresh model."""
-    torch.manual_seed(0)
-    model = zoo.create("digits_cnn").eval()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(24, 1, 8, 8, generator=g), torch.arange(4).repeat(6)
-    loader = [(x[:12], y[:12]), (x[12:], y[12:])]
-    plan1 = fp.plan(fp.score(model, loader, projections=8), alpha=0.3)
-    once = fp.prune(model, plan1)
-    plan2 = fp.plan(fp.score(once, loader, projections=8), alpha=0.3)
-    twice = fp.prune(once, plan2)
-    assert fp.count_params(twice) < fp.count_params(once) < fp.count_params(model)
-    with pytest.raises(fp.PlanError, match="does not match"):
-        fp.prune(model, plan2)  # the second plan belongs to the once-pruned model
-    fp.save(tmp_path / "m.pt", twice, plan2)
-    restored = fp.load(tmp_path / "m.pt", zoo.create("digits_cnn"))
-    with torch.no_grad():
-        torch.testing.assert_close(restored.eval()(x), twice.eval()(x))
-
-
-def test_load_rejects_foreign_files(tmp_path):
-    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(fp.FairPrunerError, match="not a readable"):
-        fp.load(tmp_path / "junk.pt", zoo.create("digits_cnn"))
-    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(fp.FairPrunerError, match="fairpruner.model"):
-        fp.load(tmp_path / "other.pt", zoo.create("digits_cnn"))
-    with pytest.raises(fp.FairPrunerError, match="fairpruner.scores"):
-        fp.Scores.load(tmp_path / "other.pt")
