@@ -176,7 +176,7 @@ def _targets(t: Dict[str, Any]) -> List[str]:
         lines.append(f"| {unit} removed (%) | " + " | ".join(cells) + " |")
     worst = {u: max(abs(r["achieved"] - r["target"]) for r in t[u] if "achieved" in r) for u in ("macs", "params")}
     return lines + ["", f"Worst miss: {100 * worst['macs']:.2f} pt (MACs), {100 * worst['params']:.2f} pt (params). "
-                        f"`plan(macs=0.999)`: {t['unreachable']}"]
+                        f"`plan(macs={t.get('unreachable_target', 0.999):.5g})`: {t['unreachable']}"]
 
 
 def is_current(results: Dict[str, Any], name: str) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -77,6 +79,25 @@ def test_unreachable_target_says_so(resnet_scores, key):
     assert key in str(e.value)
     with pytest.raises(fp.PlanError, match="cannot be met"):
         fp.plan(resnet_scores, **{key: 1.0})
+
+
+@pytest.mark.parametrize("key", ["params", "macs"])
+def test_a_target_just_beyond_reach_names_two_different_figures(resnet_scores, key):
+    lo, hi = 0.5, 1.0  # bisected to the smallest refused target, within 1e-7 of the most one round removes
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fp.plan(resnet_scores, **{key: mid})
+            lo = mid
+        except fp.PlanError:
+            hi = mid
+    with pytest.raises(fp.PlanError) as e:
+        fp.plan(resnet_scores, **{key: hi})
+    asked, reach = re.search(r"of ([0-9.]+)% cannot be met: the most one round can remove is ([0-9.]+)%",
+                             str(e.value)).groups()
+    assert asked != reach and float(asked) > float(reach)
 
 
 # ---------------------------------------------------------------- ToD counts

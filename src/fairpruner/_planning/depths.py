@@ -21,6 +21,16 @@ def removed_fraction(cost, counts: np.ndarray, key: str, before: Dict[str, float
     return 1.0 - cost.evaluate(counts)[key] / max(before[key], 1.0)
 
 
+def distinct_percents(a: float, b: float) -> Tuple[str, str]:
+    """``a`` and ``b`` as percentages with the fewest decimals (1 to 6) that tell them apart, so that a refused
+    target near 100 % does not read "100.0% cannot be met: the most is 100.0%"."""
+    for digits in range(1, 7):
+        fa, fb = f"{a:.{digits}%}", f"{b:.{digits}%}"
+        if fa != fb:
+            break
+    return fa, fb
+
+
 def uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
     """``frac`` of every group's units, rounded, at most what one round may take (99 %)."""
     caps = np.array([max_fraction(n) for n in units])
@@ -73,8 +83,9 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
 
     most = removed(np.bincount(order, minlength=len(curves)))
     if most + 1e-12 < value:
-        raise PlanError(f"A {key} reduction of {value:.1%} cannot be met: the most one round can remove is "
-                        f"{most:.1%} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
+        asked, reach = distinct_percents(value, most)
+        raise PlanError(f"A {key} reduction of {asked} cannot be met: the most one round can remove is "
+                        f"{reach} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
     return fill_target(order, len(curves), removed, value)
 
 
@@ -120,8 +131,9 @@ def bisect_target(cands: np.ndarray, counts_of: Callable, cost, key: str, target
     lo, hi = 0, len(cands) - 1
     best = removed_frac(cands[hi])
     if best + 1e-12 < target:
-        raise PlanError(f"A {key} reduction of {target:.1%} cannot be met: the most this plan can remove is "
-                        f"{best:.1%} ({limit_text}).")
+        asked, reach = distinct_percents(target, best)
+        raise PlanError(f"A {key} reduction of {asked} cannot be met: the most this plan can remove is "
+                        f"{reach} ({limit_text}).")
     while lo < hi:
         mid = (lo + hi) // 2
         if removed_frac(cands[mid]) + 1e-12 >= target:
