@@ -6,7 +6,7 @@ The data path, one sub-package each: :func:`score` (``_scoring``: one pass over 
 (``_reporting``). The extension point is :mod:`fairpruner.families` (unit kinds the dependency graph cannot express).
 """
 from . import families
-from ._errors import CliError, DataError, FairPrunerError, PlanError, UnsupportedModelError
+from ._errors import CliError, DataError, FairPrunerError, PlanError, TargetError, UnsupportedModelError
 from ._measure.counting import count_macs as count_macs, count_params as count_params
 from ._measure.counting import measure_latency as measure_latency
 from ._planning import ALLOCATIONS as ALLOCATIONS, SIGNALS as SIGNALS, Plan as Plan, plan as plan, sweep as sweep
@@ -25,6 +25,6 @@ __all__ = [
     "Scores", "GroupScores", "Plan", "SIGNALS", "ALLOCATIONS",
     "count_macs", "count_params", "measure_latency",
     "evaluate", "finetune", "recalibrate", "report", "Report", "format_plan", "format_sweep", "plot_sweep",
-    "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError", "CliError",
+    "FairPrunerError", "UnsupportedModelError", "DataError", "PlanError", "TargetError", "CliError",
     "families", "moe_routers", "PrunedMultiheadAttention", "RecurrentStack",
 ]

@@ -1,6 +1,6 @@
 """Exceptions raised by fairpruner; each message says what is wrong and what to do."""
 
-__all__ = ["FairPrunerError", "UnsupportedModelError", "DataError", "PlanError", "CliError"]
+__all__ = ["FairPrunerError", "UnsupportedModelError", "DataError", "PlanError", "TargetError", "CliError"]
 
 
 class FairPrunerError(ValueError):
@@ -17,6 +17,10 @@ class DataError(FairPrunerError):
 
 class PlanError(FairPrunerError):
     """A plan or a target that cannot be made, met, or applied to this model."""
+
+
+class TargetError(PlanError):
+    """A params or MACs target beyond what one round of pruning can remove; the message names the most it can."""
 
 
 class CliError(FairPrunerError):

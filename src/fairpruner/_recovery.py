@@ -216,17 +216,30 @@ def _check_teacher(model: nn.Module, teacher: Optional[nn.Module], distill: Any,
 _NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
 
 
+def _batch_size(inputs: Any) -> int:
+    """Samples in a batch: the leading size of its first tensor (1 where there is none, weighing batches alike)."""
+    if torch.is_tensor(inputs):
+        return int(inputs.shape[0]) if inputs.dim() > 0 else 1
+    if isinstance(inputs, (tuple, list)):
+        return next((_batch_size(t) for t in inputs if torch.is_tensor(t)), 1)
+    return 1
+
+
 def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None,
                 progress: Optional[bool] = None, device: Optional[Any] = None) -> nn.Module:
     """Re-estimates the running mean and variance of every BatchNorm layer from unlabelled data, in place.
 
     Pruning changes what each BatchNorm sees, so statistics measured on the unpruned model no longer fit; a
     forward pass over about a thousand training images restores most of the accuracy one-shot pruning loses.
-    Statistics are reset and re-estimated as PyTorch's cumulative average over all batches (momentum None:
-    the running mean is the average of the per-batch means, the running variance that of the per-batch
-    unbiased variances, so keep the batches of equal size); only the BatchNorm layers run in train mode
-    (dropout and everything else stay in eval), without gradients, on the model's device. Every module's
-    train/eval flag and every BatchNorm's momentum are restored.
+    Statistics are reset and re-estimated as a cumulative average over all batches, each weighted by its
+    number of samples (the running mean is the mean of the per-batch means, the running variance that of the
+    per-batch unbiased variances, so a short last batch counts for what it holds); only the BatchNorm layers
+    run in train mode (dropout and everything else stay in eval), without gradients, on the model's device.
+    Every module's train/eval flag and every BatchNorm's momentum are restored, and so are the original
+    statistics if the forward pass fails.
+
+    Give it batches drawn from every class: a loader over a dataset sorted by class (as
+    :func:`fairpruner.data.cifar10` is) must shuffle, or the statistics describe one class only.
 
     It changes the model it is given (meant for the pruned model :func:`fairpruner.prune` just returned);
     copy it first to keep the original statistics.
@@ -247,7 +260,9 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
 
     Example:
         >>> pruned = fp.prune(model, plan)
-        >>> fp.recalibrate(pruned, DataLoader(train_images, batch_size=100), max_batches=10)
+        >>> shuffled = DataLoader(train_images, batch_size=100, shuffle=True,
+        ...                       generator=torch.Generator().manual_seed(0))
+        >>> fp.recalibrate(pruned, shuffled, max_batches=10)
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
@@ -267,19 +282,26 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
+    seen, done = 0, False
     with eval_mode(model), torch.no_grad():
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch weighs alike
             m.train()
         try:
-            for i, batch in enumerate(tqdm(itertools.chain([first], batches), total=total,
-                                           desc="fairpruner: recalibrating", disable=not show, leave=False)):
-                if max_batches is not None and i >= max_batches:
-                    break
+            for batch in tqdm(itertools.islice(itertools.chain([first], batches), max_batches), total=total,
+                              desc="fairpruner: recalibrating", disable=not show, leave=False):
                 inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                n = _batch_size(inputs)
+                for m in norms:  # running = (1 - m) * running + m * batch: a sample-weighted cumulative mean
+                    m.momentum = n / (seen + n)
+                seen += n
                 forward_logits(model, to_device(inputs, device))
+            done = True
         finally:
-            for m, mom in zip(norms, momenta):
+            for m, mom, buffers in zip(norms, momenta, saved):
                 m.momentum = mom
+                if not done:  # a failed pass leaves the statistics it was given
+                    for k, b in buffers.items():
+                        getattr(m, k).copy_(b)
     return model

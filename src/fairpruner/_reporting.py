@@ -123,14 +123,19 @@ def format_sweep(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[O
         ["alpha", "units removed", "params removed", "MACs removed"]
     if accuracy is not None:
         header.append("accuracy")
-    table = []
+    table, refused = [], []
     for i, r in enumerate(rows):
         cells = [_pct(r["target"])] if asked else []
+        if "refused" in r:  # a target beyond one round: its reason goes under the table
+            cells += ["refused", "-", "-", "-"] + (["-"] if accuracy is not None else [])
+            refused.append(f"refused: {r['refused']}")  # the message prints the target to enough digits
+            table.append(cells)
+            continue
         cells += [f"{r['alpha']:.3g}", _pct(r["units_removed"]), _pct(r["params_removed"]), _pct(r["macs_removed"])]
         if accuracy is not None:
             cells.append(_pct(accuracy[i], 2))
         table.append(cells)
-    return _table(header, table, left=0)
+    return "\n".join([_table(header, table, left=0)] + refused)
 
 
 def _sweep_accuracy(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[Optional[float]]]
@@ -275,7 +280,10 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: PathLike,
     accuracy = _sweep_accuracy(rows, accuracy)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = sorted(zip(rows, accuracy or [None] * len(rows)), key=lambda ra: ra[0]["alpha"])
+    rows = sorted(((r, a) for r, a in zip(rows, accuracy or [None] * len(rows)) if "refused" not in r),
+                  key=lambda ra: ra[0]["alpha"])  # a refused target has nothing to draw
+    if not rows:
+        raise FairPrunerError("Every target of the sweep was refused; there is nothing to plot.")
     alphas = [r["alpha"] for r, _ in rows]
     fig = _figure(7, 4.2)
     ax = fig.add_subplot()
@@ -331,8 +339,11 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
 
     Example:
         >>> pruned = fp.prune(model, plan)
-        >>> tuned = fp.finetune(fp.recalibrate(copy.deepcopy(pruned), train_loader), train_loader)
-        >>> print(fp.report(model, tuned, plan, x, test_loader, stages={"one-shot": pruned}).to_text())
+        >>> recal = fp.recalibrate(copy.deepcopy(pruned), shuffled_train_loader, max_batches=10)
+        >>> tuned = fp.finetune(copy.deepcopy(recal), train_loader)
+        >>> rep = fp.report(model, tuned, plan, x, test_loader, stages={"one-shot": pruned, "recalibrated": recal},
+        ...                 final_stage="fine-tuned")
+        >>> print(rep.to_text())
     """
     if latency_repeats < 0:
         raise FairPrunerError(f"latency_repeats must be >= 0, got {latency_repeats}.")

@@ -14,7 +14,7 @@ import torch
 
 import fairpruner as fp
 from fairpruner import zoo
-from fairpruner.cli import main
+from fairpruner.cli import commands, main
 
 COMMANDS = ("run", "demo", "score", "plan", "prune", "report", "finetune")
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -212,8 +212,9 @@ def test_plan_errors(workdir, capsys):
     capsys.readouterr()
     assert main(["plan", "--scores", "s.pt"]) == 2
     assert "give a target" in capsys.readouterr().err
-    assert main(["plan", "--scores", "s.pt", "--alpha", "2"]) == 2
-    assert "alpha must be a number in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # out of range: refused while the arguments are read
+        main(["plan", "--scores", "s.pt", "--alpha", "2"])
+    assert e.value.code == 2 and "--alpha: expected a number in [0, 1], got 2" in capsys.readouterr().err
     assert main(["plan", "--scores", "s.pt", "--alpha", "0.1", "--allocation", "uniform"]) == 2
     assert "Uniform allocation has no alpha" in capsys.readouterr().err
     (workdir / "bad.json").write_text("{not json")
@@ -249,9 +250,19 @@ def test_score_under_torchrun_matches_single_process(tmp_path):
         torch.testing.assert_close(ga.r, gb.r, rtol=1e-4, atol=1e-7)
 
 
-def test_run_whole_path_in_one_command(workdir, capsys):
+def test_run_whole_path_in_one_command(workdir, capsys, monkeypatch):
     weights = (workdir / "w.pt").read_bytes()
     before = _listing(workdir)
+    loaded = []  # the model run loads: scored, pruned from, distilled from; it must come out as it went in
+    real_load = commands.load_model
+
+    def load_and_record(*a, **k):
+        model = real_load(*a, **k)
+        loaded.append((model, {k: v.clone() for k, v in model.state_dict().items()},
+                       {n: m.training for n, m in model.named_modules()},
+                       {n: p.requires_grad for n, p in model.named_parameters()}))
+        return model
+    monkeypatch.setattr(commands, "load_model", load_and_record)
     assert main(["run", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits", "--macs", "0.3",
                  "--samples-per-class", "8", "--recalibrate", "200", "--finetune-epochs", "1", "--distill", "0.5",
                  "--latency-repeats", "1", "--no-progress", "--out", "out/run.pt"]) == 0
@@ -261,11 +272,28 @@ def test_run_whole_path_in_one_command(workdir, capsys):
         assert f"top-1 accuracy, {stage}" in out
     assert "units before" in out and "features.0" in out
     assert (workdir / "w.pt").read_bytes() == weights  # the caller's weights are untouched
+    (model, state, modes, grads), = loaded
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # weights and BatchNorm statistics
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert _listing(workdir) - before == {"out", "out/run.pt"}  # nothing else written
     pruned = fp.load(workdir / "out" / "run.pt", zoo.create("digits_cnn"))
     model = zoo.create("digits_cnn")
     x = torch.randn(2, 1, 8, 8)
     assert abs(1 - fp.count_macs(pruned, x) / fp.count_macs(model, x) - 0.3) <= 0.005
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--macs", "1.2", "in (0, 1)"), ("--params", "0", "in (0, 1)"), ("--alpha", "-0.1", "in [0, 1]"),
+    ("--finetune-epochs", "-1", "0 or more"), ("--recalibrate", "x", "whole number")])
+def test_run_refuses_out_of_range_numbers_before_any_work(workdir, capsys, monkeypatch, flag, value, says):
+    monkeypatch.setattr(commands, "open_dataset", lambda *a, **k: pytest.fail("read data before checking"))
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", "zoo:digits_cnn", "--data", "digits", flag, value, "--out", "run.pt"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and says in err
 
 
 def test_run_without_recalibration_reports_one_shot(workdir, capsys):

@@ -258,10 +258,23 @@ def test_auto_takes_the_floor_and_macs_power_whose_plan_removes_the_least_r(synt
 
 # ---------------------------------------------------------------- any target: met or refused clearly
 
+@pytest.fixture(scope="module")
+def coarse_scores():
+    """Two convolutions of 48 and 40 channels: one channel holds about 1 % of the MACs, so some targets cannot
+    be met within half a point."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 48, 3), torch.nn.BatchNorm2d(48), torch.nn.ReLU(),
+                                torch.nn.Conv2d(48, 40, 3), torch.nn.BatchNorm2d(40), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(40 * 4 * 4, 3)).eval()
+    return fp.score(model, tiny_loader((1, 8, 8), classes=3), projections=8)
+
+
+@pytest.mark.parametrize("model", ["resnet", "coarse"])
 @pytest.mark.parametrize("key", ["params", "macs"])
-def test_any_target_is_met_or_refused_clearly(resnet_scores, key):
+def test_any_target_is_met_or_refused_clearly(resnet_scores, coarse_scores, key, model):
     from hypothesis import given, settings, strategies as st
-    most = fp.plan(resnet_scores, alpha=1.0).achieved[key]  # the deepest plan one round allows
+    scores = resnet_scores if model == "resnet" else coarse_scores
+    most = fp.plan(scores, alpha=1.0).achieved[key]  # the deepest plan one round allows
 
     @settings(max_examples=60, deadline=None, derandomize=True)
     @given(st.floats(min_value=1e-4, max_value=0.9999))
@@ -269,16 +282,17 @@ def test_any_target_is_met_or_refused_clearly(resnet_scores, key):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                p = fp.plan(resnet_scores, **{key: t})
+                p = fp.plan(scores, **{key: t})
         except fp.PlanError as e:
             assert t > most  # only targets beyond one round are refused ...
             reachable = float(re.search(r"can remove is ([0-9.]+)%", str(e)).group(1)) / 100
             assert reachable < t and abs(reachable - most) < 1e-3  # ... naming the largest reachable
             return
         miss = abs(p.achieved[key] - t)
-        assert miss <= 0.005 or (p.achieved[key] >= t and any("asked" in str(w.message) for w in caught))
+        warned = any("asked" in str(w.message) for w in caught)
+        assert miss <= 0.005 or (p.achieved[key] >= t and warned)  # within half a point, or over and said
         assert p.requested == {key: t}
-        assert (miss > 0.01) == any("asked" in str(w.message) for w in caught)
+        assert (miss > 0.005) == warned
 
     check()
 

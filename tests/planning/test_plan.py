@@ -280,6 +280,23 @@ def test_sweep_default_and_bad_alpha(resnet_scores):
         fp.sweep(resnet_scores, [0.1, 1.5])
 
 
+def test_sweep_of_targets_marks_a_refused_one_and_plans_the_rest(resnet_scores, tmp_path):
+    rows = fp.sweep(resnet_scores, macs=[0.3, 0.9999, 0.5])
+    assert [r["target"] for r in rows] == [0.3, 0.9999, 0.5]
+    assert "refused" not in rows[0] and "refused" not in rows[2]
+    assert abs(rows[2]["macs_removed"] - 0.5) <= 0.005
+    assert "cannot be met" in rows[1]["refused"] and "macs_removed" not in rows[1]
+    with pytest.raises(fp.TargetError, match="cannot be met"):
+        fp.plan(resnet_scores, macs=0.9999)  # a PlanError too, for code that catches that
+    text = fp.format_sweep(rows)
+    assert "refused" in text and "refused: A macs reduction of 99.99% cannot be met" in text
+    assert fp.plot_sweep(rows, tmp_path / "s.png").is_file()
+    with pytest.raises(fp.FairPrunerError, match="refused"):
+        fp.plot_sweep(rows[1:2], tmp_path / "t.png")
+    with pytest.raises(fp.PlanError, match=r"\[0, 1\]"):
+        fp.sweep(resnet_scores, macs=[0.3, 1.5])  # bad input is an error, not a row
+
+
 # ---------------------------------------------------------------- scores file round trip feeds the planner
 
 def test_plan_from_saved_scores_is_identical(resnet_scores, tmp_path):

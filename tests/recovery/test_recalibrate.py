@@ -44,6 +44,32 @@ def test_statistics_equal_the_hand_computed_cumulative_average():
     assert int(net[1].num_batches_tracked) == 3
 
 
+def test_batches_weigh_by_their_samples():
+    # 100 + 2 images: the short batch counts for 2 of 102 samples, not for half of the estimate.
+    net = _net()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(100, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g) * 3 + 5]
+    fp.recalibrate(net, xs)
+    with torch.no_grad():
+        conv = [net[0](x) for x in xs]
+    w = torch.tensor([100.0, 2.0]) / 102
+    mean = (torch.stack([c.mean((0, 2, 3)) for c in conv]) * w[:, None]).sum(0)
+    var = (torch.stack([c.var((0, 2, 3), unbiased=True) for c in conv]) * w[:, None]).sum(0)
+    torch.testing.assert_close(net[1].running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[1].running_var, var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[1].running_mean, torch.cat(conv).mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_pass_keeps_the_statistics_it_was_given():
+    net = _net()
+    state = copy.deepcopy(net.state_dict())
+    with pytest.raises(RuntimeError):
+        fp.recalibrate(net, [_batches(1)[0], torch.zeros(5, 7, 8, 8)])  # the second batch has 7 channels
+    for k, v in state.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    assert net[1].momentum == 0.1 and not net.training
+
+
 def test_modes_momentum_and_other_weights_restored_dropout_stays_off(monkeypatch):
     net = _net()
     net.train()
@@ -67,6 +93,14 @@ def test_max_batches_and_dataloader():
     fp.recalibrate(a, DataLoader(TensorDataset(torch.cat(xs)), batch_size=5), max_batches=2)
     fp.recalibrate(b, xs[:2])
     torch.testing.assert_close(a[1].running_mean, b[1].running_mean)
+    read = []
+
+    def counted():
+        for x in xs:
+            read.append(x)
+            yield x
+    fp.recalibrate(b, counted(), max_batches=2)
+    assert len(read) == 2  # no batch is drawn past the last one used
     with pytest.raises(fp.FairPrunerError, match="max_batches"):
         fp.recalibrate(a, xs, max_batches=0)
 

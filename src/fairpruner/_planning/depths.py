@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._errors import PlanError
+from .._errors import PlanError, TargetError
 from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, macs_factor, step_order, tie_keys
 from .tod import cap_floor, max_fraction, tod_curve
@@ -22,11 +22,13 @@ def removed_fraction(cost, counts: np.ndarray, key: str, before: Dict[str, float
 
 
 def distinct_percents(a: float, b: float) -> Tuple[str, str]:
-    """``a`` and ``b`` as percentages with the fewest decimals (1 to 6) that tell them apart, so that a refused
-    target near 100 % does not read "100.0% cannot be met: the most is 100.0%"."""
+    """``a`` and ``b`` as percentages with the fewest decimals (1 to 6) that tell them apart and round neither
+    to 0 % or 100 % unless it is, so that a refused target near 100 % reads neither "100.0% cannot be met: the
+    most is 100.0%" nor "a reduction of 100.0%" for 99.99 %."""
     for digits in range(1, 7):
         fa, fb = f"{a:.{digits}%}", f"{b:.{digits}%}"
-        if fa != fb:
+        ends = any(float(f[:-1]) in (0.0, 100.0) and x not in (0.0, 1.0) for f, x in ((fa, a), (fb, b)))
+        if fa != fb and not ends:
             break
     return fa, fb
 
@@ -84,7 +86,7 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
     most = removed(np.bincount(order, minlength=len(curves)))
     if most + 1e-12 < value:
         asked, reach = distinct_percents(value, most)
-        raise PlanError(f"A {key} reduction of {asked} cannot be met: the most one round can remove is "
+        raise TargetError(f"A {key} reduction of {asked} cannot be met: the most one round can remove is "
                         f"{reach} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
     return fill_target(order, len(curves), removed, value)
 
@@ -132,7 +134,7 @@ def bisect_target(cands: np.ndarray, counts_of: Callable, cost, key: str, target
     best = removed_frac(cands[hi])
     if best + 1e-12 < target:
         asked, reach = distinct_percents(target, best)
-        raise PlanError(f"A {key} reduction of {asked} cannot be met: the most this plan can remove is "
+        raise TargetError(f"A {key} reduction of {asked} cannot be met: the most this plan can remove is "
                         f"{reach} ({limit_text}).")
     while lo < hi:
         mid = (lo + hi) // 2

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._errors import PlanError
+from .._errors import PlanError, TargetError
 from .._scoring.scores import GroupScores, Scores
 from .depths import bisect_target, curves_of, group_weights, least_r_target, level_of, uniform_counts
 from .tod import rank_ascending, tod_counts
@@ -23,7 +23,7 @@ SIGNALS = ("u", "l1", "taylor", "random")
 # validation split of CIFAR-10 training images, ResNet-20 and ResNet-56, 3 calibration seeds: see the README's
 # accuracy section).
 STREAM_WEIGHT = 8.0
-MISS_WARNING = 0.01  # a plan more than this far from its target says so
+MISS_WARNING = 0.005  # a plan further than this from its target (the half point promised) says so
 ALLOCATIONS = ("tod", "uniform")
 # How a params/MACs target orders ToD's steps of equal price: "r" (the running maximum of relative R per unit
 # of cost, chosen on the validation split), "u" (relative U per unit of cost: the previous rule) or "share"
@@ -201,8 +201,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
 
     Raises:
-        PlanError: for bad arguments, or a target beyond what one round can remove (the message names the
-            largest reachable one).
+        PlanError: for bad arguments.
+        TargetError: (a PlanError) for a target beyond what one round can remove; the message names the
+            largest reachable one.
 
     Example:
         >>> scores = fp.score(model, calib)
@@ -321,7 +322,8 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         scores: from :func:`fairpruner.score`.
         alphas: ToD levels (used when neither ``params`` nor ``macs`` is given).
         params: fractions of parameters to remove; each row then holds the ``target`` asked beside what the
-            plan removes.
+            plan removes, or, for a target beyond one round, ``"refused"`` with the reason (the other targets
+            are still planned).
         macs: the same for MACs.
         stream_weight: as in :func:`plan`.
         ties: as in :func:`plan` (targets only).
@@ -336,9 +338,9 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         raise PlanError("Give params= or macs= targets to sweep, not both.")
     if params is not None or macs is not None:
         key, values = ("params", params) if params is not None else ("macs", macs)
-        return [_target_row(scores, plan(scores, stream_weight=stream_weight, ties=ties, stream_floor=stream_floor,
-                                         floor=floor, macs_power=macs_power, **{key: _fraction(key, v)}), key)
-                for v in values]
+        options = {"stream_weight": stream_weight, "ties": ties, "stream_floor": stream_floor, "floor": floor,
+                   "macs_power": macs_power}
+        return [_target_row(scores, options, key, _fraction(key, v)) for v in values]
     _check_depth_options(stream_weight, stream_floor, floor, macs_power)
     floor_used, power = _alpha_rules(floor, macs_power)
     curves = curves_of(scores, stream_floor, floor_used)
@@ -356,7 +358,11 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
     return rows
 
 
-def _target_row(scores: Scores, p: Plan, key: str) -> Dict[str, Any]:
+def _target_row(scores: Scores, options: Dict[str, Any], key: str, value: float) -> Dict[str, Any]:
+    try:
+        p = plan(scores, **options, **{key: value})
+    except TargetError as exc:  # one target out of reach does not hide the others
+        return {"target_key": key, "target": value, "refused": str(exc)}
     total = sum(g.n_units for g in scores.groups)
     return {"target_key": key, "target": p.requested[key], "alpha": p.alpha,
             "units_removed": p.units_removed / max(total, 1), "params_removed": p.achieved["params"],

@@ -1,4 +1,4 @@
-"""The ``fairpruner`` command line: demo, score, plan, prune, report, finetune.
+"""The ``fairpruner`` command line: run (the whole path), demo, score, plan, prune, report, finetune.
 
 Run ``fairpruner --help`` (or ``python -m fairpruner.cli --help``) for the commands and an example of each.
 """

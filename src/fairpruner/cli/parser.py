@@ -38,7 +38,8 @@ EXAMPLES = {
         """,
     "demo": """
         Trains a small CNN on scikit-learn digits (seconds), scores it, prints an alpha sweep with the
-        one-shot accuracy at each alpha, prunes to -50% MACs, fine-tunes and prints the report.
+        one-shot accuracy at each alpha, prunes to -50% MACs, re-estimates the BatchNorm statistics,
+        fine-tunes and prints the report with the accuracy after each step.
 
         example:
           fairpruner demo                      # print only
@@ -52,7 +53,7 @@ EXAMPLES = {
           fairpruner score --model zoo:resnet20 --weights resnet20.pt --data cifar10.tar.gz \\
               --samples-per-class 32 --out scores.pt
           fairpruner score --model mypackage.models:build_net --num-classes 100 --data images/ --out scores.pt
-          torchrun --nproc_per_node=2 -m fairpruner.cli score --model zoo:resnet20 --data cifar10.tar.gz \
+          torchrun --nproc_per_node=2 -m fairpruner.cli score --model zoo:resnet20 --data cifar10.tar.gz \\
               --out scores.pt        # each process scores a shard; identical scores, rank 0 writes
         """,
     "plan": """
@@ -137,11 +138,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _number(text: str, low: float, high: float, closed: bool) -> float:
+    """A float in [low, high] (closed) or (low, high), checked when the arguments are read, before any work."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    inside = low <= x <= high if closed else low < x < high
+    if not inside:
+        span = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+        raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
+    return x
+
+
+def _level(text: str) -> float:
+    return _number(text, 0, 1, closed=True)
+
+
+def _fraction(text: str) -> float:
+    return _number(text, 0, 1, closed=False)
+
+
+def _count(text: str) -> int:
+    """A non-negative integer."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {n}")
+    return n
+
+
 def _target_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--alpha", type=float, metavar="A", help="ToD level in [0, 1]")
-    target.add_argument("--params", type=float, metavar="F", help="fraction of parameters to remove")
-    target.add_argument("--macs", type=float, metavar="F", help="fraction of MACs to remove")
+    target.add_argument("--alpha", type=_level, metavar="A", help="ToD level in [0, 1]")
+    target.add_argument("--params", type=_fraction, metavar="F", help="fraction of parameters to remove, in (0, 1)")
+    target.add_argument("--macs", type=_fraction, metavar="F", help="fraction of MACs to remove, in (0, 1)")
     return target
 
 
@@ -205,9 +238,10 @@ def _add_run(subs) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="bound on the U sample store, e.g. 8GB (default: a quarter of the free memory); a smaller "
                         "budget scores in more passes over the data, with the same scores")
-    p.add_argument("--recalibrate", type=int, default=1000, metavar="N",
+    p.add_argument("--recalibrate", type=_count, default=1000, metavar="N",
                    help="training images that re-estimate BatchNorm statistics (default 1000; 0: skip)")
-    p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default 0)")
+    p.add_argument("--finetune-epochs", type=_count, default=0, metavar="N",
+                   help="fine-tuning epochs over the augmented training split, batches of 128 (default 0)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--distill", type=float, default=0.0, metavar="W", help=DISTILL_HELP)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
