@@ -258,7 +258,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     choices=list(dict.fromkeys(m for part in PART_METHODS.values() for m in part)),
                     help="which rows to run; rows measured before for other methods are kept. --part test: "
                          "every method, the default with the uniform baselines and Torch-Pruning (core), "
-                         "those baselines alone (baselines), the default, the two previous defaults or "
+                         "those baselines alone (baselines), L1, Taylor and random scores within ToD's depths "
+                         "(signals), the default, the two previous defaults or "
                          "Torch-Pruning alone (default, previous, tp); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the cost "
                          "study (cost), the tie/floor study (ties), the default or the previous default alone; "
@@ -306,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         variants = {k: VARIANTS[k] for k in names}
         part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
     elif args.part == "test":
-        log(f"{args.model}: all methods on test, seeds {args.seeds}")
+        log(f"{args.model}: {len(names)} methods ({args.methods}) on test, seeds {args.seeds}")
         part = ("test", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
                                  one_shot=not args.skip_one_shot))
     elif args.part == "ablation":

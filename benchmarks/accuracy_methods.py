@@ -50,6 +50,7 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
     "U + uniform": ({}, {"allocation": "uniform"}),
     "L1 + ToD": ({}, {"signal": "l1", **P0}),
     "L1 + uniform": ({}, {"signal": "l1", "allocation": "uniform"}),
+    "Taylor + ToD": ({}, {"signal": "taylor", **P0}),
     "Taylor + uniform": ({}, {"signal": "taylor", "allocation": "uniform"}),
     "random + ToD": ({}, {"signal": "random", **P0}),
     "random + uniform": ({}, {"signal": "random", "allocation": "uniform"}),
@@ -59,6 +60,9 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
+# L1, Taylor and random scores picking the units within ToD's depths (the depth rules of the L1 row, measured
+# before the MACs-weighting study, pinned for all three so that only the score differs).
+SIGNAL_TOD = ["L1 + ToD", "Taylor + ToD", "random + ToD"]
 # The paper's ablations on VGG-16 (fractions of parameters removed): ToD against uniform depths, with U and with
 # random scores.
 ABLATION = [DEFAULT, "U + uniform", "random + ToD", "random + uniform"]
@@ -125,7 +129,8 @@ PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
                "ties": TIE_STUDY, "default": [SELECTED], "previous": [AUTO_POWER]},
     "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
-             "previous": [PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"]},
+             "previous": [PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"],
+             "signals": SIGNAL_TOD},
     "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
     "finetune": {"all": [DEFAULT, ONE_LEVEL, TP_L1], "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL],
