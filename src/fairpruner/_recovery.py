@@ -216,13 +216,17 @@ def _check_teacher(model: nn.Module, teacher: Optional[nn.Module], distill: Any,
 _NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
 
 
-def _batch_size(inputs: Any) -> int:
-    """Samples in a batch: the leading size of its first tensor (1 where there is none, weighing batches alike)."""
-    if torch.is_tensor(inputs):
-        return int(inputs.shape[0]) if inputs.dim() > 0 else 1
-    if isinstance(inputs, (tuple, list)):
-        return next((_batch_size(t) for t in inputs if torch.is_tensor(t)), 1)
-    return 1
+def _weigh_by_samples(norm: nn.Module, seen: list):
+    """A pre-hook that sets ``norm``'s momentum so its running statistics are the average over every value it
+    has seen, each call weighted by the values per channel it normalises (batch x positions), not per batch:
+    a short last batch, a sequence-first input or a norm called twice per forward counts for what it holds."""
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        k = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
+        if k:  # an empty batch is left to BatchNorm's own error
+            seen[0] += k
+            module.momentum = k / seen[0]  # running = (1 - m) * running + m * this call's statistics
+    return norm.register_forward_pre_hook(hook)
 
 
 def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None,
@@ -231,9 +235,10 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
 
     Pruning changes what each BatchNorm sees, so statistics measured on the unpruned model no longer fit; a
     forward pass over about a thousand training images restores most of the accuracy one-shot pruning loses.
-    Statistics are reset and re-estimated as a cumulative average over all batches, each weighted by its
-    number of samples (the running mean is the mean of the per-batch means, the running variance that of the
-    per-batch unbiased variances, so a short last batch counts for what it holds); only the BatchNorm layers
+    Statistics are reset and re-estimated as a cumulative average over all batches, each weighted by the
+    values it gives each channel (samples x positions): the running mean is the mean over everything seen,
+    the running variance the so-weighted average of the per-batch unbiased variances; a short last batch, or
+    a BatchNorm called twice per forward pass, counts for what it holds. Only the BatchNorm layers
     run in train mode (dropout and everything else stay in eval), without gradients, on the model's device.
     Every module's train/eval flag and every BatchNorm's momentum are restored, and so are the original
     statistics if the forward pass fails.
@@ -268,6 +273,9 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
                                     or max_batches < 1):
         raise FairPrunerError(f"max_batches must be a positive integer or None, got {max_batches!r}.")
     norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    if any(nn.parameter.is_lazy(b) for m in norms for b in m.buffers(recurse=False)):
+        raise FairPrunerError("A lazy BatchNorm has not been initialised yet; run one forward pass through the "
+                              "model first, so that its statistics exist to be re-estimated.")
     if not norms:
         warnings.warn("The model has no BatchNorm layer with running statistics; recalibrate() left it unchanged.",
                       stacklevel=2)
@@ -283,8 +291,9 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
-    seen, done = 0, False
+    done = False
     with eval_mode(model), torch.no_grad():
+        hooks = [_weigh_by_samples(m, [0]) for m in norms]
         for m in norms:
             m.reset_running_stats()
             m.train()
@@ -292,13 +301,11 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
             for batch in tqdm(itertools.islice(itertools.chain([first], batches), max_batches), total=total,
                               desc="fairpruner: recalibrating", disable=not show, leave=False):
                 inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                n = _batch_size(inputs)
-                for m in norms:  # running = (1 - m) * running + m * batch: a sample-weighted cumulative mean
-                    m.momentum = n / (seen + n)
-                seen += n
                 forward_logits(model, to_device(inputs, device))
             done = True
         finally:
+            for h in hooks:
+                h.remove()
             for m, mom, buffers in zip(norms, momenta, saved):
                 m.momentum = mom
                 if not done:  # a failed pass leaves the statistics it was given

@@ -140,8 +140,9 @@ def format_sweep(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[O
 
 def _sweep_accuracy(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[Optional[float]]]
                     ) -> Optional[List[Optional[float]]]:
-    if accuracy is None and rows and all("accuracy" in r for r in rows):
-        accuracy = [r["accuracy"] for r in rows]
+    planned = [r for r in rows if "refused" not in r]  # a refused target has no accuracy to give
+    if accuracy is None and planned and all("accuracy" in r for r in planned):
+        accuracy = [r.get("accuracy") for r in rows]
     if accuracy is None:
         return None
     accuracy = list(accuracy)

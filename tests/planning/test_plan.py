@@ -291,6 +291,8 @@ def test_sweep_of_targets_marks_a_refused_one_and_plans_the_rest(resnet_scores, 
     text = fp.format_sweep(rows)
     assert "refused" in text and "refused: A macs reduction of 99.99% cannot be met" in text
     assert fp.plot_sweep(rows, tmp_path / "s.png").is_file()
+    measured = [r if "refused" in r else {**r, "accuracy": 0.5} for r in rows]  # accuracy of the planned rows
+    assert fp.format_sweep(measured).count("50.00%") == 2
     with pytest.raises(fp.FairPrunerError, match="refused"):
         fp.plot_sweep(rows[1:2], tmp_path / "t.png")
     with pytest.raises(fp.PlanError, match=r"\[0, 1\]"):

@@ -60,6 +60,33 @@ def test_batches_weigh_by_their_samples():
     torch.testing.assert_close(net[1].running_mean, torch.cat(conv).mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
+class _Twice(nn.Module):
+    """One BatchNorm applied to two inputs of different lengths per forward pass (a shared norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(x[:, :, :2]).sum() + self.bn(x[:, :, 2:] * 4 + 1).sum()
+
+
+def test_a_norm_called_twice_averages_everything_it_saw():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(6, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)]
+    net = _Twice().eval()
+    fp.recalibrate(net, xs)
+    seen = torch.cat([torch.cat([x[:, :, :2], x[:, :, 2:] * 4 + 1], 2) for x in xs])  # every value, pooled
+    torch.testing.assert_close(net.bn.running_mean, seen.mean((0, 2)), rtol=1e-5, atol=1e-6)
+    assert int(net.bn.num_batches_tracked) == 4
+
+
+def test_an_uninitialised_lazy_norm_is_refused_clearly():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(fp.FairPrunerError, match="forward pass through the model first"):
+        fp.recalibrate(net, _batches(1))
+
+
 def test_a_failed_pass_keeps_the_statistics_it_was_given():
     net = _net()
     state = copy.deepcopy(net.state_dict())

@@ -29,8 +29,8 @@ def distinct_percents(a: float, b: float) -> Tuple[str, str]:
         fa, fb = f"{a:.{digits}%}", f"{b:.{digits}%}"
         ends = any(float(f[:-1]) in (0.0, 100.0) and x not in (0.0, 1.0) for f, x in ((fa, a), (fb, b)))
         if fa != fb and not ends:
-            break
-    return fa, fb
+            return fa, fb
+    return f"{100 * a:.12g}%", f"{100 * b:.12g}%"  # closer than six decimals tell apart
 
 
 def uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
