@@ -102,6 +102,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif args.sweep:
         say(f"{args.sweep} targets (asked, and what each plan removes):")
         targets = {args.sweep: parse_alphas(args.targets, "--targets")}
+        if not all(0 < t < 1 for t in targets[args.sweep]):  # as --macs/--params are read
+            raise CliError(f"--targets must be fractions in (0, 1), got {args.targets!r}")
         say(format_sweep(fp.sweep(scores, ties=args.ties, **_depth_options(args), **targets)))
     if target:
         if args.sweep:
