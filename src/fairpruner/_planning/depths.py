@@ -87,7 +87,7 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
     if most + 1e-12 < value:
         asked, reach = distinct_percents(value, most)
         raise TargetError(f"A {key} reduction of {asked} cannot be met: the most one round can remove is "
-                        f"{reach} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
+                          f"{reach} (alpha=1). Prune, fine-tune, re-score and plan again to go further.")
     return fill_target(order, len(curves), removed, value)
 
 
@@ -135,7 +135,7 @@ def bisect_target(cands: np.ndarray, counts_of: Callable, cost, key: str, target
     if best + 1e-12 < target:
         asked, reach = distinct_percents(target, best)
         raise TargetError(f"A {key} reduction of {asked} cannot be met: the most this plan can remove is "
-                        f"{reach} ({limit_text}).")
+                          f"{reach} ({limit_text}).")
     while lo < hi:
         mid = (lo + hi) // 2
         if removed_frac(cands[mid]) + 1e-12 >= target:
