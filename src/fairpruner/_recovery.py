@@ -216,16 +216,19 @@ def _check_teacher(model: nn.Module, teacher: Optional[nn.Module], distill: Any,
 _NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
 
 
-def _weigh_by_samples(norm: nn.Module, seen: list):
+def _weigh_by_samples(norm: nn.Module):
     """A pre-hook that sets ``norm``'s momentum so its running statistics are the average over every value it
     has seen, each call weighted by the values per channel it normalises (batch x positions), not per batch:
     a short last batch, a sequence-first input or a norm called twice per forward counts for what it holds."""
+    seen = 0
+
     def hook(module: nn.Module, args: tuple) -> None:
+        nonlocal seen
         x = args[0]
         k = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
         if k:  # an empty batch is left to BatchNorm's own error
-            seen[0] += k
-            module.momentum = k / seen[0]  # running = (1 - m) * running + m * this call's statistics
+            seen += k
+            module.momentum = k / seen  # running = (1 - m) * running + m * this call's statistics
     return norm.register_forward_pre_hook(hook)
 
 
@@ -293,7 +296,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
     done = False
     with eval_mode(model), torch.no_grad():
-        hooks = [_weigh_by_samples(m, [0]) for m in norms]
+        hooks = [_weigh_by_samples(m) for m in norms]
         for m in norms:
             m.reset_running_stats()
             m.train()

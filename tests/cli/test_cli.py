@@ -322,8 +322,12 @@ def test_plan_warns_when_the_target_is_missed_and_sweeps_targets(workdir, capsys
     assert main(["plan", "--scores", "s.pt", "--sweep", "macs", "--targets", "0.2,0.4"]) == 0
     out = capsys.readouterr().out
     assert "asked (MACs)" in out and "20.0%" in out and "40.0%" in out
-    assert main(["plan", "--scores", "s.pt", "--sweep", "macs", "--targets", "0.2,1"]) == 2
-    assert "--targets must be fractions in (0, 1)" in capsys.readouterr().err
+    for argv, message in ((["--sweep", "macs", "--targets", "0.2,1"], "--targets: expected a number in (0, 1), got 1"),
+                          (["--sweep", "--alphas", "0.1,1.5"], "--alphas: expected a number in [0, 1], got 1.5"),
+                          (["--sweep", "macs", "--targets", ","], "--targets: expected comma-separated numbers")):
+        with pytest.raises(SystemExit) as e:  # refused while the arguments are read
+            main(["plan", "--scores", "s.pt", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_hugging_face_directory_spec(workdir, capsys):

@@ -22,7 +22,7 @@ from .._recovery import evaluate, finetune
 from .._reporting import format_plan, format_sweep, report
 from .demo import run_demo
 from .loading import (build_model, check_runs, count_classes, example_batch, load_model, load_pruned, open_dataset,
-                      out_path, parse_alphas, say, torch_load)
+                      out_path, say, torch_load)
 
 __all__ = ["COMMANDS"]
 
@@ -98,13 +98,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise CliError("give a target (--alpha, --params or --macs) or --sweep")
     if args.sweep == "alpha":
         say("alpha sweep (predicted fractions removed):")
-        say(format_sweep(fp.sweep(scores, parse_alphas(args.alphas), **_depth_options(args))))
+        say(format_sweep(fp.sweep(scores, args.alphas, **_depth_options(args))))
     elif args.sweep:
         say(f"{args.sweep} targets (asked, and what each plan removes):")
-        targets = {args.sweep: parse_alphas(args.targets, "--targets")}
-        if not all(0 < t < 1 for t in targets[args.sweep]):  # as --macs/--params are read
-            raise CliError(f"--targets must be fractions in (0, 1), got {args.targets!r}")
-        say(format_sweep(fp.sweep(scores, ties=args.ties, **_depth_options(args), **targets)))
+        say(format_sweep(fp.sweep(scores, ties=args.ties, **_depth_options(args), **{args.sweep: args.targets})))
     if target:
         if args.sweep:
             say()

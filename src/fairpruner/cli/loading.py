@@ -6,7 +6,7 @@ import importlib
 import inspect
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .._core.state import eval_mode
 from .._errors import CliError
 
 __all__ = ["build_model", "torch_load", "load_model", "load_pruned", "check_runs", "open_dataset", "count_classes",
-           "out_path", "example_batch", "parse_alphas", "say"]
+           "out_path", "example_batch", "say"]
 
 
 def build_model(spec: str, num_classes: Optional[int]) -> nn.Module:
@@ -157,13 +157,6 @@ def example_batch(plan, batch_size: int) -> tuple:
     if not plan.example_inputs:
         raise CliError("the plan records no input shape; give --data so a real batch can be used")
     return synthetic_inputs(plan.example_inputs, batch=batch_size)
-
-
-def parse_alphas(text: str, flag: str = "--alphas") -> List[float]:
-    try:
-        return [float(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise CliError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def say(text: str = "") -> None:

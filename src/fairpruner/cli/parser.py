@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from typing import Callable, List
 
 from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
@@ -159,6 +160,23 @@ def _fraction(text: str) -> float:
     return _number(text, 0, 1, closed=False)
 
 
+def _levels(text: str) -> List[float]:
+    """Comma-separated alphas, each in [0, 1]."""
+    return _numbers(text, _level)
+
+
+def _fractions(text: str) -> List[float]:
+    """Comma-separated targets, each in (0, 1)."""
+    return _numbers(text, _fraction)
+
+
+def _numbers(text: str, one: Callable[[str], float]) -> List[float]:
+    values = [one(a) for a in text.split(",") if a.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
 def _count(text: str) -> int:
     """A non-negative integer."""
     try:
@@ -302,10 +320,10 @@ def _add_plan(subs) -> None:
     p.add_argument("--sweep", nargs="?", const="alpha", choices=("alpha", "macs", "params"),
                    help="print what each alpha of --alphas (or each target of --targets, asked beside achieved, "
                         "with '--sweep macs' or '--sweep params') would remove")
-    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
-                   help="comma-separated alphas for --sweep")
-    p.add_argument("--targets", default="0.1,0.2,0.35,0.5,0.65",
-                   help="comma-separated fractions for '--sweep macs|params' (default 0.1,0.2,0.35,0.5,0.65)")
+    p.add_argument("--alphas", type=_levels, default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
+                   help="comma-separated alphas in [0, 1] for --sweep")
+    p.add_argument("--targets", type=_fractions, default="0.1,0.2,0.35,0.5,0.65",
+                   help="comma-separated fractions in (0, 1) for '--sweep macs|params' (default 0.1,0.2,0.35,0.5,0.65)")
     p.add_argument("--out", metavar="FILE", help="plan JSON to write")
 
 
