@@ -148,7 +148,7 @@ class Bench:
         return self.fair(seed, level, score_kw, plan_kw, unit)
 
     def measure(self, pruned: nn.Module, seed: int, loader: DataLoader, one_shot: bool = True) -> dict:
-        rec = {"macs_removed": self.removed(pruned), "params_removed": self.removed(pruned, "params")}
+        rec = {"seed": seed, "macs_removed": self.removed(pruned), "params_removed": self.removed(pruned, "params")}
         if one_shot:
             rec["one_shot"] = fp.evaluate(pruned, loader)
         fp.recalibrate(pruned, self.split(seed)[1])
@@ -246,6 +246,20 @@ def _in_study_order(rows: Dict[str, Any], study: Dict[str, Any]) -> Dict[str, An
                        else order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def _appended(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int]) -> Dict[str, Any]:
+    """``new``'s cells appended to ``old``'s, whose records are seeds 0, 1, ... in order (checked)."""
+    out: Dict[str, Any] = {}
+    for label, rows in new.items():
+        out[label] = {}
+        for level, recs in rows.items():
+            before = old.get(label, {}).get(level, [])
+            if seeds != list(range(len(before), len(before) + len(seeds))):
+                raise SystemExit(f"--add-seeds: {label!r} at {level} holds seeds 0..{len(before) - 1}; "
+                                 f"--seeds {','.join(map(str, seeds))} does not continue them")
+            out[label][level] = before + recs
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True,
@@ -281,6 +295,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="where the checkpoint is scored, pruned, evaluated and fine-tuned (e.g. cuda); fine-tuned "
                          "rows of another device are not mixed in")
     ap.add_argument("--workers", type=int, default=0, help="--part finetune: data-loading processes")
+    ap.add_argument("--add-seeds", action="store_true",
+                    help="--part select|test|ablation: append these seeds' results to the cells measured before "
+                         "instead of replacing them; --seeds must continue each cell's seeds (3,4 after 0,1,2)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if not 0 <= args.distill <= 1:
@@ -326,6 +343,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     old = results.get(part[0], {})
     recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
     if part[0] in ("select", "test", "ablation"):
+        if args.add_seeds:
+            part = (part[0], _appended(old, part[1], args.seeds))
         # Rows of methods and levels not run this time stay.
         new = {k: {**old[k], **v} if isinstance(old.get(k), dict) and isinstance(v, dict) else v
                for k, v in part[1].items()}
@@ -335,7 +354,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         results[part[0]] = _in_study_order({**old, **part[1]}, METHODS)
     else:
         results[part[0]] = part[1]
-    results["seeds"], results["checkpoint"] = args.seeds, b.checkpoint
+    results["seeds"] = sorted({*results.get("seeds", []), *args.seeds}) if args.add_seeds else args.seeds
+    results["checkpoint"] = b.checkpoint
     results["checkpoint_accuracy"] = report.checkpoint_accuracy(args.model)  # its heading once it is replaced
     if part[0] == "test":
         report.plot(results["test"], RESULTS / f"accuracy_{args.model}.png",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -22,15 +23,18 @@ def _stat(recs: List[dict], key: str) -> str:
 def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
     """One row per method, one column per level; † marks a measured removal more than 1 pt off the level."""
     levels = list(next(iter(grid.values())))
-    seeds = {len(recs) for rows in grid.values() for recs in rows.values()}
-    lines = [f"Calibration seeds per cell: {', '.join(map(str, sorted(seeds)))}.", "",
+    counts = Counter(len(recs) for rows in grid.values() for recs in rows.values())
+    usual = counts.most_common(1)[0][0]
+    more = ", except where a cell gives its own count" if len(counts) > 1 else ""
+    lines = [f"Calibration seeds per cell: {usual}{more}.", "",
              "| method | " + " | ".join(f"{float(L):.1%}".replace(".0%", "%") for L in levels) + " |",
              "|---|" + "---|" * len(levels)]
     for label, rows in grid.items():
         cells = []
         for L in levels:
             off = np.mean([r[removed] for r in rows[L]]) - float(L)
-            cells.append(_stat(rows[L], key) + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else ""))
+            cells.append(_stat(rows[L], key) + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else "")
+                         + (f" ({len(rows[L])} seeds)" if len(rows[L]) != usual else ""))
         name = f"**{label}**" if label in bold else label
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

@@ -103,3 +103,14 @@ def test_a_replaced_checkpoints_rows_are_marked_on_the_board_and_in_its_heading(
     assert "(m, checkpoint 90.00 % after 80 epochs, an earlier one)" in page and "91.00" not in page
     del results["checkpoint_accuracy"]  # a file written before the accuracy was recorded
     assert "(m, checkpoint an earlier one)" in accuracy_report.write_markdown(results, "m", [], "")
+
+
+def test_a_cell_with_more_seeds_than_its_table_says_so():
+    rec, half = {"recalibrated": 0.8, "macs_removed": 0.2}, {"recalibrated": 0.8, "macs_removed": 0.5}
+    grid = {"a": {"0.2": [rec] * 5, "0.5": [half] * 3}, "b": {"0.2": [rec] * 3, "0.5": [half] * 3}}
+    lines = accuracy_report.table(grid, "recalibrated", [])
+    assert lines[0] == "Calibration seeds per cell: 3, except where a cell gives its own count."
+    assert lines[4] == "| a | 80.00 ± 0.00 (5 seeds) | 80.00 ± 0.00 |"
+    assert lines[5] == "| b | 80.00 ± 0.00 | 80.00 ± 0.00 |"
+    del grid["a"]
+    assert accuracy_report.table(grid, "recalibrated", [])[0] == "Calibration seeds per cell: 3."
