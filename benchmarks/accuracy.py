@@ -13,6 +13,8 @@ seeds. The data never overlap:
     python benchmarks/accuracy.py --part test                  # all methods on test (~30 min)
     python benchmarks/accuracy.py --part test --model resnet56 --methods core   # default, uniform, Torch-Pruning
     python benchmarks/accuracy.py --part ablation --model vgg16_bn   # the paper's ToD/uniform ablations (params)
+    python benchmarks/accuracy.py --part test --model vgg16_bn --methods core --levels 0.2 --seeds 3,4 --add-seeds
+                                                               # two more seeds for cells measured with 0,1,2
     python benchmarks/accuracy.py --part targets --model resnet56    # plan(macs=t)/plan(params=t), t=0.05..0.95
     python benchmarks/accuracy.py --part finetune --epochs 3   # headline: FAIR vs Torch-Pruning, fine-tuned
     python benchmarks/accuracy.py --part finetune --epochs 3 --distill 0.9   # the same, distilled from the original

@@ -2,6 +2,7 @@
 fine-tuning, and the list of comparisons the default does not clearly win (from results dicts only)."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -52,17 +53,25 @@ def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrat
     return {**tp, **({best: uni[best]} if best else {})}, best
 
 
+def usual_seeds(grid: Dict[str, Any]) -> int:
+    """The most common number of seeds per cell of a results grid (0 when it is empty)."""
+    counts = Counter(len(recs) for rows in grid.values() if isinstance(rows, dict) for recs in rows.values())
+    return counts.most_common(1)[0][0] if counts else 0
+
+
 def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
     """One line per model and level: the default against Torch-Pruning global L1 and the best uniform baseline."""
     lines = ["| model | MACs removed | FAIR default | Torch-Pruning global L1 | best uniform depths | default is |",
              "|---|---|---|---|---|---|"]
     for name, results in all_results.items():
         grid = results.get("test", {})
+        usual = usual_seeds(grid)
         for level, recs in grid.get(default, {}).items():
             ours, (rivals, best) = _mean_std(recs), _rivals(grid, level, tp_l1)
             cells = [_pm(ours), _pm(rivals[tp_l1]) if tp_l1 in rivals else "-",
                      f"{_pm(rivals[best])} ({best})" if best else "-", _verdict(ours, rivals)]
-            lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
+            seeds = f" ({len(recs)} seeds)" if len(recs) != usual else ""
+            lines.append(f"| {name} | {float(level):.0%}{seeds} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import FINETUNE_KEYS, _mean_std, _pm, ablation_board, finetune_board, scoreboard, shortfalls
+from accuracy_boards import (FINETUNE_KEYS, _mean_std, _pm, ablation_board, finetune_board, scoreboard, shortfalls,
+                             usual_seeds)
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
@@ -23,9 +23,9 @@ def _stat(recs: List[dict], key: str) -> str:
 def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
     """One row per method, one column per level; † marks a measured removal more than 1 pt off the level."""
     levels = list(next(iter(grid.values())))
-    counts = Counter(len(recs) for rows in grid.values() for recs in rows.values())
-    usual = counts.most_common(1)[0][0]
-    more = ", except where a cell gives its own count" if len(counts) > 1 else ""
+    usual = usual_seeds(grid)
+    mixed = any(len(recs) != usual for rows in grid.values() for recs in rows.values())
+    more = ", except where a cell gives its own count" if mixed else ""
     lines = [f"Calibration seeds per cell: {usual}{more}.", "",
              "| method | " + " | ".join(f"{float(L):.1%}".replace(".0%", "%") for L in levels) + " |",
              "|---|" + "---|" * len(levels)]
@@ -195,7 +195,7 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     lines = [f"# CIFAR-10 accuracy at matched size ({name}, checkpoint {about})", "",
              "Written by `python benchmarks/accuracy.py`; every figure measured in the runs recorded in "
              f"`accuracy_{name}.json`. Cells: top-1 %, mean ± std over calibration seeds "
-             "(seeds 0, 1, ... as many as each table says); the header is the fraction removed; "
+             "(seeds 0, 1, ... as many as each table or cell says); the header is the fraction removed; "
              "† marks a measured removal more than 1 pt from the level (its offset in pt).", ""]
     if not is_current(results, name):
         lines += [f"**Measured on checkpoint {results.get('checkpoint', '(unrecorded)')}, not on the current "

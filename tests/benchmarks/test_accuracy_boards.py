@@ -73,3 +73,12 @@ def test_finetune_board_shows_each_recipe_against_the_unpruned_model():
                                             "other": {"finetune": {"epochs": 3, "level": 0.5, "unpruned": 0.9}}}, D, TP)
     assert lines[2:] == ["| m | 50% | 15 epochs | 90.00 | 88.00 (-2.00 pt) | - |",
                          "| m | 50% | 15 epochs, distilled (0.9) | 90.00 | - | 90.50 (+0.50 pt) |"]
+
+
+def test_a_board_row_whose_cell_has_other_seeds_says_how_many():
+    def cell(n):
+        return [{"recalibrated": 0.8, "macs_removed": 0.2}] * n
+    test = {D: {"0.2": cell(5), "0.5": cell(3)}, TP: {"0.2": cell(5), "0.5": cell(3)}, "x": {"0.2": cell(3)}}
+    lines = accuracy_boards.scoreboard({"m": {"test": test}}, D, TP)
+    assert lines[2].startswith("| m | 20% (5 seeds) | 80.00 ± 0.00 |")
+    assert lines[3].startswith("| m | 50% | 80.00 ± 0.00 |")
