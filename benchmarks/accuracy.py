@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 import fairpruner as fp
 import accuracy_report as report
+from accuracy_boards import usual_seeds
 import splits
 from accuracy_methods import DEFAULT, METHODS, MODELS, PART_METHODS, PINNED, SELECTED, TP_L1, VARIANTS
 from fairpruner import data, zoo
@@ -248,18 +249,55 @@ def _in_study_order(rows: Dict[str, Any], study: Dict[str, Any]) -> Dict[str, An
                        else order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def _appended(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int]) -> Dict[str, Any]:
+def _gap(before: List[dict], seeds: List[int], one_shot: bool) -> Optional[str]:
+    """Why ``seeds`` cannot be appended to a cell holding ``before`` (None if they can)."""
+    held = [r.get("seed", i) for i, r in enumerate(before)]  # records of older runs are seeds 0, 1, ... in order
+    if not before:
+        return "has no results yet"
+    if held != list(range(len(held))):
+        return f"holds seeds {held}, not 0, 1, ..."
+    if seeds != list(range(len(held), len(held) + len(seeds))):
+        return f"holds seeds 0..{len(held) - 1}, which --seeds {','.join(map(str, seeds))} does not continue"
+    had = all("one_shot" in r for r in before)
+    if had != one_shot:
+        return "was measured " + ("without" if had else "with") + " --skip-one-shot"
+    return None
+
+
+def _appended(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int], one_shot: bool) -> Dict[str, Any]:
     """``new``'s cells appended to ``old``'s, whose records are seeds 0, 1, ... in order (checked)."""
     out: Dict[str, Any] = {}
     for label, rows in new.items():
         out[label] = {}
         for level, recs in rows.items():
             before = old.get(label, {}).get(level, [])
-            if seeds != list(range(len(before), len(before) + len(seeds))):
-                raise SystemExit(f"--add-seeds: {label!r} at {level} holds seeds 0..{len(before) - 1}; "
-                                 f"--seeds {','.join(map(str, seeds))} does not continue them")
+            why = _gap(before, seeds, one_shot)
+            if why:
+                raise SystemExit(f"--add-seeds: {label!r} at {level} {why}")
             out[label][level] = before + recs
     return out
+
+
+def _check_add_seeds(ap: argparse.ArgumentParser, args: argparse.Namespace, names: List[str], raw: Path) -> None:
+    """Refuses ``--add-seeds`` before any measuring where its seeds cannot join the cells measured before."""
+    if args.part not in ("select", "test", "ablation"):
+        ap.error(f"--add-seeds applies to --part select, test or ablation, not {args.part}")
+    old = report.load_results(raw, report.fingerprint(args.model)).get(args.part, {})
+    levels = args.ablation_levels if args.part == "ablation" else args.levels
+    one_shot = args.part != "select" and not args.skip_one_shot
+    gaps = [f"{label!r} at {L:g} {why}" for label in names for L in levels
+            if (why := _gap(old.get(label, {}).get(f"{L:g}", []), args.seeds, one_shot))]
+    if gaps:
+        ap.error("--add-seeds: " + "; ".join(gaps[:3]) + (f"; and {len(gaps) - 3} more" if len(gaps) > 3 else ""))
+
+
+def plot_page(name: str, results: Dict[str, Any]) -> None:
+    """``results/accuracy_<name>.png`` from that model's test results."""
+    usual = usual_seeds(results["test"])
+    mixed = any(len(recs) != usual for rows in results["test"].values() for recs in rows.values())
+    report.plot(results["test"], RESULTS / f"accuracy_{name}.png",
+                f"{name}, CIFAR-10 test: one-shot + BatchNorm recalibration "
+                f"(mean ± std, {usual} seeds{', some cells more' if mixed else ''})", DEFAULT)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -311,7 +349,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.part == "readme":  # every model's tables are rewritten from its results file, then the README
         for name in MODELS:
             if (RESULTS / f"accuracy_{name}.json").is_file():
-                write_page(name, json.loads((RESULTS / f"accuracy_{name}.json").read_text()))
+                results = json.loads((RESULTS / f"accuracy_{name}.json").read_text())
+                write_page(name, results)
+                if "test" in results:
+                    plot_page(name, results)
         report.update_readme(ROOT / "README.md", RESULTS, MODELS)
         return
     names = PART_METHODS[args.part].get(args.methods)
@@ -319,6 +360,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error(f"--part {args.part} takes --methods {' or '.join(PART_METHODS[args.part])}, "
                  f"not {args.methods}")
     raw = RESULTS / f"accuracy_{args.model}.json"
+    if args.add_seeds:
+        _check_add_seeds(ap, args, names, raw)
     b = Bench(args, args.model)
     t0 = time.perf_counter()
     if args.part == "select":
@@ -346,7 +389,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
     if part[0] in ("select", "test", "ablation"):
         if args.add_seeds:
-            part = (part[0], _appended(old, part[1], args.seeds))
+            part = (part[0], _appended(old, part[1], args.seeds, part[0] != "select" and not args.skip_one_shot))
         # Rows of methods and levels not run this time stay.
         new = {k: {**old[k], **v} if isinstance(old.get(k), dict) and isinstance(v, dict) else v
                for k, v in part[1].items()}
@@ -356,13 +399,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         results[part[0]] = _in_study_order({**old, **part[1]}, METHODS)
     else:
         results[part[0]] = part[1]
-    results["seeds"] = sorted({*results.get("seeds", []), *args.seeds}) if args.add_seeds else args.seeds
+    results.pop("seeds", None)  # each cell holds its own seeds' records
     results["checkpoint"] = b.checkpoint
     results["checkpoint_accuracy"] = report.checkpoint_accuracy(args.model)  # its heading once it is replaced
     if part[0] == "test":
-        report.plot(results["test"], RESULTS / f"accuracy_{args.model}.png",
-                    f"{args.model}, CIFAR-10 test: one-shot + BatchNorm recalibration "
-                    f"(mean ± std, {len(args.seeds)} seeds)", DEFAULT)
+        plot_page(args.model, results)
     RESULTS.mkdir(exist_ok=True)
     raw.write_text(json.dumps(results, indent=1))
     md = write_page(args.model, results)

@@ -54,9 +54,15 @@ def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrat
 
 
 def usual_seeds(grid: Dict[str, Any]) -> int:
-    """The most common number of seeds per cell of a results grid (0 when it is empty)."""
+    """The most common number of seeds per cell of a results grid (0 when it is empty; a tie goes to the count
+    met first)."""
     counts = Counter(len(recs) for rows in grid.values() if isinstance(rows, dict) for recs in rows.values())
     return counts.most_common(1)[0][0] if counts else 0
+
+
+def seeds_note(recs: List[dict], usual: int) -> str:
+    """`` (5 seeds)`` after a cell whose seed count is not its table's usual one, else nothing."""
+    return f" ({len(recs)} seeds)" if len(recs) != usual else ""
 
 
 def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
@@ -66,12 +72,14 @@ def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
     for name, results in all_results.items():
         grid = results.get("test", {})
         usual = usual_seeds(grid)
+
+        def cell(label: str, level: str) -> str:
+            return _pm(_mean_std(grid[label][level])) + seeds_note(grid[label][level], usual)
         for level, recs in grid.get(default, {}).items():
             ours, (rivals, best) = _mean_std(recs), _rivals(grid, level, tp_l1)
-            cells = [_pm(ours), _pm(rivals[tp_l1]) if tp_l1 in rivals else "-",
-                     f"{_pm(rivals[best])} ({best})" if best else "-", _verdict(ours, rivals)]
-            seeds = f" ({len(recs)} seeds)" if len(recs) != usual else ""
-            lines.append(f"| {name} | {float(level):.0%}{seeds} | " + " | ".join(cells) + " |")
+            cells = [cell(default, level), cell(tp_l1, level) if tp_l1 in rivals else "-",
+                     f"{cell(best, level)} ({best})" if best else "-", _verdict(ours, rivals)]
+            lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -100,7 +108,8 @@ def _test_shortfalls(grid: Dict[str, Any], default: str, tp_l1: str) -> List[str
                 continue
             _, gap, noisy = _strongest(ours, rivals)
             if gap < 0 or noisy:
-                out.append(f"{float(level):.0%} MACs removed, {how}: {_verdict(ours, rivals, bold=False)}")
+                out.append(f"{float(level):.0%} MACs removed{seeds_note(recs, usual_seeds(grid))}, {how}: "
+                           f"{_verdict(ours, rivals, bold=False)}")
     return out
 
 

@@ -8,10 +8,32 @@ sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import accuracy  # noqa: E402
 
 
+def _recs(*seeds, one_shot=True):
+    return [{"seed": s, "recalibrated": 0.5, **({"one_shot": 0.1} if one_shot else {})} for s in seeds]
+
+
 def test_added_seeds_continue_each_cell_and_nothing_else():
-    old = {"m": {"0.2": [{"seed": 0}, {"seed": 1}, {"seed": 2}], "0.5": [{"seed": 0}]}}
-    new = {"m": {"0.2": [{"seed": 3}, {"seed": 4}]}}
-    assert accuracy._appended(old, new, [3, 4]) == {"m": {"0.2": [{"seed": s} for s in range(5)]}}
-    with pytest.raises(SystemExit, match="holds seeds 0..0; --seeds 3,4 does not continue them"):
-        accuracy._appended(old, {"m": {"0.5": [{"seed": 3}, {"seed": 4}]}}, [3, 4])
-    assert accuracy._appended({}, {"n": {"0.2": [{"seed": 0}]}}, [0]) == {"n": {"0.2": [{"seed": 0}]}}
+    old = {"m": {"0.2": _recs(0, 1, 2), "0.5": _recs(0)}}
+    assert accuracy._appended(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4], True) == {"m": {"0.2": _recs(0, 1, 2, 3, 4)}}
+    with pytest.raises(SystemExit, match="holds seeds 0..0, which --seeds 3,4 does not continue"):
+        accuracy._appended(old, {"m": {"0.5": _recs(3, 4)}}, [3, 4], True)
+    with pytest.raises(SystemExit, match="'n' at 0.2 has no results yet"):
+        accuracy._appended(old, {"n": {"0.2": _recs(0)}}, [0], True)
+
+
+def test_a_cell_is_continued_only_in_order_and_with_the_same_columns():
+    assert accuracy._gap([{"recalibrated": 0.5}] * 2, [2], one_shot=False) is None  # older records: seeds 0, 1
+    assert accuracy._gap(_recs(0, 2), [3], True) == "holds seeds [0, 2], not 0, 1, ..."
+    assert accuracy._gap(_recs(0, 1), [2], one_shot=False) == "was measured without --skip-one-shot"
+    assert accuracy._gap(_recs(0, 1, one_shot=False), [2], one_shot=True) == "was measured with --skip-one-shot"
+
+
+def test_add_seeds_is_refused_before_any_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(accuracy, "Bench", None)  # measuring would fail the test
+    with pytest.raises(SystemExit):
+        accuracy.main(["--part", "targets", "--model", "resnet20", "--add-seeds"])
+    assert "--add-seeds applies to --part select, test or ablation, not targets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--part", "test", "--model", "resnet20", "--methods", "tp", "--seeds", "3", "--add-seeds"])
+    assert "'Torch-Pruning global L1' at 0.2 has no results yet" in capsys.readouterr().err
