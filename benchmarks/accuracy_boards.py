@@ -65,6 +65,11 @@ def seeds_note(recs: List[dict], usual: int) -> str:
     return f" ({len(recs)} seeds)" if len(recs) != usual else ""
 
 
+def _best_cell(recs: List[dict], label: str, usual: int) -> str:
+    n = f"{len(recs)} seeds; " if len(recs) != usual else ""
+    return f"{_pm(_mean_std(recs))} ({n}{label})"
+
+
 def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
     """One line per model and level: the default against Torch-Pruning global L1 and the best uniform baseline."""
     lines = ["| model | MACs removed | FAIR default | Torch-Pruning global L1 | best uniform depths | default is |",
@@ -78,7 +83,7 @@ def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
         for level, recs in grid.get(default, {}).items():
             ours, (rivals, best) = _mean_std(recs), _rivals(grid, level, tp_l1)
             cells = [cell(default, level), cell(tp_l1, level) if tp_l1 in rivals else "-",
-                     f"{cell(best, level)} ({best})" if best else "-", _verdict(ours, rivals)]
+                     _best_cell(grid[best][level], best, usual) if best else "-", _verdict(ours, rivals)]
             lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
     return lines
 

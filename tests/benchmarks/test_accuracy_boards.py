@@ -79,10 +79,10 @@ def test_a_board_row_whose_cell_has_other_seeds_says_how_many():
     def cell(n):
         return [{"recalibrated": 0.8, "macs_removed": 0.2}] * n
     test = {D: {"0.2": cell(5), "0.5": cell(3)}, TP: {"0.2": cell(5), "0.5": cell(3)}, "x": {"0.2": cell(3)}}
-    test["y + uniform"] = {"0.2": cell(3), "0.5": cell(3)}
+    test["y + uniform"] = {"0.2": cell(5), "0.5": cell(3)}
     lines = accuracy_boards.scoreboard({"m": {"test": test}}, D, TP)
     assert lines[2].startswith("| m | 20% | 80.00 ± 0.00 (5 seeds) | 80.00 ± 0.00 (5 seeds) | 80.00 ± 0.00 "
-                               "(y + uniform) |")
+                               "(5 seeds; y + uniform) |")
     assert lines[3].startswith("| m | 50% | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 (y + uniform) |")
     short = accuracy_boards.shortfalls({"m": {"test": test}}, D, TP)
     assert short[0].startswith("- m, 20% MACs removed (5 seeds), after recalibration: ahead of")
