@@ -390,6 +390,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if part[0] in ("select", "test", "ablation"):
         if args.add_seeds:
             part = (part[0], _appended(old, part[1], args.seeds, part[0] != "select" and not args.skip_one_shot))
+        for label, rows in part[1].items():
+            for level, recs in rows.items():
+                if len(old.get(label, {}).get(level, [])) > len(recs):
+                    log(f"  note: {label!r} at {level} held {len(old[label][level])} seeds; it now holds "
+                        f"{len(recs)} (--add-seeds appends instead)")
         # Rows of methods and levels not run this time stay.
         new = {k: {**old[k], **v} if isinstance(old.get(k), dict) and isinstance(v, dict) else v
                for k, v in part[1].items()}
