@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 import fairpruner as fp
 import accuracy_report as report
-from accuracy_boards import usual_seeds
+from accuracy_boards import seeds_mixed, usual_seeds
 import splits
 from accuracy_methods import DEFAULT, METHODS, MODELS, PART_METHODS, PINNED, SELECTED, TP_L1, VARIANTS
 from fairpruner import data, zoo
@@ -278,13 +278,18 @@ def _appended(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int], one_sh
     return out
 
 
+def _measures_one_shot(args: argparse.Namespace) -> bool:
+    """Whether this run's records carry the one-shot column (select never does)."""
+    return args.part != "select" and not args.skip_one_shot
+
+
 def _check_add_seeds(ap: argparse.ArgumentParser, args: argparse.Namespace, names: List[str], raw: Path) -> None:
     """Refuses ``--add-seeds`` before any measuring where its seeds cannot join the cells measured before."""
     if args.part not in ("select", "test", "ablation"):
         ap.error(f"--add-seeds applies to --part select, test or ablation, not {args.part}")
     old = report.load_results(raw, report.fingerprint(args.model)).get(args.part, {})
     levels = args.ablation_levels if args.part == "ablation" else args.levels
-    one_shot = args.part != "select" and not args.skip_one_shot
+    one_shot = _measures_one_shot(args)
     gaps = [f"{label!r} at {L:g} {why}" for label in names for L in levels
             if (why := _gap(old.get(label, {}).get(f"{L:g}", []), args.seeds, one_shot))]
     if gaps:
@@ -293,8 +298,7 @@ def _check_add_seeds(ap: argparse.ArgumentParser, args: argparse.Namespace, name
 
 def plot_page(name: str, results: Dict[str, Any]) -> None:
     """``results/accuracy_<name>.png`` from that model's test results."""
-    usual = usual_seeds(results["test"])
-    mixed = any(len(recs) != usual for rows in results["test"].values() for recs in rows.values())
+    usual, mixed = usual_seeds(results["test"]), seeds_mixed(results["test"])
     report.plot(results["test"], RESULTS / f"accuracy_{name}.png",
                 f"{name}, CIFAR-10 test: one-shot + BatchNorm recalibration "
                 f"(mean ± std, {usual} seeds{', some cells more' if mixed else ''})", DEFAULT)
@@ -389,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
     if part[0] in ("select", "test", "ablation"):
         if args.add_seeds:
-            part = (part[0], _appended(old, part[1], args.seeds, part[0] != "select" and not args.skip_one_shot))
+            part = (part[0], _appended(old, part[1], args.seeds, _measures_one_shot(args)))
         for label, rows in part[1].items():
             for level, recs in rows.items():
                 if len(old.get(label, {}).get(level, [])) > len(recs):

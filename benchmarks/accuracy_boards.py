@@ -60,6 +60,12 @@ def usual_seeds(grid: Dict[str, Any]) -> int:
     return counts.most_common(1)[0][0] if counts else 0
 
 
+def seeds_mixed(grid: Dict[str, Any]) -> bool:
+    """Whether some cell of a results grid holds another number of seeds than the usual one."""
+    usual = usual_seeds(grid)
+    return any(len(recs) != usual for rows in grid.values() if isinstance(rows, dict) for recs in rows.values())
+
+
 def seeds_note(recs: List[dict], usual: int) -> str:
     """`` (5 seeds)`` after a cell whose seed count is not its table's usual one, else nothing."""
     return f" ({len(recs)} seeds)" if len(recs) != usual else ""
@@ -103,7 +109,7 @@ def shortfalls(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
 
 
 def _test_shortfalls(grid: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
-    out = []
+    out, usual = [], usual_seeds(grid)
     for key, how in (("recalibrated", "after recalibration"), ("one_shot", "one-shot, no recalibration")):
         for level, recs in grid.get(default, {}).items():
             if not all(key in r for r in recs):
@@ -113,7 +119,7 @@ def _test_shortfalls(grid: Dict[str, Any], default: str, tp_l1: str) -> List[str
                 continue
             _, gap, noisy = _strongest(ours, rivals)
             if gap < 0 or noisy:
-                out.append(f"{float(level):.0%} MACs removed{seeds_note(recs, usual_seeds(grid))}, {how}: "
+                out.append(f"{float(level):.0%} MACs removed{seeds_note(recs, usual)}, {how}: "
                            f"{_verdict(ours, rivals, bold=False)}")
     return out
 

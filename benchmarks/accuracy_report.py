@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import (FINETUNE_KEYS, _mean_std, _pm, ablation_board, finetune_board, scoreboard, shortfalls,
-                             usual_seeds)
+from accuracy_boards import (FINETUNE_KEYS, _mean_std, _pm, ablation_board, finetune_board, scoreboard, seeds_mixed,
+                             seeds_note, shortfalls, usual_seeds)
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
@@ -24,8 +24,7 @@ def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "m
     """One row per method, one column per level; † marks a measured removal more than 1 pt off the level."""
     levels = list(next(iter(grid.values())))
     usual = usual_seeds(grid)
-    mixed = any(len(recs) != usual for rows in grid.values() for recs in rows.values())
-    more = ", except where a cell gives its own count" if mixed else ""
+    more = ", except where a cell gives its own count" if seeds_mixed(grid) else ""
     lines = [f"Calibration seeds per cell: {usual}{more}.", "",
              "| method | " + " | ".join(f"{float(L):.1%}".replace(".0%", "%") for L in levels) + " |",
              "|---|" + "---|" * len(levels)]
@@ -34,7 +33,7 @@ def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "m
         for L in levels:
             off = np.mean([r[removed] for r in rows[L]]) - float(L)
             cells.append(_stat(rows[L], key) + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else "")
-                         + (f" ({len(rows[L])} seeds)" if len(rows[L]) != usual else ""))
+                         + seeds_note(rows[L], usual))
         name = f"**{label}**" if label in bold else label
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
