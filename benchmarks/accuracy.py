@@ -10,6 +10,7 @@ seeds. The data never overlap:
 * test: the 10,000 test images, used by ``--part test`` (the table and plot) and ``--part finetune``.
 
     python benchmarks/accuracy.py --part select                # FAIR variants on validation (~8 min, ResNet-20)
+    python benchmarks/accuracy.py --part select --model resnet56 --methods writers   # one study's rows
     python benchmarks/accuracy.py --part test                  # all methods on test (~30 min)
     python benchmarks/accuracy.py --part test --model resnet56 --methods core   # default, uniform, Torch-Pruning
     python benchmarks/accuracy.py --part ablation --model vgg16_bn   # the paper's ToD/uniform ablations (params)
@@ -317,10 +318,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="which rows to run; rows measured before for other methods are kept. --part test: "
                          "every method, the default with the uniform baselines and Torch-Pruning (core), "
                          "those baselines alone (baselines), L1, Taylor and random scores within ToD's depths "
-                         "(signals), the default, the two previous defaults or "
+                         "(signals), the default, the three previous defaults or "
                          "Torch-Pruning alone (default, previous, tp); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the cost "
-                         "study (cost), the tie/floor study (ties), the default or the previous default alone; "
+                         "study (cost), the tie/floor study (ties), the writers study (writers), the default or the "
+                         "previous default alone; "
                          "--part ablation: every method, the default or the previous defaults; --part finetune: "
                          "the default, the previous default and Torch-Pruning, or some of them (default, "
                          "previous, tp)")

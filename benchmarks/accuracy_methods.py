@@ -28,15 +28,22 @@ PREVIOUS = "FAIR, every stream loses at most sqrt(width) for free (default befor
 # The default before the MACs-weighting study: one ToD level for every layer.
 ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, default before the MACs-weighting study)"
 # Every row measured before the tie/floor study pins that study's previous rules (Bench.fair adds PINNED under
-# a row's own settings): free ToD steps ordered by relative U per MAC, every other layer's whole floor free.
-# The default orders them by relative R and takes a free or sqrt-capped floor by the least total R-Score.
-PINNED = {"ties": "u", "floor": "free"}
+# a row's own settings): free ToD steps ordered by relative U per MAC, every other layer's whole floor free;
+# and every row measured before the writers study the stream cap of its time (sqrt(width) whatever the writers).
+# The tie/floor study's rules order them by relative R and take a free or sqrt-capped floor by the least total
+# R-Score; the writers study's cap streams that more than 4 layers write below sqrt(width).
+PINNED = {"ties": "u", "floor": "free", "stream_floor": "capped"}
 NEW = {"ties": "r", "floor": "auto"}
-PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (previous default)"
+WRITERS = {**NEW, "stream_floor": "writers"}
+PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (default before the tie/floor study)"
+# The default before the writers study (the same plans wherever no stream has more than 4 writers: ResNet-20,
+# VGG-16-BN).
+CAPPED_DEFAULT = "FAIR, every stream's free floor sqrt(width) whatever its writers (previous default)"
 DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
-    DEFAULT: ({}, NEW),
+    DEFAULT: ({}, WRITERS),
+    CAPPED_DEFAULT: ({}, NEW),
     PREVIOUS_DEFAULT: ({}, {}),
     ONE_LEVEL: ({}, P0),
     "FAIR, first defaults (U max, R sum, streams like any layer)": (
@@ -95,8 +102,11 @@ PREVIOUS_SELECTED = ("U x consumer norm on the layer output, streams' free floor
 AS_BEFORE_MACS = "as the default before the MACs-weighting study"
 AUTO_POWER = (f"{AS_BEFORE_MACS}, each MACs target weighted by the power of 0, -0.25, 0.25 whose plan removes the "
               "least total R-Score (macs_power=auto, default before the tie/floor study)")
-SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or capped "
-            "at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, default)")
+TIES_SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or "
+                 "capped at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, "
+                 "default before the writers study)")
+SELECTED = ("as ties=r, floor=auto, every stream but the head's loses at most sqrt(4 x width / max(writers, 4)) for "
+            "free: fewer units where more than 4 layers write it (stream_floor=writers, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
 STREAM_STUDY = list(VARIANTS)[-4:]
 # --part select --methods floor: that default against the other floor rules and uniform depths (every
@@ -120,16 +130,19 @@ VARIANTS.update(COST_VARIANTS)
 VARIANTS[AUTO_POWER] = ({}, {})
 COST_STUDY = [*COST_VARIANTS, AUTO_POWER]
 # --part select --methods ties: the tie/floor study (free steps by R instead of U, floors chosen by R).
-VARIANTS[SELECTED] = ({}, NEW)
-TIE_STUDY = [AUTO_POWER, SELECTED]
+VARIANTS[TIES_SELECTED] = ({}, NEW)
+TIE_STUDY = [AUTO_POWER, TIES_SELECTED]
+# --part select --methods writers: the writers study (a stream's free cap shrinks with the layers writing it).
+VARIANTS[SELECTED] = ({}, WRITERS)
+WRITERS_STUDY = [TIES_SELECTED, SELECTED]
 
 
 # --methods of each part -> the labels it runs.
 PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
-               "ties": TIE_STUDY, "default": [SELECTED], "previous": [AUTO_POWER]},
+               "ties": TIE_STUDY, "writers": WRITERS_STUDY, "default": [SELECTED], "previous": [TIES_SELECTED]},
     "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
-             "previous": [PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"],
+             "previous": [CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"],
              "signals": SIGNAL_TOD},
     "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},

@@ -73,33 +73,57 @@ def test_stream_weight_protects_residual_streams(resnet_scores):
 
 
 def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
-    """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(n)) of it ("capped", the
-    default; nothing where the output layer reads the stream) or nothing ("none"); other groups are
-    unaffected, and targets stay reachable."""
-    # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream.
+    """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(4 n / max(writers, 4))) of it
+    ("writers", the default), at most floor(sqrt(n)) ("capped"; both nothing where the output layer reads the
+    stream) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
+    # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream. The second
+    # stream gets 12 writers, so that its writers' cap (2 of 24) is below sqrt(24) = 4.
+    streams = [g.name for g in synthetic_scores.groups if g.is_stream]
     synthetic_scores = fp.Scores(
-        [dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0) if g.is_stream
+        [dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0,
+                             writers=12 if g.name == streams[-1] else g.writers) if g.is_stream
          else g for g in synthetic_scores.groups], synthetic_scores.cost, dict(synthetic_scores.meta))
-    plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f, floor="free")
-             for f in ("free", "capped", "sqrt", "none")}
-    assert fp.plan(synthetic_scores, alpha=0.0, floor="free").removed == plans["capped"].removed
-    capped_somewhere = head_spared = False
+    rules = ("free", "writers", "capped", "sqrt", "none")
+    plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f, floor="free") for f in rules}
+    assert fp.plan(synthetic_scores, alpha=0.0, floor="free").removed == plans["writers"].removed
+    fewer_for_writers = capped_somewhere = head_spared = False
     for g in synthetic_scores.groups:
         floor = int((tod_curve(g.u, g.r) <= 1e-12).sum())
         got = {f: len(p.removed[g.name]) for f, p in plans.items()}
         if g.is_stream:
             capped = 0 if g.feeds_output else min(floor, math.isqrt(g.n_units))
-            assert got == {"free": floor, "capped": capped, "sqrt": min(floor, math.isqrt(g.n_units)), "none": 0}
+            by_writers = 0 if g.feeds_output else min(floor, math.isqrt(4 * g.n_units // max(g.writers, 4)))
+            assert got == {"free": floor, "writers": by_writers, "capped": capped,
+                           "sqrt": min(floor, math.isqrt(g.n_units)), "none": 0}
             capped_somewhere |= floor > math.isqrt(g.n_units) and not g.feeds_output
+            fewer_for_writers |= by_writers < capped
             head_spared |= g.feeds_output and floor > 0
         else:
-            assert got == {"free": floor, "capped": floor, "sqrt": floor, "none": floor}
-    assert capped_somewhere and head_spared  # the seeded scores exercise the cap and the head's stream
-    for f in ("free", "capped", "sqrt", "none"):
+            assert got == {f: floor for f in rules}
+    # the seeded scores exercise both caps and the head's stream
+    assert capped_somewhere and fewer_for_writers and head_spared
+    for f in rules:
         p = fp.plan(synthetic_scores, macs=0.3, stream_floor=f)
         assert abs(p.achieved["macs"] - 0.3) <= 0.005 and p.settings["stream_floor"] == f
     with pytest.raises(fp.PlanError, match="stream_floor"):
         fp.plan(synthetic_scores, alpha=0.1, stream_floor=True)
+
+
+def test_writers_cap_is_sqrt_width_up_to_four_writers():
+    """The writers' cap equals sqrt(n) for streams of 2 to 4 writers (ResNet-20's) and shrinks as
+    2 / sqrt(writers) beyond (ResNet-56's 10: 2 of 16 and 3 of 32 units)."""
+    from fairpruner._planning.depths import free_floor
+
+    def stream(n, writers, head=False):
+        return fp.GroupScores("s", torch.ones(n), torch.ones(n), torch.ones(n), n, torch.arange(n)[:, None],
+                              writers=writers, feeds_output=head)
+    for n in (16, 32, 64, 100):
+        for w in (2, 3, 4):
+            assert free_floor(stream(n, w), "writers") == free_floor(stream(n, w), "capped") == math.isqrt(n)
+    assert [free_floor(stream(n, 10), "writers") for n in (16, 32, 64)] == [2, 3, 5]
+    assert free_floor(stream(64, 10, head=True), "writers") == 0
+    caps = [free_floor(stream(768, w), "writers") for w in (4, 8, 16, 25, 49)]
+    assert caps == sorted(caps, reverse=True) and caps[0] == math.isqrt(768) and caps[-1] == 7
 
 
 def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):

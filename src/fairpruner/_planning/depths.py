@@ -12,6 +12,10 @@ from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, macs_factor, step_order, tie_keys
 from .tod import cap_floor, max_fraction, tod_curve
 
+# Writers up to which a stream keeps the sqrt(n) free cap of stream_floor="writers" (ResNet-20's streams have
+# 4: their best cap was sqrt(n); ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it: README).
+STREAM_WRITERS = 4
+
 __all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target", "least_r_target",
            "level_of", "bisect_target"]
 
@@ -48,14 +52,21 @@ def curves_of(scores: Scores, stream_floor: str, floor: str) -> List[np.ndarray]
 
 
 def free_floor(g: GroupScores, rule: str) -> Optional[int]:
-    """How many of a group's alpha=0 steps stay free under ``rule`` (None: all of them). "capped" (streams):
-    none for the stream the output layer reads (its channels are the head's features; cutting them freely
-    cost ResNet-56 3-4 pt at 35 % MACs on the validation split), at most floor(sqrt(n)) for the others;
-    "sqrt": at most floor(sqrt(n)); "none": none; "free": all."""
+    """How many of a group's alpha=0 steps stay free under ``rule`` (None: all of them).
+
+    For streams: "writers" gives none to the stream the output layer reads (its channels are the head's
+    features; cutting them freely cost ResNet-56 3-4 pt at 35 % MACs on the validation split) and at most
+    floor(sqrt(4 n / max(writers, 4))) to the others: sqrt(n) where at most 4 layers write the stream, less
+    where more blocks add into it and read it (ResNet-56's 10-writer streams: 2 of 16 and 3 of 32 units);
+    "capped" is the same with floor(sqrt(n)) whatever the writers. Any group: "sqrt": at most floor(sqrt(n));
+    "none": none; "free": all.
+    """
     if rule == "free":
         return None
-    if rule == "none" or (rule == "capped" and g.feeds_output):
+    if rule == "none" or (rule in ("capped", "writers") and g.feeds_output):
         return 0
+    if rule == "writers":
+        return math.isqrt(4 * g.n_units // max(g.writers, STREAM_WRITERS))
     return math.isqrt(g.n_units)
 
 

@@ -5,7 +5,7 @@ import argparse
 import textwrap
 from typing import Callable, List
 
-from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOORS, STREAM_WEIGHT, TIES
+from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
 
@@ -217,11 +217,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="for --params/--macs, the order of ToD steps of one level: the layer whose next unit keeps "
                         "the largest relative R-Score removed lowest per MAC or parameter first (default r), the "
                         "same by relative U (u), or an equal share of every layer's alpha=0 count (share)")
-    p.add_argument("--stream-floor", default="capped", choices=STREAM_FLOORS,
-                   help="how much of a residual stream's alpha=0 ToD count it loses for free: at most sqrt(width) "
-                        "units, none of the stream the output layer reads (default capped: the count swings "
-                        "between calibration samples), at most sqrt(width) of every stream (sqrt), all of it "
-                        "(free: the paper's ToD) or none")
+    p.add_argument("--stream-floor", default=STREAM_FLOOR, choices=STREAM_FLOORS,
+                   help="how much of a residual stream's alpha=0 ToD count it loses for free (the count swings "
+                        "between calibration samples): none of the stream the output layer reads and at most "
+                        "sqrt(4 x width / max(writers, 4)) units of the others, fewer where more blocks write "
+                        f"into the stream (default {STREAM_FLOOR}), at most sqrt(width) units whatever the writers "
+                        "(capped), at most sqrt(width) of every stream (sqrt), all of it (free: the paper's ToD) "
+                        "or none")
     p.add_argument("--floor", default="auto", choices=FLOORS,
                    help="the same for every other layer: all of its alpha=0 count (free: the paper's ToD), at "
                         "most sqrt(width) units (sqrt) or none; auto (default): for --params/--macs, free or sqrt, "
