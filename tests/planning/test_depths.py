@@ -14,7 +14,7 @@ import torch
 
 import fairpruner as fp
 from helpers import predicted_removed, tiny_loader
-from fairpruner._planning.plans import FLOORS, STREAM_WEIGHT
+from fairpruner._planning.plans import FLOORS, STREAM_FLOOR, STREAM_WEIGHT
 from fairpruner._planning.tod import tod_counts, tod_curve
 
 
@@ -76,9 +76,9 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
     """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(4 n / max(writers, 4))) of it
     ("writers", the default), at most floor(sqrt(n)) ("capped"; both nothing where the output layer reads the
     stream) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
-    # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream. The second
-    # stream gets 12 writers, so that its writers' cap (2 of 24) is below sqrt(24) = 4.
-    streams = [g.name for g in synthetic_scores.groups if g.is_stream]
+    # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream. One stream the
+    # head does not read gets 12 writers, so that its writers' cap (isqrt(4 n / 12)) is below isqrt(n).
+    streams = [g.name for g in synthetic_scores.groups if g.is_stream and not g.feeds_output]
     synthetic_scores = fp.Scores(
         [dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0,
                              writers=12 if g.name == streams[-1] else g.writers) if g.is_stream
@@ -229,7 +229,7 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
     assert factor.min() < 1 < factor.max()
     np.testing.assert_array_equal(macs_factor(macs, n, 0.0), np.ones(len(groups)))
     from fairpruner._planning.depths import curves_of
-    curves = curves_of(synthetic_scores, "capped", "free")  # the default floors
+    curves = curves_of(synthetic_scores, STREAM_FLOOR, "free")  # the default floors for an alpha
     weights = [(STREAM_WEIGHT if g.is_stream else 1.0) * f for g, f in zip(groups, factor)]
     p = fp.plan(synthetic_scores, alpha=0.2, macs_power=0.5)
     assert [len(p.removed[g.name]) for g in groups] == tod_counts(curves, 0.2, weights).tolist()

@@ -13,7 +13,8 @@ from .allocation import fill_target, macs_factor, step_order, tie_keys
 from .tod import cap_floor, max_fraction, tod_curve
 
 # Writers up to which a stream keeps the sqrt(n) free cap of stream_floor="writers" (ResNet-20's streams have
-# 4: their best cap was sqrt(n); ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it: README).
+# 4: their best cap was sqrt(n); ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it on the validation
+# split: README).
 STREAM_WRITERS = 4
 
 __all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target", "least_r_target",
