@@ -140,6 +140,8 @@ def _finetune_shortfalls(results: Dict[str, Any], default: str, tp_l1: str) -> L
     for ft in (results.get(k, {}) for k in FINETUNE_KEYS):
         if default in ft and tp_l1 not in ft:
             out.append(f"fine-tuned ({_recipe_of(ft)}): no Torch-Pruning row to compare with yet")
+        elif tp_l1 in ft and default not in ft:
+            out.append(f"fine-tuned ({_recipe_of(ft)}): no row of the default to compare with yet")
         elif default in ft and ft[tp_l1]["finetuned"] >= ft[default]["finetuned"]:
             gap = 100 * (ft[tp_l1]["finetuned"] - ft[default]["finetuned"])
             out.append(f"fine-tuned ({_recipe_of(ft)}): behind {tp_l1} by {gap:.2f} pt (one seed)")

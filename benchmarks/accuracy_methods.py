@@ -31,13 +31,13 @@ ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, default before t
 # a row's own settings): free ToD steps ordered by relative U per MAC, every other layer's whole floor free;
 # and every row measured before the writers study the stream cap of its time (sqrt(width) whatever the writers).
 # The tie/floor study's rules order them by relative R and take a free or sqrt-capped floor by the least total
-# R-Score; the writers study's cap streams that more than 4 layers write below sqrt(width).
+# R-Score; the writers study's cap streams that more than 4 layers write, or narrower than 64, below sqrt(width).
 PINNED = {"ties": "u", "floor": "free", "stream_floor": "capped"}
 NEW = {"ties": "r", "floor": "auto"}
 WRITERS = {**NEW, "stream_floor": "writers"}
 PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (default before the tie/floor study)"
-# The default before the writers study (the same plans wherever no stream has more than 4 writers: ResNet-20,
-# VGG-16-BN).
+# The default before the writers study (the same plans wherever no stream has more than 4 writers or fewer than 64
+# units: VGG-16-BN).
 CAPPED_DEFAULT = "FAIR, every stream's free floor sqrt(width) whatever its writers (previous default)"
 DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
@@ -105,8 +105,9 @@ AUTO_POWER = (f"{AS_BEFORE_MACS}, each MACs target weighted by the power of 0, -
 TIES_SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or "
                  "capped at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, "
                  "default before the writers study)")
-SELECTED = ("as ties=r, floor=auto, every stream but the head's loses at most sqrt(4 x width / max(writers, 4)) for "
-            "free: fewer units where more than 4 layers write it (stream_floor=writers, default)")
+SELECTED = ("as ties=r, floor=auto, every stream but the head's loses at most sqrt(4 x width / max(writers, 4)) and "
+            "at most width / 8 for free: fewer units where more than 4 layers write it or where it is narrow "
+            "(stream_floor=writers, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
 STREAM_STUDY = list(VARIANTS)[-4:]
 # --part select --methods floor: that default against the other floor rules and uniform depths (every

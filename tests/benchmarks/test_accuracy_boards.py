@@ -42,13 +42,16 @@ def test_shortfalls_list_every_comparison_the_default_does_not_clearly_win():
     ft = {"epochs": 15, "unpruned": 0.9, "level": 0.5, d: {"finetuned": 0.88}, tp: {"finetuned": 0.885}}
     distilled = {"epochs": 15, "distill": 0.9, "unpruned": 0.9, "level": 0.5, d: {"finetuned": 0.89}}
     out = accuracy_boards.shortfalls({"m": {"test": test, "ablation": ablation, "finetune": ft,
-                                            "finetune_distill": distilled}}, d, tp)
+                                            "finetune_distill": distilled},
+                                      "n": {"finetune": {"epochs": 10, "unpruned": 0.9, "level": 0.5,
+                                                         tp: {"finetuned": 0.88}}}}, d, tp)
     assert out == [
         "- m, 20% MACs removed, after recalibration: ahead of Torch-Pruning global L1 by 1.00 pt (within one std)",
         "- m, 20% MACs removed, one-shot, no recalibration: behind Torch-Pruning global L1 by 10.00 pt",
         "- m, 67.8% of parameters removed, random scores: ToD -1.00 pt against uniform depths (within one std)",
         "- m, fine-tuned (15 epochs): behind Torch-Pruning global L1 by 0.50 pt (one seed)",
-        "- m, fine-tuned (15 epochs, distilled (0.9)): no Torch-Pruning row to compare with yet"]
+        "- m, fine-tuned (15 epochs, distilled (0.9)): no Torch-Pruning row to compare with yet",
+        "- n, fine-tuned (10 epochs): no row of the default to compare with yet"]
     test[d]["0.2"] = cell(0.90, 0.90)
     ft[d]["finetuned"], distilled[tp] = 0.89, {"finetuned": 0.88}
     ablation["random + ToD"]["0.678"] = cell(0.60, 0.1)

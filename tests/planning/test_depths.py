@@ -92,7 +92,8 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
         got = {f: len(p.removed[g.name]) for f, p in plans.items()}
         if g.is_stream:
             capped = 0 if g.feeds_output else min(floor, math.isqrt(g.n_units))
-            by_writers = 0 if g.feeds_output else min(floor, math.isqrt(4 * g.n_units // max(g.writers, 4)))
+            by_writers = 0 if g.feeds_output else min(floor, math.isqrt(4 * g.n_units // max(g.writers, 4)),
+                                                      g.n_units // 8)
             assert got == {"free": floor, "writers": by_writers, "capped": capped,
                            "sqrt": min(floor, math.isqrt(g.n_units)), "none": 0}
             capped_somewhere |= floor > math.isqrt(g.n_units) and not g.feeds_output
@@ -109,17 +110,20 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
         fp.plan(synthetic_scores, alpha=0.1, stream_floor=True)
 
 
-def test_writers_cap_is_sqrt_width_up_to_four_writers():
-    """The writers' cap equals sqrt(n) for streams of 2 to 4 writers (ResNet-20's) and shrinks as
-    2 / sqrt(writers) beyond (ResNet-56's 10: 2 of 16 and 3 of 32 units)."""
+def test_writers_cap_is_sqrt_width_up_to_four_writers_and_an_eighth_of_the_width():
+    """The writers' cap equals sqrt(n) for streams of 2 to 4 writers and 64 or more units, never exceeds n / 8
+    (ResNet-20's 16 and 32-unit streams: 2 and 4), and shrinks as 2 / sqrt(writers) beyond 4 writers
+    (ResNet-56's 10: 2 of 16 and 3 of 32 units)."""
     from fairpruner._planning.depths import free_floor
 
     def stream(n, writers, head=False):
         return fp.GroupScores("s", torch.ones(n), torch.ones(n), torch.ones(n), n, torch.arange(n)[:, None],
                               writers=writers, feeds_output=head)
-    for n in (16, 32, 64, 100):
+    for n in (64, 100, 256):
         for w in (2, 3, 4):
             assert free_floor(stream(n, w), "writers") == free_floor(stream(n, w), "capped") == math.isqrt(n)
+    assert [free_floor(stream(n, 4), "writers") for n in (7, 8, 16, 32)] == [0, 1, 2, 4]
+    assert [free_floor(stream(n, 4), "capped") for n in (16, 32)] == [4, 5]
     assert [free_floor(stream(n, 10), "writers") for n in (16, 32, 64)] == [2, 3, 5]
     assert free_floor(stream(64, 10, head=True), "writers") == 0
     caps = [free_floor(stream(768, w), "writers") for w in (4, 8, 16, 25, 49)]

@@ -13,9 +13,11 @@ from .allocation import fill_target, macs_factor, step_order, tie_keys
 from .tod import cap_floor, max_fraction, tod_curve
 
 # Writers up to which a stream keeps the sqrt(n) free cap of stream_floor="writers" (ResNet-20's streams have
-# 4: their best cap was sqrt(n); ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it on the validation
-# split: README).
+# 4; ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it on the validation split: README), and the
+# largest share of a stream's width that is ever free (1/8: where ResNet-20's 16-channel stream lost 4 for
+# free, two seeds of five, it kept 0.8 and 1.6 pt less than with 2 on the validation split at 20 % MACs; README).
 STREAM_WRITERS = 4
+STREAM_SHARE = 8
 
 __all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target", "least_r_target",
            "level_of", "bisect_target"]
@@ -57,9 +59,10 @@ def free_floor(g: GroupScores, rule: str) -> Optional[int]:
 
     For streams: "writers" gives none to the stream the output layer reads (its channels are the head's
     features; cutting them freely cost ResNet-56 3-4 pt at 35 % MACs on the validation split) and at most
-    floor(sqrt(4 n / max(writers, 4))) to the others: sqrt(n) where at most 4 layers write the stream, less
-    where more blocks add into it and read it (ResNet-56's 10-writer streams: 2 of 16 and 3 of 32 units);
-    "capped" is the same with floor(sqrt(n)) whatever the writers. Any group: "sqrt": at most floor(sqrt(n));
+    floor(sqrt(4 n / max(writers, 4))) and at most n / 8 to the others: sqrt(n) where at most 4 layers write
+    a stream of 64 or more units, less where more blocks add into it and read it or where it is narrow
+    (ResNet-56's 10-writer streams: 2 of 16 and 3 of 32 units; ResNet-20's 4-writer ones: 2 of 16, 4 of 32);
+    "capped" is floor(sqrt(n)) whatever the writers and width. Any group: "sqrt": at most floor(sqrt(n));
     "none": none; "free": all.
     """
     if rule == "free":
@@ -67,7 +70,7 @@ def free_floor(g: GroupScores, rule: str) -> Optional[int]:
     if rule == "none" or (rule in ("capped", "writers") and g.feeds_output):
         return 0
     if rule == "writers":
-        return math.isqrt(4 * g.n_units // max(g.writers, STREAM_WRITERS))
+        return min(math.isqrt(4 * g.n_units // max(g.writers, STREAM_WRITERS)), g.n_units // STREAM_SHARE)
     return math.isqrt(g.n_units)
 
 

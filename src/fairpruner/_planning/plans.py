@@ -30,11 +30,12 @@ ALLOCATIONS = ("tod", "uniform")
 # (an equal share of every group's alpha=0 count: the one before).
 TIES = ("r", "u", "share")
 # How much of a residual stream's alpha=0 count is free: "writers" (the default: none of the stream the output
-# layer reads, at most floor(sqrt(4 n / max(writers, 4))) units of the others: fewer where more blocks write and
-# read the stream; chosen on the validation split, ResNet-56 +1.1 pt at 20 % MACs, ResNet-20 unchanged),
-# "capped" (at most floor(sqrt(n)) units, what two independent rankings give by chance, none of the head's
-# stream: the previous default), "sqrt" (at most floor(sqrt(n)) of every stream: the one before), "free" (all
-# of it: the paper's ToD), "none" (streams lose units only at positive levels).
+# layer reads, at most floor(sqrt(4 n / max(writers, 4))) and at most n / 8 units of the others: fewer where
+# more blocks write and read the stream or where it is narrow; chosen on the validation split: ResNet-56 +1.1 pt
+# at 20 % MACs, ResNet-20 +0.5 to +0.8 pt at 20-50 % and -0.8 pt at 65 % over five seeds), "capped" (at most
+# floor(sqrt(n)) units, what two independent rankings give by chance, none of the head's stream: the previous
+# default), "sqrt" (at most floor(sqrt(n)) of every stream: the one before), "free" (all of it: the paper's
+# ToD), "none" (streams lose units only at positive levels).
 STREAM_FLOORS = ("writers", "capped", "sqrt", "free", "none")
 STREAM_FLOOR = "writers"
 # How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD), "sqrt" (at most
@@ -181,13 +182,13 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         stream_floor: how much of a residual stream's alpha=0 count is free. That count is a first-collision
             statistic that swings with the calibration sample, and every block reads a stream's units.
             "writers" (default): none of the stream the output layer reads (the head's features), and at
-            most floor(sqrt(4 n / max(writers, 4))) of another stream's n units: floor(sqrt(n)), what two
-            independent rankings give by chance, where at most 4 layers write the stream, fewer where more
-            blocks add into it and read it (a ResNet-56 stream: 2 of 16 units, where "capped" gives 4; +1.1 pt
-            at 20 % MACs on the validation split); the rest at the stream's first positive level.
-            "capped": floor(sqrt(n)) whatever the writers (the previous default). "sqrt": at most
-            floor(sqrt(n)) of every stream, the head's too. "free": all of it (the paper's ToD). "none": a
-            stream loses units only at positive levels.
+            most floor(sqrt(4 n / max(writers, 4))) and at most n / 8 of another stream's n units:
+            floor(sqrt(n)), what two independent rankings give by chance, where at most 4 layers write a
+            stream of 64 or more units, fewer where more blocks add into it and read it or where it is narrow
+            (ResNet-56's streams: 2 of 16 units, where "capped" gives 4; ResNet-20's: 2 of 16 and 4 of 32);
+            the rest at the stream's first positive level. "capped": floor(sqrt(n)) whatever the writers
+            and width (the previous default). "sqrt": at most floor(sqrt(n)) of every stream, the head's
+            too. "free": all of it (the paper's ToD). "none": a stream loses units only at positive levels.
         floor: the same for every other group. "free": all of it (the paper's ToD). "sqrt": at most
             floor(sqrt(n)) of its alpha=0 count is free, the rest costs the group's first positive level, so
             a light target does not take a small layer's chance-long floor whole (VGG-16-BN's first
