@@ -108,7 +108,9 @@ def test_alpha_plan_uses_tod_counts(synthetic_scores):
         assert p.alpha == alpha
         for g in synthetic_scores.groups:
             w = STREAM_WEIGHT if g.is_stream else 1.0
-            free = 0 if g.feeds_output else math.isqrt(g.n_units)
+            # the default stream floor ("writers"), for streams of at most 4 writers like these
+            assert g.writers <= 4
+            free = 0 if g.feeds_output else min(math.isqrt(g.n_units), g.n_units // 8)
             curve = cap_floor(tod_curve(g.u, g.r), free) if g.is_stream else tod_curve(g.u, g.r)
             expected = int(tod_counts([curve], alpha, [w])[0])
             assert len(p.removed[g.name]) == expected
