@@ -14,6 +14,7 @@ import torch
 
 import fairpruner as fp
 from helpers import predicted_removed, tiny_loader
+from fairpruner._planning.depths import free_floor
 from fairpruner._planning.plans import FLOORS, STREAM_FLOOR, STREAM_WEIGHT
 from fairpruner._planning.tod import tod_counts, tod_curve
 
@@ -73,9 +74,9 @@ def test_stream_weight_protects_residual_streams(resnet_scores):
 
 
 def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
-    """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(4 n / max(writers, 4))) of it
-    ("writers", the default), at most floor(sqrt(n)) ("capped"; both nothing where the output layer reads the
-    stream) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
+    """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(4 n / max(writers, 4))) and
+    n / 8 of it ("writers", the default), at most floor(sqrt(n)) ("capped"; both nothing where the output layer
+    reads the stream) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
     # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream. One stream the
     # head does not read gets 12 writers, so that its writers' cap (isqrt(4 n / 12)) is below isqrt(n).
     streams = [g.name for g in synthetic_scores.groups if g.is_stream and not g.feeds_output]
@@ -114,8 +115,6 @@ def test_writers_cap_is_sqrt_width_up_to_four_writers_and_an_eighth_of_the_width
     """The writers' cap equals sqrt(n) for streams of 2 to 4 writers and 64 or more units, never exceeds n / 8
     (ResNet-20's 16 and 32-unit streams: 2 and 4), and shrinks as 2 / sqrt(writers) beyond 4 writers
     (ResNet-56's 10: 2 of 16 and 3 of 32 units)."""
-    from fairpruner._planning.depths import free_floor
-
     def stream(n, writers, head=False):
         return fp.GroupScores("s", torch.ones(n), torch.ones(n), torch.ones(n), n, torch.arange(n)[:, None],
                               writers=writers, feeds_output=head)

@@ -70,7 +70,8 @@ def free_floor(g: GroupScores, rule: str) -> Optional[int]:
     if rule == "none" or (rule in ("capped", "writers") and g.feeds_output):
         return 0
     if rule == "writers":
-        return min(math.isqrt(4 * g.n_units // max(g.writers, STREAM_WRITERS)), g.n_units // STREAM_SHARE)
+        return min(math.isqrt(STREAM_WRITERS * g.n_units // max(g.writers, STREAM_WRITERS)),
+                   g.n_units // STREAM_SHARE)
     return math.isqrt(g.n_units)
 
 
