@@ -11,6 +11,7 @@ seeds. The data never overlap:
 
     python benchmarks/accuracy.py --part select                # FAIR variants on validation (~8 min, ResNet-20)
     python benchmarks/accuracy.py --part select --model resnet56 --methods writers   # one study's rows
+    python benchmarks/accuracy.py --part select --model vgg16_bn --methods tp   # the rival on validation
     python benchmarks/accuracy.py --part test                  # all methods on test (~30 min)
     python benchmarks/accuracy.py --part test --model resnet56 --methods core   # default, uniform, Torch-Pruning
     python benchmarks/accuracy.py --part ablation --model vgg16_bn   # the paper's ToD/uniform ablations (params)
@@ -322,7 +323,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "Torch-Pruning alone (default, previous, tp); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the cost "
                          "study (cost), the tie/floor study (ties), the writers study (writers), the default or the "
-                         "previous default alone; "
+                         "previous default alone, or Torch-Pruning global L1 for reference (tp); "
                          "--part ablation: every method, the default or the previous defaults; --part finetune: "
                          "the default, the previous default and Torch-Pruning, or some of them (default, "
                          "previous, tp)")

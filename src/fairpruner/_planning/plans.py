@@ -29,13 +29,9 @@ ALLOCATIONS = ("tod", "uniform")
 # of cost, chosen on the validation split), "u" (relative U per unit of cost: the previous rule) or "share"
 # (an equal share of every group's alpha=0 count: the one before).
 TIES = ("r", "u", "share")
-# How much of a residual stream's alpha=0 count is free: "writers" (the default: none of the stream the output
-# layer reads, at most floor(sqrt(4 n / max(writers, 4))) and at most n / 8 units of the others: fewer where
-# more blocks write and read the stream or where it is narrow; chosen on the validation split: ResNet-56 +1.1 pt
-# at 20 % MACs, ResNet-20 +0.5 to +0.8 pt at 20-50 % and -0.8 pt at 65 % over five seeds), "capped" (at most
-# floor(sqrt(n)) units, what two independent rankings give by chance, none of the head's stream: the previous
-# default), "sqrt" (at most floor(sqrt(n)) of every stream: the one before), "free" (all of it: the paper's
-# ToD), "none" (streams lose units only at positive levels).
+# How much of a residual stream's alpha=0 count is free; each rule is spelled out in depths.free_floor. "writers"
+# (the default) was chosen on the validation split: ResNet-56 +1.1 pt at 20 % MACs, ResNet-20 +0.5 to +0.8 pt at
+# 20-50 % and -0.8 pt at 65 % over five seeds (README); "capped" was the previous default, "free" is the paper's.
 STREAM_FLOORS = ("writers", "capped", "sqrt", "free", "none")
 STREAM_FLOOR = "writers"
 # How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD), "sqrt" (at most
