@@ -332,7 +332,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--ablation-levels", default="0.678,0.354",
                     help="fractions of parameters removed by --part ablation (the paper's VGG-16 figures)")
     ap.add_argument("--headline", type=float, default=0.5, help="MACs level of --part finetune")
-    ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of --part finetune")
+    ap.add_argument("--epochs", type=int, default=3,
+                    help="fine-tuning epochs of --part finetune (each count's results are kept apart)")
     ap.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     ap.add_argument("--bf16", action="store_true", help="fine-tune under bfloat16 autocast (same for every method)")
     ap.add_argument("--distill", type=float, default=0.0,
@@ -389,7 +390,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         part = ("targets", run_targets(b))
     else:
         log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
-        part = ("finetune_distill" if args.distill else "finetune", run_finetune(b))
+        # One part per recipe's kind and length, so that a short budget and a long one are shown side by side.
+        part = (f"{'finetune_distill' if args.distill else 'finetune'}_{args.epochs}ep", run_finetune(b))
     # Read at the end, so that runs of other parts for the same model in the meantime are kept.
     results = report.load_results(raw, b.checkpoint)
     old = results.get(part[0], {})

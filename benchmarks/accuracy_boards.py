@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-FINETUNE_KEYS = ("finetune", "finetune_distill")  # a results file's fine-tuning parts: plain, distilled
 
 
 def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
@@ -137,7 +136,7 @@ def _ablation_shortfalls(grid: Dict[str, Any], default: str) -> List[str]:
 
 def _finetune_shortfalls(results: Dict[str, Any], default: str, tp_l1: str) -> List[str]:
     out = []
-    for ft in (results.get(k, {}) for k in FINETUNE_KEYS):
+    for ft in (results[k] for k in finetune_keys(results)):
         if default in ft and tp_l1 not in ft:
             out.append(f"fine-tuned ({_recipe_of(ft)}): no Torch-Pruning row to compare with yet")
         elif tp_l1 in ft and default not in ft:
@@ -165,16 +164,29 @@ def ablation_board(all_results: Dict[str, Dict[str, Any]], default: str) -> List
     return head + lines if lines else []
 
 
+def finetune_keys(results: Dict[str, Any]) -> List[str]:
+    """A results file's fine-tuning parts, one per recipe (plain or distilled, and the epochs: a short budget and
+    a long one are both kept), plain first, then by epochs.
+
+    Example:
+        >>> finetune_keys({"test": {}, "finetune_distill_5ep": {"epochs": 5, "distill": 0.9},
+        ...                "finetune_distill_1ep": {"epochs": 1, "distill": 0.9}, "finetune": {"epochs": 10}})
+        ['finetune', 'finetune_distill_1ep', 'finetune_distill_5ep']
+    """
+    keys = [k for k in results if k == "finetune" or k.startswith("finetune_")]
+    return sorted(keys, key=lambda k: (bool(results[k].get("distill")), results[k].get("epochs", 0), k))
+
+
 def _recipe_of(ft: Dict[str, Any]) -> str:
-    return f"{ft['epochs']} epochs" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
+    n = ft["epochs"]
+    return f"{n} epoch{'s' if n != 1 else ''}" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
 
 
 def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
     """Each fine-tuning recipe's default and Torch-Pruning rows against the unpruned checkpoint."""
     lines = []
     for name, results in all_results.items():
-        for key in FINETUNE_KEYS:
-            ft = results.get(key, {})
+        for ft in (results[k] for k in finetune_keys(results)):
             if default not in ft and tp_l1 not in ft:
                 continue
             how = _recipe_of(ft)

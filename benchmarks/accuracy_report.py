@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import (FINETUNE_KEYS, _mean_std, _pm, ablation_board, finetune_board, scoreboard, seeds_mixed,
-                             seeds_note, shortfalls, usual_seeds)
+from accuracy_boards import (_mean_std, _pm, _recipe_of, ablation_board, finetune_board, finetune_keys, scoreboard,
+                             seeds_mixed, seeds_note, shortfalls, usual_seeds)
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
@@ -220,9 +220,8 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     if "targets" in results:
         lines += ["## Targets: `plan(macs=t)` and `plan(params=t)`, measured after surgery (seed 0)", ""]
         lines += _targets(results["targets"]) + [""]
-    for key in FINETUNE_KEYS:
-        if key in results:
-            lines += _finetuned(results[key])
+    for key in finetune_keys(results):
+        lines += _finetuned(results[key])
     return "\n".join(lines)
 
 
@@ -230,7 +229,7 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
     how = f"distilled from the unpruned model, weight {ft['distill']:g}, T 4; " if ft.get("distill") else ""
     device = ft.get("device", "cpu")
     on = "GPU" if device == "cuda" else device.upper()
-    lines = [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {ft['epochs']} epochs, SGD "
+    lines = [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {_recipe_of({**ft, 'distill': 0})}, SGD "
              f"lr {ft['lr']}, cosine; {how}on the {on}; unpruned {100 * ft['unpruned']:.2f} %)", "",
              "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
     for label in [k for k, v in ft.items() if isinstance(v, dict)]:  # the methods fine-tuned

@@ -89,3 +89,22 @@ def test_a_board_row_whose_cell_has_other_seeds_says_how_many():
     assert lines[3].startswith("| m | 50% | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 (y + uniform) |")
     short = accuracy_boards.shortfalls({"m": {"test": test}}, D, TP)
     assert short[0].startswith("- m, 20% MACs removed (5 seeds), after recalibration: ahead of")
+
+
+def test_finetune_keys_keep_every_recipe_plain_first_then_by_epochs():
+    results = {"test": {}, "finetune_distill_5ep": {"epochs": 5, "distill": 0.9},
+               "finetune_distill_1ep": {"epochs": 1, "distill": 0.9}, "finetune_10ep": {"epochs": 10},
+               "finetuned_elsewhere": {"epochs": 2}}
+    assert accuracy_boards.finetune_keys(results) == ["finetune_10ep", "finetune_distill_1ep", "finetune_distill_5ep"]
+
+
+def test_finetune_board_shows_a_short_and_a_long_budget_side_by_side():
+    short = {"epochs": 1, "distill": 0.9, "unpruned": 0.9, "level": 0.5,
+             D: {"finetuned": 0.88}, TP: {"finetuned": 0.87}}
+    long = {**short, "epochs": 5, D: {"finetuned": 0.89}, TP: {"finetuned": 0.895}}
+    results = {"m": {"finetune_distill_5ep": long, "finetune_distill_1ep": short}}
+    lines = accuracy_boards.finetune_board(results, D, TP)
+    assert lines[2:] == ["| m | 50% | 1 epoch, distilled (0.9) | 90.00 | 88.00 (-2.00 pt) | 87.00 (-3.00 pt) |",
+                         "| m | 50% | 5 epochs, distilled (0.9) | 90.00 | 89.00 (-1.00 pt) | 89.50 (-0.50 pt) |"]
+    assert accuracy_boards.shortfalls(results, D, TP) == [
+        "- m, fine-tuned (5 epochs, distilled (0.9)): behind Torch-Pruning global L1 by 0.50 pt (one seed)"]
