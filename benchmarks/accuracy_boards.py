@@ -8,7 +8,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 
-
 def _mean_std(recs: List[dict], key: str = "recalibrated") -> Tuple[float, float]:
     v = [100 * r[key] for r in recs]
     return float(np.mean(v)), float(np.std(v))
@@ -177,9 +176,14 @@ def finetune_keys(results: Dict[str, Any]) -> List[str]:
     return sorted(keys, key=lambda k: (bool(results[k].get("distill")), results[k].get("epochs", 0), k))
 
 
-def _recipe_of(ft: Dict[str, Any]) -> str:
+def epochs_of(ft: Dict[str, Any]) -> str:
+    """A fine-tuning part's length: "1 epoch", "15 epochs"."""
     n = ft["epochs"]
-    return f"{n} epoch{'s' if n != 1 else ''}" + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def _recipe_of(ft: Dict[str, Any]) -> str:
+    return epochs_of(ft) + (f", distilled ({ft['distill']:g})" if ft.get("distill") else "")
 
 
 def finetune_board(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:

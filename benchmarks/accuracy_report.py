@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import (_mean_std, _pm, _recipe_of, ablation_board, finetune_board, finetune_keys, scoreboard,
+from accuracy_boards import (_mean_std, _pm, ablation_board, epochs_of, finetune_board, finetune_keys, scoreboard,
                              seeds_mixed, seeds_note, shortfalls, usual_seeds)
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -229,7 +229,7 @@ def _finetuned(ft: Dict[str, Any]) -> List[str]:
     how = f"distilled from the unpruned model, weight {ft['distill']:g}, T 4; " if ft.get("distill") else ""
     device = ft.get("device", "cpu")
     on = "GPU" if device == "cuda" else device.upper()
-    lines = [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {_recipe_of({**ft, 'distill': 0})}, SGD "
+    lines = [f"## Fine-tuned at {ft['level']:.0%} MACs removed (test; seed 0; {epochs_of(ft)}, SGD "
              f"lr {ft['lr']}, cosine; {how}on the {on}; unpruned {100 * ft['unpruned']:.2f} %)", "",
              "| method | MACs removed | recalibrated | fine-tuned | vs unpruned |", "|---|---|---|---|---|"]
     for label in [k for k, v in ft.items() if isinstance(v, dict)]:  # the methods fine-tuned

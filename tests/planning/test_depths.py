@@ -14,7 +14,7 @@ import torch
 
 import fairpruner as fp
 from helpers import predicted_removed, tiny_loader
-from fairpruner._planning.depths import free_floor
+from fairpruner._planning.depths import curves_of, free_floor
 from fairpruner._planning.plans import FLOORS, STREAM_FLOOR, STREAM_WEIGHT
 from fairpruner._planning.tod import tod_counts, tod_curve
 
@@ -231,7 +231,6 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
     np.testing.assert_allclose(factor, np.sqrt(macs / typical))
     assert factor.min() < 1 < factor.max()
     np.testing.assert_array_equal(macs_factor(macs, n, 0.0), np.ones(len(groups)))
-    from fairpruner._planning.depths import curves_of
     curves = curves_of(synthetic_scores, STREAM_FLOOR, "free")  # the default floors for an alpha
     weights = [(STREAM_WEIGHT if g.is_stream else 1.0) * f for g, f in zip(groups, factor)]
     p = fp.plan(synthetic_scores, alpha=0.2, macs_power=0.5)
