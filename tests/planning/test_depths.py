@@ -11,11 +11,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import fairpruner as fp
 from helpers import predicted_removed, tiny_loader
+from fairpruner._planning.allocation import counts_of_prefix, macs_factor, step_order, tie_keys
 from fairpruner._planning.depths import curves_of, free_floor
-from fairpruner._planning.plans import FLOORS, STREAM_FLOOR, STREAM_WEIGHT
+from fairpruner._planning.plans import AUTO_FLOORS, AUTO_POWERS, FLOORS, STREAM_FLOOR, STREAM_WEIGHT
 from fairpruner._planning.tod import tod_counts, tod_curve
 
 
@@ -166,7 +168,6 @@ def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):
 
 def test_ties_reorder_only_within_a_level(resnet_scores):
     """With every tie rule, the steps up to the end of any level are exactly plan(alpha=level)'s counts."""
-    from fairpruner._planning.allocation import counts_of_prefix, step_order, tie_keys
     groups = resnet_scores.groups
     curves = [tod_curve(g.u, g.r) for g in groups]
     weights = [STREAM_WEIGHT if g.is_stream else 1.0 for g in groups]
@@ -198,7 +199,6 @@ def test_ties_take_the_lowest_relative_signal_per_mac_first(synthetic_scores, by
     """Below the floor the first step is the group whose lowest-U unit has the lowest signal / its group's mean
     per MAC of one unit (streams weighted): U itself ("u"), or its R-Score ("r"), whose key for step m is the
     largest R among the m lowest-U units."""
-    from fairpruner._planning.allocation import step_order, tie_keys
     groups = synthetic_scores.groups
     curves = [tod_curve(g.u, g.r) for g in groups]
     weights = [STREAM_WEIGHT if g.is_stream else 1.0 for g in groups]
@@ -222,7 +222,6 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
     """macs_power p multiplies a group's ToD levels by (its unit's MACs / the units' geometric mean)^p, for
     alpha plans exactly as stream_weight does; a target is still met and reproduces plan(alpha=its level);
     p > 0 moves the cut from groups of expensive units to groups of cheap ones."""
-    from fairpruner._planning.allocation import macs_factor
     groups = synthetic_scores.groups
     macs = synthetic_scores.cost.unit_cost()["macs"]
     n = np.array([g.n_units for g in groups], dtype=float)
@@ -257,7 +256,6 @@ def test_auto_takes_the_floor_and_macs_power_whose_plan_removes_the_least_r(synt
     """floor="auto" and macs_power="auto" (the defaults) give a target the plan of floor "free" or "sqrt" and
     power 0, -0.25 or 0.25 whose removed units have the least total R-Score, and an alpha the paper's plan
     (free floor, power 0); the choices are recorded; either auto alone searches only its own option."""
-    from fairpruner._planning.plans import AUTO_FLOORS, AUTO_POWERS
     assert fp.plan(synthetic_scores, alpha=0.1).removed == \
         fp.plan(synthetic_scores, alpha=0.1, macs_power=0, floor="free").removed
     used = set()
@@ -298,7 +296,6 @@ def coarse_scores():
 @pytest.mark.parametrize("model", ["resnet", "coarse"])
 @pytest.mark.parametrize("key", ["params", "macs"])
 def test_any_target_is_met_or_refused_clearly(resnet_scores, coarse_scores, key, model):
-    from hypothesis import given, settings, strategies as st
     scores = resnet_scores if model == "resnet" else coarse_scores
     most = fp.plan(scores, alpha=1.0).achieved[key]  # the deepest plan one round allows
 

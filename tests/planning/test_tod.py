@@ -1,4 +1,5 @@
-"""Tests for fairpruner._planning.tod against a brute-force O(n^2) Tolerance of Difference written from METHOD.md §2."""
+"""Tests for fairpruner._planning.tod against a brute-force O(n^2) Tolerance of Difference written from
+METHOD.md §2."""
 from __future__ import annotations
 
 import math
