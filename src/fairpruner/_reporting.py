@@ -14,6 +14,7 @@ from ._core.inputs import as_args, device_of, to_device
 from ._errors import FairPrunerError
 from ._measure.counting import count_macs, count_params, measure_latency
 from ._planning.plans import Plan
+from ._pruning.io import check_made_by
 from ._recovery import evaluate
 
 __all__ = ["Report", "report", "format_sweep", "format_plan", "plot_sweep"]
@@ -348,6 +349,7 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
     """
     if latency_repeats < 0:
         raise FairPrunerError(f"latency_repeats must be >= 0, got {latency_repeats}.")
+    check_made_by(pruned, plan, "report")
     x_orig, x_pruned = _on_device(example_inputs, original), _on_device(example_inputs, pruned)
     first = next((t for t in x_orig if torch.is_tensor(t)), None)
     totals: Dict[str, Any] = {

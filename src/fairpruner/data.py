@@ -315,6 +315,7 @@ def load_dataset(spec: str, split: str = "train", augment: bool = False, cache_d
         Dataset of ``(tensor, label)`` with ``.targets`` and ``.classes``.
 
     Raises:
+        FileNotFoundError: For a path (a name with a folder or an extension) that does not exist.
         ValueError: For a spec that is none of the above.
     """
     _check_split(split)
@@ -333,6 +334,8 @@ def load_dataset(spec: str, split: str = "train", augment: bool = False, cache_d
         train = _load_arrays(path, "train", cache_dir)[0] if needs_train else images
         mean, std = _channel_stats(train)
         return ArrayDataset(images, labels, mean, std, augment=augment, classes=classes)
+    if not path.exists() and (path.suffix or len(path.parts) > 1):  # meant as a path
+        raise FileNotFoundError(2, "No such file or directory (the dataset given)", spec)
     raise ValueError(f"unknown dataset spec {spec!r}: expected 'digits', 'cifar10:<path>', a path to a .tar.gz "
                      "archive with train/ and test/ class folders, or an existing image-folder directory")
 

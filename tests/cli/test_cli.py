@@ -182,9 +182,12 @@ def test_module_factory_spec(workdir, monkeypatch, capsys):
     (["score", "--model", "zoo:nope", "--data", "digits", "--out", "s.pt"], "Unknown model 'nope'"),
     (["score", "--model", "resnet20", "--data", "digits", "--out", "s.pt"], "zoo:NAME"),
     (["score", "--model", "no_such_module_xyz:f", "--data", "digits", "--out", "s.pt"], "cannot import"),
-    (["score", "--model", "zoo:digits_cnn", "--data", "nowhere/at/all", "--out", "s.pt"], "unknown dataset spec"),
+    (["score", "--model", "zoo:digits_cnn", "--data", "nowhere/at/all", "--out", "s.pt"], "No such file"),
+    (["score", "--model", "zoo:digits_cnn", "--data", "nowhere", "--out", "s.pt"], "unknown dataset spec"),
     (["score", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--num-classes", "5", "--data", "digits",
-      "--out", "s.pt"], "do not fit"),
+      "--out", "s.pt"], "2 differ in shape (classifier.weight (10, 64) in the file, (5, 64) in the model"),
+    (["score", "--model", "zoo:mlp", "--weights", "w.pt", "--data", "digits", "--out", "s.pt"],
+     "tensors of the file are not in the model (features.0.weight"),
     (["prune", "--model", "zoo:digits_cnn", "--weights", "not-there.pt", "--plan", "p.json", "--out", "x.pt"],
      "p.json"),
     (["report", "--model", "zoo:digits_cnn", "--pruned", "w.pt"], "not a pruned model"),
@@ -219,7 +222,9 @@ def test_plan_errors(workdir, capsys):
     assert "Uniform allocation has no alpha" in capsys.readouterr().err
     (workdir / "bad.json").write_text("{not json")
     assert main(["prune", "--model", "zoo:digits_cnn", "--plan", "bad.json", "--out", "x.pt"]) == 2
-    assert capsys.readouterr().err.startswith("error: bad.json is not valid JSON")
+    assert capsys.readouterr().err.startswith("error: bad.json is not a JSON plan")
+    assert main(["prune", "--model", "zoo:digits_cnn", "--plan", "w.pt", "--out", "x.pt"]) == 2  # binary
+    assert capsys.readouterr().err.startswith("error: w.pt is not a JSON plan")
     (workdir / "text.pt").write_text("hello")
     assert main(["plan", "--scores", "text.pt", "--alpha", "0.1"]) == 2
     assert capsys.readouterr().err.startswith("error: text.pt is not a readable weights-only torch file")
@@ -286,7 +291,10 @@ def test_run_whole_path_in_one_command(workdir, capsys, monkeypatch):
 
 @pytest.mark.parametrize("flag,value,says", [
     ("--macs", "1.2", "in (0, 1)"), ("--params", "0", "in (0, 1)"), ("--alpha", "-0.1", "in [0, 1]"),
-    ("--finetune-epochs", "-1", "0 or more"), ("--recalibrate", "x", "whole number")])
+    ("--finetune-epochs", "-1", "0 or more"), ("--recalibrate", "x", "whole number"),
+    ("--samples-per-class", "1", "2 or more"), ("--latency-repeats", "-1", "0 or more"),
+    ("--batch-size", "0", "1 or more"), ("--device", "foo", "Unknown device 'foo'"),
+    ("--device", "cuda:99", "'cuda:99' asked for")])
 def test_run_refuses_out_of_range_numbers_before_any_work(workdir, capsys, monkeypatch, flag, value, says):
     monkeypatch.setattr(commands, "open_dataset", lambda *a, **k: pytest.fail("read data before checking"))
     with pytest.raises(SystemExit) as e:
@@ -296,12 +304,43 @@ def test_run_refuses_out_of_range_numbers_before_any_work(workdir, capsys, monke
     assert flag in err and says in err
 
 
+@pytest.mark.parametrize("out,says", [(".", "is a directory"), ("w.pt/x.pt", "w.pt is a file")])
+def test_run_refuses_an_unwritable_out_before_any_work(workdir, capsys, monkeypatch, out, says):
+    monkeypatch.setattr(commands, "open_dataset", lambda *a, **k: pytest.fail("read data before checking --out"))
+    assert main(["run", "--model", "zoo:digits_cnn", "--data", "digits", "--out", out]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_prune_with_data_recalibrates(workdir, capsys):
+    assert main(["score", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits", "--no-progress",
+                 "--samples-per-class", "4", "--projections", "4", "--out", "s.pt"]) == 0
+    assert main(["plan", "--scores", "s.pt", "--macs", "0.4", "--out", "p.json"]) == 0
+    common = ["prune", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--plan", "p.json", "--no-progress"]
+    assert main([*common, "--out", "plain.pt"]) == 0
+    assert "re-estimated" not in capsys.readouterr().out
+    assert main([*common, "--data", "digits", "--recalibrate", "100", "--out", "recal.pt"]) == 0
+    assert "re-estimated the BatchNorm statistics on 100 training samples" in capsys.readouterr().out
+    plain, recal = (fp.load(workdir / f, zoo.create("digits_cnn")) for f in ("plain.pt", "recal.pt"))
+    stats = [k for k in plain.state_dict() if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(plain.state_dict()[k], recal.state_dict()[k]) for k in stats)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in recal.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+
+
 def test_run_without_recalibration_reports_one_shot(workdir, capsys):
     assert main(["run", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--data", "digits", "--alpha", "0.05",
                  "--samples-per-class", "8", "--recalibrate", "0", "--latency-repeats", "0", "--no-progress",
                  "--out", "run.pt"]) == 0
     out = capsys.readouterr().out
     assert "top-1 accuracy" in out and "recalibrated" not in out
+
+
+def test_run_on_a_model_without_batchnorm_says_so_once(workdir, capsys):
+    assert main(["run", "--model", "zoo:mlp", "--data", "digits", "--alpha", "0.05", "--samples-per-class", "8",
+                 "--latency-repeats", "0", "--no-progress", "--out", "run.pt"]) == 0
+    captured = capsys.readouterr()
+    assert "no BatchNorm layers" in captured.out and "recalibrated" not in captured.out
+    assert "warning" not in captured.err
 
 
 def test_plan_warns_when_the_target_is_missed_and_sweeps_targets(workdir, capsys, monkeypatch):
@@ -320,8 +359,10 @@ def test_plan_warns_when_the_target_is_missed_and_sweeps_targets(workdir, capsys
     assert "macs -10.0% asked, -2" in captured.out
     assert "warning: the plan misses the macs target" in captured.err
     assert main(["plan", "--scores", "s.pt", "--sweep", "macs", "--targets", "0.2,0.4"]) == 0
-    out = capsys.readouterr().out
-    assert "asked (MACs)" in out and "20.0%" in out and "40.0%" in out
+    captured = capsys.readouterr()
+    assert "asked (MACs)" in captured.out and "20.0%" in captured.out and "40.0%" in captured.out
+    # the sweep's missed targets warn in one line each, without a source location
+    assert "warning: The plan removes" in captured.err and ".py:" not in captured.err
     for argv, message in ((["--sweep", "macs", "--targets", "0.2,1"], "--targets: expected a number in (0, 1), got 1"),
                           (["--sweep", "--alphas", "0.1,1.5"], "--alphas: expected a number in [0, 1], got 1.5"),
                           (["--sweep", "macs", "--targets", ","], "--targets: expected comma-separated numbers")):

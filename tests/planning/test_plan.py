@@ -278,6 +278,8 @@ def test_sweep_monotone_and_matches_plan(resnet_scores):
 
 def test_sweep_default_and_bad_alpha(resnet_scores):
     assert len(fp.sweep(resnet_scores)) >= 2
+    assert fp.sweep(resnet_scores, 0.1) == fp.sweep(resnet_scores, [0.1])  # one number is a sweep of one
+    assert fp.sweep(resnet_scores, macs=0.3) == fp.sweep(resnet_scores, macs=[0.3])
     with pytest.raises(fp.PlanError):
         fp.sweep(resnet_scores, [0.1, 1.5])
 

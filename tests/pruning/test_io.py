@@ -73,3 +73,15 @@ def test_load_rejects_foreign_files(tmp_path):
         fp.load(tmp_path / "other.pt", zoo.create("digits_cnn"))
     with pytest.raises(fp.FairPrunerError, match="fairpruner.scores"):
         fp.Scores.load(tmp_path / "other.pt")
+
+
+def test_save_refuses_a_model_the_plan_did_not_make(tmp_path):
+    """Saving with another plan, or the unpruned model, would write a file that cannot load: refused."""
+    model, scores, plan, pruned = case("resnet20", target="alpha")
+    other = fp.plan(scores, alpha=0.6)
+    assert other.removed != plan.removed
+    with pytest.raises(fp.PlanError, match="another plan"):
+        fp.save(tmp_path / "a.pt", pruned, other)
+    with pytest.raises(fp.PlanError, match="parameters"):
+        fp.save(tmp_path / "b.pt", model, plan)
+    assert not list(tmp_path.iterdir())

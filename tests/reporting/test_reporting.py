@@ -50,6 +50,14 @@ def test_report_measures_real_models(setup):
         assert row["removed"] == pytest.approx(len(plan.removed[g["name"]]) / g["units"])
 
 
+def test_report_refuses_models_the_plan_did_not_make(setup):
+    model, scores, plan, pruned, example, _ = setup
+    with pytest.raises(fp.PlanError, match="another plan"):
+        fp.report(model, pruned, fp.plan(scores, alpha=0.6), example, latency_repeats=0)
+    with pytest.raises(fp.PlanError, match="parameters"):  # original and pruned swapped
+        fp.report(pruned, model, plan, example, latency_repeats=0)
+
+
 def test_text_table(setup):
     model, _, plan, pruned, example, loader = setup
     rep = fp.report(model, pruned, plan, example, eval_loader=loader, latency_repeats=1)

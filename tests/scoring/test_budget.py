@@ -164,6 +164,8 @@ def test_forward_only_passes_stop_at_their_last_site():
     assert len(calls) == one_pass[0]
     for a, b in zip(free.groups, tight.groups):
         assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name
+    # The budget changes nothing in the scores, so nothing in a plan's file either (it is not recorded there).
+    assert fp.plan(free, macs=0.3).to_json() == fp.plan(tight, macs=0.3).to_json()
 
 
 def test_forward_only_passes_keep_no_activations_for_a_backward():

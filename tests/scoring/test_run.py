@@ -217,9 +217,35 @@ def test_float_targets_in_a_dataloader():
     assert _Counted.calls == 0
 
 
-def test_empty_loader():
-    with pytest.raises(fp.DataError, match="empty"):
-        fp.score(_counted(), iter([]), projections=8)
+@pytest.mark.parametrize("loader", [iter([]), [], DataLoader(TensorDataset(torch.zeros(0, 16),
+                                                                        torch.zeros(0, dtype=torch.long)))])
+def test_empty_loader(loader):
+    with pytest.raises(fp.DataError, match="The loader is empty"):
+        fp.score(_counted(), loader, projections=8)
+
+
+def test_a_dataset_instead_of_a_loader_is_named():
+    x, y = _xy([0, 1] * 4)
+    with pytest.raises(fp.DataError, match="DataLoader"):
+        fp.score(_counted(), TensorDataset(x, y), projections=8)
+    assert _Counted.calls == 0
+
+
+def test_global_rng_untouched_by_a_shuffling_dataloader():
+    """A DataLoader draws its seeds from the global RNG when iterated; scoring gives the caller's state back."""
+    x, y = _xy([0, 1, 2, 3] * 8)
+    loader, model = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), _counted()
+    state = torch.get_rng_state()
+    fp.score(model, loader, projections=8, samples_per_class=4)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("device,match", [("foo", "Unknown device 'foo'"), ("cuda:99", "'cuda:99' asked for")])
+def test_a_device_this_machine_lacks_is_refused_before_any_forward(device, match):
+    x, y = _xy([0, 1] * 4)
+    with pytest.raises(fp.FairPrunerError, match=match):
+        fp.score(_counted(), [(x, y)], projections=8, device=device)
+    assert _Counted.calls == 0
 
 
 def test_label_out_of_range_for_the_model():

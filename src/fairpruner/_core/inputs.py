@@ -6,10 +6,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._errors import DataError
+from .._errors import DataError, FairPrunerError
 
 __all__ = ["as_args", "first_sample", "to_device", "logits_of", "split_batch", "device_of", "forward_logits",
-           "synthetic_inputs", "describe_inputs"]
+           "synthetic_inputs", "describe_inputs", "check_device"]
 
 
 def as_args(example_inputs: Any) -> tuple:
@@ -55,10 +55,30 @@ def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
     return inputs, targets if torch.is_tensor(targets) else torch.as_tensor(targets)
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` that this machine has, or a clear error (before any work is done)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FairPrunerError(f"Unknown device {device!r}; give e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FairPrunerError(f"Device {device!r} asked for, but torch sees no CUDA GPU here (torch "
+                                  f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use 'cpu'.")
+        if d.index is not None and d.index >= count:
+            raise FairPrunerError(f"Device {device!r} asked for, but this machine has {count} CUDA GPU(s): "
+                                  f"cuda:0 ... cuda:{count - 1}.")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise FairPrunerError(f"Device {device!r} asked for, but MPS is not available here; use 'cpu'.")
+    return d
+
+
 def device_of(model: nn.Module, device: Optional[Any] = None) -> torch.device:
-    """``device`` if given, else the device of the model's first parameter (CPU for a parameterless model)."""
+    """``device`` if given (checked to exist here), else the device of the model's first parameter (CPU for a
+    parameterless model)."""
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -307,10 +308,18 @@ def _make_plan(scores: Scores, counts: np.ndarray, ranks: Sequence[np.ndarray], 
                  "macs_before": before["macs"], "macs_after": after["macs"]}
     name = signal if isinstance(signal, str) else getattr(signal, "__name__", "custom")
     settings = {"model_signature": scores.meta.get("model_signature"), "signal": name, **how,
-                "seed": seed, "scoring": scores.meta}
+                "seed": seed, "scoring": _scoring_record(scores.meta)}
     settings["achieved"] = {k: 1 - after[k] / max(before[k], 1.0) for k in ("params", "macs")}
     return Plan(removed, None if alpha is None else float(alpha), groups, settings, predicted,
                 list(scores.meta.get("example_inputs", [])))
+
+
+def _scoring_record(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The scores' settings a plan records: without the memory the U store was given and used, which depend
+    on the machine (the default budget is a share of its free memory) and change nothing in the scores, so
+    that the same scores give the same plan file anywhere."""
+    store = meta.get("u_store")
+    return meta if store is None else {**meta, "u_store": {"class_pairs": store.get("class_pairs")}}
 
 
 def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), *,
@@ -343,7 +352,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         key, values = ("params", params) if params is not None else ("macs", macs)
         options = {"stream_weight": stream_weight, "ties": ties, "stream_floor": stream_floor, "floor": floor,
                    "macs_power": macs_power}
-        return [_target_row(scores, options, key, _fraction(key, v)) for v in values]
+        return [_target_row(scores, options, key, _fraction(key, v)) for v in _listed(values)]
     _check_depth_options(stream_weight, stream_floor, floor, macs_power)
     floor_used, power = _alpha_rules(floor, macs_power)
     curves = curves_of(scores, stream_floor, floor_used)
@@ -351,7 +360,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []
-    for a in alphas:
+    for a in _listed(alphas):
         a = _fraction("alpha", a)
         counts = tod_counts(curves, a, weights)
         after = scores.cost.evaluate(counts)
@@ -359,6 +368,11 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
                      "params_removed": 1 - after["params"] / before["params"],
                      "macs_removed": 1 - after["macs"] / before["macs"]})
     return rows
+
+
+def _listed(values: Any) -> list:
+    """A sweep's values; one number is a list of one."""
+    return [values] if isinstance(values, numbers.Real) else list(values)
 
 
 def _target_row(scores: Scores, options: Dict[str, Any], key: str, value: float) -> Dict[str, Any]:

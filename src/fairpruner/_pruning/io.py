@@ -9,10 +9,11 @@ from torch import nn
 
 from .._core.files import read_torch_file
 from .._errors import PlanError
+from .._measure.counting import count_params
 from .._planning.plans import Plan
 from .surgery import prune
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "check_made_by"]
 
 
 def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
@@ -22,6 +23,7 @@ def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
     are stored and replayed in order by :func:`load`. The file holds only tensors and strings, so it reads back
     with ``torch.load(weights_only=True)``.
     """
+    check_made_by(pruned, plan, "save")
     history = list(getattr(pruned, "_fairpruner_history", []))
     if not history or history[-1] != plan.to_json():
         history = [plan.to_json()]
@@ -47,3 +49,15 @@ def load(path: Union[str, os.PathLike], model: nn.Module, example_inputs: Any = 
         raise PlanError(f"The saved weights do not fit the rebuilt model ({e}). Pass a fresh instance of the "
                         "original, unpruned architecture.") from e
     return pruned
+
+
+def check_made_by(pruned: nn.Module, plan: Plan, call: str) -> None:
+    """Refuses a model that ``plan`` did not make (another plan's, the unpruned one, arguments swapped): its
+    file would not load, its report would describe another model."""
+    history = getattr(pruned, "_fairpruner_history", None)
+    if history and plan.to_json() not in history:
+        raise PlanError(f"{call}: this model was pruned by another plan; pass the plan that fp.prune was given.")
+    after = plan.predicted.get("params_after")
+    if after is not None and count_params(pruned) != int(round(after)):
+        raise PlanError(f"{call}: the model has {count_params(pruned):,} parameters, the plan leaves "
+                        f"{int(round(after)):,}; pass the model fp.prune(model, plan) returned, with that plan.")

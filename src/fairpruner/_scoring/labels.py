@@ -1,7 +1,7 @@
 """Labels of the calibration data: checked before any compute, and the first samples of each class kept for U."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, NoReturn, Optional
 
 import torch
 
@@ -14,6 +14,9 @@ __all__ = ["labelled_batch", "prescan_labels", "check_classes", "first_per_class
 def labelled_batch(batch: Any) -> tuple:
     """``(inputs, targets)`` with targets checked to be 1-D non-negative integer class labels."""
     inputs, targets = split_batch(batch)
+    if targets.dim() == 0:
+        raise DataError("A batch's targets are a single label: the loader yields single samples (a Dataset?); "
+                        "wrap it in a torch.utils.data.DataLoader, or use fairpruner.data.calibration_loader.")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() != 1:
         raise DataError(f"Targets must be a 1-D tensor of integer class labels; got {tuple(targets.shape)} "
                         f"{targets.dtype}. Convert one-hot or soft labels with .argmax(1).")
@@ -25,7 +28,7 @@ def labelled_batch(batch: Any) -> tuple:
 def prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
     """Labels known without running the loader, so class problems are reported before any compute."""
     if isinstance(loader, (list, tuple)):
-        return torch.cat([labelled_batch(b)[1] for b in loader])
+        return torch.cat([labelled_batch(b)[1] for b in loader]) if loader else _empty()
     ds = getattr(loader, "dataset", None)
     if ds is None or getattr(loader, "sampler", None) is not None and not isinstance(
             loader.sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):
@@ -40,7 +43,13 @@ def prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
     return None
 
 
+def _empty() -> NoReturn:
+    raise DataError("The loader is empty; give at least two classes of labelled samples.")
+
+
 def check_classes(labels: torch.Tensor, num_outputs: Optional[int]) -> Dict[int, int]:
+    if labels.numel() == 0:
+        _empty()
     counts = torch.bincount(labels)
     present = {int(k): int(v) for k, v in enumerate(counts.tolist()) if v > 0}
     if len(present) < 2:

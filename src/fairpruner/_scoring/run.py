@@ -12,7 +12,7 @@ import copy
 import numbers
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +64,9 @@ def score(
 ) -> Scores:
     """Computes U- and R-Scores for every prunable group of ``model`` in one pass over ``loader``.
 
-    The caller's model is not modified: a copy is scored in eval mode (BatchNorm statistics frozen, dropout
-    off) with gradients enabled on every parameter; the global RNG state is restored afterwards.
+    The caller's model is left as it was: it is scored in place in eval mode (BatchNorm statistics frozen,
+    dropout off) with gradients enabled on every parameter, and its modes, ``requires_grad`` flags and
+    gradients are restored afterwards (on another ``device``, a copy is scored); so is the global RNG state.
 
     Args:
         model: a trained classifier.
@@ -128,14 +129,7 @@ def score(
     device = device_of(model, device)
     budget = default_budget(device) if max_memory is None else parse_memory(max_memory)
     loss_fn = loss_fn or F.cross_entropy
-    known = prescan_labels(loader)
-    if known is not None:
-        check_classes(known, None)
-    iterator = iter(loader)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise DataError("The loader is empty; give at least two classes of labelled samples.") from None
+    known, iterator, first = _open(loader)
     if example_inputs is None:
         example_inputs = labelled_batch(first)[0]
 
@@ -182,6 +176,21 @@ def score(
                     "peak_bytes": store.meter.peak, "class_pairs": pairs},
     }
     return Scores(result, run.cost, meta)
+
+
+def _open(loader: Iterable) -> Tuple[Optional[torch.Tensor], Iterator, Any]:
+    """The labels known before running the loader (checked), its iterator and its first batch. The RNG is
+    forked: a DataLoader draws its seeds from the global RNG, which the caller gets back untouched."""
+    with torch.random.fork_rng(devices=[]):
+        known = prescan_labels(loader)
+        if known is not None:
+            check_classes(known, None)
+        iterator = iter(loader)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            raise DataError("The loader is empty; give at least two classes of labelled samples.") from None
+    return known, iterator, first
 
 
 def _check_options(model: nn.Module, samples_per_class: int, projections: int, u_at: str, u_reduce: str,

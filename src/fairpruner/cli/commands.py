@@ -146,15 +146,23 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         the_plan = fp.Plan.from_json(Path(args.plan).read_text())
     except (KeyError, TypeError) as exc:
         raise CliError(f"{args.plan} is not a complete fairpruner plan (missing {exc})") from None
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{args.plan} is not valid JSON ({exc}); write plans with 'fairpruner plan --out'") from None
-    model = _model(args)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{args.plan} is not a JSON plan ({exc}); write plans with 'fairpruner plan --out'") from None
+    train = open_dataset(args.data, "train") if args.data else None
+    model = _model(args, count_classes(train) if train is not None else None)
+    if train is not None:
+        check_runs(model, train, args.data)
     pruned = fp.prune(model, the_plan)
-    out = out_path(args.out)
-    fp.save(out, pruned, the_plan)
     before, after = fp.count_params(model), fp.count_params(pruned)
     say(f"pruned {the_plan.units_removed} of {the_plan.units_total} units: params {before:,} -> {after:,} "
-        f"({100 * (1 - after / before):.1f}% removed); wrote {out}")
+        f"({100 * (1 - after / before):.1f}% removed)")
+    recal = _recalibration_loader(train, args, pruned) if train is not None else None
+    if recal is not None:
+        fp.recalibrate(pruned, recal, progress=args.progress)
+        say(f"re-estimated the BatchNorm statistics on {len(recal.dataset)} training samples")
+    out = out_path(args.out)
+    fp.save(out, pruned, the_plan)
+    say(f"wrote {out}")
     return 0
 
 
@@ -168,8 +176,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size) if dataset is not None else None
     example = next(iter(loader))[0] if loader is not None else example_batch(the_plan, args.batch_size)
     if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     rep = report(original, pruned, the_plan, example, eval_loader=loader, latency_repeats=args.latency_repeats)
     say(rep.to_text())
@@ -238,7 +244,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     oneshot = fp.prune(model, the_plan)
     stages = {"one-shot": oneshot}
     pruned = copy.deepcopy(oneshot)
-    recal = _recalibration_loader(train, args)
+    recal = _recalibration_loader(train, args, pruned)
     final = "one-shot"
     if recal is not None:
         fp.recalibrate(pruned, recal, progress=args.progress)
@@ -267,9 +273,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recalibration_loader(train, args: argparse.Namespace) -> Optional[DataLoader]:
-    """Unlabelled training images for BatchNorm recalibration (seeded), or None with --recalibrate 0."""
+def _recalibration_loader(train, args: argparse.Namespace, pruned: nn.Module) -> Optional[DataLoader]:
+    """Unlabelled training images for BatchNorm recalibration (seeded), or None with --recalibrate 0 or a model
+    without BatchNorm (said once here, not as a warning from fp.recalibrate)."""
     if args.recalibrate <= 0:
+        return None
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
+        say("the model has no BatchNorm layers: no statistics to re-estimate")
         return None
     n = min(args.recalibrate, len(train))
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1))[:n]

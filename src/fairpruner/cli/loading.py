@@ -19,7 +19,7 @@ from .._core.state import eval_mode
 from .._errors import CliError
 
 __all__ = ["build_model", "torch_load", "load_model", "load_pruned", "check_runs", "open_dataset", "count_classes",
-           "out_path", "example_batch", "say"]
+           "out_path", "check_out", "example_batch", "say"]
 
 
 def build_model(spec: str, num_classes: Optional[int]) -> nn.Module:
@@ -107,10 +107,24 @@ def load_model(spec: str, weights: Optional[str], num_classes: Optional[int]) ->
         raise CliError(f"{weights} holds a {type(state).__name__}, not a state_dict")
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CliError(f"the weights in {weights} do not fit {spec}: "
-                       f"{str(exc).splitlines()[0]} (check --num-classes)") from None
+    except RuntimeError:
+        raise CliError(f"the weights in {weights} do not fit {spec}: {_misfit(model.state_dict(), state)}; check "
+                       "--model and --num-classes") from None
     return model.eval()
+
+
+def _misfit(want: dict, got: dict) -> str:
+    """What differs between a model's state_dict and a file's, a few names of each kind."""
+    def few(names: list) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [f"{k} {tuple(got[k].shape)} in the file, {tuple(want[k].shape)} in the model" for k in want
+              if k in got and hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(want[k].shape)]
+    parts = [f"{len(missing)} of the model's tensors are not in the file ({few(missing)})" if missing else "",
+             f"{len(extra)} tensors of the file are not in the model ({few(extra)})" if extra else "",
+             f"{len(shapes)} differ in shape ({few(shapes)})" if shapes else ""]
+    return "; ".join(p for p in parts if p) or "load_state_dict refused them"
 
 
 def load_pruned(path: str, fresh: nn.Module) -> Tuple[nn.Module, Any]:
@@ -144,10 +158,24 @@ def count_classes(dataset) -> Optional[int]:
     return len(classes) if classes else None
 
 
-def out_path(path: str) -> Path:
+def check_out(path: str, option: str) -> None:
+    """Refuses a file that could not be written, before the work that would fill it: a directory, a path
+    under a file, or a folder that cannot be written to. Missing folders are fine (created when written)."""
     p = Path(path)
-    if p.exists() and p.is_dir():
-        raise CliError(f"{path} is a directory; give a file name")
+    if p.is_dir():
+        raise CliError(f"{option} {path} is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"{option} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{option} {path}: {parent} is not writable; choose another place")
+
+
+def out_path(path: str) -> Path:
+    check_out(path, "output")
+    p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 

@@ -5,6 +5,8 @@ import argparse
 import textwrap
 from typing import Callable, List
 
+from .._core.inputs import check_device
+from .._errors import FairPrunerError
 from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS
@@ -69,10 +71,12 @@ EXAMPLES = {
           fairpruner plan --scores scores.pt --alpha 0.05 --signal l1 --out plan-l1.json
         """,
     "prune": """
-        Physically removes the plan's units from the model and saves the smaller model with its plan.
+        Physically removes the plan's units from the model and saves the smaller model with its plan. With
+        --data, re-estimates the BatchNorm statistics on training images first (as 'run' does).
 
         example:
-          fairpruner prune --model zoo:resnet20 --weights resnet20.pt --plan plan.json --out pruned.pt
+          fairpruner prune --model zoo:resnet20 --weights resnet20.pt --plan plan.json --data cifar10.tar.gz \\
+              --out pruned.pt
         """,
     "report": """
         Compares the original and the pruned model: units per group, measured params, MACs, latency at the
@@ -109,7 +113,7 @@ def _progress_flag(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, metavar="SPEC", help=MODEL_HELP)
-    p.add_argument("--num-classes", type=int, metavar="N",
+    p.add_argument("--num-classes", type=_positive, metavar="N",
                    help="passed to the model factory (default: the number of classes in --data, if given)")
     if weights:
         p.add_argument("--weights", metavar="FILE",
@@ -128,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
             step by step:
               fairpruner score --model zoo:resnet20 --weights w.pt --data cifar10.tar.gz --out scores.pt
               fairpruner plan --scores scores.pt --macs 0.5 --out plan.json
-              fairpruner prune --model zoo:resnet20 --weights w.pt --plan plan.json --out pruned.pt
+              fairpruner prune --model zoo:resnet20 --weights w.pt --plan plan.json --data cifar10.tar.gz \
+                  --out pruned.pt
               fairpruner finetune --model zoo:resnet20 --pruned pruned.pt --data cifar10.tar.gz --out ft.pt
               fairpruner report --model zoo:resnet20 --weights w.pt --pruned ft.pt --data cifar10.tar.gz
 
@@ -177,15 +182,29 @@ def _numbers(text: str, one: Callable[[str], float]) -> List[float]:
     return values
 
 
-def _count(text: str) -> int:
-    """A non-negative integer."""
+def _at_least(low: int) -> Callable[[str], int]:
+    """An integer >= low, checked when the arguments are read, before any work."""
+    def whole(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected {low} or more, got {n}")
+        return n
+    return whole
+
+
+_count, _positive = _at_least(0), _at_least(1)
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has (a CUDA device on a machine without one fails here, not mid-run)."""
     try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {n}")
-    return n
+        check_device(text)
+    except FairPrunerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _target_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
@@ -251,9 +270,9 @@ def _add_run(subs) -> None:
     p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
     _target_args(p)
     _plan_args(p)
-    p.add_argument("--samples-per-class", type=int, default=32, metavar="N",
+    p.add_argument("--samples-per-class", type=_at_least(2), default=32, metavar="N",
                    help="calibration samples per class (default 32)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
+    p.add_argument("--batch-size", type=_positive, default=64, metavar="B", help="calibration batch size (default 64)")
     _attention_args(p)
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="bound on the U sample store, e.g. 8GB (default: a quarter of the free memory); a smaller "
@@ -265,10 +284,10 @@ def _add_run(subs) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--distill", type=float, default=0.0, metavar="W", help=DISTILL_HELP)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    p.add_argument("--latency-repeats", type=int, default=10, metavar="N",
+    p.add_argument("--latency-repeats", type=_count, default=10, metavar="N",
                    help="timed forward passes per model (default 10; 0 skips latency)")
     p.add_argument("--seed", type=int, default=0, help="seeds calibration, recalibration and fine-tuning (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", required=True, metavar="FILE", help="pruned model file to write")
     _progress_flag(p)
 
@@ -285,13 +304,13 @@ def _add_score(subs) -> None:
     p = _sub(subs, "score", "compute U- and R-Scores on calibration data")
     _model_args(p)
     p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP + " (its train split is used)")
-    p.add_argument("--samples-per-class", type=int, default=32, metavar="N", help="calibration samples per class "
-                   "(default 32)")
-    p.add_argument("--projections", type=int, default=128, metavar="P",
+    p.add_argument("--samples-per-class", type=_at_least(2), default=32, metavar="N",
+                   help="calibration samples per class (default 32)")
+    p.add_argument("--projections", type=_positive, default=128, metavar="P",
                    help="random directions of the sliced W1 (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seeds the calibration draw and directions (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size (default 64)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-size", type=_positive, default=64, metavar="B", help="calibration batch size (default 64)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--u-at", default="output", choices=("output", "norm", "input"),
                    help="where U is measured: the raw layer output (default), after normalisation, or the next "
                         "layer's input")
@@ -333,7 +352,13 @@ def _add_prune(subs) -> None:
     p = _sub(subs, "prune", "remove the planned units from a model")
     _model_args(p)
     p.add_argument("--plan", required=True, metavar="FILE", help="from 'fairpruner plan'")
+    p.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (its training images re-estimate the pruned "
+                   "model's BatchNorm statistics, which surgery leaves stale; recommended)")
+    p.add_argument("--recalibrate", type=_count, default=1000, metavar="N",
+                   help="training images that re-estimate BatchNorm statistics, with --data (default 1000; 0: skip)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the recalibration draw (default 0)")
     p.add_argument("--out", required=True, metavar="FILE", help="pruned model file to write")
+    _progress_flag(p)
 
 
 def _add_report(subs) -> None:
@@ -341,11 +366,11 @@ def _add_report(subs) -> None:
     _model_args(p)
     p.add_argument("--pruned", required=True, metavar="FILE", help="from 'fairpruner prune' or 'finetune'")
     p.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (its test split measures accuracy)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+    p.add_argument("--batch-size", type=_positive, default=64, metavar="B",
                    help="example batch for latency, and evaluation batch size (default 64)")
-    p.add_argument("--latency-repeats", type=int, default=20, metavar="N",
+    p.add_argument("--latency-repeats", type=_count, default=20, metavar="N",
                    help="timed forward passes per model (default 20; 0 skips latency)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=_positive, metavar="N",
                    help="torch CPU threads while measuring (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--plots", metavar="DIR", help="also write PNG charts into this directory")
@@ -356,18 +381,18 @@ def _add_finetune(subs) -> None:
     _model_args(p, weights=False)
     p.add_argument("--pruned", required=True, metavar="FILE", help="from 'fairpruner prune'")
     p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (default 1)")
+    p.add_argument("--epochs", type=_positive, default=1, help="passes over the training split (default 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3, as the paper)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty (default 5e-4)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="training batch size (default 64)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    p.add_argument("--batch-size", type=_positive, default=64, metavar="B", help="training batch size (default 64)")
+    p.add_argument("--max-steps", type=_positive, metavar="N", help="stop after N optimizer steps")
     p.add_argument("--no-augment", action="store_true", help="no random crop/flip on image data")
     p.add_argument("--teacher", metavar="FILE", help="the unpruned weights of --model, to distil from (with --distill)")
     p.add_argument("--distill", type=float, default=0.0, metavar="W", help=DISTILL_HELP.replace(
         "the unpruned model", "--teacher"))
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--seed", type=int, default=0, help="seeds shuffling and augmentation (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", required=True, metavar="FILE", help="fine-tuned model file to write")
     _progress_flag(p)
