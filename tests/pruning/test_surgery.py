@@ -123,6 +123,17 @@ def test_second_round_prunes_further():
     assert_prune_equals_mask(pruned, p2, fresh_inputs((3, 32, 32)), pruned=pruned2)
 
 
+def test_a_plan_scored_in_float32_prunes_the_model_in_float64():
+    """The plan's synthetic inputs take the model's dtype, so no example_inputs are needed after .double()."""
+    model, _, plan, pruned = case("resnet20", target="alpha")
+    wide = copy.deepcopy(model).double()
+    pruned64 = fp.prune(wide, plan)
+    assert next(pruned64.parameters()).dtype == torch.float64
+    x = fresh_inputs(FAMILIES["resnet20"][1])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned64.eval()(x.double()).float(), pruned.eval()(x), rtol=1e-4, atol=1e-4)
+
+
 def test_surgery_frees_each_parameter_it_replaces(monkeypatch):
     """The copy's replaced parameters give back their memory as the surgery goes (the traced graph holds the
     parameter objects until it is collected): a large model's peak is two models, not three."""

@@ -37,7 +37,12 @@ def plan_families(plan: Plan) -> List[_families.Family]:
 
 
 def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
-    x = as_args(example_inputs) if example_inputs is not None else example_from_plan(plan)
+    if example_inputs is not None:
+        return to_device(as_args(example_inputs), device_of(model))
+    # Synthetic inputs take the model's float dtype: a model scored in float32 and pruned as .double() or
+    # .half() traces without the caller passing inputs.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    x = tuple(t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in example_from_plan(plan))
     return to_device(x, device_of(model))
 
 
