@@ -29,7 +29,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
         model: a classifier returning logits (or an object with ``.logits``, or a tuple whose first item
             is the logits).
         loader: iterable of ``(inputs, targets)`` batches with integer class labels.
-        device: where to run; defaults to the model's device.
+        device: where to run: the model's device (the default); another one is refused, the model is not
+            moved.
 
     Returns:
         The fraction of correctly classified samples, in [0, 1].
@@ -37,17 +38,33 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
     Raises:
         DataError: if the loader yields no samples or batches of the wrong form.
     """
-    device = device_of(model, device)
+    device = _model_device(model, device)
     correct = total = 0
     with eval_mode(model), torch.no_grad():
         for batch in loader:
             inputs, targets = split_batch(batch)
             pred = forward_logits(model, to_device(inputs, device)).argmax(-1).cpu()
+            if pred.shape != targets.shape:  # (B, 1) against (B,) would broadcast to B x B comparisons
+                raise DataError(f"Targets of shape {tuple(targets.shape)} for predictions of shape "
+                                f"{tuple(pred.shape)}: give one class label per prediction (e.g. targets.view(-1)).")
             correct += int((pred == targets.long()).sum())
             total += targets.numel()
     if total == 0:
         raise DataError("The evaluation loader yielded no samples.")
     return correct / total
+
+
+def _model_device(model: nn.Module, device: Optional[Any]) -> torch.device:
+    """The device to run on: the model's own. A ``device`` elsewhere is refused, not followed by moving the
+    caller's model behind its back (fine-tuning, which trains the model there, moves it)."""
+    here = device_of(model)
+    if device is None:
+        return here
+    want = device_of(model, device)
+    if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
+        raise FairPrunerError(f"The model is on {here}, device={str(device)!r} asked for: move it there first "
+                              f"(model.to({str(device)!r})), or leave device out.")
+    return here
 
 
 def finetune(
@@ -81,7 +98,8 @@ def finetune(
         weight_decay: L2 penalty.
         device: where to train; defaults to the model's device.
         progress: show a progress bar; by default only when stderr is a terminal.
-        max_steps: stop after this many optimizer steps in total (the schedule is fitted to it).
+        max_steps: stop after this many optimizer steps in total (the schedule is fitted to it); needed for a
+            loader without a length, which then also stops after ``epochs`` passes.
         autocast: run forward and loss under ``torch.autocast`` with this dtype (mixed precision; weights,
             gradients and the optimizer stay in their own dtype). ``torch.bfloat16`` is faster on CPUs with
             AMX or AVX512-BF16 (1.8x per ResNet-56 CIFAR-10 epoch on 2 cores) and on recent GPUs;
@@ -122,10 +140,12 @@ def finetune(
     per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if per_epoch is None and max_steps is None:
         raise FairPrunerError("The loader has no length; pass max_steps= so the schedule knows its end.")
+    if per_epoch == 0:
+        raise DataError("The training loader yielded no batches.")
     total = epochs * per_epoch if per_epoch is not None else max_steps
     if max_steps is not None:
         total = min(total, max_steps)
-    if total == 0:
+    if total == 0 or epochs == 0:
         return model.eval()
 
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -133,11 +153,11 @@ def finetune(
     show = progress if progress is not None else sys.stderr.isatty()
     bar = tqdm(total=total, desc="fairpruner: fine-tuning", disable=not show, leave=False)
     model.train()
-    step = 0
+    step = passes = 0
     try:
         with eval_mode(teacher) if teacher is not None else contextlib.nullcontext():
-            while step < total:
-                seen = step
+            while step < total and passes < epochs:  # a loader without a length stops at either bound
+                seen, passes = step, passes + 1
                 for batch in loader:
                     inputs, targets = split_batch(batch)
                     if teacher is not None and step == 0:
@@ -162,6 +182,7 @@ def finetune(
                     raise DataError("The training loader yielded no batches.")
     finally:
         bar.close()
+        optimizer.zero_grad(set_to_none=True)  # no gradients left on the parameters
         model.eval()
     return model
 
@@ -216,20 +237,43 @@ def _check_teacher(model: nn.Module, teacher: Optional[nn.Module], distill: Any,
 _NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
 
 
-def _weigh_by_samples(norm: nn.Module):
-    """A pre-hook that sets ``norm``'s momentum so its running statistics are the average over every value it
-    has seen, each call weighted by the values per channel it normalises (batch x positions), not per batch:
-    a short last batch, a sequence-first input or a norm called twice per forward counts for what it holds."""
-    seen = 0
+class _Average:
+    """Makes ``norm``'s running statistics the average over every value it sees during recalibration, each call
+    weighted by the values per channel it normalises (batch x positions), not per batch: a short last batch, a
+    sequence-first input or a norm called twice per forward counts for what it holds.
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        nonlocal seen
+    Float32/64 statistics are averaged by BatchNorm itself, its momentum set to this call's share before each
+    call. Lower-precision ones (a bfloat16 or float16 model) would lose most later batches to rounding that way,
+    so their average is kept here in float32 (BatchNorm, at momentum 0, leaves them) and written by ``finish``.
+    """
+
+    def __init__(self, norm: nn.Module):
+        self.norm, self.seen = norm, 0
+        self.own = norm.running_mean is not None and norm.running_mean.dtype not in (torch.float32, torch.float64)
+        self.mean: Optional[torch.Tensor] = None
+        self.var: Optional[torch.Tensor] = None
+        self.handle = norm.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
         x = args[0]
         k = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
-        if k:  # an empty batch is left to BatchNorm's own error
-            seen += k
-            module.momentum = k / seen  # running = (1 - m) * running + m * this call's statistics
-    return norm.register_forward_pre_hook(hook)
+        if not k:  # an empty batch is left to BatchNorm's own error
+            return
+        self.seen += k
+        share = k / self.seen
+        module.momentum = 0.0 if self.own else share  # running = (1 - m) * running + m * this call's statistics
+        if self.own:
+            dims = [d for d in range(x.dim()) if d != 1]
+            xf = x.detach().float()
+            mean, var = xf.mean(dims), xf.var(dims, correction=1 if k > 1 else 0)
+            self.mean = mean if self.mean is None else self.mean + share * (mean - self.mean)
+            self.var = var if self.var is None else self.var + share * (var - self.var)
+
+    def finish(self, done: bool) -> None:
+        self.handle.remove()
+        if done and self.own and self.mean is not None:
+            self.norm.running_mean.copy_(self.mean)
+            self.norm.running_var.copy_(self.var)
 
 
 def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None,
@@ -258,7 +302,8 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
             2-tuple is always read as such a pair, so pass a two-input model's inputs as a list of lists).
         max_batches: use at most this many batches.
         progress: show a progress bar; by default only when stderr is a terminal.
-        device: where to run; defaults to the model's device.
+        device: where to run: the model's device (the default); another one is refused, the model is not
+            moved.
 
     Returns:
         ``model``, recalibrated.
@@ -287,7 +332,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     first = next(batches, None)
     if first is None:  # refused before any statistic is reset
         raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
-    device = device_of(model, device)
+    device = _model_device(model, device)
     momenta = [m.momentum for m in norms]
     show = progress if progress is not None else sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -296,7 +341,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
     done = False
     with eval_mode(model), torch.no_grad():
-        hooks = [_weigh_by_samples(m) for m in norms]
+        averages = [_Average(m) for m in norms]
         for m in norms:
             m.reset_running_stats()
             m.train()
@@ -307,8 +352,8 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
                 forward_logits(model, to_device(inputs, device))
             done = True
         finally:
-            for h in hooks:
-                h.remove()
+            for a in averages:
+                a.finish(done)
             for m, mom, buffers in zip(norms, momenta, saved):
                 m.momentum = mom
                 if not done:  # a failed pass leaves the statistics it was given

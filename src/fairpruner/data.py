@@ -211,8 +211,11 @@ def _load_arrays(source: Path, split: Optional[str], cache_dir: CacheDir
         classes = _classes_in([source / s for s in SPLITS] if split else [source])
         files = _images_in(folder, classes)
         stats = [p.stat() for _, _, p in files]
-        # A directory's own mtime misses edits inside it, so the key covers every file used.
-        key = [classes, len(files), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+        # A directory's own mtime misses edits inside it, so the key covers every file used: its class/name (a
+        # file moved to another class keeps size and mtime), size and mtime.
+        names = hashlib.sha256("\n".join(rel for _, rel, _ in files).encode()).hexdigest()
+        key = [classes, len(files), names, sum(s.st_size for s in stats),
+               max((s.st_mtime_ns for s in stats), default=0)]
     digest = hashlib.sha256(repr([_CACHE_VERSION, str(source), split] + key).encode()).hexdigest()[:16]
     root = _resolve_cache_dir(cache_dir)
     cache_file = root / f"{source.name}-{split or 'all'}-{digest}.npz" if root else None

@@ -113,6 +113,16 @@ def test_cache_is_reused_and_invalidated(archive: Path, tmp_path: Path, monkeypa
     assert len(calls) == 2
 
 
+def test_a_file_moved_to_another_class_is_not_served_from_the_cache(tree: Path, tmp_path: Path) -> None:
+    """Moving a file keeps the folder's count, total size and newest mtime; its class/name is in the key."""
+    cache = tmp_path / "cache"
+    before = data.load_dataset(str(tree), "train", cache_dir=cache).targets
+    (tree / "train" / "cat" / "0003.png").rename(tree / "train" / "ant" / "0009.png")
+    after = data.load_dataset(str(tree), "train", cache_dir=cache).targets
+    assert list(after) == list(data.load_dataset(str(tree), "train", cache_dir=False).targets)
+    assert list(after) != list(before)
+
+
 def test_default_cache_dir_and_disabled_cache(archive: Path, tmp_path: Path, isolated_cache: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -79,3 +79,5 @@ def test_measure_latency_positive_and_restores_mode():
     model = zoo.create("mlp").train()
     assert fp.measure_latency(model, zoo.example_input("mlp", 4), repeats=3, warmup=1) > 0
     assert model.training
+    with pytest.raises(fp.FairPrunerError, match="repeats"):
+        fp.measure_latency(model, zoo.example_input("mlp", 4), repeats=0)

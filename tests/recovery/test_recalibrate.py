@@ -44,6 +44,21 @@ def test_statistics_equal_the_hand_computed_cumulative_average():
     assert int(net[1].num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_statistics_are_averaged_in_float32(dtype):
+    """In bfloat16 the running update (1 - k/n) * mean + k/n * batch mean loses later batches to rounding; the
+    average is kept in float32 and only the result is rounded."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16)).to(dtype).eval()
+    x = (torch.randn(4000, 8) + 3).to(dtype)
+    fp.recalibrate(net, [x[i:i + 20] for i in range(0, 4000, 20)])
+    with torch.no_grad():
+        h = torch.stack([net[0](x[i:i + 20]).float() for i in range(0, 4000, 20)])  # (batches, 20, 16)
+    torch.testing.assert_close(net[1].running_mean.float(), h.mean((0, 1)), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(net[1].running_var.float(), h.var(1, unbiased=True).mean(0), rtol=2e-2, atol=1e-2)
+    assert net[1].running_mean.dtype == dtype and net[1].momentum == 0.1
+
+
 def test_batches_weigh_by_their_samples():
     # 100 + 2 images: the short batch counts for 2 of 102 samples, not for half of the estimate.
     net = _net()

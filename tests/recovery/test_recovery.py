@@ -60,6 +60,18 @@ def test_evaluate_rejects_empty_and_malformed_loaders():
         fp.evaluate(Constant(0), [])
     with pytest.raises(DataError):
         fp.evaluate(Constant(0), [torch.zeros(2, 8)])
+    x, y = _blobs(8).tensors  # (B, 1) labels would broadcast against (B,) predictions: refused, not > 100 %
+    with pytest.raises(DataError, match=r"shape \(8, 1\)"):
+        fp.evaluate(Constant(0), [(x, y[:, None])])
+
+
+@pytest.mark.parametrize("run", [lambda m, b: fp.evaluate(m, [b], device="meta"),
+                                 lambda m, b: fp.recalibrate(m, [b[0]], device="meta")])
+def test_a_device_other_than_the_model_s_is_refused_and_the_model_not_moved(run):
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(FairPrunerError, match="move it there first"):
+        run(model, _blobs(8).tensors)
+    assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 def test_finetune_learns_in_place_and_returns_eval_model(capsys):
@@ -113,6 +125,27 @@ def test_max_steps_limits_the_number_of_batches():
     with pytest.raises(FairPrunerError, match="max_steps"):
         fp.finetune(_mlp(), iter(list(_loader())), epochs=1)
     fp.finetune(_mlp(), (b for b in list(_loader())), max_steps=2, progress=False)
+
+    class Unsized:  # re-iterable, no length: stops at max_steps or after `epochs` passes, whichever is first
+        def __iter__(self):
+            for batch in list(_loader())[:4]:
+                seen.append(1)
+                yield batch
+    for epochs, steps, expected in ((0, 10, 0), (1, 10, 4), (2, 6, 6), (3, 20, 12)):
+        seen.clear()
+        fp.finetune(_mlp(), Unsized(), epochs=epochs, lr=0.01, max_steps=steps, progress=False)
+        assert len(seen) == expected, (epochs, steps)
+
+
+@pytest.mark.parametrize("loader", [[], DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0).long()))])
+def test_finetune_refuses_an_empty_loader(loader):
+    with pytest.raises(DataError, match="no batches"):
+        fp.finetune(_mlp(), loader, lr=0.01, progress=False)
+
+
+def test_finetune_leaves_no_gradients_on_the_parameters():
+    model = fp.finetune(_mlp(), _loader(), lr=0.01, max_steps=2, progress=False)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_frozen_parameters_stay_frozen():

@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from .._core.inputs import as_args, first_sample
 from .._core.layers import WEIGHT_TYPES
 from .._core.state import eval_mode
+from .._errors import FairPrunerError
 
 __all__ = ["count_params", "count_macs", "module_macs", "measure_latency", "attention_macs", "FunctionalMatmuls",
            "mha_macs", "LAYER_MACS"]
@@ -122,13 +123,21 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one eval-mode forward pass on ``example_inputs``."""
+    """Median wall-clock seconds of one eval-mode forward pass on ``example_inputs`` (at least one repeat; on
+    a GPU each pass is timed to its end, not to the launch of its kernels)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise FairPrunerError(f"repeats must be a positive integer, got {repeats!r}.")
     args = as_args(example_inputs)
+    devices = {t.device for t in args if torch.is_tensor(t) and t.device.type == "cuda"}
     times = []
     with eval_mode(model), torch.inference_mode():
         for i in range(warmup + repeats):
+            for d in devices:
+                torch.cuda.synchronize(d)
             t0 = time.perf_counter()
             model(*args)
+            for d in devices:
+                torch.cuda.synchronize(d)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     times.sort()
