@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._core.inputs import device_of, forward_logits, split_batch, to_device
+from ._core.inputs import device_of, float_dtype, forward_logits, split_batch, to_device
 from ._core.state import eval_mode
 from ._errors import DataError, FairPrunerError
 
@@ -38,12 +38,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
     Raises:
         DataError: if the loader yields no samples or batches of the wrong form.
     """
-    device = _model_device(model, device)
+    device, dtype = _model_device(model, device), float_dtype(model)
     correct = total = 0
     with eval_mode(model), torch.no_grad():
         for batch in loader:
             inputs, targets = split_batch(batch)
-            pred = forward_logits(model, to_device(inputs, device)).argmax(-1).cpu()
+            pred = forward_logits(model, to_device(inputs, device, dtype)).argmax(-1).cpu()
             if pred.shape != targets.shape:  # (B, 1) against (B,) would broadcast to B x B comparisons
                 raise DataError(f"Targets of shape {tuple(targets.shape)} for predictions of shape "
                                 f"{tuple(pred.shape)}: give one class label per prediction (e.g. targets.view(-1)).")
@@ -154,17 +154,19 @@ def finetune(
     bar = tqdm(total=total, desc="fairpruner: fine-tuning", disable=not show, leave=False)
     model.train()
     step = passes = 0
+    dtype = float_dtype(model)
     try:
         with eval_mode(teacher) if teacher is not None else contextlib.nullcontext():
             while step < total and passes < epochs:  # a loader without a length stops at either bound
                 seen, passes = step, passes + 1
                 for batch in loader:
                     inputs, targets = split_batch(batch)
+                    inputs = to_device(inputs, device, dtype)
                     if teacher is not None and step == 0:
-                        _check_logits(model, teacher, to_device(inputs, device))
+                        _check_logits(model, teacher, inputs)
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                         enabled=autocast is not None):
-                        loss = _loss(model, teacher, to_device(inputs, device), targets.long().to(device),
+                        loss = _loss(model, teacher, inputs, targets.long().to(device),
                                      distill, temperature)
                     if not bool(torch.isfinite(loss)):
                         raise FairPrunerError(f"The loss became {loss.item()} at step {step}; "
@@ -332,7 +334,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     first = next(batches, None)
     if first is None:  # refused before any statistic is reset
         raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
-    device = _model_device(model, device)
+    device, dtype = _model_device(model, device), float_dtype(model)
     momenta = [m.momentum for m in norms]
     show = progress if progress is not None else sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -349,7 +351,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
             for batch in tqdm(itertools.islice(itertools.chain([first], batches), max_batches), total=total,
                               desc="fairpruner: recalibrating", disable=not show, leave=False):
                 inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                forward_logits(model, to_device(inputs, device))
+                forward_logits(model, to_device(inputs, device, dtype))
             done = True
         finally:
             for a in averages:

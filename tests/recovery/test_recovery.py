@@ -137,6 +137,14 @@ def test_max_steps_limits_the_number_of_batches():
         assert len(seen) == expected, (epochs, steps)
 
 
+def test_a_bfloat16_model_takes_float32_batches():
+    """Floating inputs follow the model's dtype in evaluate, recalibrate and finetune (not a dtype error)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).bfloat16()
+    fp.recalibrate(model, [x for x, _ in _loader()])
+    fp.finetune(model, _loader(), lr=0.05, progress=False)
+    assert fp.evaluate(model, _loader()) > 0.9 and next(model.parameters()).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("loader", [[], DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0).long()))])
 def test_finetune_refuses_an_empty_loader(loader):
     with pytest.raises(DataError, match="no batches"):

@@ -9,7 +9,7 @@ from torch import nn
 from .._errors import DataError, FairPrunerError
 
 __all__ = ["as_args", "first_sample", "to_device", "logits_of", "split_batch", "device_of", "forward_logits",
-           "synthetic_inputs", "describe_inputs", "check_device"]
+           "synthetic_inputs", "describe_inputs", "check_device", "float_dtype"]
 
 
 def as_args(example_inputs: Any) -> tuple:
@@ -24,14 +24,21 @@ def first_sample(example_inputs: Any) -> tuple:
     return tuple(t[:1] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
 
 
-def to_device(x: Any, device: torch.device) -> Any:
-    """Moves a tensor, or the tensors of a tuple/list, to ``device``."""
+def to_device(x: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Any:
+    """Moves a tensor, or the tensors of a tuple/list, to ``device``; floating ones also to ``dtype`` if given
+    (a bfloat16 model fed float32 batches)."""
     if torch.is_tensor(x):
+        x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
         # Tensors made under inference_mode cannot enter autograd; a plain copy can.
-        return x.to(device).clone() if x.is_inference() else x.to(device)
+        return x.clone() if x.is_inference() else x
     if isinstance(x, (tuple, list)):
-        return type(x)(to_device(t, device) for t in x)
+        return type(x)(to_device(t, device, dtype) for t in x)
     return x
+
+
+def float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating-point parameter (None if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def logits_of(out: Any) -> torch.Tensor:

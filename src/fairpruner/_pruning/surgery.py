@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import families as _families
-from .._core.inputs import as_args, device_of, logits_of, synthetic_inputs, to_device
+from .._core.inputs import as_args, device_of, float_dtype, logits_of, synthetic_inputs, to_device
 from .._core.layers import CONV_TYPES, WEIGHT_TYPES
 from .._core.state import model_signature, preserved_state
 from .._errors import FairPrunerError, PlanError
@@ -41,9 +41,7 @@ def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
         return to_device(as_args(example_inputs), device_of(model))
     # Synthetic inputs take the model's float dtype: a model scored in float32 and pruned as .double() or
     # .half() traces without the caller passing inputs.
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    x = tuple(t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in example_from_plan(plan))
-    return to_device(x, device_of(model))
+    return to_device(example_from_plan(plan), device_of(model), float_dtype(model))
 
 
 def _check_signature(plan: Plan, model: nn.Module) -> None:
