@@ -81,3 +81,10 @@ def test_measure_latency_positive_and_restores_mode():
     assert model.training
     with pytest.raises(fp.FairPrunerError, match="repeats"):
         fp.measure_latency(model, zoo.example_input("mlp", 4), repeats=0)
+
+
+@pytest.mark.parametrize("measure", [fp.count_macs, fp.measure_latency])
+def test_dict_inputs_are_refused_with_the_positional_form(measure):
+    """A dict would reach forward() as one argument (or fail inside a Hugging Face model): refused, naming it."""
+    with pytest.raises(fp.DataError, match=r"dict \(x\).*tuple of tensors"):
+        measure(zoo.create("mlp"), {"x": zoo.example_input("mlp", 2)})

@@ -9,11 +9,15 @@ from torch import nn
 from .._errors import DataError, FairPrunerError
 
 __all__ = ["as_args", "first_sample", "to_device", "logits_of", "split_batch", "device_of", "forward_logits",
-           "synthetic_inputs", "describe_inputs", "check_device", "float_dtype"]
+           "synthetic_inputs", "describe_inputs", "check_device", "float_dtype", "model_device"]
 
 
 def as_args(example_inputs: Any) -> tuple:
     """Normalises inputs (a tensor, or a tuple/list of tensors for a multi-input model) to positional args."""
+    if isinstance(example_inputs, dict):  # would reach forward() as one argument, or fail inside the model
+        raise DataError(f"Inputs given as a dict ({', '.join(map(str, example_inputs))}): inputs are passed "
+                        "positionally; give a tensor, or a tuple of tensors in the order forward() takes them "
+                        "(e.g. (input_ids, attention_mask)).")
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     return (example_inputs,)
@@ -119,3 +123,16 @@ def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tupl
         else:
             out.append(torch.zeros(*shape, dtype=dtype))
     return tuple(out)
+
+
+def model_device(model: nn.Module, device: Optional[Any]) -> torch.device:
+    """The device to run on: the model's own. A ``device`` elsewhere is refused, not followed by moving the
+    caller's model behind its back (fine-tuning, which trains the model there, moves it)."""
+    here = device_of(model)
+    if device is None:
+        return here
+    want = device_of(model, device)
+    if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
+        raise FairPrunerError(f"The model is on {here}, device={str(device)!r} asked for: move it there first "
+                              f"(model.to({str(device)!r})), or leave device out.")
+    return here

@@ -1,11 +1,9 @@
-"""Recovery after pruning: BatchNorm recalibration, evaluation and a short fine-tuning loop."""
+"""Evaluation and a short fine-tuning loop (SGD, cosine schedule, optional distillation) after pruning."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import sys
-import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -13,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._core.inputs import device_of, float_dtype, forward_logits, split_batch, to_device
-from ._core.state import eval_mode
-from ._errors import DataError, FairPrunerError
+from .._core.inputs import device_of, float_dtype, forward_logits, model_device, split_batch, to_device
+from .._core.state import eval_mode
+from .._errors import DataError, FairPrunerError
 
-__all__ = ["evaluate", "finetune", "recalibrate"]
+__all__ = ["evaluate", "finetune"]
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -> float:
@@ -38,7 +36,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
     Raises:
         DataError: if the loader yields no samples or batches of the wrong form.
     """
-    device, dtype = _model_device(model, device), float_dtype(model)
+    device, dtype = model_device(model, device), float_dtype(model)
     correct = total = 0
     with eval_mode(model), torch.no_grad():
         for batch in loader:
@@ -52,19 +50,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
     if total == 0:
         raise DataError("The evaluation loader yielded no samples.")
     return correct / total
-
-
-def _model_device(model: nn.Module, device: Optional[Any]) -> torch.device:
-    """The device to run on: the model's own. A ``device`` elsewhere is refused, not followed by moving the
-    caller's model behind its back (fine-tuning, which trains the model there, moves it)."""
-    here = device_of(model)
-    if device is None:
-        return here
-    want = device_of(model, device)
-    if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
-        raise FairPrunerError(f"The model is on {here}, device={str(device)!r} asked for: move it there first "
-                              f"(model.to({str(device)!r})), or leave device out.")
-    return here
 
 
 def finetune(
@@ -234,131 +219,3 @@ def _check_teacher(model: nn.Module, teacher: Optional[nn.Module], distill: Any,
     if at.type != to.type or (at.index is not None and to.index is not None and at.index != to.index):
         raise FairPrunerError(f"The teacher is on {at}, training runs on {device}: move it there first "
                               f"(teacher.to({str(device)!r})); it is not moved for you, since it is your model.")
-
-
-_NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
-
-
-class _Average:
-    """Makes ``norm``'s running statistics the average over every value it sees during recalibration, each call
-    weighted by the values per channel it normalises (batch x positions), not per batch: a short last batch, a
-    sequence-first input or a norm called twice per forward counts for what it holds.
-
-    Float32/64 statistics are averaged by BatchNorm itself, its momentum set to this call's share before each
-    call. Lower-precision ones (a bfloat16 or float16 model) would lose most later batches to rounding that way,
-    so their average is kept here in float32 (BatchNorm, at momentum 0, leaves them) and written by ``finish``.
-    """
-
-    def __init__(self, norm: nn.Module):
-        self.norm, self.seen = norm, 0
-        self.own = norm.running_mean is not None and norm.running_mean.dtype not in (torch.float32, torch.float64)
-        self.mean: Optional[torch.Tensor] = None
-        self.var: Optional[torch.Tensor] = None
-        self.handle = norm.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        k = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
-        if not k:  # an empty batch is left to BatchNorm's own error
-            return
-        self.seen += k
-        share = k / self.seen
-        module.momentum = 0.0 if self.own else share  # running = (1 - m) * running + m * this call's statistics
-        if self.own:
-            dims = [d for d in range(x.dim()) if d != 1]
-            xf = x.detach().float()
-            mean, var = xf.mean(dims), xf.var(dims, correction=1 if k > 1 else 0)
-            self.mean = mean if self.mean is None else self.mean + share * (mean - self.mean)
-            self.var = var if self.var is None else self.var + share * (var - self.var)
-
-    def finish(self, done: bool) -> None:
-        self.handle.remove()
-        if done and self.own and self.mean is not None:
-            self.norm.running_mean.copy_(self.mean)
-            self.norm.running_var.copy_(self.var)
-
-
-def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None,
-                progress: Optional[bool] = None, device: Optional[Any] = None) -> nn.Module:
-    """Re-estimates the running mean and variance of every BatchNorm layer from unlabelled data, in place.
-
-    Pruning changes what each BatchNorm sees, so statistics measured on the unpruned model no longer fit; a
-    forward pass over about a thousand training images restores most of the accuracy one-shot pruning loses.
-    Statistics are reset and re-estimated as a cumulative average over all batches, each weighted by the
-    values it gives each channel (samples x positions): the running mean is the mean over everything seen,
-    the running variance the so-weighted average of the per-batch unbiased variances; a short last batch, or
-    a BatchNorm called twice per forward pass, counts for what it holds. Only the BatchNorm layers
-    run in train mode (dropout and everything else stay in eval), without gradients, on the model's device.
-    Every module's train/eval flag and every BatchNorm's momentum are restored, and so are the original
-    statistics if the forward pass fails.
-
-    Give it batches drawn from every class: a loader over a dataset sorted by class (as
-    :func:`fairpruner.data.cifar10` is) must shuffle, or the statistics describe one class only.
-
-    It changes the model it is given (meant for the pruned model :func:`fairpruner.prune` just returned);
-    copy it first to keep the original statistics.
-
-    Args:
-        model: the model to recalibrate (modified in place).
-        loader: iterable of input batches, or of ``(inputs, targets)`` pairs (targets are ignored; a
-            2-tuple is always read as such a pair, so pass a two-input model's inputs as a list of lists).
-        max_batches: use at most this many batches.
-        progress: show a progress bar; by default only when stderr is a terminal.
-        device: where to run: the model's device (the default); another one is refused, the model is not
-            moved.
-
-    Returns:
-        ``model``, recalibrated.
-
-    Raises:
-        DataError: if the loader yields no batch.
-
-    Example:
-        >>> pruned = fp.prune(model, plan)
-        >>> shuffled = DataLoader(train_images, batch_size=100, shuffle=True,
-        ...                       generator=torch.Generator().manual_seed(0))
-        >>> fp.recalibrate(pruned, shuffled, max_batches=10)
-    """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
-        raise FairPrunerError(f"max_batches must be a positive integer or None, got {max_batches!r}.")
-    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
-    if any(nn.parameter.is_lazy(b) for m in norms for b in m.buffers(recurse=False)):
-        raise FairPrunerError("A lazy BatchNorm has not been initialised yet; run one forward pass through the "
-                              "model first, so that its statistics exist to be re-estimated.")
-    if not norms:
-        warnings.warn("The model has no BatchNorm layer with running statistics; recalibrate() left it unchanged.",
-                      stacklevel=2)
-        return model
-    batches = iter(loader)
-    first = next(batches, None)
-    if first is None:  # refused before any statistic is reset
-        raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
-    device, dtype = _model_device(model, device), float_dtype(model)
-    momenta = [m.momentum for m in norms]
-    show = progress if progress is not None else sys.stderr.isatty()
-    total = len(loader) if hasattr(loader, "__len__") else None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
-    done = False
-    with eval_mode(model), torch.no_grad():
-        averages = [_Average(m) for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.train()
-        try:
-            for batch in tqdm(itertools.islice(itertools.chain([first], batches), max_batches), total=total,
-                              desc="fairpruner: recalibrating", disable=not show, leave=False):
-                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                forward_logits(model, to_device(inputs, device, dtype))
-            done = True
-        finally:
-            for a in averages:
-                a.finish(done)
-            for m, mom, buffers in zip(norms, momenta, saved):
-                m.momentum = mom
-                if not done:  # a failed pass leaves the statistics it was given
-                    for k, b in buffers.items():
-                        getattr(m, k).copy_(b)
-    return model

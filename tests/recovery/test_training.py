@@ -1,4 +1,4 @@
-"""Tests for fairpruner._recovery: evaluate and finetune."""
+"""Tests for fairpruner._recovery.training: evaluate and finetune."""
 from __future__ import annotations
 
 import copy

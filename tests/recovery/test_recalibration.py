@@ -1,4 +1,4 @@
-"""Tests for fairpruner._recovery.recalibrate (fp.recalibrate): BatchNorm statistics re-estimated from unlabelled
+"""Tests for fairpruner._recovery.recalibration (fp.recalibrate): BatchNorm statistics re-estimated from unlabelled
 data, nothing else."""
 from __future__ import annotations
 
@@ -57,6 +57,20 @@ def test_low_precision_statistics_are_averaged_in_float32(dtype):
     torch.testing.assert_close(net[1].running_mean.float(), h.mean((0, 1)), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(net[1].running_var.float(), h.var(1, unbiased=True).mean(0), rtol=2e-2, atol=1e-2)
     assert net[1].running_mean.dtype == dtype and net[1].momentum == 0.1
+
+
+def test_a_one_sample_batch_is_skipped_with_a_warning_not_a_failure():
+    """A loader's last batch of one sample would fail BatchNorm1d after every other batch has run: skipped."""
+    net, xs = _net(), _batches(n=2, size=5)
+    ref = fp.recalibrate(copy.deepcopy(net), xs)
+    with pytest.warns(UserWarning, match="skipped 1 batch"):
+        fp.recalibrate(net, xs + [_batches(n=1, size=1, seed=9)[0]])
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(fp.DataError, match="one value per channel"):
+        fp.recalibrate(net, [_batches(n=1, size=1)[0]])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_batches_weigh_by_their_samples():

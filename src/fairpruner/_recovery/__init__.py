@@ -1,0 +1,5 @@
+"""Recovery after pruning: BatchNorm recalibration, evaluation and a short fine-tuning loop."""
+from .recalibration import recalibrate
+from .training import evaluate, finetune
+
+__all__ = ["evaluate", "finetune", "recalibrate"]
