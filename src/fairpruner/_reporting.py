@@ -96,6 +96,9 @@ def format_plan(plan: Plan) -> str:
 
     Returns:
         Multi-line text, aligned for a terminal.
+
+    Example:
+        >>> print(fp.format_plan(fp.plan(scores, macs=0.5)))
     """
     p = plan.predicted
     lines = [f"plan: {_plan_heading(plan.settings, plan.alpha)}", "", _group_table(_group_rows(plan))]
@@ -117,6 +120,9 @@ def format_sweep(rows: Sequence[Dict[str, float]], accuracy: Optional[Sequence[O
 
     Returns:
         Multi-line text, aligned for a terminal.
+
+    Example:
+        >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.2, 0.35, 0.5])))
     """
     accuracy = _sweep_accuracy(rows, accuracy)
     asked = [k for k in ("params", "macs") if rows and all(r.get("target_key") == k for r in rows)]
@@ -276,6 +282,9 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: PathLike,
 
     Returns:
         ``path``.
+
+    Example:
+        >>> fp.plot_sweep(fp.sweep(scores), "sweep.png")
     """
     if not rows:
         raise FairPrunerError("The sweep has no rows to plot.")
@@ -338,6 +347,9 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
 
     Returns:
         A :class:`Report`.
+
+    Raises:
+        PlanError: if ``pruned`` was not made by ``plan`` (arguments swapped, another plan's model).
 
     Example:
         >>> pruned = fp.prune(model, plan)

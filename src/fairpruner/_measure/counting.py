@@ -19,7 +19,14 @@ __all__ = ["count_params", "count_macs", "module_macs", "measure_latency", "atte
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
+    """Number of parameters (shared parameters counted once).
+
+    Args:
+        model: any module.
+
+    Example:
+        >>> fp.count_params(fp.prune(model, plan)) / fp.count_params(model)
+    """
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
@@ -118,13 +125,36 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     Counts every Conv/Linear layer exactly, and matrix products, convolutions and
     ``scaled_dot_product_attention`` called as functions (hand-written attention's ``q @ k.T``), which
     module-hook counters miss. (torch's own dispatcher-level counter reports 0 for CPU attention kernels.)
+
+    Args:
+        model: the model (run once, in its current mode, without gradients).
+        example_inputs: a batch (tensor, or tuple of tensors for a multi-input model); only the first sample
+            is used, so the batch dimension must come first.
+
+    Returns:
+        MACs of one sample.
+
+    Example:
+        >>> fp.count_macs(model, x[:1])
     """
     return module_macs(model, example_inputs)[0]
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one eval-mode forward pass on ``example_inputs`` (at least one repeat; on
-    a GPU each pass is timed to its end, not to the launch of its kernels)."""
+    """Median wall-clock seconds of one eval-mode forward pass on ``example_inputs``.
+
+    On a GPU each pass is timed to its end, not to the launch of its kernels. The model's train/eval flag is
+    restored.
+
+    Args:
+        model: the model, on the device of ``example_inputs``.
+        example_inputs: the batch to time (tensor, or tuple of tensors).
+        repeats: timed passes (at least 1); the median is returned.
+        warmup: untimed passes first.
+
+    Example:
+        >>> fp.measure_latency(model, x, repeats=20) / fp.measure_latency(fp.prune(model, plan), x, repeats=20)
+    """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise FairPrunerError(f"repeats must be a positive integer, got {repeats!r}.")
     args = as_args(example_inputs)

@@ -160,7 +160,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             can remove. ToD's steps are taken in order of the level each needs (no re-scoring), so the plan
             is ``plan(alpha=a)`` wherever a level ends; steps of the same level (all of those below what
             ``alpha=0`` removes) go in the order ``ties`` gives. The plan lands within 0.4 pt of the target
-            where the units' sizes allow, and warns when it misses by more than 1 pt.
+            where the units' sizes allow, and warns when it misses by more than 0.5 pt.
         macs: the same for multiply-accumulates.
         signal: which units go once the count is fixed: "u" (lowest U-Score, the default), "l1" (lowest
             weight L1 norm), "taylor" (lowest R-Score), "random" (seeded), or a callable mapping a

@@ -22,6 +22,18 @@ def save(path: Union[str, os.PathLike], pruned: nn.Module, plan: Plan) -> None:
     A model pruned in several rounds (prune, fine-tune, re-score, prune again) carries every round's plan; all
     are stored and replayed in order by :func:`load`. The file holds only tensors and strings, so it reads back
     with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the file to write.
+        pruned: the model :func:`fairpruner.prune` returned for ``plan`` (recalibrated or fine-tuned since).
+        plan: the plan it was pruned with (the last one, after several rounds).
+
+    Raises:
+        PlanError: if ``pruned`` was not made by ``plan`` (the unpruned model, or another plan's).
+
+    Example:
+        >>> fp.save("pruned.pt", fp.finetune(fp.prune(model, plan), train_loader), plan)
+        >>> small = fp.load("pruned.pt", build_model())  # a fresh, unpruned instance
     """
     check_made_by(pruned, plan, "save")
     history = list(getattr(pruned, "_fairpruner_history", []))
@@ -38,6 +50,16 @@ def load(path: Union[str, os.PathLike], model: nn.Module, example_inputs: Any = 
         path: a file written by :func:`save`.
         model: a freshly constructed instance of the original (unpruned) architecture; not modified.
         example_inputs: inputs to trace with; defaults to the shape recorded in the plan.
+
+    Returns:
+        The pruned model with the saved weights.
+
+    Raises:
+        FairPrunerError: if the file was not written by :func:`save`; PlanError if ``model`` is not the
+            architecture it was pruned from.
+
+    Example:
+        >>> small = fp.load("pruned.pt", zoo.resnet20())
     """
     d = read_torch_file(path, "fairpruner.model", "write one with fairpruner.save")
     pruned = model

@@ -106,6 +106,16 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
         plan: from :func:`fairpruner.plan` (or :meth:`Plan.from_json`).
         example_inputs: inputs to trace with; defaults to random inputs of the shape recorded in the plan.
         verify: check that the pruned model's outputs equal the original with the same units zeroed.
+
+    Returns:
+        The pruned copy, in the mode ``model`` was in, with the caller's ``requires_grad`` choices.
+
+    Raises:
+        PlanError: if the plan was made for another architecture or an already pruned model.
+
+    Example:
+        >>> pruned = fp.prune(model, fp.plan(scores, macs=0.5))
+        >>> fp.count_macs(pruned, x) / fp.count_macs(model, x)  # about 0.5
     """
     _check_signature(plan, model)
     work = copy.deepcopy(model)
@@ -179,6 +189,18 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
 
     Every parameter slice that :func:`prune` would remove is set to zero (producer rows and biases,
     normalisation scales and shifts, consumer columns), so the outputs equal the pruned model's.
+
+    Args:
+        model: the unpruned model the plan was made for; it is not modified.
+        plan: from :func:`fairpruner.plan`.
+        example_inputs: inputs to trace with; defaults to random inputs of the shape recorded in the plan.
+
+    Returns:
+        A same-shape copy of ``model`` with the removed units zeroed.
+
+    Example:
+        >>> masked = fp.mask(model, plan)
+        >>> torch.testing.assert_close(masked(x), fp.prune(model, plan)(x))
     """
     _check_signature(plan, model)
     work = copy.deepcopy(model)

@@ -87,7 +87,9 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     a BatchNorm called twice per forward pass, counts for what it holds. Only the BatchNorm layers
     run in train mode (dropout and everything else stay in eval), without gradients, on the model's device.
     Every module's train/eval flag and every BatchNorm's momentum are restored, and so are the original
-    statistics if the forward pass fails.
+    statistics if the forward pass fails. A bfloat16 or float16 model's statistics are averaged in float32 (and
+    float inputs cast to its dtype); a batch that gives a BatchNorm one value per channel (a last batch of one
+    sample) is undone and skipped, with a warning.
 
     Give it batches drawn from every class: a loader over a dataset sorted by class (as
     :func:`fairpruner.data.cifar10` is) must shuffle, or the statistics describe one class only.
@@ -108,7 +110,9 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
         ``model``, recalibrated.
 
     Raises:
-        DataError: if the loader yields no batch.
+        DataError: if the loader yields no batch, or every batch was skipped.
+        FairPrunerError: for a ``device`` the model is not on, a bad ``max_batches``, or a lazy BatchNorm not
+            yet initialised.
 
     Example:
         >>> pruned = fp.prune(model, plan)

@@ -34,7 +34,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
         The fraction of correctly classified samples, in [0, 1].
 
     Raises:
-        DataError: if the loader yields no samples or batches of the wrong form.
+        DataError: if the loader yields no samples, batches of the wrong form, or targets not shaped like the
+            predictions.
+        FairPrunerError: for a ``device`` the model is not on.
+
+    Example:
+        >>> fp.evaluate(fp.recalibrate(fp.prune(model, plan), train_inputs), test_loader)
     """
     device, dtype = model_device(model, device), float_dtype(model)
     correct = total = 0

@@ -70,8 +70,8 @@ def run_demo(
 
     Steps: train ``zoo.digits_cnn``; score it on 32 calibration images per class; print an alpha sweep with
     the predicted removal and the measured test accuracy of the one-shot pruned model at every alpha; prune
-    to ``macs_target`` (or at ``alpha``); fine-tune briefly; print the report. Seeded and deterministic
-    (up to the latency measurements).
+    to ``macs_target`` (or at ``alpha``); re-estimate its BatchNorm statistics; fine-tune briefly; print the
+    report. Seeded and deterministic (up to the latency measurements).
 
     Args:
         out: directory for ``report.json``, ``report.txt``, the plots, ``plan.json``, the pruned model

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             step by step:
               fairpruner score --model zoo:resnet20 --weights w.pt --data cifar10.tar.gz --out scores.pt
               fairpruner plan --scores scores.pt --macs 0.5 --out plan.json
-              fairpruner prune --model zoo:resnet20 --weights w.pt --plan plan.json --data cifar10.tar.gz \
+              fairpruner prune --model zoo:resnet20 --weights w.pt --plan plan.json --data cifar10.tar.gz \\
                   --out pruned.pt
               fairpruner finetune --model zoo:resnet20 --pruned pruned.pt --data cifar10.tar.gz --out ft.pt
               fairpruner report --model zoo:resnet20 --weights w.pt --pruned ft.pt --data cifar10.tar.gz

@@ -88,9 +88,16 @@ def moe_blocks(model: nn.Module) -> List[MoEBlock]:
 
 
 def moe_routers(model: nn.Module) -> List[str]:
-    """Router names of every MoE block (ModuleList or stacked experts). Pass them in ``ignore=`` to keep all
-    experts and prune the hidden units inside them instead:
-    ``fp.score(model, loader, ignore=fp.moe_routers(model))``."""
+    """Router names of every MoE block (ModuleList or stacked experts).
+
+    Pass them in ``ignore=`` to keep all experts and prune the hidden units inside them instead of whole experts.
+
+    Args:
+        model: a model with mixture-of-experts blocks (none: an empty list).
+
+    Example:
+        >>> scores = fp.score(model, loader, ignore=fp.moe_routers(model))
+    """
     return [b.router for b in moe_blocks(model)] + [b.router for b in stacked_moe_blocks(model)]
 
 
