@@ -220,6 +220,11 @@ def test_plan_errors(workdir, capsys):
     assert e.value.code == 2 and "--alpha: expected a number in [0, 1], got 2" in capsys.readouterr().err
     assert main(["plan", "--scores", "s.pt", "--alpha", "0.1", "--allocation", "uniform"]) == 2
     assert "Uniform allocation has no alpha" in capsys.readouterr().err
+    for argv, says in ((["--sweep", "--targets", "0.3"], "--targets goes with '--sweep macs'"),
+                       (["--sweep", "macs", "--alphas", "0.3"], "--alphas goes with --sweep"),
+                       (["--macs", "0.3", "--targets", "0.3"], "--targets goes with")):
+        assert main(["plan", "--scores", "s.pt", *argv]) == 2  # an option the command would ignore
+        assert says in capsys.readouterr().err
     (workdir / "bad.json").write_text("{not json")
     assert main(["prune", "--model", "zoo:digits_cnn", "--plan", "bad.json", "--out", "x.pt"]) == 2
     assert capsys.readouterr().err.startswith("error: bad.json is not a JSON plan")

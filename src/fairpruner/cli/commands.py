@@ -24,7 +24,10 @@ from .demo import run_demo
 from .loading import (build_model, check_runs, count_classes, example_batch, load_model, load_pruned, open_dataset,
                       out_path, say, torch_load)
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "DEFAULT_ALPHAS", "SWEEP_TARGETS"]
+
+DEFAULT_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # plan --sweep
+SWEEP_TARGETS = (0.1, 0.2, 0.35, 0.5, 0.65)  # plan --sweep macs|params
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -96,12 +99,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     target = {k: getattr(args, k) for k in ("alpha", "params", "macs") if getattr(args, k) is not None}
     if not target and not args.sweep:
         raise CliError("give a target (--alpha, --params or --macs) or --sweep")
+    if args.alphas is not None and args.sweep != "alpha":
+        raise CliError("--alphas goes with --sweep (an alpha sweep)")
+    if args.targets is not None and args.sweep not in ("macs", "params"):
+        raise CliError("--targets goes with '--sweep macs' or '--sweep params'")
     if args.sweep == "alpha":
         say("alpha sweep (predicted fractions removed):")
-        say(format_sweep(fp.sweep(scores, args.alphas, **_depth_options(args))))
+        say(format_sweep(fp.sweep(scores, args.alphas or DEFAULT_ALPHAS, **_depth_options(args))))
     elif args.sweep:
         say(f"{args.sweep} targets (asked, and what each plan removes):")
-        say(format_sweep(fp.sweep(scores, ties=args.ties, **_depth_options(args), **{args.sweep: args.targets})))
+        targets = {args.sweep: args.targets or SWEEP_TARGETS}
+        say(format_sweep(fp.sweep(scores, ties=args.ties, **_depth_options(args), **targets)))
     if target:
         if args.sweep:
             say()

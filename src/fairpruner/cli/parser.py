@@ -9,7 +9,7 @@ from .._core.inputs import check_device
 from .._errors import FairPrunerError
 from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES
 from .._scoring.reduce import U_CONSUMER_POWER
-from .commands import COMMANDS
+from .commands import COMMANDS, DEFAULT_ALPHAS, SWEEP_TARGETS
 
 __all__ = ["build_parser", "MODEL_HELP", "DATA_HELP", "DEFAULT_ALPHAS"]
 
@@ -23,7 +23,6 @@ BF16_HELP = ("fine-tune under bfloat16 autocast (mixed precision): faster on CPU
 DISTILL_HELP = ("weight W in [0, 1] of distilling from the unpruned model while fine-tuning: the loss is "
                 "(1 - W) x cross-entropy + W x T^2 x KL(original || pruned) at temperature 4 (0.9 is the usual "
                 "CIFAR setting; default 0: cross-entropy alone)")
-DEFAULT_ALPHAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 EXAMPLES = {
@@ -341,10 +340,12 @@ def _add_plan(subs) -> None:
     p.add_argument("--sweep", nargs="?", const="alpha", choices=("alpha", "macs", "params"),
                    help="print what each alpha of --alphas (or each target of --targets, asked beside achieved, "
                         "with '--sweep macs' or '--sweep params') would remove")
-    p.add_argument("--alphas", type=_levels, default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
-                   help="comma-separated alphas in [0, 1] for --sweep")
-    p.add_argument("--targets", type=_fractions, default="0.1,0.2,0.35,0.5,0.65",
-                   help="comma-separated fractions in (0, 1) for '--sweep macs|params' (default 0.1,0.2,0.35,0.5,0.65)")
+    p.add_argument("--alphas", type=_levels,
+                   help="comma-separated alphas in [0, 1] for --sweep (default "
+                        f"{','.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
+    p.add_argument("--targets", type=_fractions,
+                   help="comma-separated fractions in (0, 1) for '--sweep macs|params' (default "
+                        f"{','.join(f'{a:g}' for a in SWEEP_TARGETS)})")
     p.add_argument("--out", metavar="FILE", help="plan JSON to write")
 
 
