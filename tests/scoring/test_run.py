@@ -224,6 +224,14 @@ def test_empty_loader(loader):
         fp.score(_counted(), loader, projections=8)
 
 
+def test_inputs_must_be_batch_first_one_row_per_label():
+    """A (time, batch, features) input would be cut along time for per-sample MACs and U's samples: refused."""
+    x, y = torch.randn(10, 8, 16), torch.arange(8) % 2
+    with pytest.raises(fp.DataError, match="batch-first"):
+        fp.score(_counted(), [(x, y)], projections=8)
+    assert _Counted.calls == 0
+
+
 def test_a_dataset_instead_of_a_loader_is_named():
     x, y = _xy([0, 1] * 4)
     with pytest.raises(fp.DataError, match="DataLoader"):

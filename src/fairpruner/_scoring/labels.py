@@ -22,6 +22,14 @@ def labelled_batch(batch: Any) -> tuple:
                         f"{targets.dtype}. Convert one-hot or soft labels with .argmax(1).")
     if bool((targets < 0).any()):
         raise DataError("Class labels must be non-negative integers (found a negative label).")
+    first = next((t for t in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))
+                  if torch.is_tensor(t) and t.dim() > 0), None)
+    if first is not None and first.shape[0] != targets.shape[0]:
+        # Per-sample MACs and U's samples are read along dim 0: a sequence-first (time, batch, ...) input
+        # would be cut along time.
+        raise DataError(f"A batch holds {targets.shape[0]} labels but its inputs have {first.shape[0]} rows "
+                        f"(shape {tuple(first.shape)}): inputs must be batch-first, one row per label; transpose "
+                        "a (time, batch, ...) input inside the model's forward.")
     return inputs, targets.long()
 
 
