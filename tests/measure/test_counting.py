@@ -1,5 +1,6 @@
 """Tests for fairpruner._measure.counting: MAC and parameter counting, including matrix products written as
 functions."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ def test_measure_latency_positive_and_restores_mode():
     assert model.training
     with pytest.raises(fp.FairPrunerError, match="repeats"):
         fp.measure_latency(model, zoo.example_input("mlp", 4), repeats=0)
+    assert fp.measure_latency(model, zoo.example_input("mlp", 4), repeats=np.int64(2), warmup=0) > 0
 
 
 @pytest.mark.parametrize("measure", [fp.count_macs, fp.measure_latency])

@@ -151,6 +151,11 @@ def test_finetune_refuses_an_empty_loader(loader):
         fp.finetune(_mlp(), loader, lr=0.01, progress=False)
 
 
+def test_zero_epochs_or_steps_return_the_model_whatever_the_loader():
+    model = _mlp()
+    assert fp.finetune(model, [], epochs=0) is model and fp.finetune(model, [], max_steps=0) is model
+
+
 def test_finetune_leaves_no_gradients_on_the_parameters():
     model = fp.finetune(_mlp(), _loader(), lr=0.01, max_steps=2, progress=False)
     assert all(p.grad is None for p in model.parameters())

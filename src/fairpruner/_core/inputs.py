@@ -1,6 +1,7 @@
 """Conventions for model inputs, outputs and batches, shared by every stage (one copy of each)."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,8 +42,10 @@ def to_device(x: Any, device: torch.device, dtype: Optional[torch.dtype] = None)
 
 
 def float_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the model's first floating-point parameter (None if it has none)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    """The one floating-point dtype of the model's parameters; None if it has none or several (a mixed-precision
+    model: which input goes where is its own business)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -132,7 +135,10 @@ def model_device(model: nn.Module, device: Optional[Any]) -> torch.device:
     if device is None:
         return here
     want = device_of(model, device)
-    if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
-        raise FairPrunerError(f"The model is on {here}, device={str(device)!r} asked for: move it there first "
-                              f"(model.to({str(device)!r})), or leave device out.")
-    return here
+    held = {t.device for t in itertools.chain(model.parameters(), model.buffers())} or {here}
+    # Any device the model holds tensors on will do (an offloaded model computes on one its first weight is not on).
+    for d in held:
+        if d.type == want.type and (want.index is None or d.index is None or d.index == want.index):
+            return d
+    raise FairPrunerError(f"The model is on {here}, device={str(device)!r} asked for: move it there first "
+                          f"(model.to({str(device)!r})), or leave device out.")

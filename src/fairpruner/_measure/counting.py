@@ -1,6 +1,7 @@
 """Parameter, MAC and latency measurements on real modules."""
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, Dict, Iterable, Tuple
 
@@ -155,7 +156,7 @@ def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, wa
     Example:
         >>> fp.measure_latency(model, x, repeats=20) / fp.measure_latency(fp.prune(model, plan), x, repeats=20)
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
         raise FairPrunerError(f"repeats must be a positive integer, got {repeats!r}.")
     args = as_args(example_inputs)
     devices = {t.device for t in args if torch.is_tensor(t) and t.device.type == "cuda"}

@@ -77,8 +77,12 @@ def check_made_by(pruned: nn.Module, plan: Plan, call: str) -> None:
     """Refuses a model that ``plan`` did not make (another plan's, the unpruned one, arguments swapped): its
     file would not load, its report would describe another model."""
     history = getattr(pruned, "_fairpruner_history", None)
-    if history and plan.to_json() not in history:
-        raise PlanError(f"{call}: this model was pruned by another plan; pass the plan that fp.prune was given.")
+    if history:  # a model fp.prune made (or fp.load rebuilt) names its plans
+        if plan.to_json() not in history:
+            raise PlanError(f"{call}: this model was pruned by another plan; pass the plan that fp.prune was "
+                            "given.")
+        return
+    # Otherwise (the unpruned model, arguments swapped, a copy that lost the record) its size must be the plan's.
     after = plan.predicted.get("params_after")
     if after is not None and count_params(pruned) != int(round(after)):
         raise PlanError(f"{call}: the model has {count_params(pruned):,} parameters, the plan leaves "

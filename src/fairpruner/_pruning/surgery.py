@@ -16,7 +16,7 @@ from .. import families as _families
 from .._core.inputs import as_args, device_of, float_dtype, logits_of, synthetic_inputs, to_device
 from .._core.layers import CONV_TYPES, WEIGHT_TYPES
 from .._core.state import model_signature, preserved_state
-from .._errors import FairPrunerError, PlanError
+from .._errors import FairPrunerError, PlanError, UnsupportedModelError
 from .._graph import build_graph, family_layout
 from .._planning.plans import Plan
 
@@ -121,6 +121,7 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
     work = copy.deepcopy(model)
     x = _inputs_for(work, plan, example_inputs)
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
+    tied = _tied_names(work)
     gn_sizes = {n: m.num_channels // m.num_groups for n, m in work.named_modules() if isinstance(m, nn.GroupNorm)}
     fams = plan_families(plan)
     with torch.random.fork_rng(devices=[]), preserved_state(work):
@@ -138,6 +139,7 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
                 fam.prune_(work, g, chans)
                 release()
     del graph, custom, release
+    _check_still_tied(work, tied)
     for name, m in work.named_modules():
         if name in gn_sizes and m.num_channels % gn_sizes[name] == 0:
             m.num_groups = m.num_channels // gn_sizes[name]
@@ -149,6 +151,25 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
     # Every round's plan travels with the model, so save/load can rebuild a model pruned several times.
     work._fairpruner_history = list(getattr(model, "_fairpruner_history", [])) + [plan.to_json()]
     return work
+
+
+def _tied_names(model: nn.Module) -> List[List[str]]:
+    """Names of each parameter that several modules share (tied weights)."""
+    names: Dict[int, List[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return [ns for ns in names.values() if len(ns) > 1]
+
+
+def _check_still_tied(work: nn.Module, tied: List[List[str]]) -> None:
+    """Refuses a plan that cut tied weights apart: the copies would diverge and the model grow."""
+    params = dict(work.named_parameters(remove_duplicate=False))
+    for names in tied:
+        if len({id(params[n]) for n in names if n in params}) > 1:
+            raise UnsupportedModelError(
+                f"The plan prunes {' and '.join(names)}, one shared (tied) parameter, differently, which would "
+                f"untie them. Keep their layers whole with fp.score(..., ignore=[...]) naming them, or untie them "
+                "in the model first.")
 
 
 class _Releaser:

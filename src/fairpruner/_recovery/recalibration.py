@@ -7,6 +7,7 @@ import warnings
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,7 +37,11 @@ class _Average:
 
     def __init__(self, norm: nn.Module):
         self.norm, self.seen = norm, 0
-        self.own = norm.running_mean is not None and norm.running_mean.dtype not in (torch.float32, torch.float64)
+        # A SyncBatchNorm in a process group averages across ranks itself (and takes one sample per rank).
+        self.synced = isinstance(norm, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1
+        self.own = norm.running_mean is not None and not self.synced and \
+            norm.running_mean.dtype not in (torch.float32, torch.float64)
         self.mean: Optional[torch.Tensor] = None
         self.var: Optional[torch.Tensor] = None
         self.handle = norm.register_forward_pre_hook(self._hook)
@@ -46,7 +51,7 @@ class _Average:
         k = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
         if not k:  # an empty batch is left to BatchNorm's own error
             return
-        if k == 1:  # BatchNorm would refuse it (no variance of one value)
+        if k == 1 and not self.synced:  # BatchNorm would refuse it (no variance of one value)
             raise _OneValue
         self.seen += k
         share = k / self.seen
@@ -154,14 +159,11 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
                 inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
                 # A BatchNorm that gets one value per channel (a last batch of one sample, over (batch, channels))
                 # cannot train on it: that batch is undone and skipped, not the whole pass failed after it.
-                undo = [a.state() for a in averages] if _rows(inputs) == 1 else None
+                undo = [a.state() for a in averages]  # a few vectors per norm
                 try:
                     forward_logits(model, to_device(inputs, device, dtype))
                     ran += 1
                 except _OneValue:
-                    if undo is None:
-                        raise DataError("A BatchNorm gets one value per channel from a batch of several "
-                                        "samples; recalibrate with larger inputs.") from None
                     for a, st in zip(averages, undo):
                         a.restore(st)
                     skipped += 1
@@ -182,9 +184,3 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
                       "per channel; use batches of at least 2 (e.g. drop_last=True).", stacklevel=2)
     return model
 
-
-def _rows(inputs: Any) -> Optional[int]:
-    """The batch size of a batch's inputs: the first dimension of its first tensor."""
-    first = next((t for t in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))
-                  if torch.is_tensor(t) and t.dim() > 0), None)
-    return None if first is None else int(first.shape[0])

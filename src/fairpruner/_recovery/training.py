@@ -130,13 +130,13 @@ def finetune(
     per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if per_epoch is None and max_steps is None:
         raise FairPrunerError("The loader has no length; pass max_steps= so the schedule knows its end.")
+    if epochs == 0 or max_steps == 0:
+        return model.eval()
     if per_epoch == 0:
         raise DataError("The training loader yielded no batches.")
     total = epochs * per_epoch if per_epoch is not None else max_steps
     if max_steps is not None:
         total = min(total, max_steps)
-    if total == 0 or epochs == 0:
-        return model.eval()
 
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
