@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = ["ImageFolder", "ArrayDataset", "cifar10", "digits", "load_dataset", "calibration_loader", "class_counts",
@@ -70,7 +70,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
+        with _opened(path, path) as image:
             image = image.convert("RGB")
         if self.transform is not None:
             return self.transform(image), label
@@ -154,11 +154,19 @@ def _read_tar(path: Path, split: str) -> tuple[list[str], list[tuple[str, str, b
     return sorted(classes), items
 
 
+def _opened(source: Any, name: Any) -> Image.Image:
+    """``Image.open``, with the file named when it is not a readable image."""
+    try:
+        return Image.open(source)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{name} is not a readable image ({type(exc).__name__}); remove or replace it") from None
+
+
 def _decode(blobs: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
     """Decode encoded images into one uint8 NxHxWx3 array; all images must share the first one's size."""
     out: Optional[np.ndarray] = None
     for i, (blob, name) in enumerate(zip(blobs, names)):
-        with Image.open(io.BytesIO(blob)) as image:
+        with _opened(io.BytesIO(blob), name) as image:
             if out is None:
                 out = np.empty((len(blobs), image.height, image.width, 3), dtype=np.uint8)
             elif image.size != (out.shape[2], out.shape[1]):

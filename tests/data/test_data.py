@@ -123,6 +123,15 @@ def test_a_file_moved_to_another_class_is_not_served_from_the_cache(tree: Path, 
     assert list(after) != list(before)
 
 
+def test_a_file_that_is_not_an_image_is_named(tree: Path) -> None:
+    (tree / "train" / "cat" / "0009.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cat/0009.png is not a readable image"):
+        data.load_dataset(str(tree), "train", cache_dir=False)
+    with pytest.raises(ValueError, match="0009.png is not a readable image"):
+        ds = data.ImageFolder(tree / "train")
+        ds[[p.name for p, _ in ds.samples].index("0009.png")]
+
+
 def test_default_cache_dir_and_disabled_cache(archive: Path, tmp_path: Path, isolated_cache: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
