@@ -71,7 +71,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
         with _opened(path, path) as image:
-            image = image.convert("RGB")
+            image = _rgb(image)
         if self.transform is not None:
             return self.transform(image), label
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255), label
@@ -162,6 +162,14 @@ def _opened(source: Any, name: Any) -> Image.Image:
         raise ValueError(f"{name} is not a readable image ({type(exc).__name__}); remove or replace it") from None
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. A 16-bit greyscale image keeps its top 8 bits (Pillow's own conversion saturates it)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray((wide >> 8).astype(np.uint8))
+    return image.convert("RGB")  # a loaded copy, usable once the file is closed
+
+
 def _decode(blobs: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
     """Decode encoded images into one uint8 NxHxWx3 array; all images must share the first one's size."""
     out: Optional[np.ndarray] = None
@@ -173,7 +181,7 @@ def _decode(blobs: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
                 raise ValueError(f"all images must share one size (no resizing is done): {name} is "
                                  f"{image.width}x{image.height}, expected {out.shape[2]}x{out.shape[1]} "
                                  f"(from {names[0]})")
-            out[i] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            out[i] = np.asarray(_rgb(image))
     return out
 
 

@@ -123,6 +123,16 @@ def test_a_file_moved_to_another_class_is_not_served_from_the_cache(tree: Path, 
     assert list(after) != list(before)
 
 
+def test_sixteen_bit_greyscale_keeps_its_top_eight_bits(tmp_path: Path) -> None:
+    for name, level in (("dark", 0x3000), ("light", 0xC000)):
+        (tmp_path / "g" / name).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), level, dtype=np.uint16)).save(tmp_path / "g" / name / "0.png")
+    ds = data.load_dataset(str(tmp_path / "g"), "train", cache_dir=False)
+    folder = data.ImageFolder(tmp_path / "g")
+    assert sorted({int(v) for v in np.asarray(ds.images).reshape(-1)}) == [0x30, 0xC0]
+    assert folder[0][0].max().item() == pytest.approx(0x30 / 255)
+
+
 def test_a_file_that_is_not_an_image_is_named(tree: Path) -> None:
     (tree / "train" / "cat" / "0009.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cat/0009.png is not a readable image"):
