@@ -145,6 +145,13 @@ def test_a_bfloat16_model_takes_float32_batches():
     assert fp.evaluate(model, _loader()) > 0.9 and next(model.parameters()).dtype == torch.bfloat16
 
 
+def test_a_bfloat16_student_distils_from_a_float32_teacher():
+    teacher = fp.finetune(_mlp(), _loader(), lr=0.05, progress=False)
+    student = copy.deepcopy(teacher).bfloat16()
+    fp.finetune(student, _loader(), lr=0.01, teacher=teacher, max_steps=3, progress=False)
+    assert next(teacher.parameters()).dtype == torch.float32 and fp.evaluate(student, _loader()) > 0.9
+
+
 @pytest.mark.parametrize("loader", [[], DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0).long()))])
 def test_finetune_refuses_an_empty_loader(loader):
     with pytest.raises(DataError, match="no batches"):

@@ -179,11 +179,17 @@ def finetune(
     return model
 
 
+def _as_teacher(teacher: nn.Module, inputs: Any) -> Any:
+    """The batch in the teacher's float dtype (a float32 original distilled into a bfloat16 student)."""
+    dtype = float_dtype(teacher)
+    return inputs if dtype is None else to_device(inputs, device_of(teacher), dtype)
+
+
 def _check_logits(model: nn.Module, teacher: nn.Module, inputs: Any) -> None:
     """Both models' logits on the first batch, in eval mode without gradients (so that a refused teacher
     leaves the model's BatchNorm statistics as they were), must have one shape."""
     with eval_mode(model), torch.no_grad():
-        got, want = forward_logits(model, inputs).shape, forward_logits(teacher, inputs).shape
+        got, want = forward_logits(model, inputs).shape, forward_logits(teacher, _as_teacher(teacher, inputs)).shape
     if got != want:
         raise FairPrunerError(f"The teacher's logits have shape {tuple(want)}, the model's {tuple(got)}: distil "
                               "from a model with the same outputs.")
@@ -197,7 +203,7 @@ def _loss(model: nn.Module, teacher: Optional[nn.Module], inputs: Any, targets: 
     if teacher is None:
         return ce
     with torch.no_grad():
-        target_logits = forward_logits(teacher, inputs).float()
+        target_logits = forward_logits(teacher, _as_teacher(teacher, inputs)).float()
     t = temperature
     kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target_logits / t, -1), reduction="batchmean",
                   log_target=True)
