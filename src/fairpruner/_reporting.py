@@ -326,7 +326,8 @@ def _on_device(example_inputs: Any, model: nn.Module) -> tuple:
 
 def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: Any,
            eval_loader: Optional[Iterable] = None, latency_repeats: int = 20,
-           stages: Optional[Mapping[str, nn.Module]] = None, final_stage: str = "final") -> Report:
+           stages: Optional[Mapping[str, nn.Module]] = None, final_stage: str = "final",
+           progress: Optional[bool] = None) -> Report:
     """Measures what pruning did: params, MACs, latency and (optionally) accuracy, before and after.
 
     Parameters and MACs are counted on the real models (not the plan's prediction); latency is the median
@@ -344,6 +345,7 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
             e.g. ``{"one-shot": fp.prune(model, plan), "recalibrated": recalibrated_copy}``; ``pruned`` is
             reported as the final state, named ``final_stage``.
         final_stage: the name of ``pruned``'s accuracy row when ``stages`` are given.
+        progress: progress bars while evaluating; by default only when stderr is a terminal.
 
     Returns:
         A :class:`Report`.
@@ -377,9 +379,11 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
         totals["latency_before"] = measure_latency(original, x_orig, repeats=latency_repeats)
         totals["latency_after"] = measure_latency(pruned, x_pruned, repeats=latency_repeats)
     if eval_loader is not None:
-        totals["accuracy_before"] = evaluate(original, eval_loader)
-        totals["accuracy_after"] = evaluate(pruned, eval_loader)
-        totals["accuracy_stages"] = {name: evaluate(m, eval_loader) for name, m in (stages or {}).items()}
+        def acc(m: nn.Module, what: str) -> float:
+            return evaluate(m, eval_loader, progress=progress, desc=f"evaluating {what}")
+        totals["accuracy_before"] = acc(original, "the original")
+        totals["accuracy_after"] = acc(pruned, f"({final_stage})")
+        totals["accuracy_stages"] = {name: acc(m, f"({name})") for name, m in (stages or {}).items()}
     settings = {k: v for k, v in plan.settings.items()
                 if k in ("signal", "allocation", "target", "achieved", "seed", "stream_weight", "stream_floor",
                          "floor", "floor_used", "macs_power", "macs_power_used")}

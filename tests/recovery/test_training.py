@@ -55,6 +55,13 @@ def test_evaluate_counts_top1_and_restores_flag():
     assert not model.training
 
 
+def test_evaluate_shows_a_progress_bar_when_asked(capsys):
+    fp.evaluate(Constant(1), DataLoader(_blobs(), batch_size=50), progress=True, desc="evaluating blobs")
+    assert "fairpruner: evaluating blobs" in capsys.readouterr().err
+    fp.evaluate(Constant(1), DataLoader(_blobs(), batch_size=50), progress=False)
+    assert "evaluating" not in capsys.readouterr().err
+
+
 def test_evaluate_rejects_empty_and_malformed_loaders():
     with pytest.raises(DataError):
         fp.evaluate(Constant(0), [])

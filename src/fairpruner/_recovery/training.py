@@ -18,7 +18,8 @@ from .._errors import DataError, FairPrunerError
 __all__ = ["evaluate", "finetune"]
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -> float:
+def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None, progress: Optional[bool] = None,
+             desc: str = "evaluating") -> float:
     """Top-1 accuracy of ``model`` over ``loader``.
 
     The model runs in eval mode without gradients; its train/eval flag is restored afterwards.
@@ -29,6 +30,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
         loader: iterable of ``(inputs, targets)`` batches with integer class labels.
         device: where to run: the model's device (the default); another one is refused, the model is not
             moved.
+        progress: show a progress bar; by default only when stderr is a terminal.
+        desc: the progress bar's label.
 
     Returns:
         The fraction of correctly classified samples, in [0, 1].
@@ -43,8 +46,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None) -
     """
     device, dtype = model_device(model, device), float_dtype(model)
     correct = total = 0
+    show = progress if progress is not None else sys.stderr.isatty()
+    total_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     with eval_mode(model), torch.no_grad():
-        for batch in loader:
+        for batch in tqdm(loader, total=total_batches, desc=f"fairpruner: {desc}", disable=not show, leave=False):
             inputs, targets = split_batch(batch)
             pred = forward_logits(model, to_device(inputs, device, dtype)).argmax(-1).cpu()
             if pred.shape != targets.shape:  # (B, 1) against (B,) would broadcast to B x B comparisons

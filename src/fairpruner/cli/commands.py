@@ -185,7 +185,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     example = next(iter(loader))[0] if loader is not None else example_batch(the_plan, args.batch_size)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rep = report(original, pruned, the_plan, example, eval_loader=loader, latency_repeats=args.latency_repeats)
+    rep = report(original, pruned, the_plan, example, eval_loader=loader, latency_repeats=args.latency_repeats,
+                 progress=args.progress)
     say(rep.to_text())
     if args.json:
         out = out_path(args.json)
@@ -221,13 +222,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen)
     test_loader = DataLoader(test, batch_size=256)
-    before = evaluate(pruned, test_loader)
+    before = evaluate(pruned, test_loader, progress=args.progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # augmentation draws from the global RNG
         finetune(pruned, loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                  weight_decay=args.weight_decay, device=device, progress=args.progress, max_steps=args.max_steps,
                  autocast=torch.bfloat16 if args.bf16 else None, teacher=teacher, distill=args.distill)
-    after = evaluate(pruned, test_loader)
+    after = evaluate(pruned, test_loader, progress=args.progress)
     out = out_path(args.out)
     fp.save(out, pruned.cpu(), the_plan)
     say(f"test accuracy {100 * before:.2f}% -> {100 * after:.2f}% after fine-tuning; wrote {out}")
@@ -272,7 +273,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stages = {}
     example = next(iter(test_loader))[0][:64].to(device)
     rep = report(model, pruned, the_plan, example, eval_loader=test_loader, latency_repeats=args.latency_repeats,
-                 stages=stages, final_stage=final)
+                 stages=stages, final_stage=final, progress=args.progress)
     say()
     say(rep.to_text())
     out = out_path(args.out)

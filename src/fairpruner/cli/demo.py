@@ -136,7 +136,8 @@ class _Demo:
         self.finetune(pruned, train)
         stages = {"one-shot": oneshot, "recalibrated": self.recalibrated}
         rep = report(model, pruned, the_plan, example, eval_loader=self.test_loader,
-                     latency_repeats=self.latency_repeats, stages=stages, final_stage="fine-tuned")
+                     latency_repeats=self.latency_repeats, stages=stages, final_stage="fine-tuned",
+                     progress=self.progress)
         self.say()
         self.say(rep.to_text())
         if self.out is not None:

@@ -375,6 +375,7 @@ def _add_report(subs) -> None:
                    help="torch CPU threads while measuring (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--plots", metavar="DIR", help="also write PNG charts into this directory")
+    _progress_flag(p)
 
 
 def _add_finetune(subs) -> None:
