@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 __all__ = ["ImageFolder", "ArrayDataset", "cifar10", "digits", "load_dataset", "calibration_loader", "class_counts",
            "CIFAR10_MEAN", "CIFAR10_STD", "IMAGE_EXTENSIONS"]
@@ -418,4 +418,16 @@ def calibration_loader(dataset: Dataset, samples_per_class: int = 32, batch_size
     chosen = [m[torch.randperm(len(m), generator=generator)[:samples_per_class]].sort().values.tolist()
               for m in members]
     order = [idx[r] for r in range(max(map(len, chosen))) for idx in chosen if r < len(idx)]
-    return DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False)
+    return DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, collate_fn=_same_size_collate)
+
+
+def _same_size_collate(batch: list) -> Any:
+    """torch's default collate, with images of different sizes named as such (an ImageFolder resizes nothing)."""
+    try:
+        return default_collate(batch)
+    except RuntimeError as exc:
+        if "stack expects each tensor to be equal size" not in str(exc):
+            raise
+        sizes = sorted({tuple(x.shape) for x, _ in batch if torch.is_tensor(x)})
+        raise ValueError(f"The images differ in size ({', '.join(map(str, sizes[:4]))}): give the dataset a "
+                         "transform that resizes them, e.g. ImageFolder(root, transform=...).") from None

@@ -133,6 +133,16 @@ def test_sixteen_bit_greyscale_keeps_its_top_eight_bits(tmp_path: Path) -> None:
     assert folder[0][0].max().item() == pytest.approx(0x30 / 255)
 
 
+def test_calibration_images_of_different_sizes_are_named(tmp_path: Path) -> None:
+    for name, size in (("a", 8), ("b", 10)):
+        (tmp_path / "f" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (size, size)).save(tmp_path / "f" / name / f"{i}.png")
+    loader = data.calibration_loader(data.ImageFolder(tmp_path / "f"), samples_per_class=2, batch_size=4)
+    with pytest.raises(ValueError, match=r"differ in size \(\(3, 8, 8\), \(3, 10, 10\)\).*transform"):
+        next(iter(loader))
+
+
 def test_a_file_that_is_not_an_image_is_named(tree: Path) -> None:
     (tree / "train" / "cat" / "0009.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cat/0009.png is not a readable image"):
