@@ -94,8 +94,8 @@ def test_cifar10_dir_and_tar_agree_and_normalise(tree: Path, archive: Path, tmp_
 
 def test_cache_is_reused_and_invalidated(archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda *a: calls.append(1) or real_decode(*a))
+    real_decode = data._images._decode
+    monkeypatch.setattr(data._images, "_decode", lambda *a: calls.append(1) or real_decode(*a))
     cache = tmp_path / "cache"
     first = data.cifar10(archive, "train", cache_dir=cache)
     files = list(cache.iterdir())
