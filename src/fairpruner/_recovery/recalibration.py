@@ -15,10 +15,15 @@ from .._core.inputs import float_dtype, forward_logits, model_device, to_device
 from .._core.state import eval_mode
 from .._errors import DataError, FairPrunerError
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "tracked_norms"]
 
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
+
+
+def tracked_norms(model: nn.Module) -> list:
+    """The BatchNorm layers of ``model`` that keep running statistics (what recalibration re-estimates)."""
+    return [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
 
 
 class _OneValue(Exception):
@@ -44,6 +49,7 @@ class _Average:
             norm.running_mean.dtype not in (torch.float32, torch.float64)
         self.mean: Optional[torch.Tensor] = None
         self.var: Optional[torch.Tensor] = None
+        self.momentum, self.original = norm.momentum, self.state()  # given back by finish
         self.handle = norm.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
@@ -74,8 +80,12 @@ class _Average:
             getattr(self.norm, k).copy_(b)
 
     def finish(self, done: bool) -> None:
+        """Writes the average after a pass that completed; after a failed one, the statistics it was given."""
         self.handle.remove()
-        if done and self.own and self.mean is not None:
+        self.norm.momentum = self.momentum
+        if not done:
+            self.restore(self.original)
+        elif self.own and self.mean is not None:
             self.norm.running_mean.copy_(self.mean)
             self.norm.running_var.copy_(self.var)
 
@@ -128,7 +138,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise FairPrunerError(f"max_batches must be a positive integer or None, got {max_batches!r}.")
-    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    norms = tracked_norms(model)
     if any(nn.parameter.is_lazy(b) for m in norms for b in m.buffers(recurse=False)):
         raise FairPrunerError("A lazy BatchNorm has not been initialised yet; run one forward pass through the "
                               "model first, so that its statistics exist to be re-estimated.")
@@ -141,12 +151,10 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     if first is None:  # refused before any statistic is reset
         raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
     device, dtype = model_device(model, device), float_dtype(model)
-    momenta = [m.momentum for m in norms]
     show = progress if progress is not None else sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
-    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
     done, ran, skipped = False, 0, 0
     with eval_mode(model), torch.no_grad():
         averages = [_Average(m) for m in norms]
@@ -172,13 +180,8 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
                                 "batches of at least 2 samples.")
             done = True
         finally:
-            for a in averages:
+            for a in averages:  # momentum restored; a failed pass leaves the statistics it was given
                 a.finish(done)
-            for m, mom, buffers in zip(norms, momenta, saved):
-                m.momentum = mom
-                if not done:  # a failed pass leaves the statistics it was given
-                    for k, b in buffers.items():
-                        getattr(m, k).copy_(b)
     if skipped:
         warnings.warn(f"recalibrate() skipped {skipped} batch(es) of one sample, which gave a BatchNorm one value "
                       "per channel; use batches of at least 2 (e.g. drop_last=True).", stacklevel=2)

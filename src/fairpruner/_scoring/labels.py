@@ -5,10 +5,10 @@ from typing import Any, Dict, Iterable, NoReturn, Optional
 
 import torch
 
-from .._core.inputs import split_batch
+from .._core.inputs import as_args, split_batch
 from .._errors import DataError
 
-__all__ = ["labelled_batch", "prescan_labels", "check_classes", "first_per_class", "next_kept"]
+__all__ = ["labelled_batch", "prescan_labels", "check_classes", "refuse_empty", "first_per_class", "next_kept"]
 
 
 def labelled_batch(batch: Any) -> tuple:
@@ -22,8 +22,7 @@ def labelled_batch(batch: Any) -> tuple:
                         f"{targets.dtype}. Convert one-hot or soft labels with .argmax(1).")
     if bool((targets < 0).any()):
         raise DataError("Class labels must be non-negative integers (found a negative label).")
-    first = next((t for t in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))
-                  if torch.is_tensor(t) and t.dim() > 0), None)
+    first = next((t for t in as_args(inputs) if torch.is_tensor(t) and t.dim() > 0), None)
     if first is not None and first.shape[0] != targets.shape[0]:
         # Per-sample MACs and U's samples are read along dim 0: a sequence-first (time, batch, ...) input
         # would be cut along time.
@@ -36,7 +35,7 @@ def labelled_batch(batch: Any) -> tuple:
 def prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
     """Labels known without running the loader, so class problems are reported before any compute."""
     if isinstance(loader, (list, tuple)):
-        return torch.cat([labelled_batch(b)[1] for b in loader]) if loader else _empty()
+        return torch.cat([labelled_batch(b)[1] for b in loader]) if loader else refuse_empty()
     ds = getattr(loader, "dataset", None)
     if ds is None or getattr(loader, "sampler", None) is not None and not isinstance(
             loader.sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):
@@ -51,13 +50,13 @@ def prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
     return None
 
 
-def _empty() -> NoReturn:
+def refuse_empty() -> NoReturn:
     raise DataError("The loader is empty; give at least two classes of labelled samples.")
 
 
 def check_classes(labels: torch.Tensor, num_outputs: Optional[int]) -> Dict[int, int]:
     if labels.numel() == 0:
-        _empty()
+        refuse_empty()
     counts = torch.bincount(labels)
     present = {int(k): int(v) for k, v in enumerate(counts.tolist()) if v > 0}
     if len(present) < 2:

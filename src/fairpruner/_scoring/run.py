@@ -31,7 +31,7 @@ from ..families.attention import AttentionOptions, for_attention_families
 from .budget import StoreMeter, default_budget, parse_memory
 from .distributed import agreed, distributed, merge_totals
 from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
-from .labels import check_classes, labelled_batch, next_kept, prescan_labels
+from .labels import check_classes, labelled_batch, next_kept, prescan_labels, refuse_empty
 from .reduce import R_REDUCTIONS, U_CONSUMER_POWER, U_REDUCTIONS, assemble
 from .scores import Scores
 from .taylor import TaylorTerms
@@ -186,10 +186,9 @@ def _open(loader: Iterable) -> Tuple[Optional[torch.Tensor], Iterator, Any]:
         if known is not None:
             check_classes(known, None)
         iterator = iter(loader)
-        try:
-            first = next(iterator)
-        except StopIteration:
-            raise DataError("The loader is empty; give at least two classes of labelled samples.") from None
+        first = next(iterator, None)
+    if first is None:
+        refuse_empty()
     return known, iterator, first
 
 

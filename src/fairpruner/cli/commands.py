@@ -18,7 +18,7 @@ import fairpruner as fp
 
 from .. import data
 from .._errors import CliError
-from .._recovery import evaluate, finetune
+from .._recovery import evaluate, finetune, tracked_norms
 from .._reporting import format_plan, format_sweep, report
 from .demo import run_demo
 from .loading import (build_model, check_runs, count_classes, example_batch, load_model, load_pruned, open_dataset,
@@ -287,7 +287,7 @@ def _recalibration_loader(train, args: argparse.Namespace, pruned: nn.Module) ->
     without BatchNorm (said once here, not as a warning from fp.recalibrate)."""
     if args.recalibrate <= 0:
         return None
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
+    if not tracked_norms(pruned):
         say("the model has no BatchNorm layers: no statistics to re-estimate")
         return None
     n = min(args.recalibrate, len(train))

@@ -68,6 +68,7 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         with _opened(path, path) as image:
             image = _rgb(image)
+            image.load()  # the pixels, read before the file closes
         if self.transform is not None:
             return self.transform(image), label
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255), label
@@ -163,7 +164,7 @@ def _rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         image = Image.fromarray((wide >> 8).astype(np.uint8))
-    return image.convert("RGB")  # a loaded copy, usable once the file is closed
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _decode(blobs: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
