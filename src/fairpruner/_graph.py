@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
@@ -63,9 +63,8 @@ def _torch_pruning(what: str, model: nn.Module) -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - any failure inside the dependency becomes a refusal
         raise UnsupportedModelError(
-            f"{what} of {type(model).__name__} failed inside torch-pruning ({type(e).__name__}: {e}). If the "
-            "model returns more than its logits (a Hugging Face model with use_cache=True returns its cache), "
-            "make it return the logits alone; otherwise add the layer involved to `ignore=`.") from e
+            f"{what} of {type(model).__name__} failed inside torch-pruning ({type(e).__name__}: {e}). Add the "
+            "layer involved to `ignore=`, or wrap the model so that it returns its logits alone.") from e
     finally:
         if timed:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -117,11 +116,20 @@ def _on_frozen_stream(graph: tp.DependencyGraph, param: nn.Parameter) -> bool:
     return any(freezes(item.dep.target.module) for item in group)
 
 
+def _output_tensors(output: Any) -> List[torch.Tensor]:
+    """Every tensor in a model's output (nested tuples, lists and dicts, which includes Hugging Face outputs);
+    anything else is left out: a decoder's cache object (``use_cache=True``) is not a tensor and its tensors
+    are the key/value projections' outputs, which the logits trace through anyway."""
+    if torch.is_tensor(output):
+        return [output]
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return [t for item in items for t in _output_tensors(item)]
+
+
 def _check_channel_padding(output: Any) -> None:
     """Refuses F.pad on the channel dimension (CIFAR 'option A' shortcuts): the graph would treat it as
     element-wise and the pruned model would break."""
-    roots = [t.grad_fn for t in (output if isinstance(output, (tuple, list)) else [output])
-             if torch.is_tensor(t) and t.grad_fn is not None]
+    roots = [t.grad_fn for t in _output_tensors(output) if t.grad_fn is not None]
     seen, stack = set(), roots
     while stack:
         fn = stack.pop()
@@ -174,7 +182,7 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
             for fam in families:
                 tracing.enter_context(fam.tracing(model))
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=traced, customized_pruners=custom or None,
+                model, example_inputs=traced, customized_pruners=custom or None, output_transform=_output_tensors,
                 unwrapped_parameters=[(p, max(i for i, s in enumerate(p.shape) if s > 1)) for p in loose] or None)
     # A family that claims a module cuts its parameters itself (they are members of the family's groups).
     claimed = {id(p) for m in model.modules() if any(f.claims(m) for f in families)

@@ -399,3 +399,7 @@ def test_hugging_face_directory_spec(workdir, capsys):
     assert fp.count_params(pruned) < fp.count_params(model)
     assert main(["score", "--model", "hf:nowhere", "--data", "digits", "--out", "s2.pt"]) != 0
     assert "save_pretrained" in capsys.readouterr().err
+    # A pruned model written by save_pretrained has a config of the original sizes: a clear refusal, not a traceback.
+    pruned.save_pretrained(workdir / "vit_pruned")
+    assert main(["report", "--model", "hf:vit_pruned", "--pruned", "pruned.pt", "--no-progress"]) == 2
+    assert "does not round-trip through save_pretrained" in capsys.readouterr().err

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fairpruner._core.inputs import as_args, check_device, float_dtype, model_device, to_device
+from fairpruner._core.inputs import (as_args, check_device, describe_inputs, float_dtype, model_device,
+                                     synthetic_inputs, to_device)
 from fairpruner._errors import DataError, FairPrunerError
 
 
@@ -43,3 +44,12 @@ def test_model_device_accepts_any_device_the_model_holds_tensors_on():
 def test_dict_inputs_are_refused():
     with pytest.raises(DataError, match="tuple of tensors"):
         as_args({"input_ids": torch.zeros(1, 3)})
+
+
+def test_recorded_inputs_keep_plain_values_in_their_places():
+    specs = describe_inputs((torch.zeros(5, 3, dtype=torch.long), None, torch.ones(5, 2), True, object()))
+    assert specs == [{"shape": [5, 3], "dtype": "int64"}, {"value": None}, {"shape": [5, 2], "dtype": "float32"},
+                     {"value": True}]
+    rebuilt = synthetic_inputs(specs)
+    assert rebuilt[1] is None and rebuilt[3] is True
+    assert rebuilt[0].shape == (2, 3) and rebuilt[0].dtype == torch.long and rebuilt[2].shape == (2, 2)

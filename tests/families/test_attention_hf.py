@@ -252,6 +252,29 @@ def test_record_pruned_heads_maps_to_original_numbering():
     assert attn.config.pruned_heads == {3: [1, 2, 4, 5]} and attn.pruned_heads == {1, 2, 4, 5}
 
 
+def test_pruned_heads_are_not_recorded_where_the_model_cannot_replay_them():
+    """transformers 4 replays config.pruned_heads when a model is built through prune_heads, which decoders do not
+    implement (their base model has no _prune_heads): recording there would break building from the config."""
+    class Base(torch.nn.Module):
+        pass
+
+    class Root(torch.nn.Module):
+        def __init__(self, replays):
+            super().__init__()
+            self.base_model = Base()
+            if replays:
+                self.base_model._prune_heads = lambda heads: None
+            self.config = type("C", (), {"pruned_heads": {}})()
+
+        def prune_heads(self, heads):
+            pass
+
+    for replays in (False, True):
+        root = Root(replays)
+        _record_pruned_heads({"": root, "layers.0.attn": torch.nn.Module()}, "layers.0.attn", root.config, 4, [1])
+        assert root.config.pruned_heads == ({0: [1]} if replays else {})
+
+
 def test_unknown_attention_layout_is_protected():
     """DistilBERT's attention (q_lin/k_lin/v_lin/out_lin, n_heads) is not a known layout: its projections are kept
     whole (torch-pruning alone would cut single head dimensions and break the head reshape); the rest prunes."""

@@ -113,3 +113,21 @@ def test_causal_lm_generates_after_pruning_with_sdpa():
     plan = fp.plan(scores, macs=0.4)
     runs = generated_pruned_and_masked(model, plan, fresh(2, seed=5)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
+
+
+def test_a_none_between_the_inputs_keeps_its_place_in_the_plan(tmp_path):
+    """GPT-2 takes its cache second, so a masked batch is (ids, None, mask): the plan records the None, and prune
+    and load rebuild the inputs in that order (the mask used to land in past_key_values)."""
+    model = gpt2()
+    x = fresh(24, seed=1)
+    mask = torch.ones_like(x)
+    mask[::3, -4:] = 0
+    batches = [((x[i:i + 8], None, mask[i:i + 8]), torch.arange(8) % CLASSES) for i in range(0, 24, 8)]
+    plan = fp.plan(fp.score(model, batches, samples_per_class=4, projections=8, progress=False), alpha=0.1)
+    assert plan.example_inputs[1] == {"value": None}
+    pruned = fp.prune(model, plan)  # traced on inputs rebuilt from the plan
+    fp.save(tmp_path / "p.pt", pruned, plan)
+    loaded = fp.load(tmp_path / "p.pt", gpt2(seed=1))
+    inputs = (x[:4], None, mask[:4])
+    torch.testing.assert_close(loaded(*inputs).logits, pruned(*inputs).logits)
+    assert_prune_equals_mask(model, plan, inputs, pruned=pruned)

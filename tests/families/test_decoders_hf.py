@@ -19,11 +19,11 @@ FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "phi3": "P
 EXTRA = {"phi3": dict(bos_token_id=1, eos_token_id=2)}
 
 
-def decoder(kind="llama", head="ForSequenceClassification", kv_heads=2, impl="eager", seed=0):
+def decoder(kind="llama", head="ForSequenceClassification", kv_heads=2, impl="eager", seed=0, use_cache=False):
     config = getattr(transformers, FAMILIES[kind] + "Config")(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64, pad_token_id=0,
-        num_labels=CLASSES, attn_implementation=impl, use_cache=False, **EXTRA.get(kind, {}))
+        num_labels=CLASSES, attn_implementation=impl, use_cache=use_cache, **EXTRA.get(kind, {}))
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[kind] + head)(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -99,6 +99,21 @@ def test_pruned_causal_lm_generates_what_the_masked_one_does(gqa):
     plan = fp.plan(scores, macs=0.45)
     runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :5], 6)
     assert runs[0].shape == (2, 11) and torch.equal(runs[0], runs[1])
+
+
+def test_a_causal_lm_that_returns_its_cache_scores_prunes_and_reloads(tmp_path):
+    """use_cache=True, as checkpoints ship: the output's cache object is not traced (it used to fail inside
+    torch-pruning in score, prune and load alike)."""
+    model = decoder("llama", "ForCausalLM", 2, "sdpa", use_cache=True)
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      loss_fn=last_token_loss(CLASSES))
+    plan = fp.plan(scores, macs=0.45)
+    pruned = fp.prune(model, plan)
+    x = fresh()
+    assert_prune_equals_mask(model, plan, x, pruned=pruned)
+    fp.save(tmp_path / "p.pt", pruned, plan)
+    loaded = fp.load(tmp_path / "p.pt", decoder("llama", "ForCausalLM", 2, "sdpa", seed=1, use_cache=True))
+    torch.testing.assert_close(loaded(x).logits, pruned(x).logits)
 
 
 def test_mha_decoder_units_are_single_heads():

@@ -90,3 +90,58 @@ def test_pruned_mixtral_generates_what_the_masked_one_does():
     plan = fp.plan(scores, params=0.25)
     runs = generated_pruned_and_masked(model, plan, fresh(2, seed=3)[:, :4], 5)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_plans_leave_top_k_experts_at_any_target(tmp_path):
+    """The planner keeps top_k experts in every block: any alpha or target it returns prunes, and a target
+    beyond that is refused up front (it used to return plans fp.prune refused)."""
+    model = moe()
+    fp.score(model, loader(), samples_per_class=4, projections=8, progress=False).save(tmp_path / "s.pt")
+    scores = fp.Scores.load(tmp_path / "s.pt")  # the limit travels with saved scores
+    assert all(scores[f"{b.name}:experts"].max_removed == EXPERTS - TOP_K for b in stacked_moe_blocks(model))
+    most = fp.plan(scores, alpha=1.0)
+    for g in most.groups:
+        if g["name"].endswith(":experts"):
+            assert len(g["removed_channels"]) <= EXPERTS - TOP_K
+    fp.prune(model, most, verify=False)
+    with pytest.raises(fp.TargetError, match="most one round can remove"):
+        fp.plan(scores, params=most.achieved["params"] + 0.05)
+    uniform = fp.plan(scores, params=most.achieved["params"] - 0.01, allocation="uniform")
+    fp.prune(model, uniform, verify=False)
+
+
+@pytest.mark.parametrize("kind", ["Mixtral", "Qwen2Moe"])
+def test_equal_expert_counts_are_written_back_so_the_router_loss_runs(kind):
+    model = moe(kind, "ForCausalLM")
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      loss_fn=last_token_loss(CLASSES))
+    plan = fp.plan(scores, alpha=0.0)
+    for g in plan.groups:  # one expert out of every block
+        if g["name"].endswith(":experts"):
+            g["removed_channels"] = plan.removed[g["name"]] = [1]
+    pruned = fp.prune(model, plan)
+    key = "num_local_experts" if kind == "Mixtral" else "num_experts"
+    assert getattr(pruned.config, key) == pruned.num_experts == EXPERTS - 1
+    assert getattr(model.config, key) == model.num_experts == EXPERTS  # the caller's model keeps its own
+    x = fresh()
+    out = pruned.train()(x, labels=x, output_router_logits=True)
+    assert torch.isfinite(out.aux_loss)
+
+
+def test_unequal_expert_counts_turn_the_router_loss_off_with_a_warning():
+    """transformers computes the router loss in every forward when the config asks for it, and fails on blocks of
+    different sizes: the pruned model's config stops asking (the caller's keeps it)."""
+    model = moe("Mixtral", "ForCausalLM")
+    model.config.output_router_logits = True
+    scores = fp.score(model, loader(), samples_per_class=4, projections=8, progress=False,
+                      loss_fn=last_token_loss(CLASSES))
+    plan = fp.plan(scores, alpha=0.0)
+    names = [g["name"] for g in plan.groups if g["name"].endswith(":experts")]
+    for g in plan.groups:
+        if g["name"] in names:
+            g["removed_channels"] = plan.removed[g["name"]] = [1] if g["name"] == names[0] else []
+    with pytest.warns(UserWarning, match=r"different numbers of experts \(\[5, 6\]\).*output_router_logits is now"):
+        pruned = fp.prune(model, plan)
+    assert pruned.config.num_local_experts == EXPERTS
+    assert not pruned.config.output_router_logits and model.config.output_router_logits
+    assert torch.isfinite(pruned(fresh()).logits).all()

@@ -240,3 +240,19 @@ def test_inputs_not_modified():
     u0, r0 = u.clone(), r.clone()
     tod_curve(u, r)
     assert torch.equal(u, u0) and torch.equal(r, r0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_group_s_own_limit_is_the_brute_force_m_hat_within_it(seed):
+    """``most`` bounds m itself, not the curve's length: the suffix minimum is taken within the limit (a cut curve
+    would let m reach the limit through a ratio beyond it)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(4, 40, (1,), generator=g))
+    u, r = torch.randint(0, 6, (n,), generator=g).float(), torch.randint(0, 6, (n,), generator=g).float()
+    most = int(torch.randint(0, n, (1,), generator=g))
+    curve = tod_curve(u, r, most)
+    assert len(curve) == min(most, max_fraction(n))
+    ratios = brute_ratios(u.tolist(), r.tolist())[:most]
+    for alpha in ALPHAS:
+        good = [m for m, t in enumerate(ratios, start=1) if t <= alpha + 1e-9]
+        assert tod_counts([curve], alpha)[0] == (max(good) if good else 0)

@@ -292,3 +292,22 @@ def test_a_refused_teacher_leaves_the_model_s_batchnorm_statistics_alone():
     with pytest.raises(FairPrunerError, match="teacher's logits have shape"):
         fp.finetune(student, _loader(), progress=False, teacher=nn.Linear(8, 3))
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_finetune_trains_on_the_loss_it_is_given():
+    """A causal-LM-like output (batch, positions, classes) trained on its last position's logits."""
+    class PerPosition(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            return self.net(x).unsqueeze(1).expand(-1, 3, -1)
+
+    model = PerPosition()
+    before = fp.evaluate(model.net, _loader())
+    with pytest.raises(DataError, match="logits of shape .*loss_fn="):
+        fp.finetune(model, _loader(), epochs=1, lr=0.05)
+    fp.finetune(model, _loader(), epochs=2, lr=0.05, loss_fn=lambda logits, y: F.cross_entropy(logits[:, -1], y),
+                progress=False)
+    assert fp.evaluate(model.net, _loader()) > max(before, 0.95)

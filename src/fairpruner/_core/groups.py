@@ -64,6 +64,9 @@ class GroupSpec:
     unit_channels: torch.Tensor  # (units, unit_size): root channels of each unit
     members: List[Member] = field(default_factory=list)
     family: Any = None  # None: a torch-pruning group; else the Family instance that owns it
+    # Most units one plan may remove, where the model needs more to remain than ToD's 1 % (an MoE block keeps
+    # top_k experts); None: 99 % of them.
+    max_removed: Optional[int] = None
 
     @property
     def n_units(self) -> int:

@@ -103,9 +103,16 @@ def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 def describe_inputs(example_inputs: Any) -> List[dict]:
-    """Shapes and dtypes of the tensors among the inputs (what plans record to rebuild inputs later)."""
-    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-            for t in as_args(example_inputs) if torch.is_tensor(t)]
+    """Shapes and dtypes of the tensors among the inputs, and the plain values between them (what plans record
+    to rebuild inputs later). A ``None`` or a number keeps its place: GPT-2 is called as ``(ids, None, mask)``,
+    its second argument being the cache."""
+    specs = []
+    for t in as_args(example_inputs):
+        if torch.is_tensor(t):
+            specs.append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+        elif t is None or isinstance(t, (bool, int, float, str)):
+            specs.append({"value": t})
+    return specs
 
 
 def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tuple:
@@ -118,6 +125,9 @@ def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tupl
     gen = torch.Generator().manual_seed(0)
     out = []
     for spec in specs:
+        if "value" in spec:
+            out.append(spec["value"])
+            continue
         dtype = getattr(torch, spec["dtype"])
         rows = max(1, min(int(spec["shape"][0]), 2)) if batch is None else batch
         shape = [rows, *(int(s) for s in spec["shape"][1:])]

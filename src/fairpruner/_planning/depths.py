@@ -19,8 +19,8 @@ from .tod import cap_floor, max_fraction, tod_curve
 STREAM_WRITERS = 4
 STREAM_SHARE = 8
 
-__all__ = ["uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target", "least_r_target",
-           "level_of", "bisect_target"]
+__all__ = ["removal_limits", "uniform_counts", "curves_of", "free_floor", "group_weights", "tod_target",
+           "least_r_target", "level_of", "bisect_target"]
 
 
 def removed_fraction(cost, counts: np.ndarray, key: str, before: Dict[str, float]) -> float:
@@ -40,16 +40,21 @@ def distinct_percents(a: float, b: float) -> Tuple[str, str]:
     return f"{100 * a:.12g}%", f"{100 * b:.12g}%"  # closer than six decimals tell apart
 
 
-def uniform_counts(units: np.ndarray, frac: float) -> np.ndarray:
-    """``frac`` of every group's units, rounded, at most what one round may take (99 %)."""
-    caps = np.array([max_fraction(n) for n in units])
-    return np.minimum(np.floor(frac * units + 0.5).astype(np.int64), caps)
+def removal_limits(scores: Scores) -> np.ndarray:
+    """The most units one round may take from each group: 99 %, or less where the group says so."""
+    return np.array([max_fraction(g.n_units) if g.max_removed is None else
+                     max(0, min(max_fraction(g.n_units), g.max_removed)) for g in scores.groups], dtype=np.int64)
+
+
+def uniform_counts(units: np.ndarray, frac: float, limits: np.ndarray) -> np.ndarray:
+    """``frac`` of every group's units, rounded, at most what one round may take (``limits``)."""
+    return np.minimum(np.floor(frac * units + 0.5).astype(np.int64), limits)
 
 
 def curves_of(scores: Scores, stream_floor: str, floor: str) -> List[np.ndarray]:
     """Every group's ToD curve, its free alpha=0 count limited as ``stream_floor`` (residual streams) or
     ``floor`` (every other group) says."""
-    curves = [tod_curve(g.u, g.r) for g in scores.groups]
+    curves = [tod_curve(g.u, g.r, g.max_removed) for g in scores.groups]
     free = [free_floor(g, stream_floor if g.is_stream else floor) for g in scores.groups]
     return [c if f is None else cap_floor(c, f) for c, f in zip(curves, free)]
 

@@ -13,7 +13,8 @@ import torch
 
 from .._errors import PlanError, TargetError
 from .._scoring.scores import GroupScores, Scores
-from .depths import bisect_target, curves_of, group_weights, least_r_target, level_of, uniform_counts
+from .depths import (bisect_target, curves_of, group_weights, least_r_target, level_of, removal_limits,
+                     uniform_counts)
 from .tod import rank_ascending, tod_counts
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "STREAM_FLOOR", "FLOORS"]
@@ -239,7 +240,8 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         chosen = level_of(curve_sets[floor_used], counts, group_weights(scores, stream_weight, power))
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
-        _, counts = bisect_target(cands, lambda f: uniform_counts(units, f), cost, key, value, before,
+        limits = removal_limits(scores)
+        _, counts = bisect_target(cands, lambda f: uniform_counts(units, f, limits), cost, key, value, before,
                                   "removing 99% of every group")
     result = _make_plan(scores, counts, ranks, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,

@@ -35,14 +35,15 @@ def max_fraction(n: int) -> int:
     return int(np.floor(MAX_FRACTION * n + 1e-9))
 
 
-def tod_curve(u: torch.Tensor, r: torch.Tensor) -> np.ndarray:
-    """Suffix-minimum ToD ratio ``s[m-1] = min over m' >= m of overlap(m')/m'`` for m = 1..floor(0.99 n).
+def tod_curve(u: torch.Tensor, r: torch.Tensor, most: Optional[int] = None) -> np.ndarray:
+    """Suffix-minimum ToD ratio ``s[m-1] = min over m' >= m of overlap(m')/m'`` for m = 1..limit, where the
+    limit is floor(0.99 n), or ``most`` where that is lower (a group that must keep more units).
 
     Returns:
-        Non-decreasing float array of length floor(0.99 n); m_hat(alpha) = number of entries <= alpha.
+        Non-decreasing float array of length limit; m_hat(alpha) = number of entries <= alpha.
     """
     n = u.numel()
-    limit = max_fraction(n)
+    limit = max_fraction(n) if most is None else max(0, min(max_fraction(n), most))
     if limit == 0:
         return np.zeros(0)
     ru = rank_ascending(u)

@@ -47,9 +47,13 @@ def _inputs_for(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple:
 def _check_signature(plan: Plan, model: nn.Module) -> None:
     expected = plan.settings.get("model_signature")
     if expected and expected != model_signature(model):
+        # A Hugging Face config copied from a pruned model builds a pruned model (transformers 4 replays it).
+        hint = (" This model's config records pruned heads (config.pruned_heads): build it from the original "
+                "config, not the pruned model's." if getattr(getattr(model, "config", None), "pruned_heads", None)
+                else "")
         raise PlanError("The plan does not match this model: its layers or shapes differ from the scored model's "
                         "(another architecture, or a model that was already pruned). Apply a plan to a fresh, unpruned "
-                        "instance of the architecture it was scored on.")
+                        "instance of the architecture it was scored on." + hint)
 
 
 def _plan_ignore(plan: Plan) -> List[str]:
@@ -138,6 +142,8 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
             if chans:
                 fam.prune_(work, g, chans)
                 release()
+        for fam in {id(f): f for f, _, chans in custom if chans}.values():
+            fam.finish_(work)
     del graph, custom, release
     _check_still_tied(work, tied)
     for name, m in work.named_modules():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ def finetune(
     teacher: Optional[nn.Module] = None,
     distill: float = 0.9,
     temperature: float = 4.0,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> nn.Module:
     """Trains a (pruned) classifier in place with SGD and a per-step cosine learning-rate schedule.
 
@@ -106,6 +107,8 @@ def finetune(
         distill: weight of the distillation term, in [0, 1] (0.9 with T = 4 is the usual CIFAR setting);
             used only with ``teacher``.
         temperature: softening temperature T > 0 of both models' logits in the distillation term.
+        loss_fn: ``loss_fn(logits, targets)`` in place of cross-entropy, as :func:`fairpruner.score` takes it
+            (a causal LM trained on its last token's class logits); the targets reach it as the loader gives them.
 
     Returns:
         The same model, trained, in eval mode.
@@ -161,8 +164,8 @@ def finetune(
                         _check_logits(model, teacher, inputs)
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                         enabled=autocast is not None):
-                        loss = _loss(model, teacher, inputs, targets.long().to(device),
-                                     distill, temperature)
+                        targets = targets.to(device) if loss_fn is not None else targets.long().to(device)
+                        loss = _loss(model, teacher, inputs, targets, distill, temperature, loss_fn)
                     if not bool(torch.isfinite(loss)):
                         raise FairPrunerError(f"The loss became {loss.item()} at step {step}; "
                                               "lower the learning rate.")
@@ -201,10 +204,14 @@ def _check_logits(model: nn.Module, teacher: nn.Module, inputs: Any) -> None:
 
 
 def _loss(model: nn.Module, teacher: Optional[nn.Module], inputs: Any, targets: torch.Tensor, distill: float,
-          temperature: float) -> torch.Tensor:
-    """Cross-entropy, blended with the distillation term when there is a teacher."""
+          temperature: float, loss_fn: Optional[Callable] = None) -> torch.Tensor:
+    """Cross-entropy (or ``loss_fn``), blended with the distillation term when there is a teacher."""
     logits = forward_logits(model, inputs).float()
-    ce = F.cross_entropy(logits, targets)
+    if loss_fn is None and tuple(targets.shape) != tuple(logits.shape[:1] + logits.shape[2:]):
+        raise DataError(f"Targets of shape {tuple(targets.shape)} for logits of shape {tuple(logits.shape)}: "
+                        "the default loss is cross-entropy on (batch, classes) logits. Pass loss_fn=, as to "
+                        "fp.score, for other outputs (a causal LM's per-token logits).")
+    ce = F.cross_entropy(logits, targets) if loss_fn is None else loss_fn(logits, targets)
     if teacher is None:
         return ce
     with torch.no_grad():

@@ -91,7 +91,7 @@ def assemble(groups: List[GroupSpec], sites: List[Site], site_us: List[Optional[
             uc = chosen.long()
         out.append(GroupScores(g.name, u.cpu().double()[uc].mean(1).float(), r[uc].sum(1).float(),
                                l1[uc].sum(1).float(), g.channels, uc.clone(), _writers(g, modules),
-                               any(m.module in outputs for m in g.members)))
+                               any(m.module in outputs for m in g.members), g.max_removed))
     return out
 
 

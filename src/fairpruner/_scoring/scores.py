@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 import os
 
 import torch
@@ -31,6 +31,8 @@ class GroupScores:
         writers: Conv/Linear layers writing the group's channels: more than one where they are added (a
             residual stream, which every block reads), 1 otherwise (unit families count as 1).
         feeds_output: the model's output layer reads the group's channels (they are the head's features).
+        max_removed: the most units one plan may remove where the model needs more than 1 % of them to remain
+            (an MoE block keeps ``top_k`` experts); None: 99 %, ToD's own limit.
     """
 
     name: str
@@ -41,6 +43,7 @@ class GroupScores:
     unit_channels: torch.Tensor
     writers: int = 1
     feeds_output: bool = False
+    max_removed: Optional[int] = None
 
     @property
     def is_stream(self) -> bool:
@@ -76,7 +79,7 @@ class Scores:
             "format": "fairpruner.scores", "version": FORMAT_VERSION, "meta": json.dumps(self.meta),
             "groups": [{"name": g.name, "u": g.u, "r": g.r, "l1": g.l1, "channels": g.channels,
                         "unit_channels": g.unit_channels, "writers": g.writers,
-                        "feeds_output": g.feeds_output} for g in self.groups],
+                        "feeds_output": g.feeds_output, "max_removed": g.max_removed} for g in self.groups],
             "cost": self.cost.to_dict(),
         }, path)
 
@@ -87,6 +90,7 @@ class Scores:
         if d["version"] > FORMAT_VERSION:
             raise FairPrunerError(f"{path} was written by a newer fairpruner (format {d['version']}); upgrade.")
         groups = [GroupScores(g["name"], g["u"], g["r"], g["l1"], int(g["channels"]), g["unit_channels"],
-                              int(g.get("writers", 1)), bool(g.get("feeds_output", False)))
+                              int(g.get("writers", 1)), bool(g.get("feeds_output", False)),
+                              None if g.get("max_removed") is None else int(g["max_removed"]))
                   for g in d["groups"]]
         return cls(groups, CostModel.from_dict(d["cost"]), json.loads(d["meta"]))

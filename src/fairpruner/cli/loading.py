@@ -74,7 +74,14 @@ def _hugging_face(directory: str, num_classes: Optional[int]) -> nn.Module:
     if num_classes is not None and getattr(config, "num_labels", num_classes) != num_classes:
         raise CliError(f"hf:{directory} has {config.num_labels} labels, not {num_classes} (drop --num-classes, or "
                        "give data with as many classes)")
-    return cls.from_pretrained(directory, local_files_only=True)
+    try:
+        return cls.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers fails in many ways on weights unlike the config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"transformers could not build hf:{directory} ({first}). A model pruned by fairpruner does "
+                       "not round-trip through save_pretrained (its config keeps the original sizes): give the "
+                       "unpruned directory as --model and the pruned file written by fp.save or --out as --pruned"
+                       ) from None
 
 
 def torch_load(path: str) -> Any:

@@ -371,6 +371,8 @@ def _record_pruned_heads(modules: Dict[str, nn.Module], name: str, config: Any, 
         heads: the layer's head count before this cut; ``removed`` is in that (current) numbering.
     """
     layer = _layer_index(name)
+    if config is not None and not _replays_pruned_heads(modules.get("")):
+        config = None
     record = dict(getattr(config, "pruned_heads", None) or {}) if config is not None else {}
     before = set(record.get(layer, record.get(str(layer), []))) if layer is not None else set()
     # Current head h is the h-th head not removed before, in the original numbering.
@@ -384,4 +386,12 @@ def _record_pruned_heads(modules: Dict[str, nn.Module], name: str, config: Any, 
     for owner in (modules[name], parent):
         if isinstance(getattr(owner, "pruned_heads", None), set):
             owner.pruned_heads = set(now)
+
+
+def _replays_pruned_heads(root: Optional[nn.Module]) -> bool:
+    """False where a model built from a config holding ``pruned_heads`` would fail: transformers 4 replays the
+    record at construction through ``prune_heads``, which decoders (Llama, Qwen2, ...) do not implement."""
+    if root is None or not hasattr(root, "prune_heads"):
+        return True  # transformers 5 reads no such record: it is kept as documentation of the cut
+    return hasattr(getattr(root, "base_model", root), "_prune_heads")
 

@@ -166,6 +166,10 @@ class Family(abc.ABC):
         The unit count and size must stay those of ``group``."""
         return None
 
+    def finish_(self, model: nn.Module) -> None:
+        """Model-wide bookkeeping once every group of this family that a plan cuts has been pruned (a count
+        the whole model shares, such as its experts per block); by default nothing."""
+
     def mask_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         """Zeroes what :meth:`prune_` would remove, so that the masked model computes what the pruned one does.
         By default every member's parameter slices are zeroed; override where zero is not neutral (a router

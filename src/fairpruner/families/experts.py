@@ -23,8 +23,10 @@ checked on every scoring forward (the rows an expert receives must be the tokens
   not go to the expert; R sums the Taylor terms of the expert's parameters and its router row. Removing experts
   saves parameters, not per-token compute: each token still runs ``top_k`` experts, so the experts' MACs are
   constant and only the router's MACs shrink. Both are predicted exactly (experts of a block must be alike in
-  size; otherwise discovery raises). A plan must leave at least ``top_k`` experts in a block; prune/mask refuse
-  it otherwise (:class:`PlanError`).
+  size; otherwise discovery raises). A plan must leave at least ``top_k`` experts in a block: the group's
+  ``max_removed`` keeps the planner within that, and prune/mask refuse a plan edited past it (:class:`PlanError`).
+  Where every block keeps the same number, the model's and config's expert count are written back
+  (:func:`record_expert_counts`), so transformers' router auxiliary loss runs on the pruned model.
 - With the block's router in ``ignore=`` (all experts kept; :func:`moe_routers` lists the routers), its units are
   the **hidden units of each expert** (group ``"<expert's first layer>:hidden"``, e.g. fc1 rows with fc2
   columns, or w1/w3 rows with w2 columns), found on torch-pruning's graph within the expert. U is measured at the
@@ -53,7 +55,7 @@ from .._core.layers import kept, qualname, slice_linear_
 from .._errors import PlanError, UnsupportedModelError
 from .._graph import group_slots
 from .base import Family, USource, register
-from .experts_fused import stacked_moe_blocks
+from .experts_fused import record_expert_counts, stacked_moe_blocks
 
 __all__ = ["Experts", "MoEBlock", "moe_blocks", "moe_routers"]
 
@@ -280,7 +282,8 @@ class Experts(Family):
         for e, expert in enumerate(experts):
             members += [Member(qualname(f"{b.experts}.{e}", sub), "out", empty, member_kind(m), owner=e)
                         for sub, m in expert.named_modules() if any(True for _ in m.parameters(recurse=False))]
-        return GroupSpec(f"{b.name}{_EXPERTS}", n, torch.arange(n).unsqueeze(1), members, family=self)
+        return GroupSpec(f"{b.name}{_EXPERTS}", n, torch.arange(n).unsqueeze(1), members, family=self,
+                         max_removed=n - b.top_k)
 
     def _hidden_groups(self, b: MoEBlock, model: nn.Module, graph: Any, ignore: Sequence[str]) -> List[GroupSpec]:
         modules = dict(model.named_modules())
@@ -364,6 +367,9 @@ class Experts(Family):
             del b.module.experts[c]
         if isinstance(getattr(b.module, "num_experts", None), int):
             b.module.num_experts = len(b.module.experts)
+
+    def finish_(self, model: nn.Module) -> None:
+        record_expert_counts(model, [len(b.module.experts) for b in moe_blocks(model)])
 
     def mask_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         b, e = self._locate(model, group)

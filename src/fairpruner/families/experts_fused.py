@@ -24,6 +24,7 @@ The hidden units inside stacked experts (all experts share one width) are not un
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -37,7 +38,7 @@ from .._core.layers import kept, qualname, slice_param_
 from .._errors import PlanError
 from .base import Family, MacsTerm, PerModel, USource, register
 
-__all__ = ["StackedExperts", "stacked_moe_blocks"]
+__all__ = ["StackedExperts", "stacked_moe_blocks", "record_expert_counts"]
 
 _SUFFIX = ":experts"
 _RECOMPUTING: set = set()  # experts modules whose per-expert contributions are being computed
@@ -181,7 +182,8 @@ class StackedExperts(Family):
             # The experts' slices are "weight": an expert's L1 is that of its own stacked weights.
             members = [Member(b.router, "out", rows, "other", tuple((n, 0) for n in router)),
                        Member(b.experts, "out", rows, "weight", tuple((n, 0) for n in stacked))]
-            groups.append(GroupSpec(f"{b.name}{_SUFFIX}", b.n, rows.clone(), members, family=self))
+            groups.append(GroupSpec(f"{b.name}{_SUFFIX}", b.n, rows.clone(), members, family=self,
+                                    max_removed=b.n - b.top_k))
         return groups
 
     def _block(self, model: nn.Module, group: GroupSpec) -> StackedBlock:
@@ -221,6 +223,9 @@ class StackedExperts(Family):
             if isinstance(getattr(owner, "num_experts", None), int):
                 owner.num_experts = len(keep)
 
+    def finish_(self, model: nn.Module) -> None:
+        record_expert_counts(model, [b.n for b in stacked_moe_blocks(model)])
+
     def mask_(self, model: nn.Module, group: GroupSpec, channels: List[int]) -> None:
         b = self._block(model, group)
         self._check_top_k(b, channels)
@@ -228,6 +233,25 @@ class StackedExperts(Family):
         masked = _MaskedRouter(sorted(set(int(c) for c in channels)))
         b.module.gate.register_forward_pre_hook(masked.enter)
         b.module.gate.register_forward_hook(masked.leave)
+
+
+def record_expert_counts(model: nn.Module, counts: List[int]) -> None:
+    """Writes the experts every block now keeps to the model's own count and its config (Mixtral's
+    ``num_local_experts``, Qwen-MoE's ``num_experts``), which transformers' router auxiliary loss reads
+    (``output_router_logits=True``): only where every block keeps the same number, the one count they can
+    express. Otherwise they keep the original count, and a config asking for that loss has it turned off, with
+    a warning: transformers computes it in every forward and would fail on blocks of different sizes."""
+    config = getattr(model, "config", None)
+    if len(set(counts)) == 1:
+        for owner, attr in ((model, "num_experts"), (config, "num_local_experts"), (config, "num_experts")):
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, counts[0])
+    elif getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
+        warnings.warn(f"The pruned blocks keep different numbers of experts ({counts}), which the model's config "
+                      "cannot express, and on which transformers' router auxiliary loss cannot run: the pruned "
+                      "model's config.output_router_logits is now False. To keep that loss, prune inside the "
+                      "experts instead (ignore=fp.moe_routers(model)).", stacklevel=2)
 
 
 def _routed_tokens(model: nn.Module, x: tuple) -> Dict[str, int]:
