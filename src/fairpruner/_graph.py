@@ -10,14 +10,14 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._core.groups import GroupSpec, Member, member_kind
-from ._core.inputs import as_args
+from ._core.groups import GroupSpec, Member, dim_size, member_kind, member_params
+from ._core.inputs import as_args, logits_of, output_tensors
 from ._core.layers import (CONV_TYPES, FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES,
                            freezes)
 from ._core.state import keeping_no_saved_tensors, preserved_state
@@ -70,6 +70,25 @@ def _torch_pruning(what: str, model: nn.Module) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
 
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+class _InstanceNormPruner(tp.pruner.function.InstanceNormPruner):
+    """torch-pruning's InstanceNorm pruner, which leaves the running statistics (``track_running_stats=True``)
+    at their old size; they are cut with the channels here."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = torch.tensor(sorted(set(range(layer.num_features)) - set(int(i) for i in idxs)), dtype=torch.long)
+        layer = super().prune_out_channels(layer, idxs)
+        for name in ("running_mean", "running_var"):
+            buf = getattr(layer, name, None)
+            if torch.is_tensor(buf) and buf.shape[0] != layer.num_features:
+                setattr(layer, name, buf.index_select(0, keep.to(buf.device)))
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
 def family_layout(families: Families, module: nn.Module,
                   side: str) -> Optional[Tuple[Tuple[str, int], ...]]:
     """The first explicit parameter layout one of ``families`` gives ``module`` (see ``Family.layout``)."""
@@ -116,20 +135,10 @@ def _on_frozen_stream(graph: tp.DependencyGraph, param: nn.Parameter) -> bool:
     return any(freezes(item.dep.target.module) for item in group)
 
 
-def _output_tensors(output: Any) -> List[torch.Tensor]:
-    """Every tensor in a model's output (nested tuples, lists and dicts, which includes Hugging Face outputs);
-    anything else is left out: a decoder's cache object (``use_cache=True``) is not a tensor and its tensors
-    are the key/value projections' outputs, which the logits trace through anyway."""
-    if torch.is_tensor(output):
-        return [output]
-    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    return [t for item in items for t in _output_tensors(item)]
-
-
 def _check_channel_padding(output: Any) -> None:
     """Refuses F.pad on the channel dimension (CIFAR 'option A' shortcuts): the graph would treat it as
     element-wise and the pruned model would break."""
-    roots = [t.grad_fn for t in _output_tensors(output) if t.grad_fn is not None]
+    roots = [t.grad_fn for t in output_tensors(output) if t.grad_fn is not None]
     seen, stack = set(), roots
     while stack:
         fn = stack.pop()
@@ -167,7 +176,7 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
                 f"The model does not run on the example inputs ({_describe(example_inputs)}): {e}. "
                 "Pass `example_inputs=` shaped like one real batch.") from e
         _check_channel_padding(out)
-        custom: Dict[type, Any] = {}
+        custom: Dict[type, Any] = dict.fromkeys(_INSTANCE_NORMS, _InstanceNormPruner())
         for fam in families:
             custom.update(fam.tp_pruners())
         # Parameters of modules torch-pruning has no pruner for are named (so that it does not warn that it
@@ -182,7 +191,7 @@ def build_graph(model: nn.Module, example_inputs: Any, families: Families = ()) 
             for fam in families:
                 tracing.enter_context(fam.tracing(model))
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=traced, customized_pruners=custom or None, output_transform=_output_tensors,
+                model, example_inputs=traced, customized_pruners=custom or None, output_transform=output_tensors,
                 unwrapped_parameters=[(p, max(i for i, s in enumerate(p.shape) if s > 1)) for p in loose] or None)
     # A family that claims a module cuts its parameters itself (they are members of the family's groups).
     claimed = {id(p) for m in model.modules() if any(f.claims(m) for f in families)
@@ -209,8 +218,12 @@ def _describe(example_inputs: Any) -> str:
 
 
 def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str], int]:
-    """Names of the Conv/Linear layers whose output is the model's output (never pruned), and the
-    size of the output's last dimension (the number of classes of a classifier)."""
+    """Names of the Conv/Linear layers whose outputs the model returns (never pruned: every returned tensor keeps
+    its shape), and the size of the logits' last dimension (the number of classes of a classifier).
+
+    The logits' layer is the one whose output they are (or a view of it; else the last layer called). Any other
+    tensor the model returns (an embedding beside the logits) protects every layer it is computed from without
+    passing through another one, found on its autograd graph."""
     outputs: Dict[str, torch.Tensor] = {}
     order: List[str] = []
     hooks = []
@@ -221,23 +234,73 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str]
                 order.append(name)
             hooks.append(m.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            out = model(*as_args(example_inputs))
+        with torch.enable_grad():
+            out = model(*(t.detach().requires_grad_(True) if torch.is_tensor(t) and t.is_floating_point() else t
+                          for t in as_args(example_inputs)))
     finally:
         for h in hooks:
             h.remove()
-    finals = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
-    if hasattr(out, "logits"):
-        finals = [out.logits]
-    found = []
-    for name, t in outputs.items():
-        for f in finals:
-            # Same tensor, or a view of it (flatten/reshape of a conv head).
-            if t is f or (t.data_ptr() == f.data_ptr() and t.numel() == f.numel()):
-                found.append(name)
-    if not found and order:
-        found = [order[-1]]
-    return sorted(set(found)), int(finals[0].shape[-1]) if finals else 0
+    logits = logits_of(out)
+    finals = [logits] if hasattr(out, "logits") else output_tensors(out)
+    found = {name for name, t in outputs.items() for f in finals
+             # Same tensor, or a view of it (flatten/reshape of a conv head).
+             if t is f or (t.data_ptr() == f.data_ptr() and t.numel() == f.numel())}
+    if not any(t is logits or t.data_ptr() == logits.data_ptr() for t in outputs.values()) and order:
+        found.add(order[-1])
+    found |= _layers_behind([f for f in finals if f is not logits], outputs)
+    return sorted(found), int(logits.shape[-1])
+
+
+def _layers_behind(tensors: List[torch.Tensor], outputs: Dict[str, torch.Tensor]) -> set:
+    """The layers (by name, from ``outputs``) reached backwards from ``tensors``' autograd graph before any other
+    such layer: those whose channels reach the tensors."""
+    by_fn = {t.grad_fn: name for name, t in outputs.items() if torch.is_tensor(t) and t.grad_fn is not None}
+    found, seen = set(), set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in by_fn:
+            found.add(by_fn[fn])
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
+def _partial_writer(root: nn.Module, merged: Dict[Tuple[str, str], Dict[int, set]],
+                    modules: Dict[str, nn.Module]) -> bool:
+    """True where another Conv/Linear layer writes only part of its outputs into the group's channels.
+    torch-pruning maps a concatenation of a split's halves onto the wrong offsets (a branch's channels coupled
+    to the first half of the split layer's outputs and of the concatenation); such a group is left whole. A
+    split layer whose half is genuinely added to the root's output is left whole too, which is merely safe."""
+    for (name, side), mapping in merged.items():
+        m = modules[name]
+        if side == "out" and m is not root and isinstance(m, WEIGHT_TYPES):
+            width = m.out_channels if isinstance(m, CONV_TYPES) else m.out_features
+            if len(set().union(*mapping.values())) != width:
+                return True
+    return False
+
+
+def _depth_multiplier(m: nn.Module) -> bool:
+    """A depthwise convolution with a channel multiplier (groups = in_channels < out_channels)."""
+    return isinstance(m, CONV_TYPES) and 1 < m.groups == m.in_channels != m.out_channels
+
+
+def _check_indices(name: str, members: List[Member], modules: Dict[str, nn.Module]) -> None:
+    """Refuses a group whose channel mapping points past a member's parameters (an op between the layers that
+    moves channels to other dimensions, such as PixelShuffle): its units could be neither scored nor cut."""
+    for m in members:
+        if m.side == "in" and isinstance(modules[m.module], CONV_TYPES) and modules[m.module].groups > 1:
+            continue  # a grouped convolution's weight holds each group's inputs only: indexed per group
+        for p, dim in member_params(m, modules[m.module]):
+            if m.owner is None and m.index.numel() and int(m.index.max()) >= dim_size(p, dim):
+                raise UnsupportedModelError(
+                    f"Group '{name}': its channels map into '{m.module}' ({type(modules[m.module]).__name__}) past "
+                    "its parameters, through an operation that moves channels elsewhere (e.g. PixelShuffle); add "
+                    f"'{name}' to `ignore=`.")
 
 
 def _unit_blocks(name: str, channels: int, members: List[Member], modules: Dict[str, nn.Module]) -> torch.Tensor:
@@ -313,7 +376,7 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Famil
         if channels is None or channels < 2:
             continue
         merged = group_slots(graph, group, names.get)
-        if any(freezes(modules[mname]) for mname, _ in merged):
+        if any(freezes(modules[mname]) for mname, _ in merged) or _partial_writer(root, merged, modules):
             continue
         members = []
         for (mname, side), mapping in merged.items():
@@ -327,6 +390,9 @@ def discover_groups(graph: tp.DependencyGraph, model: nn.Module, families: Famil
             index = torch.tensor([sorted(mapping[c]) for c in range(channels)], dtype=torch.long)
             members.append(Member(mname, side, index, member_kind(modules[mname]),
                                   family_layout(families, modules[mname], side)))
+        if any(_depth_multiplier(modules[m.module]) for m in members):
+            continue  # each input channel feeds several outputs: no cut keeps the convolution's groups aligned
+        _check_indices(names[root], members, modules)
         members.sort(key=lambda m: (m.side != "out", m.module))
         units = _unit_blocks(names[root], channels, members, modules)
         if units.shape[0] < 2:

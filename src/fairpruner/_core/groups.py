@@ -103,6 +103,8 @@ def dense_reader(member: Member, module: nn.Module) -> bool:
 def member_params(member: Member, module: nn.Module) -> List[tuple]:
     """``(parameter, dim)`` pairs a member's index addresses (see :class:`Member`)."""
     own = dict(module.named_parameters(recurse=False))
+    if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+        return []  # one slope shared by every channel: nothing of it belongs to a channel
     if member.params is not None:
         return [(own[n], d) for n, d in member.params if n in own]
     if member.side == "out":

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .._errors import DataError, FairPrunerError
 
-__all__ = ["as_args", "first_sample", "to_device", "logits_of", "split_batch", "device_of", "forward_logits",
-           "synthetic_inputs", "describe_inputs", "check_device", "float_dtype", "model_device"]
+__all__ = ["as_args", "first_sample", "to_device", "logits_of", "output_tensors", "split_batch", "device_of",
+           "forward_logits", "synthetic_inputs", "describe_inputs", "check_device", "float_dtype", "model_device"]
 
 
 def as_args(example_inputs: Any) -> tuple:
@@ -49,12 +49,31 @@ def float_dtype(model: nn.Module) -> Optional[torch.dtype]:
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    """The logits of a model output: the tensor itself, ``.logits`` (Hugging Face), or a tuple's first item."""
+    """The logits of a model output: the tensor itself, ``.logits`` (Hugging Face), a dict's ``"logits"``, or a
+    tuple's first item; a clear error for anything else."""
     if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
+        out = out.logits
+    elif isinstance(out, Mapping):
+        if "logits" not in out:
+            raise FairPrunerError(f"The model returns a dict without 'logits' (keys: {list(out)[:8]}); return the "
+                                  "logits as a tensor, as a tuple's first item, or under the key 'logits'.")
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not torch.is_tensor(out):
+        raise FairPrunerError(f"The model's output holds no logits tensor where one was expected (got "
+                              f"{type(out).__name__}); return the logits as a tensor, or as a tuple's first item.")
     return out
+
+
+def output_tensors(output: Any) -> List[torch.Tensor]:
+    """Every tensor in a model's output (nested tuples, lists and dicts, which includes Hugging Face outputs);
+    anything else is left out: a decoder's cache object (``use_cache=True``) is not a tensor and its tensors
+    are the key/value projections' outputs, which the logits trace through anyway."""
+    if torch.is_tensor(output):
+        return [output]
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return [t for item in items for t in output_tensors(item)]
 
 
 def split_batch(batch: Any) -> Tuple[Any, torch.Tensor]:
