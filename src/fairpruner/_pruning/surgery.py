@@ -7,6 +7,7 @@ layers are never roots, and train/eval flags, ``requires_grad`` and GroupNorm's 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from .._core.layers import CONV_TYPES, WEIGHT_TYPES
 from .._core.state import model_signature, preserved_state
 from .._errors import PlanError, UnsupportedModelError
 from .._graph import build_graph, family_layout
+from .._measure.counting import count_macs
 from .._planning.plans import Plan
 
 __all__ = ["prune", "mask", "example_from_plan", "plan_families"]
@@ -154,6 +156,8 @@ def prune(model: nn.Module, plan: Plan, example_inputs: Any = None, *, verify: b
         p.requires_grad_(flags.get(n, True))
     if verify:
         _verify(model, work, plan, x)
+        if example_inputs is None:  # the plan's own input shapes: its prediction must hold
+            _check_predicted_macs(work, plan, x)
     # Every round's plan travels with the model, so save/load can rebuild a model pruned several times.
     work._fairpruner_history = list(getattr(model, "_fairpruner_history", [])) + [plan.to_json()]
     return work
@@ -259,6 +263,22 @@ def mask(model: nn.Module, plan: Plan, example_inputs: Any = None) -> nn.Module:
 # computations (another summation order), by about the dtype's epsilon times the depth; a coupling the surgery
 # got wrong moves the outputs by far more.
 _VERIFY_RTOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _check_predicted_macs(pruned: nn.Module, plan: Plan, x: tuple) -> None:
+    """Says aloud where the pruned model's MACs per sample differ from the plan's prediction by more than 1 %:
+    MACs the cost model did not tie to the units (attention written with torch.matmul on pruned projections),
+    so that a MACs target was not met as planned."""
+    want, before = plan.predicted.get("macs_after"), plan.predicted.get("macs_before")
+    if not want or not before:
+        return
+    with torch.random.fork_rng(devices=[]), preserved_state(pruned):
+        got = count_macs(pruned, x)
+    if abs(got - want) > 0.01 * want:
+        warnings.warn(f"The pruned model runs {got:,} MACs per sample where the plan predicted {int(want):,}: it "
+                      f"removes {1 - got / before:.1%} of the MACs, not {1 - want / before:.1%}. The model computes "
+                      "MACs the plan could not tie to the units (e.g. attention written with torch.matmul); plan "
+                      "again with a target that allows for it.", stacklevel=3)
 
 
 def _returned(out: Any) -> List[torch.Tensor]:
