@@ -1,7 +1,8 @@
 """Tests for fairpruner._graph and the surgery's check on structures that need care: a tensor returned beside the
 logits, dict outputs, one PReLU slope shared by every channel, InstanceNorm's running statistics, a depthwise
 channel multiplier, a split's halves concatenated again, PixelShuffle, a pruned model that does not run, and
-bfloat16 models. Each is pruned == masked, or refused with a FairPrunerError that names the fix."""
+bfloat16 models, MACs the cost model cannot see, tied weights. Each is pruned == masked, or refused with a
+FairPrunerError that names the fix."""
 from __future__ import annotations
 
 import pytest
@@ -208,3 +209,42 @@ def test_macs_the_plan_could_not_predict_are_said_aloud():
     with pytest.warns(UserWarning, match="MACs per sample where the plan predicted"):
         pruned = fp.prune(model, plan)
     assert fp.count_macs(pruned, _fresh((6, 4))) < plan.predicted["macs_after"]
+
+
+class _Tied(nn.Module):
+    """Two layers sharing one weight, each read by its own head, beside an untied branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16)
+        self.b.weight = self.a.weight
+        self.l2, self.l3, self.l4 = nn.Linear(16, 4), nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.a(x))) + self.l3(torch.relu(self.b(x))) + self.l4(torch.relu(self.c(x)))
+
+
+def _tied_plan():
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(8, 8, generator=g), torch.arange(8) % 4) for _ in range(2)]
+    return model, fp.plan(fp.score(model, loader, projections=4, progress=False), alpha=0.5)
+
+
+def test_tied_weights_are_kept_whole_and_the_rest_pruned():
+    model, plan = _tied_plan()
+    assert [g["name"] for g in plan.groups] == ["c"] and plan.removed["c"]
+    pruned = fp.prune(model, plan)
+    assert pruned.a.weight is pruned.b.weight and pruned.c.out_features < 16
+    assert_prune_equals_mask(model, plan, torch.randn(4, 8), pruned=pruned)
+
+
+def test_a_plan_that_would_untie_shared_weights_is_refused():
+    """A plan edited (or written by another version) to cut a tied layer: surgery would untie it and grow the
+    model."""
+    model, plan = _tied_plan()
+    plan.groups.append({"name": "a", "channels": 16, "units": 16, "unit_size": 1, "removed_channels": [0, 1]})
+    plan.removed["a"] = [0, 1]
+    with pytest.raises(fp.UnsupportedModelError, match="a.weight and b.weight.*untie"):
+        fp.prune(model, plan)

@@ -123,29 +123,6 @@ def test_second_round_prunes_further():
     assert_prune_equals_mask(pruned, p2, fresh_inputs((3, 32, 32)), pruned=pruned2)
 
 
-class _Tied(nn.Module):
-    """Two layers sharing one weight, each read by its own head: their units are pruned apart."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 16)
-        self.b.weight = self.a.weight
-        self.l2, self.l3 = nn.Linear(16, 4), nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.l2(torch.relu(self.a(x))) + self.l3(torch.relu(self.b(x)))
-
-
-def test_a_plan_that_would_untie_shared_weights_is_refused():
-    torch.manual_seed(0)
-    model = _Tied().eval()
-    g = torch.Generator().manual_seed(0)
-    loader = [(torch.randn(8, 8, generator=g), torch.arange(8) % 4) for _ in range(2)]
-    plan = fp.plan(fp.score(model, loader, projections=4), params=0.3)
-    with pytest.raises(fp.UnsupportedModelError, match="a.weight and b.weight.*untie"):
-        fp.prune(model, plan)
-
-
 def test_a_plan_scored_in_float32_prunes_the_model_in_float64():
     """The plan's synthetic inputs take the model's dtype, so no example_inputs are needed after .double()."""
     model, _, plan, pruned = case("resnet20", target="alpha")
