@@ -63,6 +63,50 @@ def test_every_returned_tensor_keeps_its_shape(as_dict):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_weights_returned_keep_their_heads():
+    """nn.MultiheadAttention's weights returned beside the logits: its heads stay (the walk stops at the module a
+    unit family claims), the rest is pruned."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn = nn.Linear(4, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            a, w = self.attn(h, h, h)
+            return self.fc2(F.relu(self.fc1(h + a)).mean(1)), w
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    plan = _plan(model, alpha=0.5, data={"shape": (6, 4)})
+    assert "attn:heads" not in plan.removed and plan.removed["fc1"]
+    pruned = fp.prune(model, plan)
+    x = _fresh((6, 4))
+    with torch.no_grad():
+        for a, b in zip(pruned(x), fp.mask(model, plan)(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_logits_keep_their_classifier_beside_another_head():
+    """Logits that are no layer's own output (divided by a temperature), with another head called after the
+    classifier: the classifier is found on the logits' graph, not taken to be the last layer called."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc, self.proj = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 6), nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = F.relu(self.c(x)).mean((2, 3))
+            return self.fc(h) / 0.5, self.proj(h)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    plan = _plan(model, alpha=0.5)
+    assert set(plan.removed) == {"c"} and plan.removed["c"]
+    assert fp.prune(model, plan)(_fresh())[0].shape == (4, 6)
+
+
 def test_a_dict_without_logits_is_refused_clearly():
     class Net(nn.Module):
         def __init__(self):
@@ -165,7 +209,8 @@ def test_a_pruned_model_that_does_not_run_is_refused_clearly():
         fp.prune(Scaled(), plan)
 
 
-def test_a_bfloat16_model_is_checked_to_its_precision():
+@pytest.mark.parametrize("mixed", [False, True], ids=["bfloat16", "bfloat16-with-float32-head"])
+def test_a_bfloat16_model_is_checked_to_its_precision(mixed):
     """bfloat16 rounds the pruned and the masked computation differently (~1e-2 relative): a float32 tolerance
     refused sound plans."""
     class Encoder(nn.Module):
@@ -176,10 +221,12 @@ def test_a_bfloat16_model_is_checked_to_its_precision():
             self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
 
         def forward(self, x):
-            return self.fc(self.enc(self.inp(x)).mean(1))
+            return self.fc(self.enc(self.inp(x)).mean(1).to(self.fc.weight.dtype))
 
     torch.manual_seed(0)
     model = Encoder().to(torch.bfloat16).eval()
+    if mixed:  # checked to its least precise dtype
+        model.fc.float()
     scores = fp.score(model, _loader((6, 4), torch.bfloat16), samples_per_class=4, projections=4, progress=False)
     plan = fp.plan(scores, macs=0.4)
     pruned = fp.prune(model, plan)

@@ -211,21 +211,29 @@ def _describe(example_inputs: Any) -> str:
                      for t in as_args(example_inputs))
 
 
-def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str], int]:
-    """Names of the Conv/Linear layers whose outputs the model returns (never pruned: every returned tensor keeps
-    its shape), and the size of the logits' last dimension (the number of classes of a classifier).
+def find_output_layers(model: nn.Module, example_inputs: Any, families: Families = ()) -> Tuple[List[str], int]:
+    """Names of the layers whose outputs the model returns (never pruned: every returned tensor keeps its shape),
+    and the size of the logits' last dimension (the number of classes of a classifier).
 
-    The logits' layer is the one whose output they are (or a view of it; else the last layer called). Any other
-    tensor the model returns (an embedding beside the logits) protects every layer it is computed from without
-    passing through another one, found on its autograd graph."""
+    The logits' layer is the Conv/Linear whose output they are (or a view of it); otherwise the Conv/Linear layers
+    they are computed from without passing through another one, found on their autograd graph (the last one
+    called where it shows none). Any other tensor the model returns (an embedding beside the logits, an
+    attention's weights) protects the layers it is computed from the same way, the modules a unit family claims
+    (an ``nn.MultiheadAttention``) included."""
     outputs: Dict[str, torch.Tensor] = {}
     order: List[str] = []
+    by_fn: Dict[Any, str] = {}  # autograd node of a layer's output -> the layer
+    claimed: Dict[Any, str] = {}  # the same for the modules the families claim
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, WEIGHT_TYPES):
-            def hook(mod, inp, out, name=name):
-                outputs[name] = out
-                order.append(name)
+        weight = isinstance(m, WEIGHT_TYPES)
+        if weight or any(f.claims(m) for f in families):
+            def hook(mod, inp, out, name=name, weight=weight):
+                if weight:
+                    outputs[name] = out
+                    order.append(name)
+                (by_fn if weight else claimed).update(
+                    (t.grad_fn, name) for t in output_tensors(out) if t.grad_fn is not None)
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.enable_grad():
@@ -239,16 +247,17 @@ def find_output_layers(model: nn.Module, example_inputs: Any) -> Tuple[List[str]
     found = {name for name, t in outputs.items() for f in finals
              # Same tensor, or a view of it (flatten/reshape of a conv head).
              if t is f or (t.data_ptr() == f.data_ptr() and t.numel() == f.numel())}
-    if not any(t is logits or t.data_ptr() == logits.data_ptr() for t in outputs.values()) and order:
-        found.add(order[-1])
-    found |= _layers_behind([f for f in finals if f is not logits], outputs)
+    if not any(t is logits or t.data_ptr() == logits.data_ptr() for t in outputs.values()):
+        # Through a claimed module's insides (a recurrent layer whose last layer's units are the logits: the
+        # family keeps those), to the Conv/Linear layers behind them.
+        found |= _layers_behind([logits], by_fn) or set(order[-1:])
+    found |= _layers_behind([f for f in finals if f is not logits], {**by_fn, **claimed})
     return sorted(found), int(logits.shape[-1])
 
 
-def _layers_behind(tensors: List[torch.Tensor], outputs: Dict[str, torch.Tensor]) -> set:
-    """The layers (by name, from ``outputs``) reached backwards from ``tensors``' autograd graph before any other
-    such layer: those whose channels reach the tensors."""
-    by_fn = {t.grad_fn: name for name, t in outputs.items() if torch.is_tensor(t) and t.grad_fn is not None}
+def _layers_behind(tensors: List[torch.Tensor], by_fn: Dict[Any, str]) -> set:
+    """The layers (by name, from ``by_fn``: their outputs' autograd nodes) reached backwards from ``tensors`` before
+    any other such layer: those whose channels reach the tensors."""
     found, seen = set(), set()
     stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
     while stack:

@@ -19,7 +19,7 @@ from .tod import rank_ascending, tod_counts
 
 __all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "STREAM_FLOOR", "FLOORS"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: example_inputs may hold {"value": ...} between the tensors
 SIGNALS = ("u", "l1", "taylor", "random")
 # ToD levels of residual-stream groups are multiplied by this (with STREAM_FLOORS' "capped", chosen on a
 # validation split of CIFAR-10 training images, ResNet-20 and ResNet-56, 3 calibration seeds: see the README's
@@ -242,7 +242,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         limits = removal_limits(scores)
         _, counts = bisect_target(cands, lambda f: uniform_counts(units, f, limits), cost, key, value, before,
-                                  "removing 99% of every group")
+                                  "removing 99% of every group (fewer where a group must keep more)")
     result = _make_plan(scores, counts, ranks, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
                          "ties": ties, "stream_floor": stream_floor, "floor": floor, "floor_used": floor_used,

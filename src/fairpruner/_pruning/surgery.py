@@ -295,18 +295,23 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple) -> Non
     with torch.random.fork_rng(devices=[]), preserved_state(pruned), preserved_state(masked), torch.no_grad():
         try:
             outs = _returned(pruned(*x))
-        except Exception as e:  # noqa: BLE001 - any failure of the cut model is the surgery's refusal
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure of the cut model is the surgery's refusal
             raise UnsupportedModelError(f"The pruned model does not run ({type(e).__name__}: {e}); {fix}") from e
         wants = _returned(masked(*x))
-    rtol = _VERIFY_RTOL.get(float_dtype(original), 1e-4)
+    # A mixed-precision model is checked to its least precise dtype.
+    rtol = max((_VERIFY_RTOL.get(p.dtype, 1e-4) for p in original.parameters() if p.is_floating_point()),
+               default=1e-4)
     if [tuple(t.shape) for t in outs] != [tuple(t.shape) for t in wants]:
         raise UnsupportedModelError(f"Pruning changed the output shapes {[tuple(t.shape) for t in wants]} -> "
                                     f"{[tuple(t.shape) for t in outs]}; {fix}")
     for a, b in zip(outs, wants):
         if not a.is_floating_point():
             continue
-        a, b = a.double(), b.double()
-        err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12) if a.numel() else 0.0
+        # float32 at least (float64 where it is): not every device has float64, and logits can be large.
+        a, b = (a, b) if a.dtype == torch.float64 else (a.float(), b.float())
+        err = (a - b).abs_().amax().item() / max(b.abs().amax().item(), 1e-12) if a.numel() else 0.0
         if not err <= rtol:  # NaN fails too
             raise UnsupportedModelError(f"The pruned model differs from the masked model (relative error "
                                         f"{err:.2e}); {fix}")

@@ -263,7 +263,7 @@ def _prepare(work: nn.Module, example_inputs: Any, device: torch.device, fams: L
     # Tracing needs shapes, not statistics: two samples keep its cost negligible.
     trace = tuple(t[:2] if torch.is_tensor(t) and t.dim() > 0 else t for t in as_args(example_inputs))
     graph = build_graph(work, trace, fams)
-    outputs, num_outputs = find_output_layers(work, trace)
+    outputs, num_outputs = find_output_layers(work, trace, fams)
     groups = discover_groups(graph, work, fams, ignore=tuple(ignore) + tuple(outputs), example_inputs=trace)
     del graph
     if not groups:

@@ -14,7 +14,7 @@ from .._measure.costmodel import CostModel
 
 __all__ = ["GroupScores", "Scores"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: groups record max_removed
 
 
 @dataclass

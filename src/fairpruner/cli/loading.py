@@ -76,12 +76,13 @@ def _hugging_face(directory: str, num_classes: Optional[int]) -> nn.Module:
                        "give data with as many classes)")
     try:
         return cls.from_pretrained(directory, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers fails in many ways on weights unlike the config
+    except Exception as exc:  # noqa: BLE001 - transformers fails in many ways on a directory it cannot load
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"transformers could not build hf:{directory} ({first}). A model pruned by fairpruner does "
-                       "not round-trip through save_pretrained (its config keeps the original sizes): give the "
-                       "unpruned directory as --model and the pruned file written by fp.save or --out as --pruned"
-                       ) from None
+        sizes = "mismatch" in str(exc).lower()
+        hint = (" A model pruned by fairpruner does not round-trip through save_pretrained (its config keeps the "
+                "original sizes): give the unpruned directory as --model and the pruned file written by fp.save or "
+                "--out as --pruned." if sizes else "")
+        raise CliError(f"transformers could not build hf:{directory} ({first}).{hint}") from exc
 
 
 def torch_load(path: str) -> Any:
