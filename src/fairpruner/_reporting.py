@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -264,7 +265,7 @@ def _plot_groups(groups: Sequence[Dict[str, Any]], path: Path, title: str) -> Pa
     ax.invert_yaxis()  # first group on top, as in the text table
     ax.set_xlim(0, 100)
     ax.set_xlabel("units removed (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)  # a plan's settings make a long title
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, format="png")
     return path
@@ -272,7 +273,8 @@ def _plot_groups(groups: Sequence[Dict[str, Any]], path: Path, title: str) -> Pa
 
 def plot_sweep(rows: Sequence[Dict[str, float]], path: PathLike,
                accuracy: Optional[Sequence[Optional[float]]] = None) -> Path:
-    """Writes a PNG of parameters, MACs and units removed against alpha (and accuracy, if given).
+    """Writes a PNG of parameters, MACs and units removed against alpha, or against the target asked for a
+    params/MACs sweep (and accuracy, if given).
 
     Args:
         rows: from :func:`fairpruner.sweep`.
@@ -291,17 +293,20 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: PathLike,
     accuracy = _sweep_accuracy(rows, accuracy)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A target sweep is drawn against the targets asked (its plans' alphas come from different rules).
+    asked = rows[0].get("target_key")
+    x_of = (lambda r: 100 * r["target"]) if asked else (lambda r: r["alpha"])
     rows = sorted(((r, a) for r, a in zip(rows, accuracy or [None] * len(rows)) if "refused" not in r),
-                  key=lambda ra: ra[0]["alpha"])  # a refused target has nothing to draw
+                  key=lambda ra: x_of(ra[0]))  # a refused target has nothing to draw
     if not rows:
         raise FairPrunerError("Every target of the sweep was refused; there is nothing to plot.")
-    alphas = [r["alpha"] for r, _ in rows]
+    alphas = [x_of(r) for r, _ in rows]
     fig = _figure(7, 4.2)
     ax = fig.add_subplot()
     for key, label, style in (("params_removed", "params removed", "o-"), ("macs_removed", "MACs removed", "s-"),
                               ("units_removed", "units removed", "^--")):
         ax.plot(alphas, [100 * r[key] for r, _ in rows], style, label=label)
-    ax.set_xlabel("alpha (ToD level)")
+    ax.set_xlabel(f"{'MACs' if asked == 'macs' else 'params'} removal asked (%)" if asked else "alpha (ToD level)")
     ax.set_ylabel("removed (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -315,7 +320,7 @@ def plot_sweep(rows: Sequence[Dict[str, float]], path: PathLike,
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="best", fontsize=8)
-    ax.set_title("Alpha sweep: what one set of scores can remove", fontsize=10)
+    ax.set_title(f"{'Target' if asked else 'Alpha'} sweep: what one set of scores can remove", fontsize=10)
     fig.savefig(path, format="png")
     return path
 

@@ -98,6 +98,17 @@ def test_a_target_just_beyond_reach_names_two_different_figures(resnet_scores, k
     asked, reach = re.search(r"of ([0-9.]+)% cannot be met: the most one round can remove is ([0-9.]+)%",
                              str(e.value)).groups()
     assert asked != reach and float(asked) > float(reach)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp.plan(resnet_scores, **{key: float(reach) / 100})  # the figure named is met (it is rounded down)
+
+
+def test_numpy_numbers_are_numbers(resnet_scores):
+    a = fp.plan(resnet_scores, macs=np.float32(0.4), macs_power=np.float64(0.25), seed=np.int64(2), signal="random")
+    b = fp.plan(resnet_scores, macs=0.4, macs_power=0.25, seed=2, signal="random")
+    assert a.removed == b.removed
+    with pytest.raises(fp.PlanError, match="seed must be an integer"):
+        fp.plan(resnet_scores, alpha=0.1, seed=1.5)
 
 
 # ---------------------------------------------------------------- ToD counts

@@ -55,6 +55,17 @@ def test_evaluate_counts_top1_and_restores_flag():
     assert not model.training
 
 
+def test_evaluate_leaves_the_global_rng_as_it_was():
+    """A DataLoader draws its base seed from the global RNG when iterated; evaluation needs none."""
+    loader = DataLoader(_blobs(), batch_size=32)
+    torch.manual_seed(5)
+    fp.evaluate(_mlp(), loader)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    _mlp()  # evaluate's model above was built after the seed too
+    assert torch.equal(torch.rand(1), after)
+
+
 def test_evaluate_shows_a_progress_bar_when_asked(capsys):
     fp.evaluate(Constant(1), DataLoader(_blobs(), batch_size=50), progress=True, desc="evaluating blobs")
     assert "fairpruner: evaluating blobs" in capsys.readouterr().err

@@ -100,6 +100,56 @@ def test_a_loader_that_changes_between_passes_is_refused():
                  max_memory="100kB")
 
 
+class _Changing:
+    """Gives the batches once as they are, then ``how`` they differ (fewer, or randomly augmented)."""
+
+    def __init__(self, how):
+        self.how, self.epoch = how, 0
+
+    def __iter__(self):
+        batches = _batches()
+        if self.epoch and self.how == "fewer":
+            batches = batches[:2]
+        elif self.epoch and self.how == "augmented":  # the labels stay; the values do not
+            batches = [(x + 0.01 * torch.randn_like(x), y) for x, y in batches]
+        self.epoch += 1
+        return iter(batches)
+
+
+@pytest.mark.parametrize("how,match", [("fewer", "gave 2 batches where the first pass read"),
+                                       ("augmented", "randomly augmented")])
+def test_a_later_pass_must_read_the_very_batches_of_the_first(how, match):
+    """Labels alone would pass an augmented loader, and a loader that ends early used to score silently."""
+    with pytest.raises(fp.DataError, match=match):
+        fp.score(_model(), _Changing(how), samples_per_class=6, projections=32, progress=False,
+                 max_memory="100kB")
+
+
+def test_a_shuffling_dataloader_is_refused_before_the_first_pass():
+    x = torch.cat([b[0] for b in _batches()])
+    y = torch.cat([b[1] for b in _batches()])
+    read = []
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True,
+                                         collate_fn=lambda b: read.append(len(b)) or
+                                         torch.utils.data.default_collate(b))
+    with pytest.raises(fp.DataError, match="DataLoader shuffles.*shuffle=False"):
+        fp.score(_model(), loader, samples_per_class=6, projections=32, progress=False, max_memory="100kB")
+    assert len(read) <= 1  # the first batch (read to trace the model), not a whole pass
+
+
+def test_the_room_to_compute_u_holds_the_grid_of_unequal_classes():
+    """Classes of unequal size meet on a common quantile grid (up to the number of samples per unit): the
+    smallest budget and the slices make room for one unit of it."""
+    sizes = [SiteSize(units=64, width=32, raw_width=32)]
+    equal = plan_passes(sizes, 320, 32, 1_600_000, layout=(320, 320))
+    unequal = plan_passes(sizes, 275, 32, 1_600_000, layout=(320, 2440))
+    assert max(hi - lo for p in unequal[0] for _, lo, hi in p) < max(hi - lo for p in equal[0] for _, lo, hi in p)
+    with pytest.raises(fp.FairPrunerError, match="smallest budget that works is") as e:
+        plan_passes(sizes, 275, 32, 1000, layout=(320, 2440))
+    assert int(str(e.value).split("works is ")[1].split(" bytes")[0]) == 4 * (4 * 320 * 32 + 4 * 2440 * 32)
+
+
 def test_plan_passes_stays_within_the_room_and_covers_every_unit():
     sizes = [SiteSize(64, 128, 16), SiteSize(10, 1, 0), SiteSize(300, 128, 256)]
     passes, raw = plan_passes(sizes, samples=50, projections=128, budget=4_000_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -382,3 +383,50 @@ def test_scoring_in_place_leaves_grads_flags_and_requires_grad_as_they_were():
     again = fp.score(fresh, tiny_loader((3, 16, 16)), projections=4)
     for a, b in zip(scores.groups, again.groups):
         assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r), a.name
+
+
+def test_numpy_integers_are_integers_and_other_seeds_are_refused_up_front():
+    loader = tiny_loader((1, 8, 8))
+    torch.manual_seed(0)
+    model = zoo.digits_cnn().eval()
+    a = fp.score(model, loader, samples_per_class=np.int64(4), projections=np.int32(8), seed=np.int64(3),
+                 progress=False)
+    b = fp.score(model, loader, samples_per_class=4, projections=8, seed=3, progress=False)
+    assert_scores_equal(a, b)
+    for bad in (1.5, None, True):
+        with pytest.raises(fp.FairPrunerError, match="seed must be an integer"):
+            fp.score(model, loader, seed=bad)
+
+
+def test_labels_a_target_transform_changes_are_read_from_the_loader():
+    """The dataset's raw targets (0, 2..9: class 1 missing) are not what the loader yields (0..3): no up-front
+    check on them (it refused the missing class)."""
+    class Folded(TensorDataset):
+        target_transform = staticmethod(lambda y: y % 4)
+
+        def __init__(self, x, y):
+            super().__init__(x, y)
+            self.targets = y
+
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x, self.target_transform(y)
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.arange(64) % 10
+    data = Folded(torch.randn(64, 1, 8, 8, generator=g), torch.where(raw == 1, 5, raw))
+    scores = fp.score(zoo.digits_cnn().eval(), DataLoader(data, batch_size=16), samples_per_class=4,
+                      projections=8, progress=False)
+    assert sorted(scores.meta["class_counts"]) == ["0", "1", "2", "3"]
+
+
+def test_a_dataloader_over_an_iterable_dataset_is_read_without_a_length():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            return iter([(torch.randn(1, 8, 8, generator=g), k % 3) for k in range(24)])
+
+    loader = DataLoader(Stream(), batch_size=8)
+    scores = fp.score(zoo.digits_cnn().eval(), loader, samples_per_class=4, projections=8, progress=True)
+    assert scores.meta["n_samples"] == 24
+    assert 0 <= fp.evaluate(zoo.digits_cnn().eval(), loader, progress=True) <= 1

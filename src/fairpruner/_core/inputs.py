@@ -9,8 +9,9 @@ from torch import nn
 
 from .._errors import DataError, FairPrunerError
 
-__all__ = ["as_args", "first_sample", "to_device", "logits_of", "output_tensors", "split_batch", "device_of",
-           "forward_logits", "synthetic_inputs", "describe_inputs", "check_device", "float_dtype", "model_device"]
+__all__ = ["as_args", "first_sample", "to_device", "logits_of", "output_tensors", "length_of", "split_batch",
+           "device_of", "forward_logits", "synthetic_inputs", "describe_inputs", "check_device", "float_dtype",
+           "model_device"]
 
 
 def as_args(example_inputs: Any) -> tuple:
@@ -64,6 +65,15 @@ def logits_of(out: Any) -> torch.Tensor:
         raise FairPrunerError(f"The model's output holds no logits tensor where one was expected (got "
                               f"{type(out).__name__}); return the logits as a tensor, or as a tuple's first item.")
     return out
+
+
+def length_of(loader: Any) -> Optional[int]:
+    """The number of batches a loader gives, or None where it cannot say (a generator; a DataLoader over an
+    IterableDataset, whose ``len()`` raises)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def output_tensors(output: Any) -> List[torch.Tensor]:

@@ -31,9 +31,10 @@ def removed_fraction(cost, counts: np.ndarray, key: str, before: Dict[str, float
 def distinct_percents(a: float, b: float) -> Tuple[str, str]:
     """``a`` and ``b`` as percentages with the fewest decimals (1 to 6) that tell them apart and round neither
     to 0 % or 100 % unless it is, so that a refused target near 100 % reads neither "100.0% cannot be met: the
-    most is 100.0%" nor "a reduction of 100.0%" for 99.99 %."""
+    most is 100.0%" nor "a reduction of 100.0%" for 99.99 %. ``b``, the most that can be reached, is rounded
+    down: asking for the figure named is then met."""
     for digits in range(1, 7):
-        fa, fb = f"{a:.{digits}%}", f"{b:.{digits}%}"
+        fa, fb = f"{a:.{digits}%}", f"{math.floor(b * 100 * 10 ** digits) / 10 ** digits:.{digits}f}%"
         ends = any(float(f[:-1]) in (0.0, 100.0) and x not in (0.0, 1.0) for f, x in ((fa, a), (fb, b)))
         if fa != fb and not ends:
             return fa, fb

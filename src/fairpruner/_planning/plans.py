@@ -139,7 +139,7 @@ def _signal_values(g: GroupScores, signal: Signal, seed: int, index: int) -> tor
 
 
 def _fraction(name: str, value: Any) -> float:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if not number or not math.isfinite(value) or not 0 <= value <= 1:
         raise PlanError(f"{name} must be a number in [0, 1], got {value!r}.")
     return float(value)
@@ -217,7 +217,9 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
     key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor,
-                             macs_power)
+                             macs_power, seed)
+    seed = int(seed)
+    macs_power = macs_power if macs_power == "auto" else float(macs_power)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
@@ -254,10 +256,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
 
 
 def _check_depth_options(stream_weight: Any, stream_floor: Any, floor: Any, macs_power: Any = 0.0) -> None:
-    if macs_power != "auto" and (isinstance(macs_power, bool) or not isinstance(macs_power, (int, float))
+    if macs_power != "auto" and (isinstance(macs_power, bool) or not isinstance(macs_power, numbers.Real)
                                  or not math.isfinite(macs_power) or abs(macs_power) > 2):
         raise PlanError(f"macs_power must be \"auto\" or a number in [-2, 2], got {macs_power!r}.")
-    if isinstance(stream_weight, bool) or not isinstance(stream_weight, (int, float)) or \
+    if isinstance(stream_weight, bool) or not isinstance(stream_weight, numbers.Real) or \
             not math.isfinite(stream_weight) or stream_weight < 1:
         raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
     if stream_floor not in STREAM_FLOORS:
@@ -274,13 +276,15 @@ def _alpha_rules(floor: str, macs_power: Union[str, float]) -> Tuple[str, float]
 
 def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
                 allocation: str, stream_weight: float, ties: str, stream_floor: str, floor: str,
-                macs_power: Union[str, float] = 0.0) -> tuple:
+                macs_power: Union[str, float] = 0.0, seed: int = 0) -> tuple:
     given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
     if len(given) != 1:
         raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
                         f"got {[k for k, _ in given] or 'none'}.")
     key, value = given[0]
     value = _fraction(key, value)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise PlanError(f"seed must be an integer, got {seed!r}.")
     if allocation not in ALLOCATIONS:
         raise PlanError(f"allocation={allocation!r} is not one of {ALLOCATIONS}.")
     if ties == "cost":

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core.inputs import float_dtype, forward_logits, model_device, to_device
+from .._core.inputs import float_dtype, forward_logits, length_of, model_device, to_device
 from .._core.state import eval_mode
 from .._errors import DataError, FairPrunerError
 
@@ -152,7 +152,7 @@ def recalibrate(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
         raise DataError("The recalibration loader yielded no batches; give it unlabelled training inputs.")
     device, dtype = model_device(model, device), float_dtype(model)
     show = progress if progress is not None else sys.stderr.isatty()
-    total = len(loader) if hasattr(loader, "__len__") else None
+    total = length_of(loader)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     done, ran, skipped = False, 0, 0

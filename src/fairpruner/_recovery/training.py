@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core.inputs import device_of, float_dtype, forward_logits, model_device, split_batch, to_device
+from .._core.inputs import (device_of, float_dtype, forward_logits, length_of, model_device, split_batch,
+                             to_device)
 from .._core.state import eval_mode
 from .._errors import DataError, FairPrunerError
 
@@ -47,8 +48,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None, p
     device, dtype = model_device(model, device), float_dtype(model)
     correct = total = 0
     show = progress if progress is not None else sys.stderr.isatty()
-    total_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    with eval_mode(model), torch.no_grad():
+    total_batches = length_of(loader)
+    # A DataLoader draws its base seed from the global RNG; evaluation needs none, so the caller's is kept.
+    with eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
         for batch in tqdm(loader, total=total_batches, desc=f"fairpruner: {desc}", disable=not show, leave=False):
             inputs, targets = split_batch(batch)
             pred = forward_logits(model, to_device(inputs, device, dtype)).argmax(-1).cpu()
@@ -135,7 +137,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise FairPrunerError("The model has no trainable parameters (every requires_grad is False).")
-    per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    per_epoch = length_of(loader)
     if per_epoch is None and max_steps is None:
         raise FairPrunerError("The loader has no length; pass max_steps= so the schedule knows its end.")
     if epochs == 0 or max_steps == 0:

@@ -97,8 +97,8 @@ class SiteSize:
 Slice = Tuple[int, int, int]  # (site, first unit, end unit)
 
 
-def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budget: int, pieces: int = 1
-                ) -> Tuple[List[List[Slice]], List[bool]]:
+def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budget: int, pieces: int = 1,
+                layout: Optional[Tuple[int, int]] = None) -> Tuple[List[List[Slice]], List[bool]]:
     """Splits the sites into passes whose stores stay within three quarters of the budget (the last quarter is
     the room in which U of one slice is computed).
 
@@ -109,6 +109,9 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
         budget: bytes.
         pieces: cut the store into at least this many slices (under torch.distributed each slice goes to one
             owner rank, so small slices keep what a rank receives at once small).
+        layout: ``(padded, grid)``: the samples computing U lays out per unit, every class padded to the largest,
+            and one unit's quantile grid (classes x grid points), which it gathers a unit at a time where classes
+            differ in size; ``(samples, samples)`` if None.
 
     Returns:
         (passes, raw): per pass the (site, lo, hi) unit slices it stores (the smallest pass first), and per
@@ -118,18 +121,25 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
     Raises:
         FairPrunerError: the budget cannot hold one unit of every site, naming the smallest that can.
     """
+    padded, grid = layout or (samples, samples)
     full = [4 * samples * s.units * s.width for s in sizes]
+    laid = max(samples, padded) / samples if samples else 1.0
     # Whole sites in one pass where the store and the room to compute U of its largest site fit.
-    binding = sum(full) + REDUCE_FACTOR * max(full, default=0) > budget
+    binding = sum(full) + REDUCE_FACTOR * laid * max(full, default=0) > budget
     raw = [binding and 0 < s.raw_width < s.width for s in sizes]
     per_unit = [4 * samples * (s.raw_width if r else s.width) for s, r in zip(sizes, raw)]
     # A slice is computed projected: REDUCE_FACTOR x its projected size must fit in a quarter of the budget,
     # beside the store of its pass (the other three quarters).
-    reduce_unit = [REDUCE_FACTOR * 4 * samples * s.width for s in sizes]
-    if 4 * max(reduce_unit) > budget:
+    # Unequal classes: the sorted samples (padded per unit) and a block of them on the common grid, at least one
+    # unit's grid, are held together.
+    reduce_unit = [REDUCE_FACTOR * 4 * max(samples, padded) * s.width for s in sizes]
+    laid_unit = [4 * max(samples, padded) * s.width for s in sizes]
+    gather = [4 * grid * s.width if grid > padded else 0 for s in sizes]
+    smallest = 4 * max(max(r, u + g) for r, u, g in zip(reduce_unit, laid_unit, gather))
+    if smallest > budget:
         raise FairPrunerError(
             f"max_memory={format_bytes(budget)} cannot hold one unit's samples ({samples} kept samples); the "
-            f"smallest budget that works is {4 * max(reduce_unit)} bytes ({format_bytes(4 * max(reduce_unit))}). "
+            f"smallest budget that works is {smallest} bytes ({format_bytes(smallest)}). "
             "Raise max_memory, or lower samples_per_class or projections.")
     total = sum(p * s.units for p, s in zip(per_unit, sizes))
     room = budget * 3 // 4 if binding else total + 1
@@ -139,7 +149,8 @@ def plan_passes(sizes: Sequence[SiteSize], samples: int, projections: int, budge
     for i, s in enumerate(sizes):
         lo = 0
         # Units per slice: bounded by the store's room, the room to compute U of the slice, and the piece.
-        reduce_cap = budget // 4 // reduce_unit[i] if binding else s.units
+        reduce_cap = min(budget // 4 // reduce_unit[i], (budget // 4 - gather[i]) // laid_unit[i]) if binding \
+            else s.units
         step = max(1, min(room // per_unit[i], reduce_cap, piece // per_unit[i]))
         while lo < s.units:
             take = min(s.units - lo, step, max(0, (room - used) // per_unit[i]))

@@ -40,8 +40,8 @@ def prescan_labels(loader: Iterable) -> Optional[torch.Tensor]:
     if ds is None or getattr(loader, "sampler", None) is not None and not isinstance(
             loader.sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):
         return None
-    if getattr(loader, "drop_last", False):
-        return None
+    if getattr(loader, "drop_last", False) or getattr(ds, "target_transform", None) is not None:
+        return None  # the dataset's raw targets are not the labels the loader yields
     if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
         return ds.tensors[1].reshape(-1).long()
     targets = getattr(ds, "targets", None)

@@ -3,7 +3,7 @@ that re-measure the kept samples, and U computed from each pass's slices as soon
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,14 +42,15 @@ class Store:
 
 
 def plan_store(sites: List[Site], sizes: List[Optional[SiteSize]], modules: Dict[str, nn.Module], state: dict,
-               projections: int, samples: int, budget: int, hooks: list) -> Store:
+               projections: int, samples: int, budget: int, hooks: list,
+               layout: Optional[Tuple[int, int]] = None) -> Store:
     """Cuts the measured sites into passes within ``budget``; slices of a site get hooks of their own."""
     live = [i for i, s in enumerate(sizes) if s is not None]
     for i, s in enumerate(sites):
         s.active = sizes[i] is not None  # a tensor already measured by an earlier site of its group
     # Under torch.distributed every slice is gathered on one rank: 32 slices per rank bound what arrives at once.
     pieces = 32 * torch.distributed.get_world_size() if distributed() else 1
-    plan, raw = plan_passes([sizes[i] for i in live], samples, projections, budget, pieces)
+    plan, raw = plan_passes([sizes[i] for i in live], samples, projections, budget, pieces, layout)
     passes: List[List[Site]] = []
     slices: Dict[int, List[Site]] = {}
     for pass_slices in plan:
@@ -80,11 +81,25 @@ def _slice(parent: Site, position: int, lo: int, hi: int, raw: bool) -> Site:
 
 
 def check_reiterable(loader: Iterable, store: Store) -> None:
-    """Several passes need a loader that can be iterated again (a list or a DataLoader, not a generator)."""
-    if len(store.passes) > 1 and iter(loader) is loader:
-        raise FairPrunerError(
-            f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the calibration "
-            "data, but the loader is a one-shot iterator. Pass a list or a DataLoader, or raise max_memory.")
+    """Several passes need a loader that gives the same batches again: a list or a DataLoader in a fixed order,
+    not a generator or a shuffling DataLoader (refused here, before the first pass)."""
+    if len(store.passes) < 2:
+        return
+    need = f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the calibration data"
+    if iter(loader) is loader:
+        raise FairPrunerError(f"{need}, but the loader is a one-shot iterator. Pass a list or a DataLoader, or "
+                              "raise max_memory.")
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", getattr(loader, "sampler", None))
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        raise DataError(f"{need}, but the DataLoader shuffles. Use shuffle=False (the calibration samples are "
+                        "drawn per class anyway), or raise max_memory.")
+
+
+def fingerprint(inputs: object) -> torch.Tensor:
+    """A cheap summary of a batch's inputs (the sum of each tensor), to tell a later pass's batch from the first
+    pass's: random augmentation or a reshuffle within a class keeps the labels but not the values."""
+    return torch.stack([t.detach().double().sum().cpu() for t in as_args(inputs) if torch.is_tensor(t)]
+                       or [torch.zeros((), dtype=torch.float64)])
 
 
 def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, order: List[torch.Tensor],
@@ -97,7 +112,7 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
     for s in store.passes[number]:
         s.active = True
     seen = torch.zeros(0, dtype=torch.long)
-    last = len(order) - 1  # the last batch holding kept samples
+    last, got = len(order) - 1, -1  # the last batch holding kept samples; the last one read
     bar = tqdm(total=last + 1, desc=f"fairpruner: U pass {number + 1}/{len(store.passes)}", disable=not progress,
                leave=False)
     with torch.enable_grad():
@@ -105,11 +120,9 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
             if b > last:
                 break
             inputs, targets = labelled_batch(batch)
-            if b >= len(order) or not torch.equal(targets, order[b]):
-                raise DataError(
-                    f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the "
-                    "calibration data, and the loader gave other samples the second time (shuffled?). Use a "
-                    "loader with a fixed order (shuffle=False), or raise max_memory.")
+            got = b
+            if not (torch.equal(targets, order[b][0]) and torch.equal(fingerprint(inputs), order[b][1])):
+                _refuse_other_batches(store, "other samples (shuffled, or randomly augmented?)")
             keep, seen = next_kept(targets, seen, samples_per_class)
             bar.update(1)
             if keep.numel() == 0:
@@ -127,8 +140,16 @@ def later_pass(work: nn.Module, loader: Iterable, store: Store, number: int, ord
             finally:
                 state["waiting"] = None
     bar.close()
+    if got < last:
+        _refuse_other_batches(store, f"{got + 1} batches where the first pass read {last + 1}")
     for s in store.passes[number]:
         s.active = False
+
+
+def _refuse_other_batches(store: Store, what: str) -> None:
+    raise DataError(f"max_memory={format_bytes(store.budget)} needs {len(store.passes)} passes over the calibration "
+                    f"data, and the loader gave {what} the next time. Use a loader with a fixed order and no random "
+                    "transforms (shuffle=False), or raise max_memory.")
 
 
 def reduce_pass(store: Store, number: int, limit: int, pairs: str, progress: bool = False) -> None:

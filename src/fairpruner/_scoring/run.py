@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import families as _families
 from .._core.groups import GroupSpec
-from .._core.inputs import as_args, describe_inputs, device_of, logits_of, to_device
+from .._core.inputs import as_args, describe_inputs, device_of, length_of, logits_of, to_device
 from .._core.layers import SUPPORTED_TYPES
 from .._core.state import eval_mode, model_signature
 from .._errors import DataError, FairPrunerError
@@ -30,13 +30,13 @@ from .._measure.costmodel import CostModel
 from ..families.attention import AttentionOptions, for_attention_families
 from .budget import StoreMeter, default_budget, parse_memory
 from .distributed import agreed, distributed, merge_totals
-from .passes import check_reiterable, later_pass, plan_store, reduce_pass, site_u
+from .passes import check_reiterable, fingerprint, later_pass, plan_store, reduce_pass, site_u
 from .labels import check_classes, labelled_batch, next_kept, prescan_labels, refuse_empty
 from .reduce import R_REDUCTIONS, U_CONSUMER_POWER, U_REDUCTIONS, assemble
 from .scores import Scores
 from .taylor import TaylorTerms
 from .sites import U_SITES, Site, attach_sites, begin_forward, pick_sites, probe_batch_dims
-from .wasserstein import PAIR_SEARCH, pair_rule
+from .wasserstein import PAIR_SEARCH, pair_rule, quantile_grid
 
 __all__ = ["score", "U_SITES", "U_REDUCTIONS", "R_REDUCTIONS"]
 
@@ -124,6 +124,8 @@ def score(
         >>> scores = fp.score(model, fairpruner.data.calibration_loader(train, samples_per_class=32))
         >>> plan = fp.plan(scores, macs=0.5)
     """
+    samples_per_class, projections, seed = (_integer(k, v) for k, v in (
+        ("samples_per_class", samples_per_class), ("projections", projections), ("seed", seed)))
     fams = _check_options(model, samples_per_class, projections, u_at, u_reduce, r_reduce, u_consumer_power,
                           ignore, attention, family_options, class_pairs)
     device = device_of(model, device)
@@ -143,9 +145,9 @@ def score(
         hooks = attach_sites(run.sites, run.modules, run.state, projections) + taylor.attach(run.work)
         try:
             sizes = probe_batch_dims(run.work, run.trace, run.sites, run.state, projections)
-            bound = _kept_bound(known, run.num_outputs, samples_per_class)
+            bound, padded, grid = _kept_bound(known, run.num_outputs, samples_per_class)
             store = agreed(lambda: plan_store(run.sites, sizes, run.modules, run.state, projections, bound, budget,
-                                              hooks))
+                                              hooks, (padded, grid)))
             # On a GPU the samples stay there (sorting and distances run there too); the budget is GPU memory.
             run.state["store_device"] = device if device.type == "cuda" else torch.device("cpu")
             check_reiterable(loader, store)
@@ -190,6 +192,13 @@ def _open(loader: Iterable) -> Tuple[Optional[torch.Tensor], Iterator, Any]:
     if first is None:
         refuse_empty()
     return known, iterator, first
+
+
+def _integer(name: str, value: Any) -> int:
+    """``value`` as a Python int (a numpy integer is one too); a clear error for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise FairPrunerError(f"{name} must be an integer, got {value!r}.")
+    return int(value)
 
 
 def _check_options(model: nn.Module, samples_per_class: int, projections: int, u_at: str, u_reduce: str,
@@ -302,9 +311,9 @@ def _unknown_layers(model: nn.Module) -> str:
 def _run_batches(run: _Run, taylor: TaylorTerms, batches: Iterable, loader: Iterable, loss_fn: Callable,
                  device: torch.device, samples_per_class: int, show: bool, passes: int) -> tuple:
     """One forward+backward per batch; returns the samples seen per class and in all, and each batch's labels
-    (later passes check that the loader gives the same batches again)."""
+    and a fingerprint of its inputs (later passes check that the loader gives the same batches again)."""
     seen = torch.zeros(0, dtype=torch.long)
-    total = len(loader) if hasattr(loader, "__len__") else None
+    total = length_of(loader)
     n_samples = 0
     order, last = [], -1
     desc = "fairpruner: scoring" + (f" (pass 1/{passes})" if passes > 1 else "")
@@ -313,7 +322,7 @@ def _run_batches(run: _Run, taylor: TaylorTerms, batches: Iterable, loader: Iter
         for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False):
             inputs, targets = labelled_batch(batch)
             keep, seen = next_kept(targets, seen, samples_per_class)
-            order.append(targets)
+            order.append((targets, fingerprint(inputs) if passes > 1 else None))
             last = len(order) - 1 if keep.numel() else last
             begin_forward(run.state, keep.to(device), targets[keep])
             out = logits_of(run.work(*taylor.inputs(as_args(to_device(inputs, device)))))
@@ -333,11 +342,17 @@ def _run_batches(run: _Run, taylor: TaylorTerms, batches: Iterable, loader: Iter
     return seen, n_samples, order[:last + 1]
 
 
-def _kept_bound(known: Optional[torch.Tensor], num_outputs: int, samples_per_class: int) -> int:
-    """Samples the U store will keep: exact where the labels are known up front, else every output class full."""
+def _kept_bound(known: Optional[torch.Tensor], num_outputs: int, samples_per_class: int) -> Tuple[int, int, int]:
+    """Samples the U store will keep; as many as computing U lays out (every class padded to the largest); and
+    the quantile grid of one unit (classes x grid points, where classes of unequal size meet): exact where the
+    labels are known up front, else every output class full."""
     if known is not None and known.numel():
-        return int(torch.bincount(known).clamp(max=samples_per_class).sum())
-    return max(2, num_outputs) * samples_per_class
+        kept = torch.bincount(known).clamp(max=samples_per_class)
+        kept = kept[kept > 0]
+        grid = kept.numel() * quantile_grid(kept.tolist())[1].numel()
+        return int(kept.sum()), kept.numel() * int(kept.max()), grid
+    full = max(2, num_outputs) * samples_per_class
+    return full, full, full
 
 
 def _chain(first: Any, rest: Iterable) -> Iterable:

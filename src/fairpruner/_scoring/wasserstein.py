@@ -145,11 +145,25 @@ def max_pairwise_w1(
     del rows
     q = sort_last(q)
     index, widths = quantile_grid(counts.tolist())
-    if index.shape[1] != m or not torch.equal(index, torch.arange(m).expand(k, m)):
-        q = q[:, torch.arange(k, device=device).unsqueeze(1), index.to(device)]  # (units*P, K, G)
+    rule, g = pair_rule(pairs, k), index.shape[1]
+    if g == m and torch.equal(index, torch.arange(m).expand(k, m)):
+        return _grid_max(q, widths.to(device), units, proj, rule, max_chunk_elems)
+    # Unequal classes: every class's quantiles on the common grid, (units*P, K, G) with G up to the number of
+    # samples; gathered a block of units at a time, each block about half the sorted samples' size, so that the
+    # grid never outgrows the room the memory budget keeps for computing U.
+    cls, index, widths = torch.arange(k, device=device).unsqueeze(1), index.to(device), widths.to(device)
+    step = max(1, units * m // (2 * g))
+    return torch.cat([_grid_max(q[u0 * proj:(u0 + step) * proj][:, cls, index], widths, min(step, units - u0),
+                                proj, rule, max_chunk_elems) for u0 in range(0, units, step)])
+
+
+def _grid_max(q: torch.Tensor, widths: torch.Tensor, units: int, proj: int, rule: str,
+              max_chunk_elems: int) -> torch.Tensor:
+    """Per unit, the largest distance between two classes' quantile vectors on one grid (``q``: (units*P, K, G),
+    ``widths``: (G,)); ``q`` is scaled in place."""
     # Weighted by interval width, a plain L1 distance between quantile vectors is the W1 integral.
-    q *= widths.to(device).view(1, 1, -1)
-    if pair_rule(pairs, k) == "search":
+    q *= widths.view(1, 1, -1)
+    if rule == "search":
         return _max_pair_search(q, units, proj)
     return _max_pair_l1(q, units, proj, max_chunk_elems)
 
