@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fairpruner as fp
+from fairpruner._planning.allocation import fill_target
 from helpers import predicted_removed, tiny_loader
 from fairpruner._planning.allocation import counts_of_prefix, macs_factor, step_order, tie_keys
 from fairpruner._planning.depths import curves_of, free_floor
@@ -327,3 +328,10 @@ def test_missed_target_is_said_aloud():
     with pytest.warns(UserWarning, match="asked 10.0%"):
         p = fp.plan(scores, macs=0.1)  # one channel of four is 25% of the MACs
     assert p.achieved["macs"] >= 0.1
+
+
+def test_a_target_no_plan_comes_close_to_is_met_with_the_least_overshoot_found():
+    """Units large against the model: the shortest prefix meeting 20 % takes a 30 % unit on top of a 15 % one
+    (45 %); a later step of the first group meets it with 30 %."""
+    counts = fill_target(np.array([0, 1, 0]), 2, lambda c: 0.15 * c[0] + 0.30 * c[1], 0.2)
+    assert counts.tolist() == [2, 0]

@@ -116,8 +116,8 @@ def fill_target(order: np.ndarray, n_groups: int, removed: Callable[[np.ndarray]
     the prefix before it is within ``tolerance``, the closer one is taken. Otherwise the order is walked on
     from the shorter prefix, taking each step that keeps the removal below ``target + tolerance`` and closing
     a group at its first step that would overshoot (so every group keeps a prefix of its own steps). When no
-    plan comes within ``tolerance`` (units too large for the model), the shortest prefix that meets the target
-    is returned.
+    plan comes within ``tolerance`` (units too large for the model), the plan that meets the target with the
+    least removal among those met on the way (the shortest prefix, or a walk's overshooting step) is returned.
     """
     lo, hi = 0, len(order)
     while lo < hi:
@@ -133,16 +133,20 @@ def fill_target(order: np.ndarray, n_groups: int, removed: Callable[[np.ndarray]
         return best
     counts, closed = below.copy(), np.zeros(n_groups, dtype=bool)
     seen = np.zeros(n_groups, dtype=np.int64)
+    meets, least = above, removed(above)  # the plan meeting the target with the least removal seen
     for g in order:
         seen[g] += 1
         if seen[g] <= counts[g] or closed[g]:
             continue  # already in the prefix, or the group stopped at a step that overshoots
         counts[g] += 1
-        if removed(counts) > target + tolerance:
+        now = removed(counts)
+        if now > target + tolerance:
+            if now < least:
+                meets, least = counts.copy(), now
             counts[g] -= 1
             closed[g] = True
-        elif removed(counts) >= target - tolerance:
+        elif now >= target - tolerance:
             break
     closest = min((best, counts), key=lambda c: abs(removed(c) - target))
     # No plan within tolerance: meet the target rather than fall short (a budget is a budget).
-    return closest if abs(removed(closest) - target) <= tolerance else above
+    return closest if abs(removed(closest) - target) <= tolerance else meets

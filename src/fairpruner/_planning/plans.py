@@ -251,7 +251,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
                          "macs_power": macs_power, "macs_power_used": power})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
-                      "units' sizes allow no closer plan.", stacklevel=2)
+                      "planner found no closer plan (the units are large against the model).", stacklevel=2)
     return result
 
 
