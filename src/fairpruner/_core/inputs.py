@@ -9,9 +9,9 @@ from torch import nn
 
 from .._errors import DataError, FairPrunerError
 
-__all__ = ["as_args", "first_sample", "to_device", "logits_of", "output_tensors", "length_of", "split_batch",
-           "device_of", "forward_logits", "synthetic_inputs", "describe_inputs", "check_device", "float_dtype",
-           "model_device"]
+__all__ = ["as_args", "first_sample", "to_device", "logits_of", "output_tensors", "returned_tensors", "length_of",
+           "split_batch", "device_of", "forward_logits", "synthetic_inputs", "describe_inputs", "check_device",
+           "float_dtype", "model_device"]
 
 
 def as_args(example_inputs: Any) -> tuple:
@@ -74,6 +74,12 @@ def length_of(loader: Any) -> Optional[int]:
         return len(loader)
     except TypeError:
         return None
+
+
+def returned_tensors(output: Any) -> List[torch.Tensor]:
+    """What a pruned model must return unchanged: a Hugging Face output's logits (its caches and router logits
+    shrink with the units, by design), else every tensor in the output."""
+    return [output.logits] if hasattr(output, "logits") else output_tensors(output)
 
 
 def output_tensors(output: Any) -> List[torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .._core.inputs import as_args, logits_of, output_tensors
+from .._core.inputs import as_args, logits_of, output_tensors, returned_tensors
 from .._core.layers import FROZEN_TYPES, SUPPORTED_TYPES, UNSUPPORTED_HINTS, WEIGHT_TYPES, freezes
 from .._core.state import keeping_no_saved_tensors, preserved_state
 from .._errors import FairPrunerError, UnsupportedModelError
@@ -243,7 +243,7 @@ def find_output_layers(model: nn.Module, example_inputs: Any, families: Families
         for h in hooks:
             h.remove()
     logits = logits_of(out)
-    finals = [logits] if hasattr(out, "logits") else output_tensors(out)
+    finals = returned_tensors(out)
     found = {name for name, t in outputs.items() for f in finals
              # Same tensor, or a view of it (flatten/reshape of a conv head).
              if t is f or (t.data_ptr() == f.data_ptr() and t.numel() == f.numel())}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import families as _families
-from .._core.inputs import as_args, device_of, float_dtype, output_tensors, synthetic_inputs, to_device
+from .._core.inputs import as_args, device_of, float_dtype, returned_tensors, synthetic_inputs, to_device
 from .._core.layers import CONV_TYPES, WEIGHT_TYPES
 from .._core.state import model_signature, preserved_state
 from .._errors import PlanError, UnsupportedModelError
@@ -281,12 +281,6 @@ def _check_predicted_macs(pruned: nn.Module, plan: Plan, x: tuple) -> None:
                       "again with a target that allows for it.", stacklevel=3)
 
 
-def _returned(out: Any) -> List[torch.Tensor]:
-    """What must stay as it was: a Hugging Face output's logits (its caches and router logits shrink with the
-    units, by design), else every tensor the model returns."""
-    return [out.logits] if hasattr(out, "logits") else output_tensors(out)
-
-
 def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple) -> None:
     """Every tensor the pruned model returns equals the masked model's (shape and values, to the dtype's
     tolerance); a pruned model that does not run is refused as clearly."""
@@ -294,12 +288,12 @@ def _verify(original: nn.Module, pruned: nn.Module, plan: Plan, x: tuple) -> Non
     masked = mask(original, plan, x)
     with torch.random.fork_rng(devices=[]), preserved_state(pruned), preserved_state(masked), torch.no_grad():
         try:
-            outs = _returned(pruned(*x))
+            outs = returned_tensors(pruned(*x))
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - any other failure of the cut model is the surgery's refusal
             raise UnsupportedModelError(f"The pruned model does not run ({type(e).__name__}: {e}); {fix}") from e
-        wants = _returned(masked(*x))
+        wants = returned_tensors(masked(*x))
     # A mixed-precision model is checked to its least precise dtype.
     rtol = max((_VERIFY_RTOL.get(p.dtype, 1e-4) for p in original.parameters() if p.is_floating_point()),
                default=1e-4)
