@@ -48,8 +48,29 @@ def test_dict_inputs_are_refused():
 
 def test_recorded_inputs_keep_plain_values_in_their_places():
     specs = describe_inputs((torch.zeros(5, 3, dtype=torch.long), None, torch.ones(5, 2), True, object()))
-    assert specs == [{"shape": [5, 3], "dtype": "int64"}, {"value": None}, {"shape": [5, 2], "dtype": "float32"},
-                     {"value": True}]
+    assert specs == [{"shape": [5, 3], "dtype": "int64", "low": 0, "high": 0}, {"value": None},
+                     {"shape": [5, 2], "dtype": "float32"}, {"value": True}]
     rebuilt = synthetic_inputs(specs)
     assert rebuilt[1] is None and rebuilt[3] is True
     assert rebuilt[0].shape == (2, 3) and rebuilt[0].dtype == torch.long and rebuilt[2].shape == (2, 2)
+
+
+def test_synthetic_integers_stay_in_the_recorded_range():
+    ids = torch.randint(5, 51, (4, 16))
+    ids[0, 0], ids[0, 1] = 5, 50
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    specs = describe_inputs((ids, mask, torch.ones(4, 16, dtype=torch.bool)))
+    assert (specs[0]["low"], specs[0]["high"], specs[1]["low"], specs[1]["high"]) == (5, 50, 0, 1)
+    got_ids, got_mask, got_bool = synthetic_inputs(specs, batch=8)
+    # A fully visible mask, not the all-zero one that masks every position of the pruned-vs-masked check.
+    assert got_mask.dtype == torch.long and bool((got_mask == 1).all())
+    assert got_bool.dtype == torch.bool and bool(got_bool.all())
+    assert got_ids.shape == (8, 16) and 5 <= int(got_ids.min()) and int(got_ids.max()) <= 50
+    assert len(set(got_ids.flatten().tolist())) > 10  # random ids, not one repeated token
+    assert bool((synthetic_inputs(specs, batch=8)[0] == got_ids).all())  # seeded
+
+
+def test_inputs_recorded_without_a_range_are_zeros():
+    specs = [{"shape": [3, 4], "dtype": "int64"}]  # plans written before ranges were recorded
+    assert bool((synthetic_inputs(specs)[0] == 0).all())

@@ -138,20 +138,26 @@ def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 def describe_inputs(example_inputs: Any) -> List[dict]:
-    """Shapes and dtypes of the tensors among the inputs, and the plain values between them (what plans record
-    to rebuild inputs later). A ``None`` or a number keeps its place: GPT-2 is called as ``(ids, None, mask)``,
+    """Shapes and dtypes of the tensors among the inputs (and the range of integer ones), and the plain values
+    between them (what plans record to rebuild inputs later). A ``None`` or a number keeps its place: GPT-2 is called as ``(ids, None, mask)``,
     its second argument being the cache."""
     specs = []
     for t in as_args(example_inputs):
         if torch.is_tensor(t):
-            specs.append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+            spec = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            if not (t.is_floating_point() or t.is_complex()) and t.numel():
+                # Token ids and masks: synthetic ones stay in the range seen (zeros would be a fully masked
+                # attention mask, against which a pruned model is hardly checked).
+                spec.update(low=int(t.min()), high=int(t.max()))
+            specs.append(spec)
         elif t is None or isinstance(t, (bool, int, float, str)):
             specs.append({"value": t})
     return specs
 
 
 def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tuple:
-    """Seeded inputs with recorded shapes and dtypes; the global RNG is not touched.
+    """Seeded inputs with recorded shapes and dtypes, integers within their recorded range; the global RNG is
+    not touched.
 
     Args:
         specs: as :func:`describe_inputs` writes them.
@@ -168,7 +174,13 @@ def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tupl
         shape = [rows, *(int(s) for s in spec["shape"][1:])]
         if dtype.is_floating_point:
             out.append(torch.randn(*shape, generator=gen).to(dtype))
-        else:
+        elif "low" in spec:
+            # Integers from the range the recorded inputs held; a 0/1 input (a mask) at 1, fully visible:
+            # random masks may hide every position of a short row.
+            low, high = int(spec["low"]), int(spec["high"])
+            low = high if high - low == 1 else low
+            out.append(torch.randint(low, high + 1, shape, generator=gen).to(dtype))
+        else:  # files written before ranges were recorded
             out.append(torch.zeros(*shape, dtype=dtype))
     return tuple(out)
 
