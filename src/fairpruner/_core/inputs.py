@@ -139,8 +139,8 @@ def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 def describe_inputs(example_inputs: Any) -> List[dict]:
     """Shapes and dtypes of the tensors among the inputs (and the range of integer ones), and the plain values
-    between them (what plans record to rebuild inputs later). A ``None`` or a number keeps its place: GPT-2 is called as ``(ids, None, mask)``,
-    its second argument being the cache."""
+    between them (what plans record to rebuild inputs later). A ``None`` or a number keeps its place: GPT-2 is
+    called as ``(ids, None, mask)``, its second argument being the cache."""
     specs = []
     for t in as_args(example_inputs):
         if torch.is_tensor(t):
