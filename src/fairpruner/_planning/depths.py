@@ -10,7 +10,7 @@ import numpy as np
 from .._errors import PlanError, TargetError
 from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, macs_factor, step_order, tie_keys
-from .tod import cap_floor, max_fraction, tod_curve
+from .tod import cap_floor, removal_limit, tod_curve
 
 # Writers up to which a stream keeps the sqrt(n) free cap of stream_floor="writers" (ResNet-20's streams have
 # 4; ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it on the validation split: README), and the
@@ -43,8 +43,7 @@ def distinct_percents(a: float, b: float) -> Tuple[str, str]:
 
 def removal_limits(scores: Scores) -> np.ndarray:
     """The most units one round may take from each group: 99 %, or less where the group says so."""
-    return np.array([max_fraction(g.n_units) if g.max_removed is None else
-                     max(0, min(max_fraction(g.n_units), g.max_removed)) for g in scores.groups], dtype=np.int64)
+    return np.array([removal_limit(g.n_units, g.max_removed) for g in scores.groups], dtype=np.int64)
 
 
 def uniform_counts(units: np.ndarray, frac: float, limits: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["tod_curve", "tod_counts", "max_fraction", "rank_ascending", "candidate_alphas", "cap_floor"]
+__all__ = ["tod_curve", "tod_counts", "max_fraction", "removal_limit", "rank_ascending", "candidate_alphas",
+           "cap_floor"]
 
 MAX_FRACTION = 0.99
 
@@ -35,6 +36,12 @@ def max_fraction(n: int) -> int:
     return int(np.floor(MAX_FRACTION * n + 1e-9))
 
 
+def removal_limit(n: int, most: Optional[int] = None) -> int:
+    """Most units one round may take from a group of n: floor(0.99 n), or ``most`` where that is lower (a group
+    that must keep more units, such as a mixture's top-k experts)."""
+    return max_fraction(n) if most is None else max(0, min(max_fraction(n), int(most)))
+
+
 def tod_curve(u: torch.Tensor, r: torch.Tensor, most: Optional[int] = None) -> np.ndarray:
     """Suffix-minimum ToD ratio ``s[m-1] = min over m' >= m of overlap(m')/m'`` for m = 1..limit, where the
     limit is floor(0.99 n), or ``most`` where that is lower (a group that must keep more units).
@@ -43,7 +50,7 @@ def tod_curve(u: torch.Tensor, r: torch.Tensor, most: Optional[int] = None) -> n
         Non-decreasing float array of length limit; m_hat(alpha) = number of entries <= alpha.
     """
     n = u.numel()
-    limit = max_fraction(n) if most is None else max(0, min(max_fraction(n), most))
+    limit = removal_limit(n, most)
     if limit == 0:
         return np.zeros(0)
     ru = rank_ascending(u)
