@@ -175,8 +175,8 @@ def synthetic_inputs(specs: Sequence[dict], batch: Optional[int] = None) -> tupl
         if dtype.is_floating_point:
             out.append(torch.randn(*shape, generator=gen).to(dtype))
         elif "low" in spec:
-            # Integers from the range the recorded inputs held; a 0/1 input (a mask) at 1, fully visible:
-            # random masks may hide every position of a short row.
+            # Integers from the range the recorded inputs held; a two-valued one (a 0/1 mask) at its higher
+            # value, fully visible: random masks may hide every position of a short row.
             low, high = int(spec["low"]), int(spec["high"])
             low = high if high - low == 1 else low
             out.append(torch.randint(low, high + 1, shape, generator=gen).to(dtype))
