@@ -136,6 +136,11 @@ TIE_STUDY = [AUTO_POWER, TIES_SELECTED]
 # --part select --methods writers: the writers study (a stream's free cap shrinks with the layers writing it).
 VARIANTS[SELECTED] = ({}, WRITERS)
 WRITERS_STUDY = [TIES_SELECTED, SELECTED]
+# --part select --methods streams: the default against the same rules with every stream spared until a positive
+# level (the stream study's "none", which led on ResNet-56 with the rules of its time).
+SPARED = "as the default, every stream loses units only at positive levels, none for free (stream_floor=none)"
+VARIANTS[SPARED] = ({}, {**NEW, "stream_floor": "none"})
+SPARED_STUDY = [SELECTED, SPARED]
 # --part select --methods tp: Torch-Pruning global L1 on the validation split, the rival the default must beat
 # there too (a reference row, never a candidate).
 TP_REFERENCE = "Torch-Pruning global L1 (the rival, for reference; not a candidate)"
@@ -145,7 +150,8 @@ VARIANTS[TP_REFERENCE] = METHODS[TP_L1]
 # --methods of each part -> the labels it runs.
 PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
-               "ties": TIE_STUDY, "writers": WRITERS_STUDY, "default": [SELECTED], "previous": [TIES_SELECTED],
+               "ties": TIE_STUDY, "writers": WRITERS_STUDY, "streams": SPARED_STUDY,
+               "default": [SELECTED], "previous": [TIES_SELECTED],
                "tp": [TP_REFERENCE]},
     "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
              "previous": [CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"],

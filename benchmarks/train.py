@@ -27,7 +27,8 @@ finished one); ``--cutout S`` zeroes one random SxS square of every (normalised)
 regulariser once a model fits its training set. ``--half`` stores the final
 weights as float16 (half the file; load with ``.float()``). ``--bf16`` trains under bfloat16 autocast (weights,
 optimizer and BatchNorm stay float32): faster on a CPU with AMX or AVX512-BF16 (ResNet-56 on 2 cores: 98-105 s
-per epoch against 178-180 s in float32, see its log) and on recent GPUs. Test accuracy is measured in float32.
+per epoch against 178-180 s in float32, see its log) and on recent GPUs; on a CPU without them it is emulated
+and many times slower (a warning says so). Test accuracy is measured in float32.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import argparse
 import copy
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Tuple
@@ -47,6 +49,7 @@ from torch.utils.data import DataLoader
 import fairpruner as fp
 import splits
 from fairpruner import data, zoo
+from fairpruner._recovery import native_cpu_autocast
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -225,6 +228,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--init-from {args.init_from}: no such file")
     if args.bf16 and args.device == "cpu" and not torch.backends.mkldnn.is_available():
         ap.error("--bf16 on the CPU needs PyTorch built with oneDNN; drop --bf16")
+    if args.bf16 and args.device == "cpu" and not native_cpu_autocast(torch.bfloat16):
+        print("warning: this CPU has no native bfloat16 kernels (AVX512-BF16 or AMX); --bf16 trains many times "
+              "slower than float32 here: drop it", file=sys.stderr)
     if args.minutes is not None and args.minutes <= 0:
         ap.error("--minutes must be positive")
     return args

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,26 @@ def test_finetune_under_bfloat16_autocast_learns_and_keeps_float32_weights():
     assert fp.evaluate(model, DataLoader(_blobs(seed=1), batch_size=64)) > 0.95
     with pytest.raises(FairPrunerError, match="autocast must be"):
         fp.finetune(_mlp(), _loader(), autocast=torch.float64)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_finetune_warns_where_cpu_autocast_is_emulated(monkeypatch, native):
+    import fairpruner._recovery.training as training
+    monkeypatch.setattr(training, "native_cpu_autocast", lambda dtype: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fp.finetune(_mlp(), _loader(), epochs=1, lr=0.05, progress=False, autocast=torch.bfloat16)
+        fp.finetune(_mlp(), _loader(), epochs=1, lr=0.05, progress=False)  # float32: never a warning
+    slow = [w for w in caught if "emulated on this CPU" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    assert all("autocast=None" in str(w.message) for w in slow)  # the warning names the fix
+
+
+def test_native_cpu_autocast_answers_for_16_bit_types_only():
+    from fairpruner._recovery import native_cpu_autocast
+    assert isinstance(native_cpu_autocast(torch.bfloat16), bool)
+    assert isinstance(native_cpu_autocast(torch.float16), bool)
+    assert native_cpu_autocast(torch.float32) is True
 
 
 def test_max_steps_limits_the_number_of_batches():

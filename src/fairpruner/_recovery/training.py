@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -16,7 +17,24 @@ from .._core.inputs import (device_of, float_dtype, forward_logits, length_of, m
 from .._core.state import eval_mode
 from .._errors import DataError, FairPrunerError
 
-__all__ = ["evaluate", "finetune"]
+__all__ = ["evaluate", "finetune", "native_cpu_autocast"]
+
+
+def native_cpu_autocast(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` (bfloat16 or float16) natively, as oneDNN reports it.
+
+    Without AVX512-BF16/AMX (bfloat16) or AVX512-FP16/AMX-FP16 (float16) the 16-bit kernels are emulated:
+    on 2 cores of an AVX2 CPU a distilled ResNet-56 step (batch 128) took 38.7 s under bfloat16 autocast against
+    3.2 s in float32. True where oneDNN cannot be asked, so that nothing is warned about on a guess.
+
+    Example:
+        >>> native_cpu_autocast(torch.bfloat16)  # False on an AVX2-only CPU
+    """
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)()) if check else True
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[Any] = None, progress: Optional[bool] = None,
@@ -100,7 +118,8 @@ def finetune(
             loader without a length, which then also stops after ``epochs`` passes.
         autocast: run forward and loss under ``torch.autocast`` with this dtype (mixed precision; weights,
             gradients and the optimizer stay in their own dtype). ``torch.bfloat16`` is faster on CPUs with
-            AMX or AVX512-BF16 (1.8x per ResNet-56 CIFAR-10 epoch on 2 cores) and on recent GPUs;
+            AMX or AVX512-BF16 (1.8x per ResNet-56 CIFAR-10 epoch on 2 cores) and on recent GPUs, and many
+            times slower on CPUs without them (a warning says so; see :func:`native_cpu_autocast`);
             ``torch.float16`` is for CUDA (no loss scaling here, so prefer bfloat16).
         teacher: distil from this model (typically the unpruned original): the loss becomes
             ``(1 - distill) * cross-entropy + distill * T^2 * KL(teacher || model)`` on logits softened by
@@ -132,6 +151,10 @@ def finetune(
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise FairPrunerError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}.")
     device = device_of(model, device)
+    if autocast is not None and device.type == "cpu" and not native_cpu_autocast(autocast):
+        warnings.warn(f"autocast={autocast} is emulated on this CPU (no native 16-bit kernels): fine-tuning will "
+                      "be many times slower than in float32. Pass autocast=None (on the command line, drop "
+                      "--bf16).", stacklevel=2)
     _check_teacher(model, teacher, distill, temperature, device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -19,7 +19,7 @@ MODEL_HELP = ("zoo:NAME (see fairpruner.zoo.list_models()), hf:DIR (a Hugging Fa
 DATA_HELP = ("'digits' (scikit-learn digits), 'cifar10:PATH' or a .tar.gz with train/ and test/ class folders, "
              "or an image-folder directory")
 BF16_HELP = ("fine-tune under bfloat16 autocast (mixed precision): faster on CPUs with AMX or AVX512-BF16 and on "
-             "recent GPUs; evaluation stays float32")
+             "recent GPUs, many times slower on other CPUs (a warning says so); evaluation stays float32")
 DISTILL_HELP = ("weight W in [0, 1] of distilling from the unpruned model while fine-tuning: the loss is "
                 "(1 - W) x cross-entropy + W x T^2 x KL(original || pruned) at temperature 4 (0.9 is the usual "
                 "CIFAR setting; default 0: cross-entropy alone)")
