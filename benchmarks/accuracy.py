@@ -280,6 +280,20 @@ def _appended(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int], one_sh
     return out
 
 
+def _kept(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int]) -> Dict[str, Any]:
+    """``new``'s cells, except where a cell measured before holds more seeds and this run, of seeds 0, 1, ...,
+    reproduced its first ones exactly: that cell stays whole, so re-running a row (a study's default) does not
+    drop the seeds added to it."""
+    out: Dict[str, Any] = {}
+    for label, rows in new.items():
+        out[label] = {}
+        for level, recs in rows.items():
+            before = old.get(label, {}).get(level, [])
+            same = seeds == list(range(len(recs))) and before[:len(recs)] == recs
+            out[label][level] = before if len(before) > len(recs) and same else recs
+    return out
+
+
 def _measures_one_shot(args: argparse.Namespace) -> bool:
     """Whether this run's records carry the one-shot column (select never does)."""
     return args.part != "select" and not args.skip_one_shot
@@ -400,11 +414,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     if part[0] in ("select", "test", "ablation"):
         if args.add_seeds:
             part = (part[0], _appended(old, part[1], args.seeds, _measures_one_shot(args)))
+        else:
+            part = (part[0], _kept(old, part[1], args.seeds))
         for label, rows in part[1].items():
             for level, recs in rows.items():
                 if len(old.get(label, {}).get(level, [])) > len(recs):
-                    log(f"  note: {label!r} at {level} held {len(old[label][level])} seeds; it now holds "
-                        f"{len(recs)} (--add-seeds appends instead)")
+                    log(f"  note: {label!r} at {level} held {len(old[label][level])} seeds, which this run did "
+                        f"not reproduce; it now holds {len(recs)} (--add-seeds appends instead)")
         # Rows of methods and levels not run this time stay.
         new = {k: {**old[k], **v} if isinstance(old.get(k), dict) and isinstance(v, dict) else v
                for k, v in part[1].items()}

@@ -21,6 +21,16 @@ def test_added_seeds_continue_each_cell_and_nothing_else():
         accuracy._appended(old, {"n": {"0.2": _recs(0)}}, [0], True)
 
 
+def test_a_rerun_that_reproduces_a_cells_first_seeds_keeps_the_whole_cell():
+    old = {"m": {"0.2": _recs(0, 1, 2, 3, 4), "0.5": _recs(0, 1, 2, 3, 4)}}
+    changed = [dict(r, recalibrated=0.6) for r in _recs(0, 1, 2)]
+    new = {"m": {"0.2": _recs(0, 1, 2), "0.5": changed}, "n": {"0.2": _recs(0)}}
+    assert accuracy._kept(old, new, [0, 1, 2]) == {"m": {"0.2": _recs(0, 1, 2, 3, 4), "0.5": changed},
+                                                    "n": {"0.2": _recs(0)}}
+    # Other seeds than 0, 1, ... are not the cell's first ones: the run's records replace it.
+    assert accuracy._kept(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4]) == {"m": {"0.2": _recs(3, 4)}}
+
+
 def test_a_cell_is_continued_only_in_order_and_with_the_same_columns():
     assert accuracy._gap([{"recalibrated": 0.5}] * 2, [2], one_shot=False) is None  # older records: seeds 0, 1
     assert accuracy._gap(_recs(0, 2), [3], True) == "holds seeds [0, 2], not 0, 1, ..."
