@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 import fairpruner as fp
 import accuracy_report as report
 from accuracy_boards import seeds_mixed, usual_seeds
+from accuracy_cells import appended, gap, kept
 import splits
 from accuracy_methods import DEFAULT, METHODS, MODELS, PART_METHODS, PINNED, SELECTED, TP_L1, VARIANTS
 from fairpruner import data, zoo
@@ -251,49 +252,6 @@ def _in_study_order(rows: Dict[str, Any], study: Dict[str, Any]) -> Dict[str, An
                        else order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def _gap(before: List[dict], seeds: List[int], one_shot: bool) -> Optional[str]:
-    """Why ``seeds`` cannot be appended to a cell holding ``before`` (None if they can)."""
-    held = [r.get("seed", i) for i, r in enumerate(before)]  # records of older runs are seeds 0, 1, ... in order
-    if not before:
-        return "has no results yet"
-    if held != list(range(len(held))):
-        return f"holds seeds {held}, not 0, 1, ..."
-    if seeds != list(range(len(held), len(held) + len(seeds))):
-        return f"holds seeds 0..{len(held) - 1}, which --seeds {','.join(map(str, seeds))} does not continue"
-    had = all("one_shot" in r for r in before)
-    if had != one_shot:
-        return "was measured " + ("without" if had else "with") + " --skip-one-shot"
-    return None
-
-
-def _appended(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int], one_shot: bool) -> Dict[str, Any]:
-    """``new``'s cells appended to ``old``'s, whose records are seeds 0, 1, ... in order (checked)."""
-    out: Dict[str, Any] = {}
-    for label, rows in new.items():
-        out[label] = {}
-        for level, recs in rows.items():
-            before = old.get(label, {}).get(level, [])
-            why = _gap(before, seeds, one_shot)
-            if why:
-                raise SystemExit(f"--add-seeds: {label!r} at {level} {why}")
-            out[label][level] = before + recs
-    return out
-
-
-def _kept(old: Dict[str, Any], new: Dict[str, Any], seeds: List[int]) -> Dict[str, Any]:
-    """``new``'s cells, except where a cell measured before holds more seeds and this run, of seeds 0, 1, ...,
-    reproduced its first ones exactly: that cell stays whole, so re-running a row (a study's default) does not
-    drop the seeds added to it."""
-    out: Dict[str, Any] = {}
-    for label, rows in new.items():
-        out[label] = {}
-        for level, recs in rows.items():
-            before = old.get(label, {}).get(level, [])
-            same = seeds == list(range(len(recs))) and before[:len(recs)] == recs
-            out[label][level] = before if len(before) > len(recs) and same else recs
-    return out
-
-
 def _measures_one_shot(args: argparse.Namespace) -> bool:
     """Whether this run's records carry the one-shot column (select never does)."""
     return args.part != "select" and not args.skip_one_shot
@@ -307,7 +265,7 @@ def _check_add_seeds(ap: argparse.ArgumentParser, args: argparse.Namespace, name
     levels = args.ablation_levels if args.part == "ablation" else args.levels
     one_shot = _measures_one_shot(args)
     gaps = [f"{label!r} at {L:g} {why}" for label in names for L in levels
-            if (why := _gap(old.get(label, {}).get(f"{L:g}", []), args.seeds, one_shot))]
+            if (why := gap(old.get(label, {}).get(f"{L:g}", []), args.seeds, one_shot))]
     if gaps:
         ap.error("--add-seeds: " + "; ".join(gaps[:3]) + (f"; and {len(gaps) - 3} more" if len(gaps) > 3 else ""))
 
@@ -413,9 +371,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
     if part[0] in ("select", "test", "ablation"):
         if args.add_seeds:
-            part = (part[0], _appended(old, part[1], args.seeds, _measures_one_shot(args)))
+            part = (part[0], appended(old, part[1], args.seeds, _measures_one_shot(args)))
         else:
-            part = (part[0], _kept(old, part[1], args.seeds))
+            part = (part[0], kept(old, part[1], args.seeds))
         for label, rows in part[1].items():
             for level, recs in rows.items():
                 if len(old.get(label, {}).get(level, [])) > len(recs):

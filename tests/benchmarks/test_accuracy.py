@@ -1,4 +1,5 @@
-"""The accuracy benchmark's bookkeeping: seeds added to the cells measured before."""
+"""The accuracy benchmark's bookkeeping (accuracy_cells, accuracy.main): seeds added to the cells measured before,
+cells kept whole where a re-run reproduced them."""
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import accuracy  # noqa: E402
+import accuracy_cells  # noqa: E402
 
 
 def _recs(*seeds, one_shot=True):
@@ -14,28 +16,28 @@ def _recs(*seeds, one_shot=True):
 
 def test_added_seeds_continue_each_cell_and_nothing_else():
     old = {"m": {"0.2": _recs(0, 1, 2), "0.5": _recs(0)}}
-    assert accuracy._appended(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4], True) == {"m": {"0.2": _recs(0, 1, 2, 3, 4)}}
+    assert accuracy_cells.appended(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4], True) == {"m": {"0.2": _recs(0, 1, 2, 3, 4)}}
     with pytest.raises(SystemExit, match="holds seeds 0..0, which --seeds 3,4 does not continue"):
-        accuracy._appended(old, {"m": {"0.5": _recs(3, 4)}}, [3, 4], True)
+        accuracy_cells.appended(old, {"m": {"0.5": _recs(3, 4)}}, [3, 4], True)
     with pytest.raises(SystemExit, match="'n' at 0.2 has no results yet"):
-        accuracy._appended(old, {"n": {"0.2": _recs(0)}}, [0], True)
+        accuracy_cells.appended(old, {"n": {"0.2": _recs(0)}}, [0], True)
 
 
 def test_a_rerun_that_reproduces_a_cells_first_seeds_keeps_the_whole_cell():
     old = {"m": {"0.2": _recs(0, 1, 2, 3, 4), "0.5": _recs(0, 1, 2, 3, 4)}}
     changed = [dict(r, recalibrated=0.6) for r in _recs(0, 1, 2)]
     new = {"m": {"0.2": _recs(0, 1, 2), "0.5": changed}, "n": {"0.2": _recs(0)}}
-    assert accuracy._kept(old, new, [0, 1, 2]) == {"m": {"0.2": _recs(0, 1, 2, 3, 4), "0.5": changed},
+    assert accuracy_cells.kept(old, new, [0, 1, 2]) == {"m": {"0.2": _recs(0, 1, 2, 3, 4), "0.5": changed},
                                                     "n": {"0.2": _recs(0)}}
     # Other seeds than 0, 1, ... are not the cell's first ones: the run's records replace it.
-    assert accuracy._kept(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4]) == {"m": {"0.2": _recs(3, 4)}}
+    assert accuracy_cells.kept(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4]) == {"m": {"0.2": _recs(3, 4)}}
 
 
 def test_a_cell_is_continued_only_in_order_and_with_the_same_columns():
-    assert accuracy._gap([{"recalibrated": 0.5}] * 2, [2], one_shot=False) is None  # older records: seeds 0, 1
-    assert accuracy._gap(_recs(0, 2), [3], True) == "holds seeds [0, 2], not 0, 1, ..."
-    assert accuracy._gap(_recs(0, 1), [2], one_shot=False) == "was measured without --skip-one-shot"
-    assert accuracy._gap(_recs(0, 1, one_shot=False), [2], one_shot=True) == "was measured with --skip-one-shot"
+    assert accuracy_cells.gap([{"recalibrated": 0.5}] * 2, [2], one_shot=False) is None  # older records: seeds 0, 1
+    assert accuracy_cells.gap(_recs(0, 2), [3], True) == "holds seeds [0, 2], not 0, 1, ..."
+    assert accuracy_cells.gap(_recs(0, 1), [2], one_shot=False) == "was measured without --skip-one-shot"
+    assert accuracy_cells.gap(_recs(0, 1, one_shot=False), [2], one_shot=True) == "was measured with --skip-one-shot"
 
 
 def test_add_seeds_is_refused_before_any_measuring(tmp_path, monkeypatch, capsys):
