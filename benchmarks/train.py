@@ -226,11 +226,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--cutout must be 0 (off) or a square's side in pixels")
     if args.init_from is not None and not Path(args.init_from).is_file():
         ap.error(f"--init-from {args.init_from}: no such file")
-    if args.bf16 and args.device == "cpu" and not torch.backends.mkldnn.is_available():
-        ap.error("--bf16 on the CPU needs PyTorch built with oneDNN; drop --bf16")
-    if args.bf16 and args.device == "cpu" and not native_cpu_autocast(torch.bfloat16):
-        print("warning: this CPU has no native bfloat16 kernels (AVX512-BF16 or AMX); --bf16 trains many times "
-              "slower than float32 here: drop it", file=sys.stderr)
+    if args.bf16 and args.device == "cpu":
+        if not torch.backends.mkldnn.is_available():
+            ap.error("--bf16 on the CPU needs PyTorch built with oneDNN; drop --bf16")
+        if not native_cpu_autocast(torch.bfloat16):
+            print("warning: this CPU has no native bfloat16 kernels (AVX512-BF16 or AMX); --bf16 trains many "
+                  "times slower than float32 here: drop it", file=sys.stderr)
     if args.minutes is not None and args.minutes <= 0:
         ap.error("--minutes must be positive")
     return args

@@ -16,7 +16,8 @@ def _recs(*seeds, one_shot=True):
 
 def test_added_seeds_continue_each_cell_and_nothing_else():
     old = {"m": {"0.2": _recs(0, 1, 2), "0.5": _recs(0)}}
-    assert accuracy_cells.appended(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4], True) == {"m": {"0.2": _recs(0, 1, 2, 3, 4)}}
+    assert accuracy_cells.appended(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4], True) == {
+        "m": {"0.2": _recs(0, 1, 2, 3, 4)}}
     with pytest.raises(SystemExit, match="holds seeds 0..0, which --seeds 3,4 does not continue"):
         accuracy_cells.appended(old, {"m": {"0.5": _recs(3, 4)}}, [3, 4], True)
     with pytest.raises(SystemExit, match="'n' at 0.2 has no results yet"):
@@ -28,7 +29,7 @@ def test_a_rerun_that_reproduces_a_cells_first_seeds_keeps_the_whole_cell():
     changed = [dict(r, recalibrated=0.6) for r in _recs(0, 1, 2)]
     new = {"m": {"0.2": _recs(0, 1, 2), "0.5": changed}, "n": {"0.2": _recs(0)}}
     assert accuracy_cells.kept(old, new, [0, 1, 2]) == {"m": {"0.2": _recs(0, 1, 2, 3, 4), "0.5": changed},
-                                                    "n": {"0.2": _recs(0)}}
+                                                        "n": {"0.2": _recs(0)}}
     # Other seeds than 0, 1, ... are not the cell's first ones: the run's records replace it.
     assert accuracy_cells.kept(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4]) == {"m": {"0.2": _recs(3, 4)}}
 

@@ -11,7 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fairpruner as fp
+import fairpruner._recovery.training as training
 from fairpruner import zoo
+from fairpruner._recovery import native_cpu_autocast
 from fairpruner._errors import DataError, FairPrunerError
 
 
@@ -125,7 +127,6 @@ def test_finetune_under_bfloat16_autocast_learns_and_keeps_float32_weights():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_finetune_warns_where_cpu_autocast_is_emulated(monkeypatch, native):
-    import fairpruner._recovery.training as training
     monkeypatch.setattr(training, "native_cpu_autocast", lambda dtype: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -137,7 +138,6 @@ def test_finetune_warns_where_cpu_autocast_is_emulated(monkeypatch, native):
 
 
 def test_native_cpu_autocast_answers_for_16_bit_types_only():
-    from fairpruner._recovery import native_cpu_autocast
     assert isinstance(native_cpu_autocast(torch.bfloat16), bool)
     assert isinstance(native_cpu_autocast(torch.float16), bool)
     assert native_cpu_autocast(torch.float32) is True
