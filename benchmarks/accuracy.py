@@ -14,6 +14,8 @@ seeds. The data never overlap:
     python benchmarks/accuracy.py --part select --model vgg16_bn --methods tp   # the rival on validation
     python benchmarks/accuracy.py --part test                  # all methods on test (~30 min)
     python benchmarks/accuracy.py --part test --model resnet56 --methods core   # default, uniform, Torch-Pruning
+    python benchmarks/accuracy.py --part test --model vgg16_bn --methods others --skip-one-shot
+                                                               # Taylor/random + uniform, Torch-Pruning Taylor
     python benchmarks/accuracy.py --part ablation --model vgg16_bn   # the paper's ToD/uniform ablations (params)
     python benchmarks/accuracy.py --part test --model vgg16_bn --methods core --levels 0.2 --seeds 3,4 --add-seeds
                                                                # two more seeds for cells measured with 0,1,2
@@ -23,7 +25,8 @@ seeds. The data never overlap:
     python benchmarks/accuracy.py --part finetune --epochs 15 --bf16 --device cuda --workers 4   # on a GPU
     python benchmarks/accuracy.py --part readme                # README section from every model's results
 
-Raw results go to ``benchmarks/results/accuracy_<model>.json`` (each part adds its own key), the tables to
+Raw results go to ``benchmarks/results/accuracy_<model>.json`` (each part adds its own key; select, test and
+ablation runs write after every method, so that a run stopped midway keeps the methods it finished), the tables to
 ``benchmarks/results/accuracy_<model>.md`` and the plot to ``benchmarks/results/accuracy_<model>.png``. A results
 file records its checkpoint's SHA-256: a part run on another checkpoint replaces the file instead of joining it.
 """
@@ -31,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,7 +51,7 @@ from torch.utils.data import DataLoader
 import fairpruner as fp
 import accuracy_report as report
 from accuracy_boards import seeds_mixed, usual_seeds
-from accuracy_cells import appended, gap, kept
+from accuracy_cells import gap, in_study_order, merged
 import splits
 from accuracy_methods import DEFAULT, METHODS, MODELS, PART_METHODS, PINNED, SELECTED, TP_L1, VARIANTS
 from fairpruner import data, zoo
@@ -163,7 +167,10 @@ class Bench:
 
 
 def run_grid(b: Bench, methods: Dict[str, tuple], loader: DataLoader, one_shot: bool,
-             levels: Optional[List[float]] = None, unit: str = "macs") -> Dict[str, Any]:
+             levels: Optional[List[float]] = None, unit: str = "macs",
+             done: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Every method at every level and seed; ``done`` gets each method's rows as soon as they are measured (so that
+    a long run stopped midway keeps the methods it finished)."""
     out: Dict[str, Any] = {}
     for label, method in methods.items():
         t0 = time.perf_counter()
@@ -175,6 +182,8 @@ def run_grid(b: Bench, methods: Dict[str, tuple], loader: DataLoader, one_shot: 
         log(f"  {label}: " + "  ".join(
             f"{float(L):.0%} {100 * np.mean([r['recalibrated'] for r in rs]):.2f}" for L, rs in rows.items())
             + f"  [{time.perf_counter() - t0:.0f} s]")
+        if done is not None:
+            done({label: rows})
     return out
 
 
@@ -245,13 +254,6 @@ def write_page(name: str, results: Dict[str, Any]) -> Path:
     return md
 
 
-def _in_study_order(rows: Dict[str, Any], study: Dict[str, Any]) -> Dict[str, Any]:
-    """``rows`` with settings (non-dict values) first, then methods in the study's order, unknown labels last."""
-    order = list(study)
-    return dict(sorted(rows.items(), key=lambda kv: -1 if not isinstance(kv[1], dict)
-                       else order.index(kv[0]) if kv[0] in order else len(order)))
-
-
 def _measures_one_shot(args: argparse.Namespace) -> bool:
     """Whether this run's records carry the one-shot column (select never does)."""
     return args.part != "select" and not args.skip_one_shot
@@ -278,6 +280,33 @@ def plot_page(name: str, results: Dict[str, Any]) -> None:
                 f"(mean ± std, {usual} seeds{', some cells more' if mixed else ''})", DEFAULT)
 
 
+def save(b: Bench, args: argparse.Namespace, raw: Path, t0: float, key: str, rows: Dict[str, Any]) -> None:
+    """Merges one part's new rows into the model's results file and rewrites its page (and plot)."""
+    # Read at write time, so that runs of other parts for the same model in the meantime are kept.
+    results = report.load_results(raw, b.checkpoint)
+    old = results.get(key, {})
+    recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
+    if key in ("select", "test", "ablation"):
+        results[key], notes = merged(old, rows, args.seeds, args.add_seeds, _measures_one_shot(args),
+                                     list(VARIANTS if key == "select" else METHODS))
+        for note in notes:
+            log(f"  note: {note}")
+    elif key.startswith("finetune") and all(old.get(k, d) == rows[k] for k, d in recipe.items()):
+        # Rows of methods not run this time stay, under the same recipe only.
+        results[key] = in_study_order({**old, **rows}, list(METHODS))
+    else:
+        results[key] = rows
+    results.pop("seeds", None)  # each cell holds its own seeds' records
+    results["checkpoint"] = b.checkpoint
+    results["checkpoint_accuracy"] = report.checkpoint_accuracy(args.model)  # its heading once it is replaced
+    if key == "test":
+        plot_page(args.model, results)
+    RESULTS.mkdir(exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1))
+    md = write_page(args.model, results)
+    log(f"wrote {raw} and {md} after {(time.perf_counter() - t0) / 60:.1f} min")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True,
@@ -291,12 +320,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="which rows to run; rows measured before for other methods are kept. --part test: "
                          "every method, the default with the uniform baselines and Torch-Pruning (core), "
                          "those baselines alone (baselines), L1, Taylor and random scores within ToD's depths "
-                         "(signals), the default, the three previous defaults or "
+                         "(signals), Taylor and random scores at uniform depths with Torch-Pruning global Taylor "
+                         "(others), the default, the three previous defaults or "
                          "Torch-Pruning alone (default, previous, tp); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the cost "
                          "study (cost), the tie/floor study (ties), the writers study (writers), the default against "
-                         "every stream spared until a positive level (streams), the default or the "
-                         "previous default alone, or Torch-Pruning global L1 for reference (tp); "
+                         "every stream spared until a positive level (streams), the default or the previous "
+                         "default alone, or Torch-Pruning global L1 or global Taylor for reference (tp, tp_taylor); "
                          "--part ablation: every method, the default or the previous defaults; --part finetune: "
                          "the default, the previous default and Torch-Pruning, or some of them (default, "
                          "previous, tp)")
@@ -345,58 +375,25 @@ def main(argv: Optional[List[str]] = None) -> None:
         _check_add_seeds(ap, args, names, raw)
     b = Bench(args, args.model)
     t0 = time.perf_counter()
+    done = functools.partial(save, b, args, raw, t0, args.part)  # grid parts: written after every method
     if args.part == "select":
         log(f"{args.model}: FAIR variants on validation, seeds {args.seeds}")
-        variants = {k: VARIANTS[k] for k in names}
-        part = ("select", run_grid(b, variants, b.val_loader, one_shot=False))
+        run_grid(b, {k: VARIANTS[k] for k in names}, b.val_loader, one_shot=False, done=done)
     elif args.part == "test":
         log(f"{args.model}: {len(names)} methods ({args.methods}) on test, seeds {args.seeds}")
-        part = ("test", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
-                                 one_shot=not args.skip_one_shot))
+        run_grid(b, {k: METHODS[k] for k in names}, b.test_loader, one_shot=not args.skip_one_shot, done=done)
     elif args.part == "ablation":
         log(f"{args.model}: ToD against uniform depths at {args.ablation_levels} of the parameters, seeds {args.seeds}")
-        part = ("ablation", run_grid(b, {k: METHODS[k] for k in names}, b.test_loader,
-                                       one_shot=not args.skip_one_shot,
-                                       levels=args.ablation_levels, unit="params"))
+        run_grid(b, {k: METHODS[k] for k in names}, b.test_loader, one_shot=not args.skip_one_shot,
+                 levels=args.ablation_levels, unit="params", done=done)
     elif args.part == "targets":
         log(f"{args.model}: plan(macs=t) and plan(params=t), t = 0.05 ... 0.95, measured after surgery")
-        part = ("targets", run_targets(b))
+        save(b, args, raw, t0, "targets", run_targets(b))
     else:
         log(f"{args.model}: fine-tuning at {args.headline:.0%} MACs removed")
         # One part per recipe's kind and length, so that a short budget and a long one are shown side by side.
-        part = (f"{'finetune_distill' if args.distill else 'finetune'}_{args.epochs}ep", run_finetune(b))
-    # Read at the end, so that runs of other parts for the same model in the meantime are kept.
-    results = report.load_results(raw, b.checkpoint)
-    old = results.get(part[0], {})
-    recipe = {"level": None, "epochs": None, "lr": None, "bf16": False, "distill": 0.0, "device": "cpu"}
-    if part[0] in ("select", "test", "ablation"):
-        if args.add_seeds:
-            part = (part[0], appended(old, part[1], args.seeds, _measures_one_shot(args)))
-        else:
-            part = (part[0], kept(old, part[1], args.seeds))
-        for label, rows in part[1].items():
-            for level, recs in rows.items():
-                if len(old.get(label, {}).get(level, [])) > len(recs):
-                    log(f"  note: {label!r} at {level} held {len(old[label][level])} seeds, which this run did "
-                        f"not reproduce; it now holds {len(recs)} (--add-seeds appends instead)")
-        # Rows of methods and levels not run this time stay.
-        new = {k: {**old[k], **v} if isinstance(old.get(k), dict) and isinstance(v, dict) else v
-               for k, v in part[1].items()}
-        results[part[0]] = _in_study_order({**old, **new}, VARIANTS if part[0] == "select" else METHODS)
-    elif part[0].startswith("finetune") and all(old.get(k, d) == part[1][k] for k, d in recipe.items()):
-        # Rows of methods not run this time stay, under the same recipe only.
-        results[part[0]] = _in_study_order({**old, **part[1]}, METHODS)
-    else:
-        results[part[0]] = part[1]
-    results.pop("seeds", None)  # each cell holds its own seeds' records
-    results["checkpoint"] = b.checkpoint
-    results["checkpoint_accuracy"] = report.checkpoint_accuracy(args.model)  # its heading once it is replaced
-    if part[0] == "test":
-        plot_page(args.model, results)
-    RESULTS.mkdir(exist_ok=True)
-    raw.write_text(json.dumps(results, indent=1))
-    md = write_page(args.model, results)
-    log(f"wrote {raw} and {md} in {(time.perf_counter() - t0) / 60:.1f} min")
+        save(b, args, raw, t0, f"{'finetune_distill' if args.distill else 'finetune'}_{args.epochs}ep",
+             run_finetune(b))
 
 
 if __name__ == "__main__":

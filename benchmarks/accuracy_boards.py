@@ -42,10 +42,11 @@ def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]], 
 
 def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrated"
             ) -> Tuple[Dict[str, Tuple[float, float]], Optional[str]]:
-    """Torch-Pruning global L1 and the best uniform-depth baseline at ``level`` (mean, std), and the latter's name."""
+    """Torch-Pruning's methods (global L1, and any other measured, e.g. global Taylor) and the best uniform-depth
+    baseline at ``level`` (mean, std), and the latter's name."""
     def has(k: str) -> bool:  # older results lack some columns (one-shot) for some methods
         return level in grid.get(k, {}) and all(key in r for r in grid[k][level])
-    tp = {tp_l1: _mean_std(grid[tp_l1][level], key)} if has(tp_l1) else {}
+    tp = {k: _mean_std(grid[k][level], key) for k in grid if (k == tp_l1 or k.startswith("Torch-Pruning")) and has(k)}
     uni = {k: _mean_std(grid[k][level], key) for k in grid if k.endswith("+ uniform") and has(k)}
     best = max(uni, key=lambda k: uni[k][0]) if uni else None
     return {**tp, **({best: uni[best]} if best else {})}, best
@@ -75,18 +76,23 @@ def _best_cell(recs: List[dict], label: str, usual: int) -> str:
 
 
 def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
-    """One line per model and level: the default against Torch-Pruning global L1 and the best uniform baseline."""
-    lines = ["| model | MACs removed | FAIR default | Torch-Pruning global L1 | best uniform depths | default is |",
-             "|---|---|---|---|---|---|"]
+    """One line per model and level: the default against Torch-Pruning (global L1, and a column for each other
+    Torch-Pruning method any model measured) and the best uniform baseline."""
+    tps = [tp_l1] + sorted({k for r in all_results.values() for k in r.get("test", {})
+                            if k.startswith("Torch-Pruning") and k != tp_l1})
+    lines = ["| model | MACs removed | FAIR default | " + " | ".join(tps) + " | best uniform depths | default is |",
+             "|---|---|---|" + "---|" * len(tps) + "---|---|"]
     for name, results in all_results.items():
         grid = results.get("test", {})
         usual = usual_seeds(grid)
 
         def cell(label: str, level: str) -> str:
+            if not all("recalibrated" in r for r in grid.get(label, {}).get(level, [{}])):
+                return "-"
             return _pm(_mean_std(grid[label][level])) + seeds_note(grid[label][level], usual)
         for level, recs in grid.get(default, {}).items():
             ours, (rivals, best) = _mean_std(recs), _rivals(grid, level, tp_l1)
-            cells = [cell(default, level), cell(tp_l1, level) if tp_l1 in rivals else "-",
+            cells = [cell(default, level), *(cell(k, level) for k in tps),
                      _best_cell(grid[best][level], best, usual) if best else "-", _verdict(ours, rivals)]
             lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
     return lines

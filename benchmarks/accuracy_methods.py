@@ -67,6 +67,9 @@ METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
 # --methods core (bigger models): the default against the two best uniform baselines and Torch-Pruning's best
 # method on ResNet-20 (Taylor, uniform or global, trailed L1 at every level there).
 CORE = [DEFAULT, "U + uniform", "L1 + uniform", TP_L1]
+# --methods others: the remaining baselines for the bigger models, Torch-Pruning's global Taylor and uniform depths
+# by Taylor and random scores (the most telling first: a long run stopped midway keeps the methods it finished).
+OTHERS = ["Torch-Pruning global Taylor", "Taylor + uniform", "random + uniform"]
 # L1, Taylor and random scores picking the units within ToD's depths (the depth rules of the L1 row, measured
 # before the MACs-weighting study, pinned for all three so that only the score differs).
 SIGNAL_TOD = ["L1 + ToD", "Taylor + ToD", "random + ToD"]
@@ -145,6 +148,10 @@ SPARED_STUDY = [SELECTED, SPARED]
 # there too (a reference row, never a candidate).
 TP_REFERENCE = "Torch-Pruning global L1 (the rival, for reference; not a candidate)"
 VARIANTS[TP_REFERENCE] = METHODS[TP_L1]
+# --part select --methods tp_taylor: Torch-Pruning global Taylor there, which leads the default at light levels on
+# ResNet-56's test images (a reference row for the studies that try to close that gap, never a candidate).
+TP_TAYLOR_REFERENCE = "Torch-Pruning global Taylor (a rival, for reference; not a candidate)"
+VARIANTS[TP_TAYLOR_REFERENCE] = METHODS["Torch-Pruning global Taylor"]
 
 
 # --methods of each part -> the labels it runs.
@@ -152,10 +159,10 @@ PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
                "ties": TIE_STUDY, "writers": WRITERS_STUDY, "streams": SPARED_STUDY,
                "default": [SELECTED], "previous": [TIES_SELECTED],
-               "tp": [TP_REFERENCE]},
+               "tp": [TP_REFERENCE], "tp_taylor": [TP_TAYLOR_REFERENCE]},
     "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
              "previous": [CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"],
-             "signals": SIGNAL_TOD},
+             "signals": SIGNAL_TOD, "others": OTHERS},
     "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
     "finetune": {"all": [DEFAULT, CAPPED_DEFAULT, TP_L1], "default": [DEFAULT], "previous": [CAPPED_DEFAULT],

@@ -61,8 +61,19 @@ def plot(grid: Dict[str, Any], path: Path, title: str, default: str) -> None:
     plt.close(fig)
 
 
-def _has(grid: Dict[str, Any], key: str) -> bool:
-    return all(key in r for rows in grid.values() for recs in rows.values() for r in recs)
+def _rows_with(grid: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """The methods of ``grid`` measured with ``key`` in every record (``--skip-one-shot`` rows lack one_shot)."""
+    return {k: rows for k, rows in grid.items() if all(key in r for recs in rows.values() for r in recs)}
+
+
+def _one_shot_table(grid: Dict[str, Any], bold: Sequence[str], removed: str = "macs_removed") -> List[str]:
+    """The one-shot table of the methods measured one-shot too, saying which ones were not."""
+    rows = _rows_with(grid, "one_shot")
+    if not rows:
+        return []
+    left = [k for k in grid if k not in rows]
+    note = [f"Measured after recalibration only (not in this table): {', '.join(left)}.", ""] if left else []
+    return ["### One-shot (no recalibration)", "", *note, *table(rows, "one_shot", bold, removed), ""]
 
 
 def fingerprint(name: str) -> str:
@@ -207,14 +218,11 @@ def write_markdown(results: Dict[str, Any], name: str, bold: Sequence[str], tp_l
     if "test" in results:
         lines += ["## MACs removed, on the 10,000 test images", "", "### One-shot + BatchNorm recalibration", ""]
         lines += table(results["test"], "recalibrated", bold) + [""]
-        if _has(results["test"], "one_shot"):
-            lines += ["### One-shot (no recalibration)", ""] + table(results["test"], "one_shot", bold) + [""]
+        lines += _one_shot_table(results["test"], bold)
         lines += [f"![top-1 against MACs kept](accuracy_{name}.png)", ""]
     if "ablation" in results:
         lines += ["## The paper's ablations: parameters removed, ToD against uniform depths (test)", ""]
-        if _has(results["ablation"], "one_shot"):
-            lines += ["### One-shot (no recalibration)", ""]
-            lines += table(results["ablation"], "one_shot", bold, "params_removed") + [""]
+        lines += _one_shot_table(results["ablation"], bold, "params_removed")
         lines += ["### One-shot + BatchNorm recalibration", ""]
         lines += table(results["ablation"], "recalibrated", bold, "params_removed") + [""]
     if "targets" in results:
@@ -252,7 +260,8 @@ def update_readme(readme: Path, results_dir: Path, models: Sequence[str]) -> Non
     glance = ["#### Checkpoints (`benchmarks/checkpoints/`, trained by `benchmarks/train.py`)", "",
               *checkpoints_table(models), "", "#### At a glance (test images)", "",
               "One-shot + BatchNorm recalibration, MACs removed, mean ± std over calibration seeds; the default "
-              "against Torch-Pruning and the best of the uniform-depth baselines:", "",
+              "against Torch-Pruning's global pruning (L1, and Taylor where measured) and the best of the "
+              "uniform-depth baselines; the verdict names the strongest of them:", "",
               *scoreboard(measured, DEFAULT, TP_L1)]
     for intro, board in (("The paper's ablations (parameters removed, after recalibration):",
                           ablation_board(measured, DEFAULT)),

@@ -1,5 +1,6 @@
 """The accuracy benchmark's bookkeeping (accuracy_cells, accuracy.main): seeds added to the cells measured before,
 cells kept whole where a re-run reproduced them."""
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def test_a_rerun_that_reproduces_a_cells_first_seeds_keeps_the_whole_cell():
     assert accuracy_cells.kept(old, {"m": {"0.2": _recs(3, 4)}}, [3, 4]) == {"m": {"0.2": _recs(3, 4)}}
 
 
+def test_a_runs_rows_join_the_rows_before_in_the_studys_order_and_say_what_they_dropped():
+    old = {"b": {"0.2": _recs(0, 1, 2), "0.5": _recs(0)}, "c": {"0.2": _recs(0)}}
+    changed = [dict(r, recalibrated=0.6) for r in _recs(0)]
+    rows, notes = accuracy_cells.merged(old, {"a": {"0.2": _recs(0)}, "b": {"0.2": changed}}, [0], False, True,
+                                        ["a", "b", "c"])
+    assert list(rows) == ["a", "b", "c"]
+    assert rows["b"] == {"0.2": changed, "0.5": _recs(0)}  # the level not run stays
+    assert notes == ["'b' at 0.2 held 3 seeds, which this run did not reproduce; it now holds 1 "
+                     "(--add-seeds appends instead)"]
+    rows, notes = accuracy_cells.merged(old, {"b": {"0.5": _recs(1)}}, [1], True, True, ["a", "b", "c"])
+    assert rows["b"]["0.5"] == _recs(0, 1) and notes == []
+
+
 def test_a_cell_is_continued_only_in_order_and_with_the_same_columns():
     assert accuracy_cells.gap([{"recalibrated": 0.5}] * 2, [2], one_shot=False) is None  # older records: seeds 0, 1
     assert accuracy_cells.gap(_recs(0, 2), [3], True) == "holds seeds [0, 2], not 0, 1, ..."
@@ -50,3 +64,31 @@ def test_add_seeds_is_refused_before_any_measuring(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         accuracy.main(["--part", "test", "--model", "resnet20", "--methods", "tp", "--seeds", "3", "--add-seeds"])
     assert "'Torch-Pruning global L1' at 0.2 has no results yet" in capsys.readouterr().err
+
+
+class _StoppedBench:
+    """Measures the first method, then fails as a run stopped midway would."""
+    checkpoint, test_loader, val_loader = "fake", None, None
+
+    def __init__(self, args, name):
+        self.args = args
+
+    def build(self, method, seed, level, unit):
+        if method[1].get("signal") == "random":
+            raise KeyboardInterrupt
+        return method
+
+    def measure(self, pruned, seed, loader, one_shot):
+        return {"seed": seed, "macs_removed": 0.2, "params_removed": 0.2, "recalibrated": 0.5}
+
+
+def test_a_run_stopped_midway_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(accuracy, "Bench", _StoppedBench)
+    with pytest.raises(KeyboardInterrupt):  # others: Torch-Pruning global Taylor, Taylor + uniform, random + ...
+        accuracy.main(["--part", "test", "--model", "resnet20", "--methods", "others", "--levels", "0.2",
+                       "--seeds", "0,1", "--skip-one-shot"])
+    results = json.loads((tmp_path / "accuracy_resnet20.json").read_text())
+    assert list(results["test"]) == ["Taylor + uniform", "Torch-Pruning global Taylor"]  # in the tables' order
+    assert [r["seed"] for r in results["test"]["Taylor + uniform"]["0.2"]] == [0, 1]
+    assert (tmp_path / "accuracy_resnet20.md").is_file()

@@ -31,6 +31,19 @@ def test_scoreboard_names_the_rival_the_default_trails_and_by_how_much():
     assert lines[3].endswith("| ahead of Torch-Pruning global L1 by 0.50 pt |")  # both spreads are 0
 
 
+def test_the_verdict_counts_every_torch_pruning_method_measured_as_a_rival():
+    test = {D: {"0.2": _cells(0.80, 0.80)}, TP: {"0.2": _cells(0.78, 0.78)},
+            "Torch-Pruning global Taylor": {"0.2": _cells(0.81, 0.81)}, "U + uniform": {"0.2": _cells(0.70, 0.70)}}
+    lines = accuracy_boards.scoreboard({"m": {"test": test}, "n": {"test": {D: {"0.2": _cells(0.8)}}}}, D, TP)
+    assert "| Torch-Pruning global L1 | Torch-Pruning global Taylor | best uniform depths |" in lines[0]
+    assert lines[2].startswith("| m | 20% | 80.00 ± 0.00 | 78.00 ± 0.00 | 81.00 ± 0.00 | 70.00 ± 0.00")
+    assert lines[2].endswith("**behind Torch-Pruning global Taylor by 1.00 pt** |")
+    assert lines[3] == "| n | 20% | 80.00 ± 0.00 | - | - | - | - |"  # a model without those rows
+    test["Torch-Pruning global Taylor"]["0.2"] = [{"one_shot": 0.9}]  # no recalibrated column: not a rival
+    assert accuracy_boards.scoreboard({"m": {"test": test}}, D, TP)[2].endswith(
+        "| ahead of Torch-Pruning global L1 by 2.00 pt |")
+
+
 def test_shortfalls_list_every_comparison_the_default_does_not_clearly_win():
     d, tp = D, TP
     cell = lambda recal, one: [{"recalibrated": recal + e, "one_shot": one + e} for e in (-0.01, 0.01)]  # noqa: E731

@@ -114,3 +114,13 @@ def test_a_cell_with_more_seeds_than_its_table_says_so():
     assert lines[5] == "| b | 80.00 ± 0.00 | 80.00 ± 0.00 |"
     del grid["a"]
     assert accuracy_report.table(grid, "recalibrated", [])[0] == "Calibration seeds per cell: 3."
+
+
+def test_rows_measured_without_one_shot_leave_the_one_shot_table_to_the_others():
+    both = {"recalibrated": 0.8, "one_shot": 0.3, "macs_removed": 0.2}
+    recal = {"recalibrated": 0.7, "macs_removed": 0.2}
+    grid = {"a": {"0.2": [both] * 3}, "b": {"0.2": [recal] * 3}}
+    lines = accuracy_report._one_shot_table(grid, [])
+    assert lines[2] == "Measured after recalibration only (not in this table): b."
+    assert "| a | 30.00 ± 0.00 |" in lines and not any(line.startswith("| b ") for line in lines)
+    assert accuracy_report._one_shot_table({"b": grid["b"]}, []) == []
