@@ -36,6 +36,7 @@ import argparse
 import copy
 import functools
 import json
+import os
 import sys
 import time
 import warnings
@@ -302,7 +303,9 @@ def save(b: Bench, args: argparse.Namespace, raw: Path, t0: float, key: str, row
     if key == "test":
         plot_page(args.model, results)
     RESULTS.mkdir(exist_ok=True)
-    raw.write_text(json.dumps(results, indent=1))
+    tmp = raw.with_suffix(".json.tmp")  # written whole, then renamed: a run stopped mid-write leaves the old file
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, raw)
     md = write_page(args.model, results)
     log(f"wrote {raw} and {md} after {(time.perf_counter() - t0) / 60:.1f} min")
 
@@ -348,7 +351,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--workers", type=int, default=0, help="--part finetune: data-loading processes")
     ap.add_argument("--add-seeds", action="store_true",
                     help="--part select|test|ablation: append these seeds' results to the cells measured before "
-                         "instead of replacing them; --seeds must continue each cell's seeds (3,4 after 0,1,2)")
+                         "instead of replacing them; --seeds must continue each cell's seeds (3,4 after 0,1,2); "
+                         "after a stopped run, re-run only the methods it did not finish (each is saved when done)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if not 0 <= args.distill <= 1:

@@ -87,7 +87,7 @@ def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
         usual = usual_seeds(grid)
 
         def cell(label: str, level: str) -> str:
-            if not all("recalibrated" in r for r in grid.get(label, {}).get(level, [{}])):
+            if not all("recalibrated" in r for r in grid.get(label, {}).get(level) or [{}]):
                 return "-"
             return _pm(_mean_std(grid[label][level])) + seeds_note(grid[label][level], usual)
         for level, recs in grid.get(default, {}).items():

@@ -31,6 +31,9 @@ def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "m
     for label, rows in grid.items():
         cells = []
         for L in levels:
+            if not all(key in r for r in rows.get(L, [{}])):  # a level measured with --skip-one-shot, or not at all
+                cells.append("-")
+                continue
             off = np.mean([r[removed] for r in rows[L]]) - float(L)
             cells.append(_stat(rows[L], key) + (f" †{100 * off:+.1f}" if abs(off) > 0.01 else "")
                          + seeds_note(rows[L], usual))
@@ -62,8 +65,8 @@ def plot(grid: Dict[str, Any], path: Path, title: str, default: str) -> None:
 
 
 def _rows_with(grid: Dict[str, Any], key: str) -> Dict[str, Any]:
-    """The methods of ``grid`` measured with ``key`` in every record (``--skip-one-shot`` rows lack one_shot)."""
-    return {k: rows for k, rows in grid.items() if all(key in r for recs in rows.values() for r in recs)}
+    """The methods of ``grid`` with ``key`` in every record of some level (``--skip-one-shot`` runs lack one_shot)."""
+    return {k: rows for k, rows in grid.items() if any(all(key in r for r in recs) for recs in rows.values())}
 
 
 def _one_shot_table(grid: Dict[str, Any], bold: Sequence[str], removed: str = "macs_removed") -> List[str]:

@@ -1,5 +1,5 @@
 """The accuracy benchmark's bookkeeping (accuracy_cells, accuracy.main): seeds added to the cells measured before,
-cells kept whole where a re-run reproduced them."""
+cells kept whole where a re-run reproduced them, a run's rows merged into the file after every method."""
 import json
 import sys
 from pathlib import Path
@@ -92,3 +92,4 @@ def test_a_run_stopped_midway_keeps_the_methods_it_finished(tmp_path, monkeypatc
     assert list(results["test"]) == ["Taylor + uniform", "Torch-Pruning global Taylor"]  # in the tables' order
     assert [r["seed"] for r in results["test"]["Taylor + uniform"]["0.2"]] == [0, 1]
     assert (tmp_path / "accuracy_resnet20.md").is_file()
+    assert sorted(p.name for p in tmp_path.glob("*.json*")) == ["accuracy_resnet20.json"]  # no temporary left

@@ -124,3 +124,7 @@ def test_rows_measured_without_one_shot_leave_the_one_shot_table_to_the_others()
     assert lines[2] == "Measured after recalibration only (not in this table): b."
     assert "| a | 30.00 ± 0.00 |" in lines and not any(line.startswith("| b ") for line in lines)
     assert accuracy_report._one_shot_table({"b": grid["b"]}, []) == []
+    grid["b"]["0.5"] = [dict(both, macs_removed=0.5)] * 3  # one-shot at one level only: "-" at the other
+    grid["a"]["0.5"] = [dict(both, macs_removed=0.5)] * 3
+    lines = accuracy_report._one_shot_table(grid, [])
+    assert "| b | - | 30.00 ± 0.00 |" in lines and not lines[2].startswith("Measured")
