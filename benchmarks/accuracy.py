@@ -168,24 +168,19 @@ class Bench:
 
 
 def run_grid(b: Bench, methods: Dict[str, tuple], loader: DataLoader, one_shot: bool,
-             levels: Optional[List[float]] = None, unit: str = "macs",
-             done: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+             done: Callable[[Dict[str, Any]], None], levels: Optional[List[float]] = None, unit: str = "macs") -> None:
     """Every method at every level and seed; ``done`` gets each method's rows as soon as they are measured (so that
     a long run stopped midway keeps the methods it finished)."""
-    out: Dict[str, Any] = {}
     for label, method in methods.items():
         t0 = time.perf_counter()
         rows = {}
         for level in levels or b.args.levels:
             recs = [b.measure(b.build(method, s, level, unit), s, loader, one_shot) for s in b.args.seeds]
             rows[f"{level:g}"] = recs
-        out[label] = rows
         log(f"  {label}: " + "  ".join(
             f"{float(L):.0%} {100 * np.mean([r['recalibrated'] for r in rs]):.2f}" for L, rs in rows.items())
             + f"  [{time.perf_counter() - t0:.0f} s]")
-        if done is not None:
-            done({label: rows})
-    return out
+        done({label: rows})
 
 
 def run_finetune(b: Bench) -> Dict[str, Any]:

@@ -3,7 +3,7 @@ fine-tuning, and the list of comparisons the default does not clearly win (from 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,14 +40,24 @@ def _verdict(ours: Tuple[float, float], rivals: Dict[str, Tuple[float, float]], 
     return f"{mark}behind {label} by {-gap:.2f} pt{mark}{noise}"
 
 
+def _measured(grid: Dict[str, Any], label: str, level: str, key: str = "recalibrated") -> bool:
+    """Whether ``label`` has a cell at ``level`` with ``key`` in every record (older results and ``--skip-one-shot``
+    runs lack the one-shot column)."""
+    return level in grid.get(label, {}) and all(key in r for r in grid[label][level])
+
+
+def _torch_pruning(labels: Iterable[str], tp_l1: str) -> List[str]:
+    """Torch-Pruning global L1, then every other Torch-Pruning method among ``labels`` by name."""
+    return [tp_l1] + sorted({k for k in labels if k.startswith("Torch-Pruning") and k != tp_l1})
+
+
 def _rivals(grid: Dict[str, Any], level: str, tp_l1: str, key: str = "recalibrated"
             ) -> Tuple[Dict[str, Tuple[float, float]], Optional[str]]:
     """Torch-Pruning's methods (global L1, and any other measured, e.g. global Taylor) and the best uniform-depth
     baseline at ``level`` (mean, std), and the latter's name."""
-    def has(k: str) -> bool:  # older results lack some columns (one-shot) for some methods
-        return level in grid.get(k, {}) and all(key in r for r in grid[k][level])
-    tp = {k: _mean_std(grid[k][level], key) for k in grid if (k == tp_l1 or k.startswith("Torch-Pruning")) and has(k)}
-    uni = {k: _mean_std(grid[k][level], key) for k in grid if k.endswith("+ uniform") and has(k)}
+    tp = {k: _mean_std(grid[k][level], key) for k in _torch_pruning(grid, tp_l1) if _measured(grid, k, level, key)}
+    uni = {k: _mean_std(grid[k][level], key) for k in grid
+           if k.endswith("+ uniform") and _measured(grid, k, level, key)}
     best = max(uni, key=lambda k: uni[k][0]) if uni else None
     return {**tp, **({best: uni[best]} if best else {})}, best
 
@@ -78,8 +88,7 @@ def _best_cell(recs: List[dict], label: str, usual: int) -> str:
 def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str) -> List[str]:
     """One line per model and level: the default against Torch-Pruning (global L1, and a column for each other
     Torch-Pruning method any model measured) and the best uniform baseline."""
-    tps = [tp_l1] + sorted({k for r in all_results.values() for k in r.get("test", {})
-                            if k.startswith("Torch-Pruning") and k != tp_l1})
+    tps = _torch_pruning((k for r in all_results.values() for k in r.get("test", {})), tp_l1)
     lines = ["| model | MACs removed | FAIR default | " + " | ".join(tps) + " | best uniform depths | default is |",
              "|---|---|---|" + "---|" * len(tps) + "---|---|"]
     for name, results in all_results.items():
@@ -87,7 +96,7 @@ def scoreboard(all_results: Dict[str, Dict[str, Any]], default: str, tp_l1: str)
         usual = usual_seeds(grid)
 
         def cell(label: str, level: str) -> str:
-            if not all("recalibrated" in r for r in grid.get(label, {}).get(level) or [{}]):
+            if not _measured(grid, label, level):
                 return "-"
             return _pm(_mean_std(grid[label][level])) + seeds_note(grid[label][level], usual)
         for level, recs in grid.get(default, {}).items():
