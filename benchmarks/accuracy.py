@@ -10,7 +10,7 @@ seeds. The data never overlap:
 * test: the 10,000 test images, used by ``--part test`` (the table and plot) and ``--part finetune``.
 
     python benchmarks/accuracy.py --part select                # FAIR variants on validation (~8 min, ResNet-20)
-    python benchmarks/accuracy.py --part select --model resnet56 --methods writers   # one study's rows
+    python benchmarks/accuracy.py --part select --model resnet56 --methods shallow   # one study's rows
     python benchmarks/accuracy.py --part select --model vgg16_bn --methods tp   # the rival on validation
     python benchmarks/accuracy.py --part test                  # all methods on test (~30 min)
     python benchmarks/accuracy.py --part test --model resnet56 --methods core   # default, uniform, Torch-Pruning
@@ -319,11 +319,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "every method, the default with the uniform baselines and Torch-Pruning (core), "
                          "those baselines alone (baselines), L1, Taylor and random scores within ToD's depths "
                          "(signals), Taylor and random scores at uniform depths with Torch-Pruning global Taylor "
-                         "(others), the default, the three previous defaults or "
+                         "(others), the default, the four previous defaults or "
                          "Torch-Pruning alone (default, previous, tp); "
                          "--part select: every variant, the stream study (core), the floor study (floor), the cost "
-                         "study (cost), the tie/floor study (ties), the writers study (writers), the default against "
-                         "every stream spared until a positive level (streams), the default or the previous "
+                         "study (cost), the tie/floor study (ties), the writers study (writers), the writers rule "
+                         "against every stream spared until a positive level (streams), the shallow-streams study "
+                         "(shallow), "
+                         "the default or the previous "
                          "default alone, or Torch-Pruning global L1 or global Taylor for reference (tp, tp_taylor); "
                          "--part ablation: every method, the default or the previous defaults; --part finetune: "
                          "the default, the previous default and Torch-Pruning, or some of them (default, "

@@ -38,11 +38,17 @@ WRITERS = {**NEW, "stream_floor": "writers"}
 PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (default before the tie/floor study)"
 # The default before the writers study (the same plans wherever no stream has more than 4 writers or fewer than 64
 # units: VGG-16-BN).
-CAPPED_DEFAULT = "FAIR, every stream's free floor sqrt(width) whatever its writers (previous default)"
+CAPPED_DEFAULT = "FAIR, every stream's free floor sqrt(width) whatever its writers (default before the writers study)"
+# The default before the shallow-streams study (the same plans wherever no stream has more than 4 writers: ResNet-20,
+# VGG-16-BN).
+SHALLOW = {**NEW, "stream_floor": "shallow"}
+WRITERS_DEFAULT = ("FAIR, a stream's free floor shrinks as 2 / sqrt(writers) beyond 4 writers (stream_floor=writers, "
+                   "previous default)")
 DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
-    DEFAULT: ({}, WRITERS),
+    DEFAULT: ({}, SHALLOW),
+    WRITERS_DEFAULT: ({}, WRITERS),
     CAPPED_DEFAULT: ({}, NEW),
     PREVIOUS_DEFAULT: ({}, {}),
     ONE_LEVEL: ({}, P0),
@@ -108,9 +114,11 @@ AUTO_POWER = (f"{AS_BEFORE_MACS}, each MACs target weighted by the power of 0, -
 TIES_SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, every other layer's floor free or "
                  "capped at sqrt(width) with the power whose plan removes the least total R-Score (ties=r, floor=auto, "
                  "default before the writers study)")
-SELECTED = ("as ties=r, floor=auto, every stream but the head's loses at most sqrt(4 x width / max(writers, 4)) and "
-            "at most width / 8 for free: fewer units where more than 4 layers write it or where it is narrow "
-            "(stream_floor=writers, default)")
+WRITERS_SELECTED = ("as ties=r, floor=auto, every stream but the head's loses at most sqrt(4 x width / max(writers, "
+                    "4)) and at most width / 8 for free: fewer units where more than 4 layers write it or where it is "
+                    "narrow (stream_floor=writers, default before the shallow-streams study)")
+SELECTED = ("as stream_floor=writers, a stream that more than 4 layers write loses nothing for free; one of at most 4 "
+            "writers, as before, at most sqrt(width) and width / 8 (stream_floor=shallow, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
 STREAM_STUDY = list(VARIANTS)[-4:]
 # --part select --methods floor: that default against the other floor rules and uniform depths (every
@@ -137,13 +145,17 @@ COST_STUDY = [*COST_VARIANTS, AUTO_POWER]
 VARIANTS[TIES_SELECTED] = ({}, NEW)
 TIE_STUDY = [AUTO_POWER, TIES_SELECTED]
 # --part select --methods writers: the writers study (a stream's free cap shrinks with the layers writing it).
-VARIANTS[SELECTED] = ({}, WRITERS)
-WRITERS_STUDY = [TIES_SELECTED, SELECTED]
-# --part select --methods streams: the default against the same rules with every stream spared until a positive
-# level (the stream study's "none", which led on ResNet-56 with the rules of its time).
+VARIANTS[WRITERS_SELECTED] = ({}, WRITERS)
+WRITERS_STUDY = [TIES_SELECTED, WRITERS_SELECTED]
+# --part select --methods streams: the writers rule against the same rules with every stream spared until a
+# positive level (the stream study's "none", which led on ResNet-56 with the rules of its time).
 SPARED = "as the default, every stream loses units only at positive levels, none for free (stream_floor=none)"
 VARIANTS[SPARED] = ({}, {**NEW, "stream_floor": "none"})
-SPARED_STUDY = [SELECTED, SPARED]
+SPARED_STUDY = [WRITERS_SELECTED, SPARED]
+# --part select --methods shallow: the shallow-streams study ("none" where more than 4 layers write a stream,
+# the writers' cap elsewhere).
+VARIANTS[SELECTED] = ({}, SHALLOW)
+SHALLOW_STUDY = [WRITERS_SELECTED, SELECTED]
 # --part select --methods tp: Torch-Pruning global L1 on the validation split, the rival the default must beat
 # there too (a reference row, never a candidate).
 TP_REFERENCE = "Torch-Pruning global L1 (the rival, for reference; not a candidate)"
@@ -158,13 +170,15 @@ VARIANTS[TP_TAYLOR_REFERENCE] = METHODS["Torch-Pruning global Taylor"]
 PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
                "ties": TIE_STUDY, "writers": WRITERS_STUDY, "streams": SPARED_STUDY,
-               "default": [SELECTED], "previous": [TIES_SELECTED],
+               "shallow": SHALLOW_STUDY, "default": [SELECTED], "previous": [WRITERS_SELECTED],
                "tp": [TP_REFERENCE], "tp_taylor": [TP_TAYLOR_REFERENCE]},
     "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
-             "previous": [CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL], "tp": [TP_L1, "Torch-Pruning global Taylor"],
+             "previous": [WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL],
+             "tp": [TP_L1, "Torch-Pruning global Taylor"],
              "signals": SIGNAL_TOD, "others": OTHERS},
-    "ablation": {"all": ABLATION, "default": [DEFAULT], "previous": [CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL]},
+    "ablation": {"all": ABLATION, "default": [DEFAULT],
+                 "previous": [WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
-    "finetune": {"all": [DEFAULT, CAPPED_DEFAULT, TP_L1], "default": [DEFAULT], "previous": [CAPPED_DEFAULT],
+    "finetune": {"all": [DEFAULT, WRITERS_DEFAULT, TP_L1], "default": [DEFAULT], "previous": [WRITERS_DEFAULT],
                  "tp": [TP_L1]},
 }

@@ -110,7 +110,7 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
     assert "units before" in out and "predicted" in out and "target macs" in out
     plan = fp.Plan.from_json((workdir / "out" / "plan.json").read_text())
     assert 1 - plan.predicted["macs_after"] / plan.predicted["macs_before"] >= 0.4 - 0.005
-    assert plan.settings["stream_floor"] == "writers" and plan.settings["stream_weight"] == 8
+    assert plan.settings["stream_floor"] == "shallow" and plan.settings["stream_weight"] == 8
     assert plan.settings["floor"] == "auto" and plan.settings["ties"] == "r"
     assert plan.settings["floor_used"] in ("free", "sqrt") and f"floor {plan.settings['floor_used']} (auto" in out
     assert main(["plan", "--scores", "out/scores.pt", "--macs", "0.4", "--stream-floor", "free", "--stream-weight",

@@ -77,9 +77,10 @@ def test_stream_weight_protects_residual_streams(resnet_scores):
 
 
 def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
-    """At alpha=0 a stream loses its whole ToD floor ("free"), at most floor(sqrt(4 n / max(writers, 4))) and
-    n / 8 of it ("writers", the default), at most floor(sqrt(n)) ("capped"; both nothing where the output layer
-    reads the stream) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
+    """At alpha=0 a stream loses its whole ToD floor ("free"); at most floor(sqrt(n)) and n / 8 of it, and nothing
+    where more than 4 layers write it ("shallow", the default); at most floor(sqrt(4 n / max(writers, 4))) and
+    n / 8 ("writers"); at most floor(sqrt(n)) ("capped"; these three nothing where the output layer reads the
+    stream) or nothing ("none"); other groups are unaffected, and targets stay reachable."""
     # Streams whose lowest-U units are also their lowest-R ones: ToD's floor is half the stream. One stream the
     # head does not read gets 12 writers, so that its writers' cap (isqrt(4 n / 12)) is below isqrt(n).
     streams = [g.name for g in synthetic_scores.groups if g.is_stream and not g.feeds_output]
@@ -87,10 +88,10 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
         [dataclasses.replace(g, u=torch.arange(g.n_units) + 1.0, r=torch.arange(g.n_units) + 1.0,
                              writers=12 if g.name == streams[-1] else g.writers) if g.is_stream
          else g for g in synthetic_scores.groups], synthetic_scores.cost, dict(synthetic_scores.meta))
-    rules = ("free", "writers", "capped", "sqrt", "none")
+    rules = ("free", "shallow", "writers", "capped", "sqrt", "none")
     plans = {f: fp.plan(synthetic_scores, alpha=0.0, stream_floor=f, floor="free") for f in rules}
-    assert fp.plan(synthetic_scores, alpha=0.0, floor="free").removed == plans["writers"].removed
-    fewer_for_writers = capped_somewhere = head_spared = False
+    assert fp.plan(synthetic_scores, alpha=0.0, floor="free").removed == plans["shallow"].removed
+    fewer_for_writers = capped_somewhere = head_spared = deep_spared = shallow_freed = False
     for g in synthetic_scores.groups:
         floor = int((tod_curve(g.u, g.r) <= 1e-12).sum())
         got = {f: len(p.removed[g.name]) for f, p in plans.items()}
@@ -98,15 +99,18 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
             capped = 0 if g.feeds_output else min(floor, math.isqrt(g.n_units))
             by_writers = 0 if g.feeds_output else min(floor, math.isqrt(4 * g.n_units // max(g.writers, 4)),
                                                       g.n_units // 8)
-            assert got == {"free": floor, "writers": by_writers, "capped": capped,
+            shallow = 0 if g.feeds_output or g.writers > 4 else min(floor, math.isqrt(g.n_units), g.n_units // 8)
+            assert got == {"free": floor, "shallow": shallow, "writers": by_writers, "capped": capped,
                            "sqrt": min(floor, math.isqrt(g.n_units)), "none": 0}
             capped_somewhere |= floor > math.isqrt(g.n_units) and not g.feeds_output
             fewer_for_writers |= by_writers < capped
             head_spared |= g.feeds_output and floor > 0
+            deep_spared |= g.writers > 4 and by_writers > 0 and shallow == 0
+            shallow_freed |= shallow > 0
         else:
             assert got == {f: floor for f in rules}
-    # the seeded scores exercise both caps and the head's stream
-    assert capped_somewhere and fewer_for_writers and head_spared
+    # the seeded scores exercise every cap, the head's stream, and streams of few and of many writers
+    assert capped_somewhere and fewer_for_writers and head_spared and deep_spared and shallow_freed
     for f in rules:
         p = fp.plan(synthetic_scores, macs=0.3, stream_floor=f)
         assert abs(p.achieved["macs"] - 0.3) <= 0.005 and p.settings["stream_floor"] == f
@@ -117,7 +121,8 @@ def test_stream_floor_limits_only_what_streams_lose_for_free(synthetic_scores):
 def test_writers_cap_is_sqrt_width_up_to_four_writers_and_an_eighth_of_the_width():
     """The writers' cap equals sqrt(n) for streams of 2 to 4 writers and 64 or more units, never exceeds n / 8
     (ResNet-20's 16 and 32-unit streams: 2 and 4), and shrinks as 2 / sqrt(writers) beyond 4 writers
-    (ResNet-56's 10: 2 of 16 and 3 of 32 units)."""
+    (ResNet-56's 10: 2 of 16 and 3 of 32 units); "shallow" (the default) equals it up to 4 writers and frees
+    nothing beyond."""
     def stream(n, writers, head=False):
         return fp.GroupScores("s", torch.ones(n), torch.ones(n), torch.ones(n), n, torch.arange(n)[:, None],
                               writers=writers, feeds_output=head)
@@ -130,6 +135,11 @@ def test_writers_cap_is_sqrt_width_up_to_four_writers_and_an_eighth_of_the_width
     assert free_floor(stream(64, 10, head=True), "writers") == 0
     caps = [free_floor(stream(768, w), "writers") for w in (4, 8, 16, 25, 49)]
     assert caps == sorted(caps, reverse=True) and caps[0] == math.isqrt(768) and caps[-1] == 7
+    for n in (7, 8, 16, 32, 64, 768):
+        for w in (1, 2, 3, 4):
+            assert free_floor(stream(n, w), "shallow") == free_floor(stream(n, w), "writers")
+        assert [free_floor(stream(n, w), "shallow") for w in (5, 10, 25)] == [0, 0, 0]
+        assert free_floor(stream(n, 4, head=True), "shallow") == 0
 
 
 def test_floor_limits_only_what_other_groups_lose_for_free(synthetic_scores):

@@ -119,7 +119,7 @@ def test_alpha_plan_uses_tod_counts(synthetic_scores):
         assert p.alpha == alpha
         for g in synthetic_scores.groups:
             w = STREAM_WEIGHT if g.is_stream else 1.0
-            # the default stream floor ("writers"), for streams of at most 4 writers like these
+            # the default stream floor ("shallow"), for streams of at most 4 writers like these
             assert g.writers <= 4
             free = 0 if g.feeds_output else min(math.isqrt(g.n_units), g.n_units // 8)
             curve = cap_floor(tod_curve(g.u, g.r), free) if g.is_stream else tod_curve(g.u, g.r)

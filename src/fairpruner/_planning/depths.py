@@ -12,10 +12,11 @@ from .._scoring.scores import GroupScores, Scores
 from .allocation import fill_target, macs_factor, step_order, tie_keys
 from .tod import cap_floor, removal_limit, tod_curve
 
-# Writers up to which a stream keeps the sqrt(n) free cap of stream_floor="writers" (ResNet-20's streams have
-# 4; ResNet-56's, with 10, lost 1.1 pt at 20 % MACs with it on the validation split: README), and the
-# largest share of a stream's width that is ever free (1/8: where ResNet-20's 16-channel stream lost 4 for
-# free, two seeds of five, it kept 0.8 and 1.6 pt less than with 2 on the validation split at 20 % MACs; README).
+# Writers up to which a stream keeps a free cap under stream_floor="shallow" (ResNet-20's streams have 4;
+# freeing 2 of 16 and 3 of 32 units of ResNet-56's, with 10, cost it 1.4 to 2.6 pt at 20-65 % MACs on the
+# validation split: README), and the largest share of a stream's width that is ever free (1/8: where ResNet-20's
+# 16-channel stream lost 4 for free, two seeds of five, it kept 0.8 and 1.6 pt less than with 2 on the
+# validation split at 20 % MACs; README).
 STREAM_WRITERS = 4
 STREAM_SHARE = 8
 
@@ -62,18 +63,20 @@ def curves_of(scores: Scores, stream_floor: str, floor: str) -> List[np.ndarray]
 def free_floor(g: GroupScores, rule: str) -> Optional[int]:
     """How many of a group's alpha=0 steps stay free under ``rule`` (None: all of them).
 
-    For streams: "writers" gives none to the stream the output layer reads (its channels are the head's
-    features; cutting them freely cost ResNet-56 3-4 pt at 35 % MACs on the validation split) and at most
-    floor(sqrt(4 n / max(writers, 4))) and at most n / 8 to the others: sqrt(n) where at most 4 layers write
-    a stream of 64 or more units, less where more blocks add into it and read it or where it is narrow
-    (ResNet-56's 10-writer streams: 2 of 16 and 3 of 32 units; ResNet-20's 4-writer ones: 2 of 16, 4 of 32);
-    "capped" is floor(sqrt(n)) whatever the writers and width. Any group: "sqrt": at most floor(sqrt(n));
-    "none": none; "free": all.
+    For streams: "shallow" gives none to the stream the output layer reads (its channels are the head's
+    features; cutting them freely cost ResNet-56 3-4 pt at 35 % MACs on the validation split) nor to a stream
+    that more than 4 layers write (every block adds into it and reads it: ResNet-56's 10-writer streams), and at
+    most floor(sqrt(n)) and n / 8 to the others (ResNet-20's 4-writer ones: 2 of 16 and 4 of 32 units);
+    "writers" gives those at most floor(sqrt(4 n / max(writers, 4))) and n / 8 whatever the writers (ResNet-56's
+    streams: 2 of 16 and 3 of 32 units); "capped" is floor(sqrt(n)) whatever the writers and width, none for the
+    head's. Any group: "sqrt": at most floor(sqrt(n)); "none": none; "free": all.
     """
     if rule == "free":
         return None
-    if rule == "none" or (rule in ("capped", "writers") and g.feeds_output):
+    if rule == "none" or (rule in ("capped", "writers", "shallow") and g.feeds_output):
         return 0
+    if rule == "shallow":
+        return 0 if g.writers > STREAM_WRITERS else min(math.isqrt(g.n_units), g.n_units // STREAM_SHARE)
     if rule == "writers":
         return min(math.isqrt(STREAM_WRITERS * g.n_units // max(g.writers, STREAM_WRITERS)),
                    g.n_units // STREAM_SHARE)

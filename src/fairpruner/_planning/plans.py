@@ -31,11 +31,11 @@ ALLOCATIONS = ("tod", "uniform")
 # of cost, chosen on the validation split), "u" (relative U per unit of cost: the previous rule) or "share"
 # (an equal share of every group's alpha=0 count: the one before).
 TIES = ("r", "u", "share")
-# How much of a residual stream's alpha=0 count is free; each rule is spelled out in depths.free_floor. "writers"
-# (the default) was chosen on the validation split: ResNet-56 +1.1 pt at 20 % MACs, ResNet-20 +0.5 to +0.8 pt at
-# 20-50 % and -0.8 pt at 65 % over five seeds (README); "capped" was the previous default, "free" is the paper's.
-STREAM_FLOORS = ("writers", "capped", "sqrt", "free", "none")
-STREAM_FLOOR = "writers"
+# How much of a residual stream's alpha=0 count is free; each rule is spelled out in depths.free_floor. "shallow"
+# (the default) was chosen on the validation split: ResNet-56 +1.4 to +2.6 pt at 20-65 % MACs over "writers" (the
+# previous default), ResNet-20 and VGG-16-BN plans unchanged (README); "free" is the paper's.
+STREAM_FLOORS = ("shallow", "writers", "capped", "sqrt", "free", "none")
+STREAM_FLOOR = "shallow"
 # How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD), "sqrt" (at most
 # floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels), "auto"
 # (the default: for a params/MACs target, "free" or "sqrt", whichever plan removes the least total R-Score,
@@ -179,14 +179,15 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             same share of its alpha=0 count.
         stream_floor: how much of a residual stream's alpha=0 count is free. That count is a first-collision
             statistic that swings with the calibration sample, and every block reads a stream's units.
-            "writers" (default): none of the stream the output layer reads (the head's features), and at
-            most floor(sqrt(4 n / max(writers, 4))) and at most n / 8 of another stream's n units:
-            floor(sqrt(n)), what two independent rankings give by chance, where at most 4 layers write a
-            stream of 64 or more units, fewer where more blocks add into it and read it or where it is narrow
-            (ResNet-56's streams: 2 of 16 units, where "capped" gives 4; ResNet-20's: 2 of 16 and 4 of 32);
-            the rest at the stream's first positive level. "capped": floor(sqrt(n)) whatever the writers
-            and width (the previous default). "sqrt": at most floor(sqrt(n)) of every stream, the head's
-            too. "free": all of it (the paper's ToD). "none": a stream loses units only at positive levels.
+            "shallow" (default): none of the stream the output layer reads (the head's features) nor of a
+            stream more than 4 layers write (every block adds into it and reads it: ResNet-56's, with 10), and
+            at most floor(sqrt(n)) and at most n / 8 of another stream's n units: what two independent rankings
+            give by chance, less where the stream is narrow (ResNet-20's 4-writer streams: 2 of 16 and 4 of 32);
+            the rest at the stream's first positive level. "writers": the same, but a stream of more than 4
+            writers keeps floor(sqrt(4 n / writers)) free (ResNet-56's: 2 of 16 and 3 of 32 units; the previous
+            default). "capped": floor(sqrt(n)) whatever the writers and width. "sqrt": at most floor(sqrt(n))
+            of every stream, the head's too. "free": all of it (the paper's ToD). "none": a stream loses units
+            only at positive levels.
         floor: the same for every other group. "free": all of it (the paper's ToD). "sqrt": at most
             floor(sqrt(n)) of its alpha=0 count is free, the rest costs the group's first positive level, so
             a light target does not take a small layer's chance-long floor whole (VGG-16-BN's first

@@ -237,10 +237,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "same by relative U (u), or an equal share of every layer's alpha=0 count (share)")
     p.add_argument("--stream-floor", default=STREAM_FLOOR, choices=STREAM_FLOORS,
                    help="how much of a residual stream's alpha=0 ToD count it loses for free (the count swings "
-                        "between calibration samples): none of the stream the output layer reads and at most "
-                        "sqrt(4 x width / max(writers, 4)) and width / 8 units of the others, fewer where more "
-                        f"than 4 layers write into the stream or where it is narrow (default {STREAM_FLOOR}); the "
-                        "same with sqrt(width) whatever the writers and width (capped); at most sqrt(width) of "
+                        "between calibration samples): none of the stream the output layer reads nor of one that "
+                        "more than 4 layers write into, and at most sqrt(width) and width / 8 units of the others "
+                        f"(default {STREAM_FLOOR}); the same but sqrt(4 x width / writers) beyond 4 writers "
+                        "(writers); sqrt(width) whatever the writers and width (capped); at most sqrt(width) of "
                         "every stream, the head's too (sqrt); all of it (free: the paper's ToD); or none")
     p.add_argument("--floor", default="auto", choices=FLOORS,
                    help="the same for every other layer: all of its alpha=0 count (free: the paper's ToD), at "
