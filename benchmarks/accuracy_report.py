@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from accuracy_boards import (_mean_std, _pm, ablation_board, epochs_of, finetune_board, finetune_keys, scoreboard,
-                             seeds_mixed, seeds_note, shortfalls, usual_seeds)
+from accuracy_boards import (_mean_std, _measured, _pm, ablation_board, epochs_of, finetune_board, finetune_keys,
+                             scoreboard, seeds_mixed, seeds_note, shortfalls, usual_seeds)
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT, TP_L1 = "FAIR default (U + ToD)", "Torch-Pruning global L1"  # the rows the goals compare
@@ -31,7 +31,7 @@ def table(grid: Dict[str, Any], key: str, bold: Sequence[str], removed: str = "m
     for label, rows in grid.items():
         cells = []
         for L in levels:
-            if not all(key in r for r in rows.get(L, [{}])):  # a level measured with --skip-one-shot, or not at all
+            if not _measured(grid, label, L, key):  # a level measured with --skip-one-shot, or not at all
                 cells.append("-")
                 continue
             off = np.mean([r[removed] for r in rows[L]]) - float(L)
@@ -66,7 +66,7 @@ def plot(grid: Dict[str, Any], path: Path, title: str, default: str) -> None:
 
 def _rows_with(grid: Dict[str, Any], key: str) -> Dict[str, Any]:
     """The methods of ``grid`` with ``key`` in every record of some level (``--skip-one-shot`` runs lack one_shot)."""
-    return {k: rows for k, rows in grid.items() if any(all(key in r for r in recs) for recs in rows.values())}
+    return {k: rows for k, rows in grid.items() if any(_measured(grid, k, L, key) for L in rows)}
 
 
 def _one_shot_table(grid: Dict[str, Any], bold: Sequence[str], removed: str = "macs_removed") -> List[str]:

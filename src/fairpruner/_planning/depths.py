@@ -75,9 +75,9 @@ def free_floor(g: GroupScores, rule: str) -> Optional[int]:
         return None
     if rule == "none" or (rule in ("capped", "writers", "shallow") and g.feeds_output):
         return 0
-    if rule == "shallow":
-        return 0 if g.writers > STREAM_WRITERS else min(math.isqrt(g.n_units), g.n_units // STREAM_SHARE)
-    if rule == "writers":
+    if rule == "shallow" and g.writers > STREAM_WRITERS:
+        return 0
+    if rule in ("writers", "shallow"):  # alike up to STREAM_WRITERS writers: sqrt(n), at most n / 8
         return min(math.isqrt(STREAM_WRITERS * g.n_units // max(g.writers, STREAM_WRITERS)),
                    g.n_units // STREAM_SHARE)
     return math.isqrt(g.n_units)
