@@ -32,7 +32,8 @@ ONE_LEVEL = "FAIR, one ToD level for every layer (macs_power=0, default before t
 # and every row measured before the writers study the stream cap of its time (sqrt(width) whatever the writers).
 # The tie/floor study's rules order them by relative R and take a free or sqrt-capped floor by the least total
 # R-Score; the writers study's cap streams that more than 4 layers write, or narrower than 64, below sqrt(width).
-PINNED = {"ties": "u", "floor": "free", "stream_floor": "capped"}
+# Every row measured before the width study pins its previous rule too: no width weighting.
+PINNED = {"ties": "u", "floor": "free", "stream_floor": "capped", "width_power": 0}
 NEW = {"ties": "r", "floor": "auto"}
 WRITERS = {**NEW, "stream_floor": "writers"}
 PREVIOUS_DEFAULT = "FAIR, free steps by relative U, every floor free (default before the tie/floor study)"
@@ -43,11 +44,16 @@ CAPPED_DEFAULT = "FAIR, every stream's free floor sqrt(width) whatever its write
 # VGG-16-BN).
 SHALLOW = {**NEW, "stream_floor": "shallow"}
 WRITERS_DEFAULT = ("FAIR, a stream's free floor shrinks as 2 / sqrt(writers) beyond 4 writers (stream_floor=writers, "
+                   "default before the shallow-streams study)")
+# The default before the width study (the same plans wherever the least total R-Score keeps width_power=0).
+WIDE = {**SHALLOW, "width_power": "auto"}
+SHALLOW_DEFAULT = ("FAIR, nothing of a residual stream more than 4 layers write is free (stream_floor=shallow, "
                    "previous default)")
 DEFAULT, TP_L1 = report.DEFAULT, report.TP_L1
 # name -> (score settings, plan settings); None = a Torch-Pruning method.
 METHODS: Dict[str, Tuple[Optional[dict], Optional[dict]]] = {
-    DEFAULT: ({}, SHALLOW),
+    DEFAULT: ({}, WIDE),
+    SHALLOW_DEFAULT: ({}, SHALLOW),
     WRITERS_DEFAULT: ({}, WRITERS),
     CAPPED_DEFAULT: ({}, NEW),
     PREVIOUS_DEFAULT: ({}, {}),
@@ -117,8 +123,11 @@ TIES_SELECTED = ("as macs_power=auto, free steps ordered by relative R per MAC, 
 WRITERS_SELECTED = ("as ties=r, floor=auto, every stream but the head's loses at most sqrt(4 x width / max(writers, "
                     "4)) and at most width / 8 for free: fewer units where more than 4 layers write it or where it is "
                     "narrow (stream_floor=writers, default before the shallow-streams study)")
-SELECTED = ("as stream_floor=writers, a stream that more than 4 layers write loses nothing for free; one of at most 4 "
-            "writers, as before, at most sqrt(width) and width / 8 (stream_floor=shallow, default)")
+SHALLOW_SELECTED = ("as stream_floor=writers, a stream that more than 4 layers write loses nothing for free; one of at "
+                    "most 4 writers, as before, at most sqrt(width) and width / 8 (stream_floor=shallow, default "
+                    "before the width study)")
+SELECTED = ("as stream_floor=shallow, the least total R-Score also chooses among the plans whose every layer's levels "
+            "are x (width / typical)^-1, cutting wide layers deeper (width_power=auto, default)")
 # --part select --methods core: the stream study (ResNet-56 and ResNet-20), the last four variants above.
 STREAM_STUDY = list(VARIANTS)[-4:]
 # --part select --methods floor: that default against the other floor rules and uniform depths (every
@@ -154,8 +163,15 @@ VARIANTS[SPARED] = ({}, {**NEW, "stream_floor": "none"})
 SPARED_STUDY = [WRITERS_SELECTED, SPARED]
 # --part select --methods shallow: the shallow-streams study ("none" where more than 4 layers write a stream,
 # the writers' cap elsewhere).
-VARIANTS[SELECTED] = ({}, SHALLOW)
-SHALLOW_STUDY = [WRITERS_SELECTED, SELECTED]
+VARIANTS[SHALLOW_SELECTED] = ({}, SHALLOW)
+SHALLOW_STUDY = [WRITERS_SELECTED, SHALLOW_SELECTED]
+# --part select --methods width: the width study (width_power=1 always, or among the candidates of the least
+# total R-Score).
+WIDTH_ONE = ("as stream_floor=shallow, every layer's levels x (width / typical)^-1 whatever the total R-Score "
+             "(width_power=1)")
+VARIANTS[WIDTH_ONE] = ({}, {**SHALLOW, "width_power": 1})
+VARIANTS[SELECTED] = ({}, WIDE)
+WIDTH_STUDY = [SHALLOW_SELECTED, WIDTH_ONE, SELECTED]
 # --part select --methods tp: Torch-Pruning global L1 on the validation split, the rival the default must beat
 # there too (a reference row, never a candidate).
 TP_REFERENCE = "Torch-Pruning global L1 (the rival, for reference; not a candidate)"
@@ -170,15 +186,17 @@ VARIANTS[TP_TAYLOR_REFERENCE] = METHODS["Torch-Pruning global Taylor"]
 PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "select": {"all": list(VARIANTS), "core": STREAM_STUDY, "floor": FLOOR_STUDY, "cost": COST_STUDY,
                "ties": TIE_STUDY, "writers": WRITERS_STUDY, "streams": SPARED_STUDY,
-               "shallow": SHALLOW_STUDY, "default": [SELECTED], "previous": [WRITERS_SELECTED],
+               "shallow": SHALLOW_STUDY, "width": WIDTH_STUDY, "width_one": [WIDTH_ONE],
+               "default": [SELECTED],
+               "previous": [SHALLOW_SELECTED],
                "tp": [TP_REFERENCE], "tp_taylor": [TP_TAYLOR_REFERENCE]},
     "test": {"all": list(METHODS), "core": CORE, "baselines": CORE[1:], "default": [DEFAULT],
-             "previous": [WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL],
+             "previous": [SHALLOW_DEFAULT, WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL],
              "tp": [TP_L1, "Torch-Pruning global Taylor"],
              "signals": SIGNAL_TOD, "others": OTHERS},
     "ablation": {"all": ABLATION, "default": [DEFAULT],
-                 "previous": [WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL]},
+                 "previous": [SHALLOW_DEFAULT, WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
-    "finetune": {"all": [DEFAULT, WRITERS_DEFAULT, TP_L1], "default": [DEFAULT], "previous": [WRITERS_DEFAULT],
+    "finetune": {"all": [DEFAULT, SHALLOW_DEFAULT, TP_L1], "default": [DEFAULT], "previous": [SHALLOW_DEFAULT],
                  "tp": [TP_L1]},
 }

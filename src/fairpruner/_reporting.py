@@ -81,10 +81,11 @@ def _plan_heading(plan_settings: Dict[str, Any], alpha: Optional[float]) -> str:
         if key in plan_settings:
             parts.append(f"{key} {plan_settings[key]}")
     if plan_settings.get("allocation") == "tod":
-        for key, fmt in (("floor", str), ("macs_power", lambda v: f"{v:g}")):
+        chosen = {"floor": {"params", "macs"}, "macs_power": {"params", "macs"}, "width_power": {"macs"}}
+        for key, fmt in (("floor", str), ("macs_power", "{:g}".format), ("width_power", "{:g}".format)):
             used = plan_settings.get(f"{key}_used")
-            if used is not None:
-                auto = plan_settings.get(key) == "auto" and set(target) - {"alpha"}
+            if used is not None:  # "auto" chooses for these targets only; elsewhere it is a fixed rule
+                auto = plan_settings.get(key) == "auto" and set(target) & chosen[key]
                 parts.append(f"{key} {fmt(used)}" + (" (auto: least total R)" if auto else ""))
     return ", ".join(parts)
 
@@ -391,5 +392,6 @@ def report(original: nn.Module, pruned: nn.Module, plan: Plan, example_inputs: A
         totals["accuracy_stages"] = {name: acc(m, f"({name})") for name, m in (stages or {}).items()}
     settings = {k: v for k, v in plan.settings.items()
                 if k in ("signal", "allocation", "target", "achieved", "seed", "stream_weight", "stream_floor",
-                         "floor", "floor_used", "macs_power", "macs_power_used")}
+                         "floor", "floor_used", "macs_power", "macs_power_used", "width_power",
+                         "width_power_used")}
     return Report(_group_rows(plan), totals, dict(plan.predicted), settings)

@@ -113,13 +113,14 @@ def test_score_plan_prune_finetune_report_chain(workdir, capsys):
     assert plan.settings["stream_floor"] == "shallow" and plan.settings["stream_weight"] == 8
     assert plan.settings["floor"] == "auto" and plan.settings["ties"] == "r"
     assert plan.settings["floor_used"] in ("free", "sqrt") and f"floor {plan.settings['floor_used']} (auto" in out
+    assert plan.settings["width_power"] == "auto" and plan.settings["width_power_used"] in (0, 1)
     assert main(["plan", "--scores", "out/scores.pt", "--macs", "0.4", "--stream-floor", "free", "--stream-weight",
-                 "2", "--floor", "sqrt", "--out", "out/plan_free.json"]) == 0
+                 "2", "--floor", "sqrt", "--width-power", "0.5", "--out", "out/plan_free.json"]) == 0
     capsys.readouterr()
     free = fp.Plan.from_json((workdir / "out" / "plan_free.json").read_text())
     (workdir / "out" / "plan_free.json").unlink()  # the listing below is of the chain's own files
     assert free.settings["stream_floor"] == "free" and free.settings["stream_weight"] == 2
-    assert free.settings["floor"] == "sqrt"
+    assert free.settings["floor"] == "sqrt" and free.settings["width_power_used"] == 0.5
 
     assert main(["prune", "--model", "zoo:digits_cnn", "--weights", "w.pt", "--plan", "out/plan.json",
                  "--out", "out/pruned.pt"]) == 0

@@ -4,6 +4,7 @@ least-R choice."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import warnings
@@ -18,7 +19,8 @@ from fairpruner._planning.allocation import fill_target
 from helpers import predicted_removed, tiny_loader
 from fairpruner._planning.allocation import counts_of_prefix, macs_factor, step_order, tie_keys
 from fairpruner._planning.depths import curves_of, free_floor
-from fairpruner._planning.plans import AUTO_FLOORS, AUTO_POWERS, FLOORS, STREAM_FLOOR, STREAM_WEIGHT
+from fairpruner._planning.options import (AUTO_FLOORS, AUTO_POWERS, AUTO_WIDTH_POWERS, FLOORS, STREAM_FLOOR,
+                                          STREAM_WEIGHT)
 from fairpruner._planning.tod import tod_counts, tod_curve
 
 
@@ -36,7 +38,7 @@ def test_target_met_and_within_the_level_it_reached(resnet_scores, key, where):
     assert p.achieved[key] == pytest.approx(predicted_removed(p, key))
     # No group is cut deeper than ToD allows at the level the plan reached.
     at_level = fp.plan(resnet_scores, alpha=p.alpha, macs_power=p.settings["macs_power_used"],
-                       floor=p.settings["floor_used"])
+                       floor=p.settings["floor_used"], width_power=p.settings["width_power_used"])
     for g in resnet_scores.groups:
         assert len(p.removed[g.name]) <= len(at_level.removed[g.name])
 
@@ -263,32 +265,71 @@ def test_macs_power_weights_each_groups_levels_by_the_macs_of_its_units(syntheti
             fp.plan(synthetic_scores, macs=0.3, macs_power=bad)
 
 
-def test_auto_takes_the_floor_and_macs_power_whose_plan_removes_the_least_r(synthetic_scores):
-    """floor="auto" and macs_power="auto" (the defaults) give a target the plan of floor "free" or "sqrt" and
-    power 0, -0.25 or 0.25 whose removed units have the least total R-Score, and an alpha the paper's plan
-    (free floor, power 0); the choices are recorded; either auto alone searches only its own option."""
+def test_auto_takes_the_floor_and_powers_whose_plan_removes_the_least_r(synthetic_scores):
+    """floor, macs_power and width_power "auto" (the defaults) give a target the plan of floor "free" or "sqrt",
+    MACs power 0, -0.25 or 0.25 and width power 0 or 1 (0 for a params target) whose removed units have the
+    least total R-Score, and an alpha the paper's plan (free floor, powers 0); the choices are recorded; each
+    auto alone searches only its own option."""
     assert fp.plan(synthetic_scores, alpha=0.1).removed == \
-        fp.plan(synthetic_scores, alpha=0.1, macs_power=0, floor="free").removed
+        fp.plan(synthetic_scores, alpha=0.1, macs_power=0, floor="free", width_power=0).removed
     used = set()
 
     def damage(p):
         return sum(float(g.r[p.removed[g.name]].sum()) for g in synthetic_scores.groups)
 
-    for key, target in (("macs", 0.1), ("macs", 0.3), ("macs", 0.5), ("params", 0.4), ("macs", 0.7)):
+    for key, target in (("macs", 0.1), ("macs", 0.25), ("macs", 0.3), ("macs", 0.5), ("params", 0.4), ("macs", 0.7)):
         auto = fp.plan(synthetic_scores, **{key: target})
-        cands = {(f, q): damage(fp.plan(synthetic_scores, **{key: target}, floor=f, macs_power=q))
-                 for f in AUTO_FLOORS for q in AUTO_POWERS}
-        got = (auto.settings["floor_used"], auto.settings["macs_power_used"])
-        assert auto.settings["macs_power"] == "auto" and auto.settings["floor"] == "auto"
+        cands = {}
+        widths = AUTO_WIDTH_POWERS if key == "macs" else (0.0,)
+        for f, q, w in itertools.product(AUTO_FLOORS, AUTO_POWERS, widths):
+            try:  # a candidate whose round cannot reach the target is skipped, as auto skips it
+                cands[f, q, w] = damage(fp.plan(synthetic_scores, **{key: target}, floor=f, macs_power=q,
+                                                width_power=w))
+            except fp.TargetError:
+                pass
+        got = tuple(auto.settings[k] for k in ("floor_used", "macs_power_used", "width_power_used"))
+        assert auto.settings["macs_power"] == auto.settings["floor"] == auto.settings["width_power"] == "auto"
         assert cands[got] == pytest.approx(min(cands.values()), rel=1e-9)
-        assert auto.removed == fp.plan(synthetic_scores, **{key: target}, floor=got[0], macs_power=got[1]).removed
+        assert auto.removed == fp.plan(synthetic_scores, **{key: target}, floor=got[0], macs_power=got[1],
+                                       width_power=got[2]).removed
         used.add(got)
-        one = fp.plan(synthetic_scores, **{key: target}, floor="free")  # macs_power alone
-        assert one.settings["floor_used"] == "free"
-        assert damage(one) == pytest.approx(min(v for (f, _), v in cands.items() if f == "free"), rel=1e-9)
-    assert len({p for _, p in used}) > 1  # the seeded scores exercise more than one power
+        assert key == "macs" or got[2] == 0
+        one = fp.plan(synthetic_scores, **{key: target}, floor="free", width_power=0)  # macs_power alone
+        assert one.settings["floor_used"] == "free" and one.settings["width_power_used"] == 0
+        assert damage(one) == pytest.approx(min(v for (f, _, w), v in cands.items() if f == "free" and w == 0),
+                                            rel=1e-9)
+    assert len({p for _, p, _ in used}) > 1  # the seeded scores exercise more than one MACs power
+    assert len({w for _, _, w in used}) > 1  # and both width powers
     with pytest.raises(fp.PlanError, match="macs_power"):
         fp.plan(synthetic_scores, macs=0.3, macs_power="best")
+
+
+def test_width_power_weights_each_groups_levels_by_its_width(synthetic_scores):
+    """width_power w multiplies a group's ToD levels by (its units / the geometric mean width)^-w, for alpha
+    plans exactly as stream_weight does; w > 0 moves the cut from narrow groups to wide ones; a target is still
+    met; bad values are refused."""
+    groups = synthetic_scores.groups
+    n = np.array([g.n_units for g in groups], dtype=float)
+    assert len(set(n)) > 1  # the synthetic model has layers of different widths
+    typical = np.exp(np.sum(n * np.log(n)) / n.sum())
+    weights = [(STREAM_WEIGHT if g.is_stream else 1.0) * (k / typical) ** -1.0 for g, k in zip(groups, n)]
+    curves = curves_of(synthetic_scores, STREAM_FLOOR, "free")
+    p = fp.plan(synthetic_scores, alpha=0.2, width_power=1)
+    assert [len(p.removed[g.name]) for g in groups] == tod_counts(curves, 0.2, weights).tolist()
+    assert fp.plan(synthetic_scores, alpha=0.2).removed == fp.plan(synthetic_scores, alpha=0.2, width_power=0).removed
+    flat, wide = (fp.plan(synthetic_scores, macs=0.4, width_power=w, macs_power=0, floor="free") for w in (0, 1))
+    assert abs(wide.achieved["macs"] - 0.4) <= 0.005 and wide.settings["width_power_used"] == 1
+
+    def share(plan, pick):  # fraction of the units removed from the widest / narrowest non-stream groups
+        idx = [i for i in np.argsort(n, kind="stable")[pick] if not groups[i].is_stream]
+        return sum(len(plan.removed[groups[i].name]) for i in idx) / sum(groups[i].n_units for i in idx)
+    assert share(wide, slice(-4, None)) > share(flat, slice(-4, None))
+    assert share(wide, slice(0, 4)) < share(flat, slice(0, 4))
+    assert fp.sweep(synthetic_scores, alphas=[0.2], width_power=1)[0]["units_removed"] == pytest.approx(
+        p.units_removed / p.units_total)
+    for bad in (float("inf"), -3.0, False, "wide"):
+        with pytest.raises(fp.PlanError, match="width_power"):
+            fp.plan(synthetic_scores, macs=0.3, width_power=bad)
 
 
 # ---------------------------------------------------------------- any target: met or refused clearly

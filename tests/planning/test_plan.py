@@ -14,7 +14,7 @@ import torch
 import fairpruner as fp
 from helpers import predicted_removed
 from fairpruner import zoo
-from fairpruner._planning.plans import STREAM_WEIGHT
+from fairpruner._planning.options import STREAM_WEIGHT
 from fairpruner._planning.tod import cap_floor, max_fraction, tod_counts, tod_curve
 
 

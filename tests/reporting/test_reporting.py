@@ -169,11 +169,15 @@ def test_format_plan(setup):
 
 
 def test_format_plan_names_what_auto_chose(setup):
-    """A target plan's heading says which floor rule and MACs power "auto" took; a fixed one is not "auto"."""
+    """A target plan's heading says which floor rule, MACs power and width power "auto" took; a fixed one, or
+    the width power of a params target (auto does not choose there), is not "auto"."""
     _, scores, *_ = setup
     p = fp.plan(scores, macs=0.3)
     head = format_plan(p).splitlines()[0]
     assert f"floor {p.settings['floor_used']} (auto: least total R)" in head
     assert f"macs_power {p.settings['macs_power_used']:g} (auto: least total R)" in head
-    head = format_plan(fp.plan(scores, macs=0.3, floor="sqrt", macs_power=0.25)).splitlines()[0]
-    assert "floor sqrt," in head and "macs_power 0.25" in head and "auto" not in head
+    assert f"width_power {p.settings['width_power_used']:g} (auto: least total R)" in head
+    head = format_plan(fp.plan(scores, macs=0.3, floor="sqrt", macs_power=0.25, width_power=1)).splitlines()[0]
+    assert "floor sqrt," in head and "macs_power 0.25," in head and "width_power 1" in head and "auto" not in head
+    head = format_plan(fp.plan(scores, params=0.3)).splitlines()[0]
+    assert head.endswith("width_power 0") and "macs_power" in head and "(auto: least total R)" in head

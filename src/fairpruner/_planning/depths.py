@@ -83,10 +83,15 @@ def free_floor(g: GroupScores, rule: str) -> Optional[int]:
     return math.isqrt(g.n_units)
 
 
-def group_weights(scores: Scores, stream_weight: float, macs_power: float = 0.0) -> List[float]:
-    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere, times its MACs factor."""
+def group_weights(scores: Scores, stream_weight: float, macs_power: float = 0.0,
+                  width_power: float = 0.0) -> List[float]:
+    """Each group's ToD weight: ``stream_weight`` for residual streams, 1 elsewhere, times its MACs factor
+    (unit MACs / typical) ** macs_power and its width factor (units / typical) ** -width_power."""
+    units = np.array([g.n_units for g in scores.groups])
     factor = np.ones(len(scores.groups)) if macs_power == 0 else \
-        macs_factor(scores.cost.unit_cost()["macs"], np.array([g.n_units for g in scores.groups]), macs_power)
+        macs_factor(scores.cost.unit_cost()["macs"], units, macs_power)
+    if width_power != 0:  # the same geometric normalisation, on the group's width
+        factor = factor * macs_factor(units.astype(np.float64), units, -width_power)
     return [(stream_weight if g.is_stream else 1.0) * float(f) for g, f in zip(scores.groups, factor)]
 
 
@@ -116,29 +121,30 @@ def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], k
 
 
 def least_r_target(scores: Scores, curve_sets: Dict[str, List[np.ndarray]],
-                   candidates: Sequence[Tuple[str, float]], stream_weight: float, key: str, value: float,
-                   before: Dict[str, float], ties: str, ranks: Sequence[np.ndarray]) -> Tuple[str, float, np.ndarray]:
-    """The candidate (floor rule, MACs power) whose target plan removes the least total R-Score, with its
-    counts; ``curve_sets`` holds each floor rule's ToD curves, and the units of each group go in the order of
-    ``ranks`` (lowest first). The first candidate wins ties. One whose round cannot reach the target is
-    skipped (the first one's error if none can)."""
+                   candidates: Sequence[Tuple[str, float, float]], stream_weight: float, key: str, value: float,
+                   before: Dict[str, float], ties: str,
+                   ranks: Sequence[np.ndarray]) -> Tuple[str, float, float, np.ndarray]:
+    """The candidate (floor rule, MACs power, width power) whose target plan removes the least total R-Score,
+    with its counts; ``curve_sets`` holds each floor rule's ToD curves, and the units of each group go in the
+    order of ``ranks`` (lowest first). The first candidate wins ties. One whose round cannot reach the target
+    is skipped (the first one's error if none can)."""
     ties_w = group_weights(scores, stream_weight)
-    weights = {p: group_weights(scores, stream_weight, p) for _, p in candidates}  # once per power, not per floor
+    weights = {(p, w): group_weights(scores, stream_weight, p, w) for _, p, w in candidates}  # not per floor
     r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank, kind="stable")])])
              for g, rank in zip(scores.groups, ranks)] if len(candidates) > 1 else None
     best, first_error = None, None
-    for fl, p in candidates:
+    for fl, p, w in candidates:
         try:
-            counts = tod_target(scores, curve_sets[fl], weights[p], key, value, before, ties, ties_w)
+            counts = tod_target(scores, curve_sets[fl], weights[(p, w)], key, value, before, ties, ties_w)
         except PlanError as exc:
             first_error = first_error or exc
             continue
         damage = 0.0 if r_cum is None else float(sum(c[m] for c, m in zip(r_cum, counts)))
         if best is None or damage < best[0] - 1e-12 * max(abs(best[0]), 1.0):
-            best = (damage, fl, p, counts)
+            best = (damage, fl, p, w, counts)
     if best is None:
         raise first_error
-    return best[1], best[2], best[3]
+    return best[1], best[2], best[3], best[4]
 
 
 def level_of(curves: List[np.ndarray], counts: np.ndarray, weights: List[float]) -> float:

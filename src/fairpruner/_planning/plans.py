@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,42 +14,16 @@ from .._errors import PlanError, TargetError
 from .._scoring.scores import GroupScores, Scores
 from .depths import (bisect_target, curves_of, group_weights, least_r_target, level_of, removal_limits,
                      uniform_counts)
+from .options import (ALLOCATIONS, AUTO_FLOORS, AUTO_POWERS, AUTO_WIDTH_POWERS, FLOORS, MACS_POWER, SIGNALS,
+                      STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES, WIDTH_POWER, Signal, alpha_rules,
+                      check_args, check_depth_options, fraction)
 from .tod import rank_ascending, tod_counts
 
-__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "STREAM_FLOOR", "FLOORS"]
+__all__ = ["Plan", "plan", "sweep", "SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "STREAM_FLOOR", "FLOORS",
+           "MACS_POWER", "WIDTH_POWER"]
 
 PLAN_VERSION = 2  # 2: example_inputs may hold {"value": ...} between the tensors
-SIGNALS = ("u", "l1", "taylor", "random")
-# ToD levels of residual-stream groups are multiplied by this (with STREAM_FLOORS' "capped", chosen on a
-# validation split of CIFAR-10 training images, ResNet-20 and ResNet-56, 3 calibration seeds: see the README's
-# accuracy section).
-STREAM_WEIGHT = 8.0
 MISS_WARNING = 0.005  # a plan further than this from its target (the half point promised) says so
-ALLOCATIONS = ("tod", "uniform")
-# How a params/MACs target orders ToD's steps of equal price: "r" (the running maximum of relative R per unit
-# of cost, chosen on the validation split), "u" (relative U per unit of cost: the previous rule) or "share"
-# (an equal share of every group's alpha=0 count: the one before).
-TIES = ("r", "u", "share")
-# How much of a residual stream's alpha=0 count is free; each rule is spelled out in depths.free_floor. "shallow"
-# (the default) was chosen on the validation split: ResNet-56 +1.4 to +2.6 pt at 20-65 % MACs over "writers" (the
-# previous default), ResNet-20 and VGG-16-BN plans unchanged (README); "free" is the paper's.
-STREAM_FLOORS = ("shallow", "writers", "capped", "sqrt", "free", "none")
-STREAM_FLOOR = "shallow"
-# How much of any other group's alpha=0 count is free: "free" (all of it: the paper's ToD), "sqrt" (at most
-# floor(sqrt(n)) units, the rest at the group's first positive level), "none" (only positive levels), "auto"
-# (the default: for a params/MACs target, "free" or "sqrt", whichever plan removes the least total R-Score,
-# chosen together with macs_power; alone, "sqrt" lost ResNet-56 0.8 pt at 20 % MACs on the validation split
-# while it won VGG-16-BN 0.4 pt).
-FLOORS = ("auto", "free", "sqrt", "none")
-AUTO_FLOORS = ("free", "sqrt")  # "free" first: it wins ties
-# Every group's ToD levels are weighted by (the MACs one of its units holds / a typical unit's) ** macs_power,
-# so that layers whose units each hold many MACs (narrow, high-resolution) are cut at a proportionally higher
-# level (0: the paper's one alpha for every layer). "auto" (the default, chosen on a validation split of
-# CIFAR-10 training images, three models, 3 calibration seeds; README) gives a params/MACs target the power of
-# AUTO_POWERS whose plan removes the least total R-Score; the best sign differs between models.
-MACS_POWER: Union[str, float] = "auto"
-AUTO_POWERS = (0.0, -0.25, 0.25)  # 0 first: it wins ties
-Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 
 @dataclass
@@ -138,17 +111,11 @@ def _signal_values(g: GroupScores, signal: Signal, seed: int, index: int) -> tor
     return torch.rand(g.n_units, generator=gen)
 
 
-def _fraction(name: str, value: Any) -> float:
-    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if not number or not math.isfinite(value) or not 0 <= value <= 1:
-        raise PlanError(f"{name} must be a number in [0, 1], got {value!r}.")
-    return float(value)
-
-
 def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[float] = None,
          macs: Optional[float] = None, signal: Signal = "u", allocation: str = "tod", seed: int = 0,
          stream_weight: float = STREAM_WEIGHT, ties: str = "r", stream_floor: str = STREAM_FLOOR,
-         floor: str = "auto", macs_power: Union[str, float] = MACS_POWER) -> Plan:
+         floor: str = "auto", macs_power: Union[str, float] = MACS_POWER,
+         width_power: Union[str, float] = WIDTH_POWER) -> Plan:
     """Decides how many and which units every group loses.
 
     Give exactly one of ``alpha``, ``params`` or ``macs``.
@@ -202,6 +169,10 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
             MACs target, whichever of 0, -0.25 and 0.25 gives the plan whose removed units have the least total
             R-Score (the first-order loss estimate; milliseconds, no data); 0 for an alpha, where plans of
             different sizes cannot be compared. ``plan.settings["macs_power_used"]`` says which.
+        width_power: every group's ToD levels are also multiplied by (its units / the geometric mean width)
+            ** -width_power: a positive value cuts wide layers deeper than narrow ones. 0: no width weighting.
+            "auto" (default): for a MACs target, 0 or 1, chosen with ``floor`` and ``macs_power`` by the least
+            total R-Score; 0 for a params target or an alpha. ``plan.settings["width_power_used"]`` says which.
 
     Returns:
         A :class:`Plan`; ``plan.requested`` and ``plan.achieved`` say what was asked and what it removes.
@@ -217,14 +188,15 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         >>> p.requested, p.achieved
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
-    key, value = _check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor,
-                             macs_power, seed)
+    key, value = check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor,
+                             macs_power, seed, width_power)
     seed = int(seed)
     macs_power = macs_power if macs_power == "auto" else float(macs_power)
+    width_power = width_power if width_power == "auto" else float(width_power)
     units = np.array([g.n_units for g in scores.groups])
     cost = scores.cost
     before = cost.evaluate(np.zeros(len(units)))
-    floor_used, power = _alpha_rules(floor, macs_power)
+    floor_used, power, width_used = alpha_rules(floor, macs_power, width_power)
     # Each group's removal order, computed once: the plan takes its lowest ranks, and "auto" prices them.
     ranks = [rank_ascending(_signal_values(g, signal, seed, i)) for i, g in enumerate(scores.groups)]
     chosen: Optional[float] = None
@@ -233,14 +205,16 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     elif allocation == "tod" and key == "alpha":
         chosen = value
         counts = tod_counts(curves_of(scores, stream_floor, floor_used), value,
-                            group_weights(scores, stream_weight, power))
+                            group_weights(scores, stream_weight, power, width_used))
     elif allocation == "tod":
         floors = AUTO_FLOORS if floor == "auto" else (floor,)
         curve_sets = {f: curves_of(scores, stream_floor, f) for f in floors}
         powers = AUTO_POWERS if macs_power == "auto" else (power,)
-        floor_used, power, counts = least_r_target(scores, curve_sets, [(f, p) for f in floors for p in powers],
-                                                   stream_weight, key, value, before, ties, ranks)
-        chosen = level_of(curve_sets[floor_used], counts, group_weights(scores, stream_weight, power))
+        widths = AUTO_WIDTH_POWERS if width_power == "auto" and key == "macs" else (width_used,)
+        floor_used, power, width_used, counts = least_r_target(
+            scores, curve_sets, [(f, p, w) for w in widths for f in floors for p in powers], stream_weight, key,
+            value, before, ties, ranks)
+        chosen = level_of(curve_sets[floor_used], counts, group_weights(scores, stream_weight, power, width_used))
     else:
         cands = np.unique(np.concatenate([np.arange(n + 1) / n for n in units]))
         limits = removal_limits(scores)
@@ -249,55 +223,12 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
     result = _make_plan(scores, counts, ranks, signal, seed, chosen, before,
                         {"allocation": allocation, "target": {key: value}, "stream_weight": stream_weight,
                          "ties": ties, "stream_floor": stream_floor, "floor": floor, "floor_used": floor_used,
-                         "macs_power": macs_power, "macs_power_used": power})
+                         "macs_power": macs_power, "macs_power_used": power, "width_power": width_power,
+                         "width_power_used": width_used})
     if key != "alpha" and abs(result.achieved[key] - value) > MISS_WARNING:
         warnings.warn(f"The plan removes {result.achieved[key]:.1%} of the {key} (asked {value:.1%}): the "
                       "planner found no closer plan (the units are large against the model).", stacklevel=2)
     return result
-
-
-def _check_depth_options(stream_weight: Any, stream_floor: Any, floor: Any, macs_power: Any = 0.0) -> None:
-    if macs_power != "auto" and (isinstance(macs_power, bool) or not isinstance(macs_power, numbers.Real)
-                                 or not math.isfinite(macs_power) or abs(macs_power) > 2):
-        raise PlanError(f"macs_power must be \"auto\" or a number in [-2, 2], got {macs_power!r}.")
-    if isinstance(stream_weight, bool) or not isinstance(stream_weight, numbers.Real) or \
-            not math.isfinite(stream_weight) or stream_weight < 1:
-        raise PlanError(f"stream_weight must be a number >= 1, got {stream_weight!r}.")
-    if stream_floor not in STREAM_FLOORS:
-        raise PlanError(f"stream_floor={stream_floor!r} is not one of {STREAM_FLOORS}.")
-    if floor not in FLOORS:
-        raise PlanError(f"floor={floor!r} is not one of {FLOORS}.")
-
-
-def _alpha_rules(floor: str, macs_power: Union[str, float]) -> Tuple[str, float]:
-    """The floor rule and MACs power of a plan that cannot choose: "auto" means the paper's rules (free floor,
-    power 0), since plans of different sizes cannot be compared."""
-    return ("free" if floor == "auto" else floor), (0.0 if macs_power == "auto" else float(macs_power))
-
-
-def _check_args(alpha: Optional[float], params: Optional[float], macs: Optional[float], signal: Signal,
-                allocation: str, stream_weight: float, ties: str, stream_floor: str, floor: str,
-                macs_power: Union[str, float] = 0.0, seed: int = 0) -> tuple:
-    given = [(k, v) for k, v in (("alpha", alpha), ("params", params), ("macs", macs)) if v is not None]
-    if len(given) != 1:
-        raise PlanError("Give exactly one of alpha= (ToD level), params= or macs= (fraction to remove); "
-                        f"got {[k for k, _ in given] or 'none'}.")
-    key, value = given[0]
-    value = _fraction(key, value)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise PlanError(f"seed must be an integer, got {seed!r}.")
-    if allocation not in ALLOCATIONS:
-        raise PlanError(f"allocation={allocation!r} is not one of {ALLOCATIONS}.")
-    if ties == "cost":
-        raise PlanError('ties="cost" is now called "u" (relative U per unit of cost); the default is "r".')
-    if ties not in TIES:
-        raise PlanError(f"ties={ties!r} is not one of {TIES}.")
-    if not callable(signal) and signal not in SIGNALS:
-        raise PlanError(f"signal={signal!r} is not one of {SIGNALS} or a callable.")
-    if allocation == "uniform" and key == "alpha":
-        raise PlanError("Uniform allocation has no alpha; give params= or macs= (fraction to remove).")
-    _check_depth_options(stream_weight, stream_floor, floor, macs_power)
-    return key, value
 
 
 def _make_plan(scores: Scores, counts: np.ndarray, ranks: Sequence[np.ndarray], signal: Signal, seed: int,
@@ -333,7 +264,8 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
           params: Optional[Sequence[float]] = None, macs: Optional[Sequence[float]] = None,
           stream_weight: float = STREAM_WEIGHT, ties: str = "r",
           stream_floor: str = STREAM_FLOOR, floor: str = "auto",
-          macs_power: Union[str, float] = MACS_POWER) -> List[Dict[str, float]]:
+          macs_power: Union[str, float] = MACS_POWER,
+          width_power: Union[str, float] = WIDTH_POWER) -> List[Dict[str, float]]:
     """Predicted units/params/MACs removed for each alpha, or for each params/MACs target, from one set of
     scores (milliseconds).
 
@@ -349,6 +281,7 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
         stream_floor: as in :func:`plan`.
         floor: as in :func:`plan`.
         macs_power: as in :func:`plan`.
+        width_power: as in :func:`plan`.
 
     Example:
         >>> print(fp.format_sweep(fp.sweep(scores, macs=[0.1, 0.2, 0.35, 0.5])))
@@ -358,17 +291,17 @@ def sweep(scores: Scores, alphas: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1,
     if params is not None or macs is not None:
         key, values = ("params", params) if params is not None else ("macs", macs)
         options = {"stream_weight": stream_weight, "ties": ties, "stream_floor": stream_floor, "floor": floor,
-                   "macs_power": macs_power}
-        return [_target_row(scores, options, key, _fraction(key, v)) for v in _listed(values)]
-    _check_depth_options(stream_weight, stream_floor, floor, macs_power)
-    floor_used, power = _alpha_rules(floor, macs_power)
+                   "macs_power": macs_power, "width_power": width_power}
+        return [_target_row(scores, options, key, fraction(key, v)) for v in _listed(values)]
+    check_depth_options(stream_weight, stream_floor, floor, macs_power, width_power)
+    floor_used, power, width_used = alpha_rules(floor, macs_power, width_power)
     curves = curves_of(scores, stream_floor, floor_used)
-    weights = group_weights(scores, stream_weight, power)
+    weights = group_weights(scores, stream_weight, power, width_used)
     before = scores.cost.evaluate(np.zeros(len(curves)))
     total = sum(g.n_units for g in scores.groups)
     rows = []
     for a in _listed(alphas):
-        a = _fraction("alpha", a)
+        a = fraction("alpha", a)
         counts = tod_counts(curves, a, weights)
         after = scores.cost.evaluate(counts)
         rows.append({"alpha": a, "units_removed": int(counts.sum()) / max(total, 1),

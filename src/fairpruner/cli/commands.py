@@ -127,7 +127,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _depth_options(args: argparse.Namespace) -> dict:
     """The options that set how deep ToD cuts each layer, shared by plans and sweeps."""
     return {"stream_weight": args.stream_weight, "stream_floor": args.stream_floor, "floor": args.floor,
-            "macs_power": args.macs_power}
+            "macs_power": args.macs_power, "width_power": args.width_power}
 
 
 def _make_plan(scores: fp.Scores, args: argparse.Namespace, target: dict) -> fp.Plan:

@@ -7,7 +7,7 @@ from typing import Callable, List
 
 from .._core.inputs import check_device
 from .._errors import FairPrunerError
-from .._planning.plans import FLOORS, MACS_POWER, STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES
+from .._planning.options import FLOORS, MACS_POWER, STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES, WIDTH_POWER
 from .._scoring.reduce import U_CONSUMER_POWER
 from .commands import COMMANDS, DEFAULT_ALPHAS, SWEEP_TARGETS
 
@@ -215,7 +215,7 @@ def _target_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup
 
 
 def _power(text: str):
-    """--macs-power: "auto" or a number."""
+    """--macs-power, --width-power: "auto" or a number."""
     if text == "auto":
         return text
     try:
@@ -251,6 +251,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "P > 0 cuts layers of cheap units (wide, low resolution) deeper, P < 0 layers of costly ones; "
                         "0: one level everywhere (the paper's ToD); auto (default): for --params/--macs, whichever "
                         "of 0, -0.25, 0.25 removes the least total R-Score")
+    p.add_argument("--width-power", type=_power, default=WIDTH_POWER, metavar="P",
+                   help="every layer's ToD levels are also multiplied by (its width / a typical layer's)^-P: P > 0 "
+                        "cuts wide layers deeper; 0: no width weighting; auto (default): for --macs, 0 or 1, chosen "
+                        "with --floor and --macs-power by the least total R-Score; 0 for --params and --alpha")
 
 
 def _attention_args(p: argparse.ArgumentParser) -> None:
