@@ -329,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "default alone, or Torch-Pruning global L1 or global Taylor for reference (tp, tp_taylor); "
                          "--part ablation: every method, the default or the previous defaults; --part finetune: "
                          "the default, the previous default and Torch-Pruning, or some of them (default, "
-                         "previous, tp)")
+                         "previous, tp), or an earlier default (writers, capped)")
     ap.add_argument("--skip-one-shot", action="store_true",
                     help="measure only after recalibration (halves the evaluation time)")
     ap.add_argument("--ablation-levels", default="0.678,0.354",

@@ -197,6 +197,8 @@ PART_METHODS: Dict[str, Dict[str, List[str]]] = {
     "ablation": {"all": ABLATION, "default": [DEFAULT],
                  "previous": [SHALLOW_DEFAULT, WRITERS_DEFAULT, CAPPED_DEFAULT, PREVIOUS_DEFAULT, ONE_LEVEL]},
     "targets": {"all": [DEFAULT], "default": [DEFAULT]},
+    # writers, capped: the earlier defaults whose fine-tuned rows the results files keep (ResNet-56, ResNet-20).
     "finetune": {"all": [DEFAULT, SHALLOW_DEFAULT, TP_L1], "default": [DEFAULT], "previous": [SHALLOW_DEFAULT],
+                 "writers": [WRITERS_DEFAULT], "capped": [CAPPED_DEFAULT],
                  "tp": [TP_L1]},
 }
