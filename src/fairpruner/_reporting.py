@@ -14,6 +14,7 @@ from torch import nn
 from ._core.inputs import as_args, device_of, to_device
 from ._errors import FairPrunerError
 from ._measure.counting import count_macs, count_params, measure_latency
+from ._planning.options import AUTO_TARGETS
 from ._planning.plans import Plan
 from ._pruning.io import check_made_by
 from ._recovery import evaluate
@@ -81,11 +82,10 @@ def _plan_heading(plan_settings: Dict[str, Any], alpha: Optional[float]) -> str:
         if key in plan_settings:
             parts.append(f"{key} {plan_settings[key]}")
     if plan_settings.get("allocation") == "tod":
-        chosen = {"floor": {"params", "macs"}, "macs_power": {"params", "macs"}, "width_power": {"macs"}}
         for key, fmt in (("floor", str), ("macs_power", "{:g}".format), ("width_power", "{:g}".format)):
             used = plan_settings.get(f"{key}_used")
             if used is not None:  # "auto" chooses for these targets only; elsewhere it is a fixed rule
-                auto = plan_settings.get(key) == "auto" and set(target) & chosen[key]
+                auto = plan_settings.get(key) == "auto" and set(target) & set(AUTO_TARGETS[key])
                 parts.append(f"{key} {fmt(used)}" + (" (auto: least total R)" if auto else ""))
     return ", ".join(parts)
 

@@ -95,17 +95,27 @@ def group_weights(scores: Scores, stream_weight: float, macs_power: float = 0.0,
     return [(stream_weight if g.is_stream else 1.0) * float(f) for g, f in zip(scores.groups, factor)]
 
 
+def step_keys(scores: Scores, curves: List[np.ndarray], key: str, ties: str,
+              tie_weights: List[float]) -> Optional[List[np.ndarray]]:
+    """The keys ordering ToD's free steps by relative R ("r") or U ("u") per unit of ``key`` (see
+    :func:`.allocation.tie_keys`); None for equal shares of every group's floor ("share")."""
+    if ties not in ("r", "u"):
+        return None
+    rs = [g.r.numpy() for g in scores.groups] if ties == "r" else None
+    return tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights, scores.cost.unit_cost()[key], rs)
+
+
 def tod_target(scores: Scores, curves: List[np.ndarray], weights: List[float], key: str, value: float,
-               before: Dict[str, float], ties: str = "r", tie_weights: Optional[List[float]] = None) -> np.ndarray:
+               before: Dict[str, float], ties: str = "r", tie_weights: Optional[List[float]] = None,
+               keys: Optional[List[np.ndarray]] = None) -> np.ndarray:
     """ToD counts whose removal is closest to ``value`` of ``key`` (see :mod:`.allocation`); ``tie_weights``
     (default ``weights``) order the free steps by relative R ("r") or U ("u") per unit of cost, or in equal
-    shares of every group's floor ("share")."""
+    shares of every group's floor ("share"). ``keys``: those of :func:`step_keys`, where a caller planning
+    several weightings of the same curves computed them once (they do not depend on ``weights``)."""
     cost = scores.cost
     if ties in ("r", "u"):
-        per_unit = cost.unit_cost()[key]
-        rs = [g.r.numpy() for g in scores.groups] if ties == "r" else None
-        keys = tie_keys([g.u.numpy() for g in scores.groups], curves, tie_weights or weights, per_unit, rs)
-        order = step_order(curves, weights, keys, per_unit)
+        keys = keys if keys is not None else step_keys(scores, curves, key, ties, tie_weights or weights)
+        order = step_order(curves, weights, keys, cost.unit_cost()[key])
     else:
         order = step_order(curves, weights)
 
@@ -130,12 +140,14 @@ def least_r_target(scores: Scores, curve_sets: Dict[str, List[np.ndarray]],
     is skipped (the first one's error if none can)."""
     ties_w = group_weights(scores, stream_weight)
     weights = {(p, w): group_weights(scores, stream_weight, p, w) for _, p, w in candidates}  # not per floor
+    keys = {fl: step_keys(scores, curve_sets[fl], key, ties, ties_w)  # once per floor rule, not per candidate
+            for fl in dict.fromkeys(fl for fl, _, _ in candidates)}
     r_cum = [np.concatenate([[0.0], np.cumsum(g.r.double().numpy()[np.argsort(rank, kind="stable")])])
              for g, rank in zip(scores.groups, ranks)] if len(candidates) > 1 else None
     best, first_error = None, None
     for fl, p, w in candidates:
         try:
-            counts = tod_target(scores, curve_sets[fl], weights[(p, w)], key, value, before, ties, ties_w)
+            counts = tod_target(scores, curve_sets[fl], weights[(p, w)], key, value, before, ties, ties_w, keys[fl])
         except PlanError as exc:
             first_error = first_error or exc
             continue

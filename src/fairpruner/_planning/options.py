@@ -13,7 +13,7 @@ from .._errors import PlanError
 from .._scoring.scores import GroupScores
 
 __all__ = ["SIGNALS", "ALLOCATIONS", "TIES", "STREAM_FLOORS", "STREAM_FLOOR", "STREAM_WEIGHT", "FLOORS", "AUTO_FLOORS",
-           "MACS_POWER", "AUTO_POWERS", "WIDTH_POWER", "AUTO_WIDTH_POWERS", "Signal", "check_args",
+           "MACS_POWER", "AUTO_POWERS", "WIDTH_POWER", "AUTO_WIDTH_POWERS", "AUTO_TARGETS", "Signal", "check_args",
            "check_depth_options", "alpha_rules", "fraction"]
 
 SIGNALS = ("u", "l1", "taylor", "random")
@@ -53,6 +53,9 @@ AUTO_POWERS = (0.0, -0.25, 0.25)  # 0 first: it wins ties
 # R-Score picks 1 on every ResNet plan, and on ResNet-56's validation images that lost more than it won.
 WIDTH_POWER: Union[str, float] = "auto"
 AUTO_WIDTH_POWERS = (0.0, 1.0)  # 0 first: it wins ties
+# The targets for which each "auto" option chooses among its candidates; elsewhere (an alpha, and width_power for a
+# params target) it is the fixed rule alpha_rules gives.
+AUTO_TARGETS = {"floor": ("params", "macs"), "macs_power": ("params", "macs"), "width_power": ("macs",)}
 Signal = Union[str, Callable[[GroupScores], torch.Tensor]]
 
 

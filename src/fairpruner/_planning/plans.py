@@ -14,8 +14,8 @@ from .._errors import PlanError, TargetError
 from .._scoring.scores import GroupScores, Scores
 from .depths import (bisect_target, curves_of, group_weights, least_r_target, level_of, removal_limits,
                      uniform_counts)
-from .options import (ALLOCATIONS, AUTO_FLOORS, AUTO_POWERS, AUTO_WIDTH_POWERS, FLOORS, MACS_POWER, SIGNALS,
-                      STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES, WIDTH_POWER, Signal, alpha_rules,
+from .options import (ALLOCATIONS, AUTO_FLOORS, AUTO_POWERS, AUTO_TARGETS, AUTO_WIDTH_POWERS, FLOORS, MACS_POWER,
+                      SIGNALS, STREAM_FLOOR, STREAM_FLOORS, STREAM_WEIGHT, TIES, WIDTH_POWER, Signal, alpha_rules,
                       check_args, check_depth_options, fraction)
 from .tod import rank_ascending, tod_counts
 
@@ -189,7 +189,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         ({'macs': 0.5}, {'params': ..., 'macs': 0.50...})
     """
     key, value = check_args(alpha, params, macs, signal, allocation, stream_weight, ties, stream_floor, floor,
-                             macs_power, seed, width_power)
+                            macs_power, seed, width_power)
     seed = int(seed)
     macs_power = macs_power if macs_power == "auto" else float(macs_power)
     width_power = width_power if width_power == "auto" else float(width_power)
@@ -210,7 +210,7 @@ def plan(scores: Scores, alpha: Optional[float] = None, *, params: Optional[floa
         floors = AUTO_FLOORS if floor == "auto" else (floor,)
         curve_sets = {f: curves_of(scores, stream_floor, f) for f in floors}
         powers = AUTO_POWERS if macs_power == "auto" else (power,)
-        widths = AUTO_WIDTH_POWERS if width_power == "auto" and key == "macs" else (width_used,)
+        widths = AUTO_WIDTH_POWERS if width_power == "auto" and key in AUTO_TARGETS["width_power"] else (width_used,)
         floor_used, power, width_used, counts = least_r_target(
             scores, curve_sets, [(f, p, w) for w in widths for f in floors for p in powers], stream_weight, key,
             value, before, ties, ranks)
